@@ -1,0 +1,444 @@
+"""Pretrained encoders shared by the four methods: thin wrappers around transformers models.
+
+- `PixelLevel`: Mask2Former's pixel-level module (Swin backbone + multi-scale deformable-attention
+  pixel decoder), transformers' code used as it is. `load_mask2former` loads a checkpoint and also
+  hands back the transformer-decoder weights for `common.mask2former.MaskedAttentionDecoder`.
+- `TextEncoder`: RoBERTa word features and a sentence feature.
+- `CLIPEncoder`: CLIP text embeddings and patch tokens projected into the joint space.
+- `count_parameters` / `parameter_report`: trainable and frozen parameters per module.
+
+Every encoder has `from_pretrained` (real weights through transformers' own loaders; raises
+`WeightsNotFoundError` when they cannot be found, never falls back to random weights) and `tiny`
+(a random CPU-sized model with the same code path, for the toy configurations and tests).
+"""
+import os
+
+import einops
+import torch
+from huggingface_hub import constants as hub_constants
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPModel,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    Mask2FormerModel,
+    RobertaConfig,
+    RobertaModel,
+    SwinConfig,
+)
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
+
+# Shapes: B images or sentences, L tokens, C channels, H W input image, N patch tokens, D joint
+# CLIP space.
+
+MASK2FORMER_SWIN_TINY = "facebook/mask2former-swin-tiny-coco-instance"
+MASK2FORMER_SWIN_BASE = "facebook/mask2former-swin-base-IN21k-coco-instance"
+ROBERTA_BASE = "FacebookAI/roberta-base"
+CLIP_B16 = "openai/clip-vit-base-patch16"
+
+# Input normalisation the checkpoints were trained with (their preprocessor_config.json), on [0, 1] RGB.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # Mask2Former
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+# ------------------------------------------------------------------------ loading real weights
+class WeightsNotFoundError(OSError):
+    """Pretrained weights could not be loaded (no network and not in the cache, or a bad path)."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir() -> str:
+    """Where transformers looks for downloaded models: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub. Read at call time (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return hub_constants.HF_HUB_CACHE
+
+
+def _pretrained(load, name_or_path: str, *, cache_dir=None, local_files_only=None, **kwargs):
+    """Call a transformers `from_pretrained` and turn its failure into one clear WeightsNotFoundError."""
+    cache_dir = str(cache_dir) if cache_dir is not None else hub_cache_dir()
+    if local_files_only is None:
+        local_files_only = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
+    try:
+        return load(name_or_path, cache_dir=cache_dir, local_files_only=local_files_only, **kwargs)
+    except OSError as err:
+        mode = "offline (local files only)" if local_files_only else "online"
+        raise WeightsNotFoundError(
+            f"Could not load the pretrained weights {name_or_path!r} ({mode}).\n"
+            f"Looked for: a local directory named {name_or_path!r}, then the Hugging Face cache at {cache_dir} "
+            f"(set with HF_HUB_CACHE or HF_HOME)"
+            + ("" if local_files_only else ", then the Hugging Face Hub")
+            + ".\n"
+            f"Fix: on a machine with internet run `hf download {name_or_path}` (or any from_pretrained call) "
+            f"and copy the cache here, or pass a local directory written by save_pretrained (config.json, "
+            f"model.safetensors, tokenizer files for text models) in place of {name_or_path!r}. "
+            f"Random weights are never used instead.\n"
+            f"Cause: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
+
+
+# ----------------------------------------------------------------- Mask2Former pixel-level module
+def sine_position_embedding(feature: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """The normalised 2-D sine position embedding Mask2Former's decoder adds to its keys:
+    (B, C_any, H, W) -> (B, num_channels, H, W), equal to transformers' `Mask2FormerSinePositionEmbedding`."""
+    embed = Mask2FormerSinePositionEmbedding(num_position_features=num_channels // 2, normalize=True)
+    return embed(feature.shape, feature.device, feature.dtype)  # (B, num_channels, H, W)
+
+
+def swin_tiny_coco_config(**overrides) -> Mask2FormerConfig:
+    """The configuration of `facebook/mask2former-swin-tiny-coco-instance` (the paper's Swin-T COCO
+    instance model): Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7, drop-path 0.3),
+    100 queries, 80 classes, otherwise Mask2FormerConfig's defaults (256 channels, 6 pixel-decoder
+    layers, 9 decoder layers). For building the architecture without downloading."""
+    swin = SwinConfig(
+        embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, drop_path_rate=0.3,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    return Mask2FormerConfig(**{"backbone_config": swin, "num_queries": 100, "num_labels": 80, **overrides})
+
+
+class PixelLevel(nn.Module):
+    """Mask2Former's pixel-level module: Swin backbone + multi-scale deformable-attention pixel
+    decoder, exactly transformers' `Mask2FormerPixelLevelModule` (its two parts are the children
+    `backbone` and `pixel_decoder`). All parameters are trainable except the backbone's unused
+    `swin.layernorm` (2 x the last stage's width).
+
+    forward(pixel_values (B, 3, H, W), ImageNet-normalised, H and W multiples of 32) returns a dict:
+      features: [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)], the order in which
+        the decoder layers visit them (round robin, coarse first);
+      pos: their sine position embeddings, same shapes (as transformers' decoder computes them);
+      mask_features: (B, C_mask, H/4, W/4), the per-pixel embeddings the masks are made from.
+    """
+
+    def __init__(self, config: Mask2FormerConfig, *, pixel_level_module=None):
+        super().__init__()
+        if pixel_level_module is None:  # transformers' initialisation of a fresh model
+            pixel_level_module = Mask2FormerModel(config).pixel_level_module
+        self.config = config
+        self.backbone = pixel_level_module.encoder
+        self.pixel_decoder = pixel_level_module.decoder
+        # SwinBackbone returns its per-stage `hidden_states_norms`; the final LayerNorm of the inner
+        # SwinModel never reaches the output. Frozen, so DDP does not wait for its gradient.
+        self.backbone.swin.layernorm.requires_grad_(False)
+        self.out_channels = config.feature_size
+        self.mask_channels = config.mask_feature_size
+
+    def forward(self, pixel_values):
+        if pixel_values.shape[-1] % 32 or pixel_values.shape[-2] % 32:
+            raise ValueError(f"H and W must be multiples of 32, got pixel_values {tuple(pixel_values.shape)}")
+        stages = self.backbone(pixel_values).feature_maps  # 4 x (B, C_s, H/s, W/s), s = 4, 8, 16, 32
+        out = self.pixel_decoder(stages)
+        features = list(out.multi_scale_features)  # [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)]
+        pos = [sine_position_embedding(f, self.out_channels) for f in features]  # same shapes
+        return {"features": features, "pos": pos, "mask_features": out.mask_features}  # mask: (B, C_mask, H/4, W/4)
+
+    @classmethod
+    def tiny(
+        cls,
+        *,
+        embed_dim: int = 32,
+        depths=(1, 1, 1, 1),
+        swin_heads=(1, 2, 2, 4),
+        window_size: int = 4,
+        hidden_dim: int = 32,
+        encoder_layers: int = 1,
+        encoder_ffn_dim: int = 64,
+        num_heads: int = 4,
+        drop_path: float = 0.0,
+    ) -> "PixelLevel":
+        """A random CPU-sized pixel-level module (a fraction of a second on a 64x96 image).
+        hidden_dim is both the feature and the mask-feature width (a multiple of 32: GroupNorm(32));
+        num_heads is the pixel decoder's deformable-attention head count."""
+        return cls(tiny_mask2former_config(
+            embed_dim=embed_dim, depths=depths, swin_heads=swin_heads, window_size=window_size, hidden_dim=hidden_dim,
+            encoder_layers=encoder_layers, encoder_ffn_dim=encoder_ffn_dim, num_heads=num_heads, drop_path=drop_path,
+        ))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = MASK2FORMER_SWIN_TINY, **hub_kwargs) -> "PixelLevel":
+        """The pixel-level module of a Mask2Former checkpoint (see `load_mask2former`)."""
+        return load_mask2former(name_or_path, **hub_kwargs)[0]
+
+
+def tiny_mask2former_config(
+    *,
+    embed_dim: int = 32,
+    depths=(1, 1, 1, 1),
+    swin_heads=(1, 2, 2, 4),
+    window_size: int = 4,
+    hidden_dim: int = 32,
+    encoder_layers: int = 1,
+    encoder_ffn_dim: int = 64,
+    num_heads: int = 4,
+    drop_path: float = 0.0,
+    **overrides,
+) -> Mask2FormerConfig:
+    """A small Mask2FormerConfig for CPU tests and toy models (`PixelLevel.tiny` uses it);
+    `overrides` go to Mask2FormerConfig (e.g. num_queries, decoder_layers, num_labels)."""
+    swin = SwinConfig(
+        embed_dim=embed_dim, depths=list(depths), num_heads=list(swin_heads), window_size=window_size,
+        drop_path_rate=drop_path, out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    return Mask2FormerConfig(**{
+        "backbone_config": swin, "feature_size": hidden_dim, "mask_feature_size": hidden_dim,
+        "hidden_dim": hidden_dim, "encoder_layers": encoder_layers, "encoder_feedforward_dim": encoder_ffn_dim,
+        "num_attention_heads": num_heads, **overrides,
+    })
+
+
+def pixel_level_state_dict(hf_state_dict: dict) -> dict:
+    """`PixelLevel`'s state dict taken from a `Mask2FormerForUniversalSegmentation` state dict."""
+    renamed = {}
+    for key, value in hf_state_dict.items():
+        for theirs, ours in (("model.pixel_level_module.encoder.", "backbone."),
+                             ("model.pixel_level_module.decoder.", "pixel_decoder.")):
+            if key.startswith(theirs):
+                renamed[ours + key[len(theirs):]] = value
+    return renamed
+
+
+def load_mask2former(name_or_path: str = MASK2FORMER_SWIN_TINY, *, cache_dir=None, local_files_only=None):
+    """Load a Mask2Former checkpoint with transformers' `Mask2FormerForUniversalSegmentation.from_pretrained`.
+
+    Returns (pixel_level, decoder_state_dict, config): the loaded `PixelLevel`; the state dict of
+    the transformer decoder and class head (keys `model.transformer_module.*` and
+    `class_predictor.*`) for `common.mask2former.load_decoder_weights`; and the transformers config
+    (`common.mask2former.decoder_kwargs_from_hf(config)` gives the matching decoder arguments).
+    name_or_path: a hub id (MASK2FORMER_SWIN_TINY, MASK2FORMER_SWIN_BASE) or a local directory.
+    local_files_only defaults to $HF_HUB_OFFLINE. Raises WeightsNotFoundError when not available.
+    """
+    model = _pretrained(
+        Mask2FormerForUniversalSegmentation.from_pretrained, name_or_path, cache_dir=cache_dir,
+        local_files_only=local_files_only,
+    )
+    decoder_prefixes = ("model.transformer_module.", "class_predictor.")
+    decoder_state = {k: v for k, v in model.state_dict().items() if k.startswith(decoder_prefixes)}
+    return PixelLevel(model.config, pixel_level_module=model.model.pixel_level_module), decoder_state, model.config
+
+
+# ----------------------------------------------------------------------------- text encoders
+class _Encoder(nn.Module):
+    """A pretrained model that can be frozen: no gradients, and eval mode (dropout off) even when
+    the parent module is put in train mode. (The official DsHmp keeps its frozen RoBERTa in train
+    mode, so its dropout is active; we switch it off.)"""
+
+    def _freeze(self, freeze: bool):
+        self.frozen = freeze
+        if freeze:
+            self.model.requires_grad_(False)
+            self.model.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _tokenize(self, texts, padding):
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, got a single string")
+        enc = self.tokenizer(
+            list(texts), padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt",
+            return_offsets_mapping=True, return_special_tokens_mask=True,
+        )
+        return {k: v.to(self._device()) for k, v in enc.items()}
+
+
+class TextEncoder(_Encoder):
+    """RoBERTa word features (DsHmp, DMVS, MRaCL use RoBERTa-base) around a fast tokenizer.
+
+    forward(texts: list[str]) returns a dict:
+      word_feats (B, L, C): last hidden state; L = max_length always (every sentence is padded to
+        max_length, like DsHmp's 40-token input, so token-slot maps have a fixed length);
+      attn_mask (B, L) bool: True on real tokens (specials included), False on padding;
+      word_mask (B, L) bool: True on real tokens that are not <s>/</s>;
+      sentence (B, C): mean of word_feats over word_mask (zeros for an empty sentence);
+      offsets (B, L, 2) long: character span of each token in its sentence, (0, 0) for specials/padding;
+      input_ids (B, L) long.
+    The sentence feature is a masked mean, not RoBERTa's pooler: the roberta-base checkpoint has no
+    trained pooler (the official DsHmp uses a random frozen one, DsHmp issue #13), and `<s>` was
+    never trained as a sentence summary (RoBERTa has no next-sentence objective); mean pooling is
+    the usual substitute (Reimers & Gurevych, Sentence-BERT, EMNLP 2019).
+    """
+
+    def __init__(self, model: RobertaModel, tokenizer, *, max_length: int = 40, freeze: bool = True):
+        super().__init__()
+        if not tokenizer.is_fast:
+            raise ValueError("TextEncoder needs a fast tokenizer (for offsets)")
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.hidden_size = model.config.hidden_size
+        self._freeze(freeze)
+
+    def forward(self, texts):
+        enc = self._tokenize(texts, padding="max_length")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            word_feats = out.last_hidden_state  # (B, L, C)
+        attn_mask = enc["attention_mask"].bool()  # (B, L)
+        word_mask = attn_mask & ~enc["special_tokens_mask"].bool()  # (B, L)
+        weights = word_mask.to(word_feats.dtype)  # (B, L)
+        summed = einops.einsum(word_feats, weights, "b l c, b l -> b c")  # (B, C)
+        sentence = summed / weights.sum(1, keepdim=True).clamp(min=1)  # (B, C)
+        return {
+            "word_feats": word_feats, "attn_mask": attn_mask, "word_mask": word_mask, "sentence": sentence,
+            "offsets": enc["offset_mapping"].long(), "input_ids": enc["input_ids"],
+        }
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = ROBERTA_BASE, *, freeze: bool = True, max_length: int = 40,
+                        **hub_kwargs) -> "TextEncoder":
+        """RoBERTa-base and its fast tokenizer via transformers; WeightsNotFoundError when unavailable.
+        The pooler is not built (the checkpoint has no trained pooler weights)."""
+        tokenizer = _pretrained(AutoTokenizer.from_pretrained, name_or_path, **hub_kwargs)
+        model = _pretrained(RobertaModel.from_pretrained, name_or_path, add_pooling_layer=False, **hub_kwargs)
+        return cls(model, tokenizer, max_length=max_length, freeze=freeze)
+
+    @classmethod
+    def tiny(cls, tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 2, max_length: int = 40,
+             freeze: bool = False) -> "TextEncoder":
+        """A random RoBERTa around any fast tokenizer (e.g. `common.text.word_tokenizer`)."""
+        config = RobertaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=4 * hidden, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            # RoBERTa numbers positions from pad_token_id + 1
+            max_position_embeddings=max_length + tokenizer.pad_token_id + 1,
+        )
+        return cls(RobertaModel(config, add_pooling_layer=False), tokenizer, max_length=max_length, freeze=freeze)
+
+
+class CLIPEncoder(_Encoder):
+    """CLIP (VATEX uses ViT-B/16) text and image towers with their projections into the joint space.
+
+    encode_words(texts) -> dict(word_feats (B, L, C_text) final-layer-normed token states,
+      attn_mask (B, L) bool True on real tokens, text_embeds (B, D), input_ids (B, L)); L is the
+      longest sentence of the batch (VATEX's tokenizer call uses padding=True), at most max_length.
+    encode_text(texts) -> (B, D): the projected end-of-text token state (CLIP's text embedding, NOT
+      L2-normalised; normalise it for cosine similarities).
+    encode_image(pixel_values (B, 3, H, W), CLIP-normalised, H and W multiples of the patch size)
+      -> dict(patch_tokens (B, N, D), cls (B, D), grid (h, w)), N = h*w. Position embeddings are
+      interpolated for sizes other than the pretraining size. cls is CLIP's image embedding; the
+      patch tokens go through the same post-LayerNorm and projection as cls (MaskCLIP-style), or
+      through the projection only with patch_layernorm=False (what VATEX's official code does).
+    """
+
+    def __init__(self, model: CLIPModel, tokenizer, *, max_length: int = 77, freeze: bool = True):
+        super().__init__()
+        if not tokenizer.is_fast:
+            raise ValueError("CLIPEncoder needs a fast tokenizer")
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.embed_dim = model.config.projection_dim  # D
+        self.text_hidden_size = model.config.text_config.hidden_size  # C_text of word_feats
+        self.patch_size = model.config.vision_config.patch_size
+        self._freeze(freeze)
+
+    def encode_words(self, texts):
+        enc = self._tokenize(texts, padding="longest")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = self.model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            word_feats = out.last_hidden_state  # (B, L, C_text)
+            # The end-of-text token is the last real token (right padding). transformers finds it by
+            # argmax(input_ids) for the OpenAI configs (eos_token_id == 2), which picks the same
+            # position there but not for other vocabularies such as the toy word tokenizer.
+            last = enc["attention_mask"].sum(1) - 1  # (B,)
+            eos_feats = word_feats[torch.arange(len(last), device=last.device), last]  # (B, C_text)
+            text_embeds = self.model.text_projection(eos_feats)  # (B, D)
+        return {"word_feats": word_feats, "attn_mask": enc["attention_mask"].bool(), "text_embeds": text_embeds,
+                "input_ids": enc["input_ids"]}
+
+    def encode_text(self, texts):
+        return self.encode_words(texts)["text_embeds"]  # (B, D)
+
+    def encode_image(self, pixel_values, *, patch_layernorm: bool = True):
+        vision = self.model.vision_model
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = vision(pixel_values=pixel_values, interpolate_pos_encoding=True)
+            tokens = out.last_hidden_state  # (B, 1+N, C_vis), before CLIP's post-LayerNorm
+            cls = self.model.visual_projection(vision.post_layernorm(tokens[:, 0]))  # (B, D)
+            patches = vision.post_layernorm(tokens[:, 1:]) if patch_layernorm else tokens[:, 1:]  # (B, N, C_vis)
+            patch_tokens = self.model.visual_projection(patches)  # (B, N, D)
+        grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
+        return {"patch_tokens": patch_tokens, "cls": cls, "grid": grid}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = CLIP_B16, *, freeze: bool = True, max_length: int = 77,
+                        **hub_kwargs) -> "CLIPEncoder":
+        """CLIP and its fast tokenizer via transformers; WeightsNotFoundError when unavailable."""
+        tokenizer = _pretrained(AutoTokenizer.from_pretrained, name_or_path, **hub_kwargs)
+        model = _pretrained(CLIPModel.from_pretrained, name_or_path, **hub_kwargs)
+        return cls(model, tokenizer, max_length=max_length, freeze=freeze)
+
+    @classmethod
+    def tiny(
+        cls, tokenizer, *, hidden: int = 32, layers: int = 2, heads: int = 2, embed_dim: int = 24,
+        image_size: int = 32, patch_size: int = 8, max_length: int = 40, freeze: bool = False,
+    ) -> "CLIPEncoder":
+        """A random CLIP around any fast tokenizer (e.g. `common.text.word_tokenizer`)."""
+        tower = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads)
+        config = CLIPConfig(
+            text_config=dict(
+                vocab_size=len(tokenizer), max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **tower,
+            ),
+            vision_config=dict(image_size=image_size, patch_size=patch_size, **tower),
+            projection_dim=embed_dim,
+        )
+        return cls(CLIPModel(config), tokenizer, max_length=max_length, freeze=freeze)
+
+
+# ------------------------------------------------------------------------------ parameter counts
+def count_parameters(model: nn.Module, *, depth: int = 1) -> dict:
+    """{module name: (trainable, frozen)} for the modules `depth` levels below `model` (a shallower
+    module without children is its own row; parameters held directly by a module that has
+    children are reported as "<name>.(own)"). Shared parameters are counted once."""
+    counts, seen = {}, set()
+
+    def add(name, params):
+        trainable = frozen = 0
+        for p in params:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                trainable += p.numel()
+            else:
+                frozen += p.numel()
+        if trainable or frozen:
+            counts[name] = (trainable, frozen)
+
+    def visit(module, prefix, level):
+        children = list(module.named_children())
+        if level == depth or not children:
+            add(prefix or "(model)", module.parameters())
+            return
+        add(f"{prefix}.(own)" if prefix else "(own)", module.parameters(recurse=False))
+        for name, child in children:
+            visit(child, f"{prefix}.{name}" if prefix else name, level + 1)
+
+    visit(model, "", 0)
+    return counts
+
+
+def parameter_report(model: nn.Module, *, depth: int = 1) -> str:
+    """A table of trainable and frozen parameter counts per module (see `count_parameters`) and totals."""
+    counts = count_parameters(model, depth=depth)
+    width = max([len(name) for name in counts] + [len("total")])
+    lines = [f"{'module':<{width}}  {'trainable':>13}  {'frozen':>13}"]
+    for name, (trainable, frozen) in counts.items():
+        lines.append(f"{name:<{width}}  {trainable:>13,}  {frozen:>13,}")
+    total_trainable = sum(t for t, _ in counts.values())
+    total_frozen = sum(f for _, f in counts.values())
+    lines.append(f"{'total':<{width}}  {total_trainable:>13,}  {total_frozen:>13,}")
+    return "\n".join(lines)

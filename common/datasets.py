@@ -1,0 +1,830 @@
+"""Dataset readers for referring segmentation: MeViS, Ref-YouTube-VOS, Ref-DAVIS17 (video) and
+RefCOCO / RefCOCO+ / RefCOCOg (images); a numpy COCO RLE codec; clip sampling; transforms; collate.
+
+The exact on-disk layout each reader expects, and where to get the data, is in data/README.md.
+Items are plain dicts of tensors; `collate_video` / `collate_image` pad a batch to a multiple of 32.
+"""
+import json
+import math
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+
+# Shapes: B batch, T frames, N target objects, H W resized size, H0 W0 original size, Hp Wp padded size
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, [0, 1] scale
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------- COCO RLE codec
+# Format of pycocotools (maskApi.c, rleToString / rleFrString): run lengths over the mask in
+# column-major order, starting with a run of zeros; each run length (from the third on, minus the
+# run two places earlier) is written as 5-bit groups, low group first, with 0x20 = "more groups
+# follow" and 0x10 = sign bit on the last group, each group offset by 48 to be printable ASCII.
+
+def _counts_from_string(counts: str) -> np.ndarray:
+    codes = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48  # (n_chars,)
+    if codes.size == 0 or codes.min() < 0 or codes.max() > 63 or codes[-1] & 0x20:
+        raise ValueError(f"malformed COCO RLE counts string {counts[:40]!r}: expected pycocotools' compressed ASCII")
+    last = (codes & 0x20) == 0                                   # (n_chars,) the group ends a number
+    number = np.concatenate([[0], np.cumsum(last)[:-1]])          # (n_chars,) which number each group belongs to
+    starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))  # (n_numbers,)
+    shift = 5 * (np.arange(codes.size) - starts[number])          # (n_chars,)
+    values = np.zeros(int(last.sum()), dtype=np.int64)            # (n_numbers,)
+    np.add.at(values, number, (codes & 0x1F) << shift)
+    width = 5 * (np.flatnonzero(last) - starts + 1)               # (n_numbers,) bits read per number
+    negative = (codes[last] & 0x10) != 0
+    values[negative] -= np.left_shift(1, width[negative])
+    # undo the delta: x[i] += x[i-2] for i > 2, i.e. a running sum over each parity from index 2 / 1
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[2::2] = np.cumsum(values[2::2])
+    return runs
+
+
+def _counts_to_string(runs) -> str:
+    chars = []
+    for i, run in enumerate(runs):
+        x = int(run) - (int(runs[i - 2]) if i > 2 else 0)
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5  # arithmetic shift, as in the C code
+            more = x != -1 if c & 0x10 else x != 0
+            if more:
+                c |= 0x20
+            chars.append(chr(c + 48))
+    return "".join(chars)
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """COCO RLE {"size": [h, w], "counts": str | bytes | list[int]} -> (h, w) uint8 mask in {0, 1}.
+
+    Compressed string counts (what pycocotools' mask.encode writes) and uncompressed list counts
+    (iscrowd annotations in COCO json) are both accepted. Raises ValueError on a malformed RLE.
+    """
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError(f"malformed COCO RLE {str(rle)[:80]}: expected a dict with 'size' and 'counts'")
+    h, w = (int(s) for s in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    runs = _counts_from_string(counts) if isinstance(counts, str) else np.asarray(counts, dtype=np.int64)
+    if runs.ndim != 1 or (runs < 0).any() or runs.sum() != h * w:
+        raise ValueError(f"malformed COCO RLE: run lengths sum to {int(runs.sum())}, expected h*w = {h}*{w} = {h * w}")
+    flat = np.repeat((np.arange(runs.size) % 2).astype(np.uint8), runs)  # (h*w,) column-major
+    return flat.reshape(w, h).T.copy()
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """(h, w) bool/uint8 mask -> {"size": [h, w], "counts": str}, exactly as pycocotools' mask.encode writes it."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"rle_encode expects a 2-D (h, w) mask, got shape {mask.shape}")
+    h, w = mask.shape
+    flat = (mask != 0).T.reshape(-1)                                   # (h*w,) column-major
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1                 # positions where a new run starts
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        runs = [0] + runs                                              # the first run counts zeros
+    return {"size": [h, w], "counts": _counts_to_string(runs)}
+
+
+def rle_has_pixels(rle) -> bool:
+    """Cheap "is any pixel set" test of a COCO RLE without decoding it (None -> False).
+
+    pycocotools encodes an all-zero mask as a single run, so a compressed counts string holds
+    pixels exactly when it holds more than one number; only the first number is parsed.
+    """
+    if rle is None:
+        return False
+    counts = rle["counts"] if isinstance(rle, dict) and "counts" in rle else None
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    if isinstance(counts, str):
+        for position, char in enumerate(counts):
+            if not (ord(char) - 48) & 0x20:  # last 5-bit group of the first number
+                return position < len(counts) - 1
+        raise ValueError(f"malformed COCO RLE counts string {counts[:40]!r}: it never ends its first number")
+    if isinstance(counts, list):
+        return any(run > 0 for run in counts[1::2])
+    raise ValueError(f"malformed COCO RLE {str(rle)[:80]}: expected a dict with 'size' and 'counts' (str or list)")
+
+
+def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
+    """COCO polygon segmentation [[x0, y0, x1, y1, ...], ...] -> (height, width) uint8 union mask.
+
+    A line-by-line numpy port of pycocotools' rleFrPoly (maskApi.c), so masks equal
+    `pycocotools.mask.decode(merge(frPyObjects(polygons, h, w)))`: vertices are snapped to a 5x
+    finer grid, the boundary is walked, and each pixel column toggles at the downsampled crossings.
+    """
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for polygon in polygons:
+        runs = _polygon_runs(np.asarray(polygon, dtype=np.float64), height, width)
+        mask |= rle_decode({"size": [height, width], "counts": runs})
+    return mask
+
+
+def _polygon_runs(xy: np.ndarray, h: int, w: int) -> list:
+    scale = 5.0
+    if xy.ndim != 1 or xy.size % 2:
+        raise ValueError(f"malformed COCO polygon with {xy.size} numbers: expected [x0, y0, x1, y1, ...]")
+    if xy.size == 0:
+        return [h * w]
+    x = np.trunc(scale * xy[0::2] + 0.5).astype(np.int64)   # C's (int) cast truncates toward zero
+    y = np.trunc(scale * xy[1::2] + 0.5).astype(np.int64)
+    x, y = np.append(x, x[:1]), np.append(y, y[:1])
+    us, vs = [], []
+    for j in range(len(x) - 1):  # dense points along each edge, in the fine grid
+        xs, xe, ys, ye = x[j], x[j + 1], y[j], y[j + 1]
+        dx, dy = abs(xe - xs), abs(ys - ye)
+        flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
+        if flip:
+            xs, xe, ys, ye = xe, xs, ye, ys
+        d = np.arange(max(dx, dy) + 1)
+        t = max(dx, dy) - d if flip else d
+        if dx >= dy:
+            s = (ye - ys) / dx if dx else 0.0  # a repeated vertex; C divides 0 by 0 here, its point is never used
+            us.append(t + xs)
+            vs.append(np.trunc(ys + s * t + 0.5).astype(np.int64))
+        else:
+            s = (xe - xs) / dy
+            vs.append(t + ys)
+            us.append(np.trunc(xs + s * t + 0.5).astype(np.int64))
+    u, v = np.concatenate(us), np.concatenate(vs)
+    # where the walk changes column, record the downsampled (column, first row inside) crossing
+    moved = np.flatnonzero(u[1:] != u[:-1]) + 1
+    xd = np.where(u[moved] < u[moved - 1], u[moved], u[moved] - 1).astype(np.float64)
+    xd = (xd + 0.5) / scale - 0.5
+    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= w - 1)
+    yd = np.minimum(v[moved], v[moved - 1]).astype(np.float64)
+    yd = np.ceil(np.clip((yd + 0.5) / scale - 0.5, 0, h))
+    toggles = np.sort(np.append(xd[keep].astype(np.int64) * h + yd[keep].astype(np.int64), h * w))
+    gaps = np.diff(toggles, prepend=0).tolist()
+    runs = [gaps[0]]
+    j = 1
+    while j < len(gaps):  # a zero-length run merges its neighbours, as in the C code
+        if gaps[j] > 0:
+            runs.append(gaps[j])
+            j += 1
+        else:
+            j += 1
+            if j < len(gaps):
+                runs[-1] += gaps[j]
+                j += 1
+    return runs
+
+
+# ---------------------------------------------------------------- file helpers
+
+def _read_json(path: Path, dataset: str, what: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset}: expected {what} at {path} (see data/README.md)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _key(mapping, key, path: Path, dataset: str, where: str):
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise KeyError(f"{dataset}: {path} has no key {key!r} in {where} (see data/README.md)")
+    return mapping[key]
+
+
+def _require_dir(path: Path, dataset: str, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{dataset}: expected {what} folder {path} (see data/README.md)")
+    return path
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"expected image file {path} (see data/README.md)")
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))  # (H0, W0, 3)
+
+
+def load_rgb(path: Path) -> torch.Tensor:
+    """JPEG/PNG file -> (3, H0, W0) uint8 RGB tensor; a clear FileNotFoundError when it is missing.
+
+    The tensor is a channels-last view of the decoded pixels: `interpolate` resizes that layout
+    directly, much faster than after a strided uint8 copy to the contiguous layout.
+    """
+    return rearrange(torch.from_numpy(_read_rgb(path).copy()), "h w c -> c h w")  # (3, H0, W0)
+
+
+def clean_expression(text: str) -> str:
+    """Lower-case and collapse whitespace, as every MeViS / Ref-YouTube-VOS loader does."""
+    return " ".join(str(text).lower().split())
+
+
+# ---------------------------------------------------------------- transforms
+
+def resized_size(height: int, width: int, *, short_side: int, max_size: int) -> tuple:
+    """Shorter side to `short_side`, unless that makes the longer side exceed `max_size`."""
+    scale = min(short_side / min(height, width), max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_clip(frames: torch.Tensor, masks=None, *, short_side: int, max_size: int):
+    """frames (T, 3, H0, W0) uint8 -> (T, 3, H, W) uint8, antialiased bilinear (like PIL's resize);
+    masks (N, T, H0, W0) bool -> (N, T, H, W) nearest. Resizing uint8 on the CPU is several times faster than float."""
+    size = resized_size(*frames.shape[-2:], short_side=short_side, max_size=max_size)
+    frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)  # (T, 3, H, W)
+    if masks is not None:
+        masks = F.interpolate(masks.view(torch.uint8), size=size, mode="nearest").bool()  # (N, T, H, W)
+    return frames, masks
+
+
+def normalize(frames: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) uint8 RGB -> contiguous float32, ImageNet mean/std normalised."""
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None] * 255  # (3, 1, 1)
+    std = torch.tensor(IMAGENET_STD)[:, None, None] * 255
+    return frames.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).div_(std)
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)(?=(?:most|ward|wards|side|s)?\b)")
+
+
+def swap_left_right(expression: str) -> str:
+    """Swap the words left/right (also leftmost, rightward, leftside, ...) in a lower-cased expression.
+
+    Only whole words and these suffixes are touched, so "bright" or "leftover" are left alone; the
+    verb "left" ("the man who left") is swapped too, which a word-level rule cannot tell apart.
+    """
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", expression)
+
+
+def hflip_clip(frames: torch.Tensor, masks, expression: str):
+    """Flip (..., H, W) frames and masks horizontally and swap left/right in the expression.
+
+    The official DsHmp and VATEX pipelines flip without touching the text (VATEX does not flip
+    at all), which makes "the leftmost dog" wrong on half of the flipped clips; we keep it true.
+    """
+    return frames.flip(-1), (None if masks is None else masks.flip(-1)), swap_left_right(expression)
+
+
+# ---------------------------------------------------------------- clip sampling
+
+def sample_clip(num_video_frames: int, *, num_frames: int, frame_range: int, generator: torch.Generator) -> list:
+    """DsHmp's training clip (dshmp/data/dataset_mapper.py): a random reference frame plus
+    num_frames-1 frames drawn from within +-frame_range of it (reference excluded), without
+    replacement when enough are available, else with replacement; returned sorted.
+    DsHmp switches to replacement when the window holds <= num_frames-1 frames; we only when it holds fewer.
+    """
+    ref = int(torch.randint(num_video_frames, (), generator=generator))
+    window = [i for i in range(max(0, ref - frame_range), min(num_video_frames, ref + frame_range + 1)) if i != ref]
+    need = num_frames - 1
+    if not window:
+        picked = [ref] * need  # a one-frame video
+    elif len(window) >= need:
+        picked = [window[i] for i in torch.randperm(len(window), generator=generator)[:need].tolist()]
+    else:
+        picked = [window[i] for i in torch.randint(len(window), (need,), generator=generator).tolist()]
+    return sorted([ref] + picked)
+
+
+def item_generator(seed: int) -> torch.Generator:
+    """A fresh generator per item, seeded by `seed` and one draw from the global torch RNG.
+
+    DataLoader seeds each worker's torch RNG (base_seed + worker_id, base_seed drawn from the main
+    process each epoch), so after torch.manual_seed the clips are reproducible, and they differ
+    across workers, epochs and dataset seeds; Python's `random` is never used.
+    """
+    draw = int(torch.randint(2**62, (), dtype=torch.int64))
+    return torch.Generator().manual_seed((seed * 1_000_003 + draw) % (2**63))
+
+
+def _coin(generator: torch.Generator) -> bool:
+    return bool(torch.rand((), generator=generator) < 0.5)
+
+
+# ---------------------------------------------------------------- referring video datasets
+
+class _ReferringVideo(torch.utils.data.Dataset):
+    """Shared item logic of MeViS, Ref-YouTube-VOS and Ref-DAVIS17.
+
+    A subclass fills `self.samples` (one dict per expression: video, exp_id, expression, obj_ids,
+    anno_ids, frames, motion_only), `self.image_dir`, `self.has_masks`, and implements
+    `_visible(sample) -> (L,) bool` (cheap per-frame "some target pixel" flags) and
+    `_load_masks(sample, frame_idx, size) -> (N, T, H0, W0) bool numpy`.
+    """
+
+    name = "video dataset"
+    max_tries = 1000  # clip draws before giving up on an expression whose target is hardly ever visible
+
+    def __init__(self, *, train, num_frames, frame_range, short_side, max_size, flip, seed):
+        self.train, self.num_frames, self.frame_range = train, num_frames, frame_range
+        self.short_side, self.max_size, self.flip, self.seed = short_side, max_size, flip, seed
+        self.samples = []
+
+    def _finish(self, samples, empty: list):
+        """Keep every sample for evaluation; in training drop those whose target is never visible, with one warning."""
+        skip = set(empty) if self.train else set()
+        self.samples = [s for s in samples if (s["video"], s["exp_id"]) not in skip]
+        if skip:
+            video, exp_id = empty[0]
+            warnings.warn(f"{self.name}: skipped {len(empty)} training expressions whose target is absent from "
+                          f"every frame (e.g. video {video!r}, exp_id {exp_id!r})", stacklevel=3)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _load_frames(self, sample, frame_idx) -> torch.Tensor:
+        frames = [_read_rgb(self.image_dir / sample["video"] / f"{sample['frames'][t]}.jpg") for t in frame_idx]
+        if len({f.shape for f in frames}) > 1:
+            raise ValueError(f"{self.name}: frames of video {self.image_dir / sample['video']} differ in size: "
+                             f"{sorted({f.shape[:2] for f in frames})}; expected one size per video")
+        frames = torch.from_numpy(np.stack(frames))  # (T, H0, W0, 3) uint8
+        return rearrange(frames, "t h w c -> t c h w")  # (T, 3, H0, W0), a channels-last view
+
+    def __getitem__(self, index):
+        sample = self.samples[index]
+        return self._train_item(index, sample) if self.train else self._eval_item(index, sample)
+
+    def _train_item(self, index, sample):
+        generator = item_generator(self.seed)
+        visible = self._visible(sample)  # (L,)
+        for _ in range(self.max_tries):  # DsHmp redraws the whole clip until a target pixel is in it
+            frame_idx = sample_clip(len(sample["frames"]), num_frames=self.num_frames,
+                                    frame_range=self.frame_range, generator=generator)
+            if not visible[frame_idx].any():
+                continue
+            frames = self._load_frames(sample, frame_idx)  # (T, 3, H0, W0)
+            masks = torch.from_numpy(self._load_masks(sample, frame_idx, tuple(frames.shape[-2:])))  # (N, T, H0, W0)
+            if masks.any():
+                break
+        else:
+            raise RuntimeError(f"{self.name}: no target pixel in {self.max_tries} sampled clips of video "
+                               f"{sample['video']!r}, exp_id {sample['exp_id']!r} (visible in {int(visible.sum())} "
+                               f"of {len(visible)} frames)")
+        orig_size = tuple(frames.shape[-2:])
+        expression = sample["expression"]
+        frames, masks = resize_clip(frames, masks, short_side=self.short_side, max_size=self.max_size)
+        if self.flip and _coin(generator):  # flipping after the resize touches fewer pixels
+            frames, masks, expression = hflip_clip(frames, masks, expression)
+        return {
+            "frames": normalize(frames),  # (T, 3, H, W)
+            "masks": masks,  # (N, T, H, W)
+            "expression": expression,
+            "video": sample["video"],
+            "exp_id": sample["exp_id"],
+            "frame_idx": torch.tensor(frame_idx, dtype=torch.long),  # (T,)
+            "obj_ids": list(sample["obj_ids"]),
+            "index": index,
+            "orig_size": orig_size,
+        }
+
+    def _eval_item(self, index, sample):
+        frame_idx = list(range(len(sample["frames"])))
+        frames = []
+        for t in frame_idx:  # one frame at a time, so only one full-resolution frame is in memory
+            frame = self._load_frames(sample, [t])  # (1, 3, H0, W0)
+            orig_size = tuple(frame.shape[-2:])
+            frames.append(resize_clip(frame, short_side=self.short_side, max_size=self.max_size)[0])
+        gt = None
+        if self.has_masks:  # the union of the targets, 16 frames at a time to bound memory on long videos
+            gt = torch.cat([torch.from_numpy(self._load_masks(sample, frame_idx[i:i + 16], orig_size).any(0))
+                            for i in range(0, len(frame_idx), 16)])  # (T, H0, W0)
+        return {
+            "frames": normalize(torch.cat(frames)),  # (T, 3, H, W)
+            "gt": gt,
+            "orig_size": orig_size,
+            "frame_names": list(sample["frames"]),
+            "expression": sample["expression"],
+            "video": sample["video"],
+            "exp_id": sample["exp_id"],
+            "index": index,
+            "motion_only": sample["motion_only"],
+        }
+
+
+def _split_dir(root, split, dataset: str) -> Path:
+    root = Path(root)
+    _require_dir(root, dataset, "dataset root")
+    return _require_dir(root / split, dataset, f"split {split!r}")
+
+
+class MeViS(_ReferringVideo):
+    """MeViS (Ding et al., ICCV'23) in its release layout: <root>/<split>/{meta_expressions.json,
+    mask_dict.json, JPEGImages/<video>/<frame>.jpg}; `valid` has no mask_dict.json (items get gt None).
+
+    Training items are DsHmp clips with one mask track per anno_id; evaluation items are whole
+    videos with the union of the targets at original resolution. Expressions whose target is
+    absent from every frame are skipped in training (one warning) and kept for evaluation.
+    Checked at init: the json files and keys, mask lists (one entry per frame), and that each
+    video folder exists; frame files and RLE contents are checked when read. An optional toy-only
+    motion_only.json {"about", "motion_only": {video: [exp_id, ...]}} sets sample["motion_only"].
+    """
+
+    name = "MeViS"
+
+    def __init__(self, root, split, *, train: bool, num_frames=8, frame_range=10, short_side=360, max_size=640,
+                 flip=True, seed=0):
+        super().__init__(train=train, num_frames=num_frames, frame_range=frame_range, short_side=short_side,
+                         max_size=max_size, flip=flip, seed=seed)
+        split_dir = _split_dir(root, split, "MeViS")
+        meta_path = split_dir / "meta_expressions.json"
+        meta = _read_json(meta_path, "MeViS", "the expression file")
+        videos = _key(meta, "videos", meta_path, "MeViS", "the top level")
+        self.mask_path = split_dir / "mask_dict.json"
+        self.has_masks = self.mask_path.is_file()
+        if train and not self.has_masks:
+            raise FileNotFoundError(f"MeViS: training needs masks, expected {self.mask_path} (see data/README.md)")
+        mask_dict = _read_json(self.mask_path, "MeViS", "the mask file") if self.has_masks else {}
+        motion_path = split_dir / "motion_only.json"
+        motion = {}
+        if motion_path.is_file():
+            motion = _key(_read_json(motion_path, "MeViS", "the motion-only list"), "motion_only", motion_path,
+                          "MeViS", "the top level")
+        self.image_dir = _require_dir(split_dir / "JPEGImages", "MeViS", "frame")
+        samples, empty = [], []
+        for video, entry in videos.items():
+            where = f"videos[{video!r}]"
+            frames = sorted(_key(entry, "frames", meta_path, "MeViS", where))
+            _require_dir(self.image_dir / video, "MeViS", f"video {video!r}")
+            motion_ids = {str(e) for e in motion.get(video, [])}
+            for exp_id, exp in _key(entry, "expressions", meta_path, "MeViS", where).items():
+                where_exp = f"{where}['expressions'][{exp_id!r}]"
+                if self.has_masks:
+                    anno_ids = _key(exp, "anno_id", meta_path, "MeViS", where_exp)
+                else:
+                    anno_ids = exp.get("anno_id", [])
+                sample = {
+                    "video": video,
+                    "exp_id": str(exp_id),
+                    "expression": clean_expression(_key(exp, "exp", meta_path, "MeViS", where_exp)),
+                    "obj_ids": [int(o) for o in exp.get("obj_id", [])],
+                    "anno_ids": [str(a) for a in anno_ids],
+                    "frames": frames,
+                    "motion_only": str(exp_id) in motion_ids,
+                }
+                for anno_id in sample["anno_ids"] if self.has_masks else []:
+                    rles = _key(mask_dict, anno_id, self.mask_path, "MeViS", f"the top level (anno_id of {where_exp})")
+                    if not isinstance(rles, list) or len(rles) != len(frames):
+                        raise ValueError(f"MeViS: {self.mask_path}[{anno_id!r}] should list one RLE or null per frame "
+                                         f"of video {video!r} ({len(frames)}), got "
+                                         f"{len(rles) if isinstance(rles, list) else type(rles).__name__}")
+                if train and not any(self._has_pixels(mask_dict[a], a, t)
+                                              for a in sample["anno_ids"] for t in range(len(frames))):
+                    empty.append((video, str(exp_id)))
+                samples.append(sample)
+        self._finish(samples, empty)
+        # One numpy byte buffer instead of ~10^5 Python strings, so DataLoader workers share it instead
+        # of copying it page by page through reference counts (detectron2's DatasetFromList(serialize=True)
+        # does the same for DsHmp).
+        blobs = {a: json.dumps(mask_dict[a]).encode() for s in samples for a in s["anno_ids"] if self.has_masks}
+        ends = np.cumsum([len(b) for b in blobs.values()]).tolist()
+        self._rle_spans = {a: (end - len(b), end) for (a, b), end in zip(blobs.items(), ends)}
+        self._rle_buffer = np.frombuffer(b"".join(blobs.values()), dtype=np.uint8)
+
+    def _rles(self, anno_id) -> list:
+        start, end = self._rle_spans[anno_id]
+        return json.loads(self._rle_buffer[start:end].tobytes())
+
+    def _has_pixels(self, rles, anno_id, t) -> bool:
+        try:
+            return rle_has_pixels(rles[t])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"MeViS: bad RLE in {self.mask_path}[{anno_id!r}][{t}]: {err}") from err
+
+    def _visible(self, sample) -> np.ndarray:
+        rles = {a: self._rles(a) for a in sample["anno_ids"]}
+        return np.array([any(self._has_pixels(rles[a], a, t) for a in rles)
+                         for t in range(len(sample["frames"]))], dtype=bool)
+
+    def _load_masks(self, sample, frame_idx, size) -> np.ndarray:
+        masks = np.zeros((len(sample["anno_ids"]), len(frame_idx), *size), dtype=bool)  # (N, T, H0, W0)
+        for k, anno_id in enumerate(sample["anno_ids"]):
+            rles = self._rles(anno_id)
+            for i, t in enumerate(frame_idx):
+                if rles[t] is None:
+                    continue
+                try:
+                    mask = rle_decode(rles[t])
+                except ValueError as err:
+                    raise ValueError(f"MeViS: bad RLE in {self.mask_path}[{anno_id!r}][{t}] (video "
+                                     f"{sample['video']!r}, frame {sample['frames'][t]!r}): {err}") from err
+                if mask.shape != size:
+                    frame_path = self.image_dir / sample["video"] / f"{sample['frames'][t]}.jpg"
+                    raise ValueError(f"MeViS: RLE {self.mask_path}[{anno_id!r}][{t}] has size {list(mask.shape)}, "
+                                     f"but frame {frame_path} is {list(size)}")
+                masks[k, i] = mask.astype(bool)
+        return masks
+
+
+class _PaletteVideo(_ReferringVideo):
+    """The Ref-YouTube-VOS layout (also ReferFormer's conversion of Ref-DAVIS17):
+    <root>/meta_expressions/<split>/meta_expressions.json, <root>/<split>/JPEGImages/<video>/<frame>.jpg,
+    <root>/<split>/Annotations/<video>/<frame>.png (palette PNG, pixel value = obj_id; absent for splits
+    without public masks -> eval items get gt None) and an optional <root>/<split>/meta.json whose
+    per-object "frames" lists say where each object is visible (used to skip and redraw cheaply;
+    without it, training reads every annotation PNG once at init to find them).
+    """
+
+    def __init__(self, root, split, *, train, num_frames, frame_range, short_side, max_size, flip, seed):
+        super().__init__(train=train, num_frames=num_frames, frame_range=frame_range, short_side=short_side,
+                         max_size=max_size, flip=flip, seed=seed)
+        root = _require_dir(Path(root), self.name, "dataset root")
+        meta_path = root / "meta_expressions" / split / "meta_expressions.json"
+        videos = _key(_read_json(meta_path, self.name, "the expression file"), "videos", meta_path, self.name,
+                      "the top level")
+        split_dir = _require_dir(root / split, self.name, f"split {split!r}")
+        self.image_dir = _require_dir(split_dir / "JPEGImages", self.name, "frame")
+        self.annotation_dir = split_dir / "Annotations"
+        self.has_masks = self.annotation_dir.is_dir()
+        if train and not self.has_masks:
+            raise FileNotFoundError(f"{self.name}: training needs masks, expected folder {self.annotation_dir} "
+                                    "(see data/README.md)")
+        objects_path = split_dir / "meta.json"
+        objects = {}
+        if objects_path.is_file():
+            objects = _key(_read_json(objects_path, self.name, "the object file"), "videos", objects_path, self.name,
+                           "the top level")
+        samples, empty, scanned = [], [], set()
+        self._object_frames = {}  # (video, obj_id) -> set of frame names where the object is visible
+        for video, entry in videos.items():
+            where = f"videos[{video!r}]"
+            frames = sorted(_key(entry, "frames", meta_path, self.name, where))
+            _require_dir(self.image_dir / video, self.name, f"video {video!r}")
+            for exp_id, exp in _key(entry, "expressions", meta_path, self.name, where).items():
+                where_exp = f"{where}['expressions'][{exp_id!r}]"
+                obj_id = _key(exp, "obj_id", meta_path, self.name, where_exp) if self.has_masks else exp.get("obj_id")
+                obj_ids = [] if obj_id is None else [int(o) for o in (obj_id if isinstance(obj_id, list) else [obj_id])]
+                sample = {
+                    "video": video,
+                    "exp_id": str(exp_id),
+                    "expression": clean_expression(_key(exp, "exp", meta_path, self.name, where_exp)),
+                    "obj_ids": obj_ids,
+                    "anno_ids": [str(o) for o in obj_ids],  # the palette value, as a string
+                    "frames": frames,
+                    "motion_only": False,
+                }
+                if train:
+                    for o in obj_ids:
+                        listed = objects.get(video, {}).get("objects", {}).get(str(o), {}).get("frames")
+                        if listed is None and video not in scanned:
+                            self._object_frames.update(self._scan_video(video, frames))
+                            scanned.add(video)
+                        self._object_frames.setdefault((video, o), set(listed or ()))
+                    if not self._visible(sample).any():
+                        empty.append((video, str(exp_id)))
+                samples.append(sample)
+        self._finish(samples, empty)
+
+    def _scan_video(self, video, frames) -> dict:
+        seen = {}
+        for name in frames:
+            for value in np.unique(self._read_png(video, name)).tolist():
+                seen.setdefault((video, int(value)), set()).add(name)
+        return seen
+
+    def _read_png(self, video, name) -> np.ndarray:
+        path = self.annotation_dir / video / f"{name}.png"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.name}: expected annotation {path} (see data/README.md)")
+        with Image.open(path) as png:
+            if png.mode not in ("P", "L"):
+                raise ValueError(f"{self.name}: {path} is a {png.mode} image; expected a palette (P) PNG whose "
+                                 "pixel values are object ids")
+            return np.asarray(png)
+
+    def _visible(self, sample) -> np.ndarray:
+        names = set().union(*[self._object_frames.get((sample["video"], o), set()) for o in sample["obj_ids"]])
+        return np.array([name in names for name in sample["frames"]], dtype=bool)
+
+    def _load_masks(self, sample, frame_idx, size) -> np.ndarray:
+        masks = np.zeros((len(sample["obj_ids"]), len(frame_idx), *size), dtype=bool)  # (N, T, H0, W0)
+        for i, t in enumerate(frame_idx):
+            ids = self._read_png(sample["video"], sample["frames"][t])  # (H0, W0)
+            if ids.shape != size:
+                raise ValueError(f"{self.name}: {self.annotation_dir / sample['video'] / sample['frames'][t]}.png is "
+                                 f"{list(ids.shape)}, but its frame is {list(size)}")
+            for k, obj_id in enumerate(sample["obj_ids"]):
+                masks[k, i] = ids == obj_id
+        return masks
+
+
+class RefYouTubeVOS(_PaletteVideo):
+    """Ref-YouTube-VOS (Seo et al., ECCV'20; the RVOS challenge release): see `_PaletteVideo` and
+    data/README.md for the layout; the public `valid` split has no Annotations (gt None)."""
+
+    name = "Ref-YouTube-VOS"
+
+    def __init__(self, root, split, *, train: bool, num_frames=8, frame_range=10, short_side=360, max_size=640,
+                 flip=True, seed=0):
+        super().__init__(root, split, train=train, num_frames=num_frames, frame_range=frame_range,
+                         short_side=short_side, max_size=max_size, flip=flip, seed=seed)
+
+
+class RefDAVIS17(_PaletteVideo):
+    """Ref-DAVIS17 (Khoreva et al., ACCV'18) after ReferFormer's tools/data/convert_davis_to_ytvos.py,
+    which writes the Ref-YouTube-VOS layout (its meta.json has no frame lists); see data/README.md."""
+
+    name = "Ref-DAVIS17"
+
+    def __init__(self, root, split="valid", *, train: bool, num_frames=8, frame_range=10, short_side=360,
+                 max_size=640, flip=True, seed=0):
+        super().__init__(root, split, train=train, num_frames=num_frames, frame_range=frame_range,
+                         short_side=short_side, max_size=max_size, flip=flip, seed=seed)
+
+
+# ---------------------------------------------------------------- referring image datasets
+
+_SPLIT_BY = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
+
+
+def _in_split(ref_split: str, split: str) -> bool:
+    """The refer API's split rule (lichengunc/refer refer.py getRefIds): testA also takes testAB refs."""
+    if split in ("testA", "testB", "testC"):
+        return ref_split.startswith("test") and split[-1] in ref_split
+    if split == "test":
+        return "test" in ref_split
+    return ref_split == split
+
+
+class RefCOCO(torch.utils.data.Dataset):
+    """RefCOCO / RefCOCO+ / RefCOCOg in the refer API layout (lichengunc/refer): <root>/<dataset>/refs(<split_by>).p
+    (a pickle, as the refer API loads it: only load files you trust) and <root>/<dataset>/instances.json,
+    images at <image_root>/<file_name> (COCO train2014). One sample per sentence of the refs in `split`.
+
+    Training items also carry VATEX's consistency triplet: "expression_pos", another sentence of
+    the same ref (the same one when the ref has a single sentence), and "expression_neg", a
+    sentence of a different object of the same image in this split (None when there is none).
+    An optional toy-only <root>/<dataset>/motion_sent_ids.json {"about", "sent_ids"} sets "motion".
+    Defaults short_side 480 / max_size 1333 are VATEX's (detectron2's) test sizes.
+    """
+
+    name = "RefCOCO"
+
+    def __init__(self, root, image_root, *, dataset="refcoco", split_by="unc", split="train", train: bool,
+                 short_side=480, max_size=1333, flip=True, seed=0):
+        if split_by not in _SPLIT_BY.get(dataset, ()):
+            pairs = ", ".join(f"{d} ({'/'.join(s)})" for d, s in _SPLIT_BY.items())
+            raise ValueError(f"RefCOCO: no split scheme {split_by!r} for dataset {dataset!r}; valid pairs: {pairs}")
+        self.train, self.short_side, self.max_size, self.flip, self.seed = train, short_side, max_size, flip, seed
+        data_dir = _require_dir(Path(root), "RefCOCO", "dataset root") / dataset
+        self.image_root = _require_dir(Path(image_root), "RefCOCO", "image (COCO train2014)")
+        refs_path = data_dir / f"refs({split_by}).p"
+        if not refs_path.is_file():
+            raise FileNotFoundError(f"RefCOCO: expected the refs pickle at {refs_path} (see data/README.md)")
+        with open(refs_path, "rb") as f:
+            refs = pickle.load(f)
+        self.instances_path = data_dir / "instances.json"
+        instances = _read_json(self.instances_path, "RefCOCO", "the COCO instances file")
+        images = {img["id"]: img for img in _key(instances, "images", self.instances_path, "RefCOCO", "the top level")}
+        self.annotations = {a["id"]: a for a in _key(instances, "annotations", self.instances_path, "RefCOCO",
+                                                     "the top level")}
+        motion_path = data_dir / "motion_sent_ids.json"
+        motion = set()
+        if motion_path.is_file():
+            motion = set(_key(_read_json(motion_path, "RefCOCO", "the motion sentence list"), "sent_ids", motion_path,
+                              "RefCOCO", "the top level"))
+        ref_keys = ("ref_id", "ann_id", "image_id", "split", "sentences", "category_id")
+        selected = [r for r in refs if _in_split(_key(r, "split", refs_path, "RefCOCO", "a ref"), split)]
+        if not selected:
+            raise ValueError(f"RefCOCO: no refs with split {split!r} in {refs_path}; it has splits "
+                             f"{sorted({r['split'] for r in refs})}")
+        self.sentences, self.ref_ann, self.image_refs, self.samples = {}, {}, {}, []
+        for ref in selected:
+            for k in ref_keys:
+                _key(ref, k, refs_path, "RefCOCO", f"ref {ref.get('ref_id')}")
+            ann = _key(self.annotations, ref["ann_id"], self.instances_path, "RefCOCO", "annotations (ids)")
+            image = _key(images, ref["image_id"], self.instances_path, "RefCOCO", "images (ids)")
+            self.sentences[ref["ref_id"]] = [clean_expression(_key(s, "sent", refs_path, "RefCOCO",
+                                                                   f"ref {ref['ref_id']} sentences"))
+                                             for s in ref["sentences"]]
+            self.ref_ann[ref["ref_id"]] = ann["id"]
+            self.image_refs.setdefault(ref["image_id"], []).append(ref["ref_id"])
+            for position, sent in enumerate(ref["sentences"]):
+                self.samples.append({
+                    "sent_id": sent["sent_id"], "ref_id": ref["ref_id"], "ann_id": ann["id"],
+                    "image_id": ref["image_id"], "category_id": int(ref["category_id"]),
+                    "expression": self.sentences[ref["ref_id"]][position], "position": position,
+                    "file_name": _key(image, "file_name", self.instances_path, "RefCOCO", f"image {image['id']}"),
+                    "size": (int(image["height"]), int(image["width"])), "motion": sent["sent_id"] in motion,
+                })
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _mask(self, sample) -> np.ndarray:
+        h, w = sample["size"]
+        segmentation = self.annotations[sample["ann_id"]].get("segmentation")
+        where = f"{self.instances_path}, annotation {sample['ann_id']}"
+        try:
+            if isinstance(segmentation, dict):  # RLE (iscrowd), compressed or with list counts
+                mask = rle_decode(segmentation)
+            elif isinstance(segmentation, list) and segmentation and all(isinstance(p, list) for p in segmentation):
+                mask = polygons_to_mask(segmentation, h, w)
+            elif isinstance(segmentation, list) and segmentation and all(isinstance(p, dict) for p in segmentation):
+                mask = np.any([rle_decode(p) for p in segmentation], axis=0).astype(np.uint8)
+            else:
+                raise ValueError("expected a polygon list or a COCO RLE dict")
+        except ValueError as err:
+            raise ValueError(f"RefCOCO: bad segmentation in {where}: {err}") from err
+        if mask.shape != (h, w):
+            raise ValueError(f"RefCOCO: segmentation in {where} is {list(mask.shape)}, expected the image's {[h, w]}")
+        return mask.astype(bool)
+
+    def __getitem__(self, index):
+        sample = self.samples[index]
+        path = self.image_root / sample["file_name"]
+        image = load_rgb(path)  # (3, H0, W0) uint8
+        if tuple(image.shape[-2:]) != sample["size"]:
+            raise ValueError(f"RefCOCO: {path} is {list(image.shape[-2:])}, but {self.instances_path} says "
+                             f"{list(sample['size'])}")
+        mask = torch.from_numpy(self._mask(sample))  # (H0, W0)
+        expression = sample["expression"]
+        frames, masks = resize_clip(image[None], mask[None, None], short_side=self.short_side, max_size=self.max_size)
+        item = {}
+        if self.train:
+            generator = item_generator(self.seed)
+            pick = lambda options: options[int(torch.randint(len(options), (), generator=generator))]
+            sentences = self.sentences[sample["ref_id"]]
+            others = [s for i, s in enumerate(sentences) if i != sample["position"]]
+            positive = pick(others) if others else expression
+            negative_refs = [r for r in self.image_refs[sample["image_id"]] if self.ref_ann[r] != sample["ann_id"]]
+            negative = pick(self.sentences[pick(negative_refs)]) if negative_refs else None
+            if self.flip and _coin(generator):
+                frames, masks, expression = hflip_clip(frames, masks, expression)
+                positive = swap_left_right(positive)
+                negative = None if negative is None else swap_left_right(negative)
+            item.update(expression_pos=positive, expression_neg=negative)
+        else:
+            item["gt"] = mask
+        item.update({
+            "image": normalize(frames[0]),  # (3, H, W)
+            "mask": masks[0, 0],  # (H, W)
+            "expression": expression,
+            "sent_id": sample["sent_id"],
+            "ref_id": sample["ref_id"],
+            "image_id": sample["image_id"],
+            "category_id": sample["category_id"],
+            "index": index,
+            "orig_size": sample["size"],
+            "motion": sample["motion"],
+        })
+        return item
+
+
+# ---------------------------------------------------------------- collate
+
+def _padded_size(sizes, multiple=32) -> tuple:
+    return (math.ceil(max(h for h, _ in sizes) / multiple) * multiple,
+            math.ceil(max(w for _, w in sizes) / multiple) * multiple)
+
+
+def _pad_to(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(..., h, w) -> (..., height, width), zeros at the bottom and right."""
+    out = tensor.new_zeros((*tensor.shape[:-2], height, width))  # (..., Hp, Wp)
+    out[..., : tensor.shape[-2], : tensor.shape[-1]] = tensor
+    return out
+
+
+def _collate(samples, *, image_key, mask_key, out_key):
+    keys = set(samples[0])
+    if any(set(s) != keys for s in samples):
+        raise ValueError(f"collate: samples in a batch have different keys: {[sorted(s) for s in samples]}")
+    sizes = [tuple(s[image_key].shape[-2:]) for s in samples]
+    height, width = _padded_size(sizes)
+    pad_mask = torch.ones(len(samples), height, width, dtype=torch.bool)  # (B, Hp, Wp)
+    for i, (h, w) in enumerate(sizes):
+        pad_mask[i, :h, :w] = False
+    batch = {
+        out_key: torch.stack([_pad_to(s[image_key], height, width) for s in samples]),  # (B, [T,] 3, Hp, Wp)
+        "pad_mask": pad_mask,
+        "image_sizes": sizes,
+    }
+    if mask_key in keys:
+        batch["targets"] = []
+        for s in samples:
+            masks = s[mask_key] if mask_key == "masks" else s[mask_key][None]  # (N, [T,] H, W)
+            batch["targets"].append({"masks": _pad_to(masks, height, width),  # (N, [T,] Hp, Wp)
+                                     "labels": torch.zeros(len(masks), dtype=torch.long)})  # (N,)
+    for key in sorted(keys - {image_key, mask_key}):
+        batch[key] = [s[key] for s in samples]
+    return batch
+
+
+def collate_video(samples: list) -> dict:
+    """Video items -> {"frames": (B, T, 3, Hp, Wp), "pad_mask": (B, Hp, Wp) True at padding,
+    "image_sizes": [(h, w)], "targets": [{"masks": (N, T, Hp, Wp) bool, "labels": (N,) zeros}] (when the
+    items have "masks"), and every other key as a list}. Hp, Wp: the largest size rounded up to a multiple of 32."""
+    lengths = [s["frames"].shape[0] for s in samples]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"collate_video: all clips in a batch need the same number of frames, got {lengths}")
+    return _collate(samples, image_key="frames", mask_key="masks", out_key="frames")
+
+
+def collate_image(samples: list) -> dict:
+    """Image items -> {"images": (B, 3, Hp, Wp), "pad_mask": (B, Hp, Wp) True at padding, "image_sizes",
+    "targets": [{"masks": (1, Hp, Wp) bool, "labels": (1,) zeros}], and every other key as a list}."""
+    return _collate(samples, image_key="image", mask_key="mask", out_key="images")

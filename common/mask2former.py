@@ -1,0 +1,301 @@
+"""Mask2Former's masked-attention transformer decoder, written out to be read, plus loading of its
+weights from a transformers Mask2Former checkpoint.
+
+Paper: Cheng, Misra, Schwing, Kirillov, Girdhar, "Masked-attention Mask Transformer for Universal
+Image Segmentation", CVPR 2022 (arXiv:2112.01527), Sec. 3.2.
+
+The numbers equal those of transformers' `Mask2FormerTransformerModule` followed by the
+`class_predictor` of `Mask2FormerForUniversalSegmentation` (post-norm decoder, the only variant the
+paper and the released checkpoints use); tests/test_mask2former.py checks the masks, class logits and
+normed queries of every layer against it. Written differently from transformers, same numbers:
+batch-first tensors, `nn.MultiheadAttention` for the self-attention as well, and query features
+that the caller may pass in (DsHmp and DMVS put text into them before the first layer). One
+behavioural difference, in training with dropout > 0 only: transformers also skips whole layers at
+random with probability `dropout` (its layerdrop is tied to dropout); this decoder never does. The
+paper's setting is dropout 0 (Sec. 3.2.3), where the two agree.
+
+The pixel-level module (Swin backbone + deformable-attention pixel decoder) that feeds this decoder
+is transformers' own: `common.backbones.PixelLevel`.
+"""
+import einops
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+# Shapes: B images, Q queries, C channels (hidden_dim), K classes (+1 = no object), L decoder
+# layers, H_l W_l the feature map of one level (1/32, 1/16 or 1/8 of the input), h w the mask
+# features (1/4 of the input), D mask_dim.
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (no activation after the last one)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class MaskedAttentionLayer(nn.Module):
+    """One decoder layer (Sec. 3.2): masked cross-attention, then self-attention, then FFN, each
+    followed by a residual and a LayerNorm (post-norm). Cross-attention comes first because the
+    first queries are image-independent and cannot profit from self-attention (Sec. 3.2.3)."""
+
+    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_norm = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.self_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries, query_pos, src, src_pos, attn_mask):
+        """queries, query_pos (B, Q, C); src, src_pos (B, H_l*W_l, C); attn_mask (B*heads, Q, H_l*W_l)
+        bool, True where a query may not look. Returns the updated queries (B, Q, C)."""
+        # Eq. (2): X_l = softmax(M_{l-1} + Q_l K_l^T) V_l + X_{l-1}; positions go into queries and keys only
+        attended = self.cross_attn(
+            queries + query_pos, src + src_pos, src, attn_mask=attn_mask, need_weights=False
+        )[0]  # (B, Q, C)
+        queries = self.cross_norm(queries + self.dropout(attended))
+        q = queries + query_pos  # (B, Q, C)
+        attended = self.self_attn(q, q, queries, need_weights=False)[0]  # (B, Q, C)
+        queries = self.self_norm(queries + self.dropout(attended))
+        return self.ffn_norm(queries + self.dropout(self.ffn(queries)))
+
+
+class MaskedAttentionDecoder(nn.Module):
+    """Mask2Former's transformer decoder with its class and mask heads (Sec. 3.2).
+
+    forward(features, pos, mask_features, queries=None):
+      features: list of num_levels maps (B, in_channels, H_l, W_l), in the order the layers visit
+        them: layer i reads level i % num_levels (round robin, Sec. 3.2.2). `PixelLevel` returns
+        them in that order: 1/32, 1/16, 1/8.
+      pos: list of matching sine position embeddings (B, hidden_dim, H_l, W_l).
+      mask_features: (B, mask_dim, h, w), the per-pixel embeddings at 1/4 resolution.
+      queries: optional (B, Q, hidden_dim) query features replacing the learnable ones (X_0); the
+        learnable query positions are still added.
+    Returns a dict:
+      pred_logits (B, Q, K+1) and pred_masks (B, Q, h, w) of the last layer;
+      aux_outputs: L dicts with the same keys for the earlier predictions (the one made from the
+        input queries, then layers 1..L-1);
+      query_embeds: L+1 tensors (B, Q, C), the decoder-normed queries each prediction was made from.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        num_layers: int = 9,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        num_classes: int = 80,
+        mask_dim: int = 256,
+        num_levels: int = 3,
+        dropout: float = 0.0,  # Sec. 3.2.3 removes dropout
+        in_channels=None,
+        input_proj: bool = False,
+    ):
+        super().__init__()
+        in_channels = hidden_dim if in_channels is None else in_channels
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.hidden_dim = hidden_dim
+        self.num_queries = num_queries
+        # Learnable query features, supervised before the first layer (Sec. 3.2.3), and query positions.
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # X_0 in the paper
+        self.query_pos = nn.Embedding(num_queries, hidden_dim)
+        self.level_embed = nn.Embedding(num_levels, hidden_dim)  # learnable scale-level embedding (Sec. 3.2.2)
+        # A 1x1 conv only where the feature channels differ from hidden_dim (or when asked), as
+        # transformers and the official code.
+        project = input_proj or in_channels != hidden_dim
+        self.input_proj = nn.ModuleList(
+            nn.Conv2d(in_channels, hidden_dim, kernel_size=1) if project else nn.Identity() for _ in range(num_levels)
+        )
+        self.layers = nn.ModuleList(
+            MaskedAttentionLayer(dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout)
+            for _ in range(num_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.class_head = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, num_layers=3)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # official: mask2former_transformer_decoder.py, every attention/FFN layer `_reset_parameters`
+        for layer in self.layers:
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for proj in self.input_proj:
+            if isinstance(proj, nn.Conv2d):
+                nn.init.xavier_uniform_(proj.weight)
+                nn.init.zeros_(proj.bias)
+
+    def predict(self, queries, mask_features, attn_size):
+        """The prediction heads on decoder_norm(queries), queries (B, Q, C). Returns class logits
+        (B, Q, K+1), mask logits (B, Q, h, w) (mask embedding . per-pixel embedding), the normed
+        queries (B, Q, C), and the next layer's attention mask (B*heads, Q, H_l*W_l) at `attn_size`
+        = that layer's (H_l, W_l), True = not attended."""
+        embeds = self.decoder_norm(queries)  # (B, Q, C)
+        logits = self.class_head(embeds)  # (B, Q, K+1)
+        mask_embed = self.mask_embed(embeds)  # (B, Q, D)
+        masks = einops.einsum(mask_embed, mask_features, "b q d, b d h w -> b q h w")  # (B, Q, h, w)
+        resized = F.interpolate(masks, size=tuple(attn_size), mode="bilinear", align_corners=False)  # (B, Q, H_l, W_l)
+        blocked = resized.sigmoid() < 0.5  # Eq. (3): M_{l-1} = 0 on the foreground (prob >= 0.5), -inf elsewhere
+        blocked = rearrange(blocked.detach(), "b q h w -> b q (h w)")  # (B, Q, H_l*W_l)
+        # A query whose mask is empty everywhere attends everywhere: a fully blocked softmax row
+        # would be NaN (official: mask2former_transformer_decoder.py `forward_prediction_heads`; not in the paper).
+        blocked = blocked & ~blocked.all(-1, keepdim=True)
+        attn_mask = repeat(blocked, "b q n -> (b heads) q n", heads=self.num_heads)  # (B*heads, Q, H_l*W_l)
+        return logits, masks, embeds, attn_mask
+
+    def forward(self, features, pos, mask_features, queries=None):
+        if len(features) != self.num_levels or len(pos) != self.num_levels:
+            raise ValueError(
+                f"expected {self.num_levels} feature maps and position embeddings, got {len(features)} and {len(pos)}"
+            )
+        batch = mask_features.shape[0]
+        srcs, src_pos, sizes = [], [], []
+        for level, (feature, level_pos) in enumerate(zip(features, pos)):
+            if level_pos.shape[1] != self.hidden_dim:
+                raise ValueError(
+                    f"pos[{level}] has {level_pos.shape[1]} channels, the decoder needs hidden_dim={self.hidden_dim}"
+                )
+            sizes.append(feature.shape[-2:])
+            src = self.input_proj[level](feature)  # (B, C, H_l, W_l)
+            srcs.append(rearrange(src, "b c h w -> b (h w) c") + self.level_embed.weight[level])  # (B, H_l*W_l, C)
+            src_pos.append(rearrange(level_pos, "b c h w -> b (h w) c"))  # (B, H_l*W_l, C)
+
+        query_pos = repeat(self.query_pos.weight, "q c -> b q c", b=batch)  # (B, Q, C)
+        if queries is None:
+            queries = repeat(self.query_feat.weight, "q c -> b q c", b=batch)  # (B, Q, C)
+        elif queries.shape != query_pos.shape:
+            raise ValueError(f"queries must have shape {tuple(query_pos.shape)} (B, Q, C), got {tuple(queries.shape)}")
+
+        logits, masks, embeds, attn_mask = self.predict(queries, mask_features, sizes[0])
+        predictions, query_embeds = [{"pred_logits": logits, "pred_masks": masks}], [embeds]
+        for i, layer in enumerate(self.layers):
+            level = i % self.num_levels  # round robin over the scales (Sec. 3.2.2)
+            queries = layer(queries, query_pos, srcs[level], src_pos[level], attn_mask)  # (B, Q, C)
+            # The mask for the next layer is made at the next layer's level size.
+            logits, masks, embeds, attn_mask = self.predict(queries, mask_features, sizes[(i + 1) % self.num_levels])
+            predictions.append({"pred_logits": logits, "pred_masks": masks})
+            query_embeds.append(embeds)
+        return {**predictions[-1], "aux_outputs": predictions[:-1], "query_embeds": query_embeds}
+
+
+# ----------------------------------------------------------------- weights from transformers
+def decoder_kwargs_from_hf(config) -> dict:
+    """Keyword arguments of `MaskedAttentionDecoder` matching a transformers `Mask2FormerConfig`."""
+    if config.pre_norm:
+        raise ValueError("this decoder is post-norm only (as the paper's checkpoints); config.pre_norm is True")
+    if config.activation_function != "relu":
+        raise ValueError(f"this decoder's FFN uses ReLU, config.activation_function is {config.activation_function!r}")
+    return dict(
+        in_channels=config.feature_size,
+        hidden_dim=config.hidden_dim,
+        num_queries=config.num_queries,
+        # DEC_LAYERS counts the prediction made from the learnable queries as a layer (official config.py note)
+        num_layers=config.decoder_layers - 1,
+        num_heads=config.num_attention_heads,
+        ffn_dim=config.dim_feedforward,
+        num_classes=config.num_labels,
+        mask_dim=config.mask_feature_size,
+        dropout=float(config.dropout),
+        input_proj=config.enforce_input_projection,
+    )
+
+
+def _weight_and_bias(ours: str, theirs: str) -> dict:
+    return {f"{ours}.{p}": [f"{theirs}.{p}"] for p in ("weight", "bias")}
+
+
+def hf_decoder_key_map(decoder: MaskedAttentionDecoder) -> dict:
+    """Our state-dict key -> the transformers `Mask2FormerForUniversalSegmentation` key(s) it is made
+    of. Several keys (self-attention q, k, v) are concatenated along dim 0, the layout of
+    `nn.MultiheadAttention.in_proj_*`."""
+    t = "model.transformer_module."
+    key_map = {
+        "query_feat.weight": [t + "queries_features.weight"],
+        "query_pos.weight": [t + "queries_embedder.weight"],
+        "level_embed.weight": [t + "level_embed.weight"],
+        **_weight_and_bias("decoder_norm", t + "decoder.layernorm"),
+        **_weight_and_bias("class_head", "class_predictor"),
+    }
+    for i in range(len(decoder.mask_embed.layers)):
+        key_map.update(_weight_and_bias(f"mask_embed.layers.{i}", t + f"decoder.mask_predictor.mask_embedder.{i}.0"))
+    for level, proj in enumerate(decoder.input_proj):
+        if isinstance(proj, nn.Conv2d):
+            key_map.update(_weight_and_bias(f"input_proj.{level}", t + f"input_projections.{level}"))
+    for i in range(len(decoder.layers)):
+        ours, theirs = f"layers.{i}.", t + f"decoder.layers.{i}."
+        key_map.update({
+            ours + "cross_attn.in_proj_weight": [theirs + "cross_attn.in_proj_weight"],
+            ours + "cross_attn.in_proj_bias": [theirs + "cross_attn.in_proj_bias"],
+            **_weight_and_bias(ours + "cross_attn.out_proj", theirs + "cross_attn.out_proj"),
+            **_weight_and_bias(ours + "cross_norm", theirs + "cross_attn_layer_norm"),
+            ours + "self_attn.in_proj_weight": [theirs + f"self_attn.{x}_proj.weight" for x in "qkv"],
+            ours + "self_attn.in_proj_bias": [theirs + f"self_attn.{x}_proj.bias" for x in "qkv"],
+            **_weight_and_bias(ours + "self_attn.out_proj", theirs + "self_attn.out_proj"),
+            **_weight_and_bias(ours + "self_norm", theirs + "self_attn_layer_norm"),
+            **_weight_and_bias(ours + "ffn.0", theirs + "fc1"),
+            **_weight_and_bias(ours + "ffn.3", theirs + "fc2"),
+            **_weight_and_bias(ours + "ffn_norm", theirs + "final_layer_norm"),
+        })
+    return key_map
+
+
+HF_DECODER_PREFIXES = ("model.transformer_module.", "class_predictor.")
+
+
+def load_decoder_weights(decoder: MaskedAttentionDecoder, hf_state_dict: dict, *, num_queries=None,
+                         load_class_head=True) -> list:
+    """Copy the transformer-decoder weights of a transformers `Mask2FormerForUniversalSegmentation`
+    state dict into `decoder`, by the explicit table `hf_decoder_key_map`.
+
+    Keys outside `HF_DECODER_PREFIXES` (the pixel-level module, the loss's `criterion.*` buffer)
+    are ignored. num_queries: keep only the first `num_queries` query features and positions (as
+    DsHmp's tools/process_ckpt.py keeps 20 of the 100 COCO queries). load_class_head=False leaves
+    `class_head` at its initialisation (for a different class count) and ignores `class_predictor.*`.
+    Raises ValueError on any missing or unused decoder key or on a shape mismatch; loads nothing then.
+    Returns the names of our parameters left at their initialisation ([] unless load_class_head=False).
+    """
+    key_map = hf_decoder_key_map(decoder)
+    own = decoder.state_dict()
+    if set(own) != set(key_map):
+        raise ValueError(f"key table out of date for this decoder: {sorted(set(own) ^ set(key_map))}")
+    skipped_ours = [] if load_class_head else [k for k in key_map if k.startswith("class_head.")]
+    skipped_theirs = set() if load_class_head else {k for k in hf_state_dict if k.startswith("class_predictor.")}
+    key_map = {k: v for k, v in key_map.items() if k not in skipped_ours}
+    wanted = {k for theirs in key_map.values() for k in theirs}
+    missing = sorted(wanted - set(hf_state_dict))
+    known = wanted | skipped_theirs
+    unused = sorted(k for k in hf_state_dict if k.startswith(HF_DECODER_PREFIXES) and k not in known)
+    if missing or unused:
+        raise ValueError(f"Mask2Former decoder weights do not match: missing {missing}, unused {unused}")
+
+    new_state, mismatched = {}, []
+    for ours, theirs in key_map.items():
+        value = torch.cat([hf_state_dict[k] for k in theirs], dim=0)
+        if num_queries is not None and ours in ("query_feat.weight", "query_pos.weight"):
+            value = value[:num_queries]  # (num_queries, C)
+        if value.shape != own[ours].shape:
+            mismatched.append(f"{ours} {tuple(own[ours].shape)} <- {theirs} {tuple(value.shape)}")
+        new_state[ours] = value
+    if mismatched:
+        class_head = any(m.startswith("class_head") for m in mismatched)
+        hint = "\n(pass load_class_head=False for a different number of classes)" if class_head else ""
+        raise ValueError("Mask2Former decoder weight shapes do not match:\n  " + "\n  ".join(mismatched) + hint)
+    decoder.load_state_dict(new_state, strict=not skipped_ours)
+    return skipped_ours

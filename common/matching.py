@@ -1,0 +1,311 @@
+"""Hungarian matching and the set losses of Mask2Former-style segmentation models.
+
+The matcher follows DETR (facebookresearch/detr, models/matcher.py) with Mask2Former's
+point-sampled mask costs (facebookresearch/Mask2Former, mask2former/modeling/matcher.py). The
+losses follow Mask2Former's criterion (mask2former/modeling/criterion.py) with PointRend's
+importance sampling (detectron2, projects/PointRend/point_rend/point_features.py). Video masks
+follow VITA (sukjunhwang/VITA, vita/modeling/vita_matcher.py and vita_criterion.py): one object
+is one mask tube over T frames, and its costs and losses are taken over the whole tube.
+
+Everything here is a plain function: the matcher takes the cost weights as keyword arguments and
+the losses return unweighted values, so the weighted sum is one visible line in each `train()`.
+"""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from scipy.optimize import linear_sum_assignment
+
+# Shapes: B batch, Q queries, N target objects (or matched pairs), C classes including the
+# no-object class (the last one), T frames, h w predicted mask size, H W target mask size,
+# P points per mask (per frame for video), S oversampled candidate points.
+
+
+# ------------------------------------------------------------------------------- point sampling
+def _rand(shape, *, device, generator=None):
+    # Drawn on the generator's device, so one CPU generator reproduces the points on any device.
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source).to(device)
+
+
+def _randperm(n, *, device, generator=None):
+    source = generator.device if generator is not None else device
+    return torch.randperm(n, generator=generator, device=source).to(device)
+
+
+def point_sample(masks, coords):
+    """Bilinearly sample `masks` (N, c, H, W) at `coords` (N, P, 2), given as (x, y) in [0, 1]^2.
+
+    Returns (N, c, P). Normalised coordinates address the same place on masks of any size, so
+    low-resolution predictions and full-resolution targets can be compared point by point without
+    resizing either (detectron2 point_features.py `point_sample`, align_corners=False).
+    """
+    grid = rearrange(2.0 * coords - 1.0, "n p xy -> n p 1 xy")  # (N, P, 1, 2) in [-1, 1]
+    values = F.grid_sample(masks, grid.to(masks.dtype), mode="bilinear", align_corners=False)  # (N, c, P, 1)
+    return rearrange(values, "n c p 1 -> n c p")  # (N, c, P)
+
+
+def get_uncertain_point_coords_with_randomness(
+    logits, num_points, *, oversample_ratio=3.0, importance_ratio=0.75, generator=None
+):
+    """PointRend's importance sampling of training points: (N, 1, h, w) logits -> (N, P, 2) coords.
+
+    Draws S = num_points * oversample_ratio uniform candidates per mask, keeps the
+    importance_ratio * num_points most uncertain ones (uncertainty = -|logit| at the candidate,
+    i.e. closest to the decision boundary), and fills the rest with a random subset of the other
+    candidates. Coordinates are (x, y) in [0, 1]^2. As detectron2 point_features.py
+    `get_uncertain_point_coords_with_randomness` with Mask2Former's `calculate_uncertainty`.
+    """
+    if oversample_ratio < 1:
+        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
+    if not 0 <= importance_ratio <= 1:
+        raise ValueError(f"importance_ratio must be in [0, 1], got {importance_ratio}")
+    n = logits.shape[0]
+    num_sampled = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_ratio * num_points)
+    num_random = num_points - num_uncertain
+    coords = _rand((n, num_sampled, 2), device=logits.device, generator=generator)  # (N, S, 2)
+    # Uncertainty of the interpolated logit at each candidate, not interpolated uncertainty of the
+    # pixels around it: between logits -1 and 1 the point sits on the boundary (point_features.py).
+    uncertainty = -point_sample(logits, coords)[:, 0].abs()  # (N, S)
+    order = uncertainty.argsort(dim=1, descending=True)  # (N, S)
+    # One permutation for all masks is enough, the candidates themselves are random (point_features.py).
+    perm = _randperm(num_sampled - num_uncertain, device=logits.device, generator=generator)  # (S - P_u,)
+    random_idx = order[:, num_uncertain:][:, perm[:num_random]]  # (N, P - P_u)
+    idx = torch.cat([order[:, :num_uncertain], random_idx], dim=1)  # (N, P)
+    return torch.gather(coords, 1, repeat(idx, "n p -> n p xy", xy=2))  # (N, P, 2)
+
+
+# ------------------------------------------------------------------------------- matching costs
+def batch_sigmoid_bce_cost(logits, targets):
+    """Mean sigmoid BCE between every prediction and every target: (Q, P), (N, P) -> (Q, N).
+
+    Mask2Former matcher.py `batch_sigmoid_ce_loss`: BCE(x, t) = t * BCE(x, 1) + (1 - t) * BCE(x, 0)
+    is linear in t, so all pairs come from two matrix products instead of a (Q, N, P) tensor.
+    """
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")  # (Q, P)
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")  # (Q, P)
+    cost = torch.einsum("qp,np->qn", pos, targets) + torch.einsum("qp,np->qn", neg, 1 - targets)  # (Q, N)
+    return cost / logits.shape[1]
+
+
+def batch_dice_cost(logits, targets):
+    """Dice loss 1 - (2 sum(p t) + 1) / (sum p + sum t + 1) for every pair: (Q, P), (N, P) -> (Q, N).
+
+    Mask2Former matcher.py `batch_dice_loss`, with p = sigmoid(logits).
+    """
+    probs = logits.sigmoid()  # (Q, P)
+    numerator = 2 * torch.einsum("qp,np->qn", probs, targets)  # (Q, N)
+    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]  # (Q, N)
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def _as_tubes(masks, name):
+    # Images are videos of one frame, so one code path serves both.
+    if masks.dim() == 3:
+        return rearrange(masks, "n h w -> n 1 h w")  # (N, 1, H, W)
+    if masks.dim() == 4:
+        return masks  # (N, T, H, W)
+    raise ValueError(f"{name} must be (N, H, W) or (N, T, H, W), got shape {tuple(masks.shape)}")
+
+
+def _shared_point_masks(pred, tgt, num_points, generator):
+    # (Q, T, h, w), (N, T, H, W) -> (Q, T*P), (N, T*P): every mask and frame on the same points.
+    num_frames = pred.shape[1]
+    if num_points is None:
+        pred = F.interpolate(pred, tgt.shape[-2:], mode="bilinear", align_corners=False)  # (Q, T, H, W)
+        return rearrange(pred, "q t h w -> q (t h w)"), rearrange(tgt, "n t h w -> n (t h w)")
+    coords = _rand((1, num_points, 2), device=pred.device, generator=generator)  # (1, P, 2)
+    # Shared points let all masks be sampled as the channels of one image.
+    pred_pts = point_sample(rearrange(pred, "q t h w -> 1 (q t) h w"), coords)  # (1, Q*T, P)
+    tgt_pts = point_sample(rearrange(tgt, "n t h w -> 1 (n t) h w"), coords)  # (1, N*T, P)
+    pred_pts = rearrange(pred_pts, "1 (q t) p -> q (t p)", t=num_frames)  # (Q, T*P)
+    tgt_pts = rearrange(tgt_pts, "1 (n t) p -> n (t p)", t=num_frames)  # (N, T*P)
+    return pred_pts, tgt_pts
+
+
+def _check_target(b, target, pred_logits, pred_masks):
+    labels, masks = target["labels"], target["masks"]
+    same_frames = masks.dim() == pred_masks.dim() - 1 and masks.shape[1:-2] == pred_masks.shape[2:-2]
+    if not same_frames or len(labels) != len(masks):
+        raise ValueError(
+            f"targets[{b}] has {len(labels)} labels and masks of shape {tuple(masks.shape)}; expected one "
+            f"mask per label, with the frame axes of pred_masks {tuple(pred_masks.shape)} minus B, Q, h, w"
+        )
+    num_classes = pred_logits.shape[-1] - 1
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"targets[{b}]['labels'] = {labels.tolist()} must lie in [0, {num_classes}) "
+            "(the last of the C logits is no-object)"
+        )
+
+
+@torch.no_grad()
+def hungarian_match(
+    pred_logits, pred_masks, targets, *, w_cls, w_bce, w_dice, num_points=12544, generator=None
+):
+    """One-to-one assignment of predictions to target objects with the lowest total cost.
+
+    Args:
+        pred_logits: (B, Q, C) class logits; the last class is "no object".
+        pred_masks: (B, Q, h, w) image or (B, Q, T, h, w) video mask logits.
+        targets: list of B dicts with
+            "labels": (N,) long, class ids in [0, C - 1) (N may be 0),
+            "masks": (N, H, W) or (N, T, H, W), bool or float in [0, 1]; H, W may differ from h, w.
+        w_cls, w_bce, w_dice: weights of the class, sigmoid-BCE and dice costs.
+        num_points: masks are compared on this many random points, the same points for all
+            predictions and targets of a batch element and, for video, for all frames
+            (Mask2Former / VITA). None compares whole masks, with the predictions bilinearly
+            resized to the target size.
+        generator: optional torch.Generator for the points. Points are drawn per batch element in
+            order (none for an element without targets), so a batched call equals per-sample calls
+            that share one generator.
+
+    Returns:
+        A list of B pairs (pred_idx, tgt_idx) of int64 tensors on the CPU, with
+        len(pred_idx) = len(tgt_idx) = min(Q, N) and pred_idx sorted: prediction pred_idx[k] is
+        assigned to target tgt_idx[k]. Unassigned predictions are "no object".
+
+    The cost of prediction q and target n is
+        w_cls * -softmax(pred_logits)[q, label_n] + w_bce * BCE(q, n) + w_dice * dice(q, n),
+    with BCE averaged over the points (over all T * P values for video). The loss uses the
+    negative log-likelihood instead of -p; as DETR notes, -p stands for 1 - p and "the 1 is a
+    constant that doesn't change the matching". The cost is computed in float32 even under
+    autocast (Mask2Former matcher.py).
+    """
+    batch_size, num_queries = pred_logits.shape[:2]
+    if pred_masks.dim() not in (4, 5) or pred_masks.shape[:2] != (batch_size, num_queries):
+        raise ValueError(
+            f"pred_masks must be (B, Q, h, w) or (B, Q, T, h, w) with B, Q = {batch_size}, "
+            f"{num_queries} from pred_logits, got shape {tuple(pred_masks.shape)}"
+        )
+    if len(targets) != batch_size:
+        raise ValueError(f"expected {batch_size} targets (one per batch element), got {len(targets)}")
+    indices = []
+    for b, target in enumerate(targets):
+        _check_target(b, target, pred_logits, pred_masks)
+        if len(target["labels"]) == 0:
+            indices.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)))
+            continue
+        with torch.autocast(device_type=pred_masks.device.type, enabled=False):
+            pred = _as_tubes(pred_masks[b], "pred_masks[b]").float()  # (Q, T, h, w)
+            tgt = _as_tubes(target["masks"], "masks").to(pred.device, torch.float32)  # (N, T, H, W)
+            pred, tgt = _shared_point_masks(pred, tgt, num_points, generator)  # (Q, T*P), (N, T*P)
+            prob = pred_logits[b].float().softmax(-1)  # (Q, C)
+            cost_cls = -prob[:, target["labels"].to(prob.device)]  # (Q, N)
+            cost = w_cls * cost_cls + w_bce * batch_sigmoid_bce_cost(pred, tgt) + w_dice * batch_dice_cost(pred, tgt)
+        if not torch.isfinite(cost).all():
+            raise ValueError(f"matching cost of batch element {b} is not finite: the predictions hold NaN or inf")
+        pred_idx, tgt_idx = linear_sum_assignment(cost.cpu().numpy())  # pred_idx comes back sorted
+        indices.append((torch.from_numpy(pred_idx).long(), torch.from_numpy(tgt_idx).long()))
+    return indices
+
+
+# ------------------------------------------------------------------------------- losses
+def matched_pred_index(indices):
+    """(batch_idx, pred_idx) that index the matched predictions as `pred[batch_idx, pred_idx]`.
+
+    DETR detr.py `_get_src_permutation_idx`; both are (M,) with M the total number of matches.
+    """
+    batch_idx = torch.cat([torch.full_like(pred_idx, b) for b, (pred_idx, _) in enumerate(indices)])  # (M,)
+    pred_idx = torch.cat([pred_idx for pred_idx, _ in indices])  # (M,)
+    return batch_idx, pred_idx
+
+
+def matched_masks(pred_masks, targets, indices):
+    """Matched pairs: (M, [T,] h, w) predicted mask logits and (M, [T,] H, W) float target masks.
+
+    Targets of all batch elements must share H, W (pad them in the collate function).
+    """
+    batch_idx, pred_idx = matched_pred_index(indices)
+    preds = pred_masks[batch_idx.to(pred_masks.device), pred_idx.to(pred_masks.device)]  # (M, [T,] h, w)
+    tgts = torch.cat([t["masks"][tgt_idx] for t, (_, tgt_idx) in zip(targets, indices)])  # (M, [T,] H, W)
+    return preds, tgts.to(preds.device, torch.float32)
+
+
+def sigmoid_bce_loss(logits, targets, num_masks):
+    """Sigmoid BCE of (N, P) logits against (N, P) targets in [0, 1]: mean over points, sum over
+    masks, divided by num_masks (the number of target masks in the batch; Mask2Former criterion.py
+    `sigmoid_ce_loss`)."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum() / num_masks
+
+
+def dice_loss(logits, targets, num_masks):
+    """Dice loss 1 - (2 sum(p t) + 1) / (sum p + sum t + 1) per mask, p = sigmoid(logits), on (N, P)
+    inputs, summed over masks and divided by num_masks (Mask2Former criterion.py `dice_loss`)."""
+    probs = logits.sigmoid()  # (N, P)
+    numerator = 2 * (probs * targets).sum(-1)  # (N,)
+    denominator = probs.sum(-1) + targets.sum(-1)  # (N,)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+def mask_losses(
+    pred_masks,
+    tgt_masks,
+    num_masks,
+    *,
+    num_points=12544,
+    oversample_ratio=3.0,
+    importance_ratio=0.75,
+    generator=None,
+):
+    """Unweighted {"bce": ..., "dice": ...} of matched pairs of masks.
+
+    Args:
+        pred_masks: (N, h, w) or (N, T, h, w) mask logits, already matched to `tgt_masks`.
+        tgt_masks: (N, H, W) or (N, T, H, W) target masks, bool or float in [0, 1].
+        num_masks: normaliser, the number of target masks in the batch, at least 1.
+        num_points: points per mask (per frame for video), chosen by importance sampling on the
+            predictions (Mask2Former criterion.py `loss_masks`). None uses whole masks, with the
+            predictions bilinearly resized to the target size.
+        generator: optional torch.Generator for the points.
+
+    For video the points are sampled per (object, frame) and an object's frames are concatenated,
+    so BCE and dice are taken over its whole tube, (N, T*P) (VITA vita_criterion.py).
+    """
+    pred = _as_tubes(pred_masks, "pred_masks")  # (N, T, h, w)
+    tgt = _as_tubes(tgt_masks, "tgt_masks").to(pred.device, torch.float32)  # (N, T, H, W)
+    if pred.shape[:2] != tgt.shape[:2]:
+        raise ValueError(
+            f"pred_masks {tuple(pred_masks.shape)} and tgt_masks {tuple(tgt_masks.shape)} must agree in N and T"
+        )
+    num_frames = pred.shape[1]
+    pred_frames = rearrange(pred, "n t h w -> (n t) 1 h w")  # (N*T, 1, h, w)
+    tgt_frames = rearrange(tgt, "n t h w -> (n t) 1 h w")  # (N*T, 1, H, W)
+    if num_points is None:
+        logits = F.interpolate(pred_frames, tgt.shape[-2:], mode="bilinear", align_corners=False)  # (N*T, 1, H, W)
+        logits = rearrange(logits, "(n t) 1 h w -> n (t h w)", t=num_frames)  # (N, T*H*W)
+        labels = rearrange(tgt_frames, "(n t) 1 h w -> n (t h w)", t=num_frames)  # (N, T*H*W)
+    else:
+        with torch.no_grad():
+            coords = get_uncertain_point_coords_with_randomness(
+                pred_frames.float(),
+                num_points,
+                oversample_ratio=oversample_ratio,
+                importance_ratio=importance_ratio,
+                generator=generator,
+            )  # (N*T, P, 2)
+            labels = point_sample(tgt_frames, coords)  # (N*T, 1, P)
+        logits = point_sample(pred_frames, coords)  # (N*T, 1, P)
+        logits = rearrange(logits, "(n t) 1 p -> n (t p)", t=num_frames)  # (N, T*P)
+        labels = rearrange(labels, "(n t) 1 p -> n (t p)", t=num_frames)  # (N, T*P)
+    logits = logits.float()
+    return {"bce": sigmoid_bce_loss(logits, labels, num_masks), "dice": dice_loss(logits, labels, num_masks)}
+
+
+def classification_loss(pred_logits, targets, indices, *, no_object_weight):
+    """Cross-entropy of (B, Q, C) class logits; matched queries take their target's label, the
+    others the no-object class (the last one), whose weight is `no_object_weight`.
+
+    The result is the weighted mean of F.cross_entropy(..., weight): sum_i w[y_i] * CE_i divided
+    by sum_i w[y_i] over all B * Q queries (DETR/Mask2Former `loss_labels` with `empty_weight`).
+    """
+    batch_size, num_queries, num_classes = pred_logits.shape
+    batch_idx, pred_idx = matched_pred_index(indices)
+    device = pred_logits.device
+    matched_labels = torch.cat([t["labels"][tgt_idx] for t, (_, tgt_idx) in zip(targets, indices)])  # (M,)
+    classes = torch.full((batch_size, num_queries), num_classes - 1, dtype=torch.long, device=device)  # (B, Q)
+    classes[batch_idx.to(device), pred_idx.to(device)] = matched_labels.to(device)
+    weight = torch.ones(num_classes, device=device)  # (C,)
+    weight[-1] = no_object_weight
+    return F.cross_entropy(rearrange(pred_logits.float(), "b q c -> b c q"), classes, weight=weight)

@@ -1,0 +1,183 @@
+"""common/backbones.py: pixel-level outputs, text and CLIP encoders, offline errors, parameter counts."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from common.backbones import (
+    CLIPEncoder,
+    PixelLevel,
+    TextEncoder,
+    WeightsNotFoundError,
+    count_parameters,
+    load_mask2former,
+    parameter_report,
+)
+from common.text import build_vocab, word_tokenizer
+
+SENTENCES = ["the red ball moves left", "a small dog, jumping over the tall fence very quickly"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_tokenizer(build_vocab(SENTENCES), max_length=12)
+
+
+def _sine_reference(height, width, channels):
+    """DETR's normalised sine embedding written out from its definition (numpy)."""
+    feats = channels // 2
+    dim_t = 10000 ** (2 * (np.arange(feats) // 2) / feats)
+    out = []
+    for n in (height, width):
+        coord = (np.arange(n) + 1) / (n + 1e-6) * 2 * math.pi  # cumulative count, normalised to (0, 2pi]
+        angle = coord[:, None] / dim_t  # (n, feats)
+        out.append(np.where(np.arange(feats) % 2 == 0, np.sin(angle), np.cos(angle)))  # sin, cos, sin, cos, ...
+    y, x = out
+    return np.concatenate([np.broadcast_to(y[:, None, :], (height, width, feats)),
+                           np.broadcast_to(x[None, :, :], (height, width, feats))], axis=-1).transpose(2, 0, 1)
+
+
+def test_pixel_level_shapes_order_and_positions():
+    torch.manual_seed(0)
+    pixel_level = PixelLevel.tiny(hidden_dim=64).eval()
+    with torch.no_grad():
+        out = pixel_level(torch.randn(2, 3, 64, 96))
+    assert [tuple(f.shape) for f in out["features"]] == [(2, 64, 2, 3), (2, 64, 4, 6), (2, 64, 8, 12)]
+    assert [tuple(p.shape) for p in out["pos"]] == [(2, 64, 2, 3), (2, 64, 4, 6), (2, 64, 8, 12)]
+    assert out["mask_features"].shape == (2, 64, 16, 24)
+    for pos in out["pos"]:
+        h, w = pos.shape[-2:]
+        np.testing.assert_allclose(pos[1].numpy(), _sine_reference(h, w, 64), atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        pixel_level(torch.randn(1, 3, 64, 80))
+
+
+def test_text_encoder_tiny_outputs(tokenizer):
+    encoder = TextEncoder.tiny(tokenizer, hidden=32, max_length=12).eval()
+    assert encoder.hidden_size == 32
+    texts = SENTENCES + ["a dog"]
+    out = encoder(texts)
+    assert out["word_feats"].shape == (3, 12, 32) and out["sentence"].shape == (3, 32)
+    assert out["offsets"].shape == (3, 12, 2) and out["offsets"].dtype == torch.long
+    assert out["attn_mask"].dtype == torch.bool and out["input_ids"].shape == (3, 12)
+    # sentence 0: <s> the red ball moves left </s> <pad>...; sentence 1 is truncated to 12 tokens
+    assert out["attn_mask"].sum(1).tolist() == [7, 12, 4]
+    assert out["word_mask"].sum(1).tolist() == [5, 10, 2]
+    assert out["input_ids"][0, 0] == tokenizer.bos_token_id and out["input_ids"][0, 6] == tokenizer.eos_token_id
+    assert out["input_ids"][1, -1] == tokenizer.eos_token_id  # truncation keeps </s>
+    assert (out["input_ids"][0, 7:] == tokenizer.pad_token_id).all()
+    words = [texts[0][s:e] for (s, e), keep in zip(out["offsets"][0].tolist(), out["word_mask"][0]) if keep]
+    assert words == ["the", "red", "ball", "moves", "left"]
+    assert texts[1][slice(*out["offsets"][1, 3].tolist())] == "dog"
+    assert texts[1][slice(*out["offsets"][1, 4].tolist())] == ","
+    expected = out["word_feats"][2, 1:3].mean(0)  # the two words of "a dog"
+    torch.testing.assert_close(out["sentence"][2], expected)
+
+
+def test_text_encoder_freeze(tokenizer):
+    frozen = TextEncoder.tiny(tokenizer, hidden=32, max_length=12, freeze=True)
+    parent = nn.ModuleDict({"text": frozen, "head": nn.Linear(32, 2)})
+    parent.train()
+    assert not frozen.model.training and parent["head"].training
+    assert not any(p.requires_grad for p in frozen.parameters())
+    a, b = frozen(SENTENCES), frozen(SENTENCES)
+    torch.testing.assert_close(a["word_feats"], b["word_feats"], rtol=0, atol=0)  # dropout is off
+    assert not a["word_feats"].requires_grad
+
+    trainable = TextEncoder.tiny(tokenizer, hidden=32, max_length=12, freeze=False).train()
+    a, b = trainable(SENTENCES), trainable(SENTENCES)
+    assert not torch.allclose(a["word_feats"], b["word_feats"])  # RoBERTa's dropout 0.1 is active
+    a["sentence"].sum().backward()
+    assert all(p.grad is not None for p in trainable.parameters())
+
+
+def test_clip_tiny_text_and_image(tokenizer):
+    torch.manual_seed(0)
+    clip = CLIPEncoder.tiny(tokenizer, hidden=32, embed_dim=24, image_size=32, patch_size=8, max_length=12).eval()
+    words = clip.encode_words(SENTENCES[:1] + ["a dog"])
+    assert words["word_feats"].shape == (2, 7, clip.text_hidden_size)  # padded to the longest sentence
+    assert clip.text_hidden_size == 32 and clip.embed_dim == 24
+    assert words["attn_mask"].sum(1).tolist() == [7, 4]
+    text = clip.encode_text(SENTENCES[:1] + ["a dog"])
+    assert text.shape == (2, 24)
+    # the projected state of </s> (the end-of-text token), not L2-normalised
+    eos = words["word_feats"][1, 3]
+    torch.testing.assert_close(text[1], clip.model.text_projection(eos))
+    assert not torch.allclose(text.norm(dim=-1), torch.ones(2))
+
+    square = torch.randn(2, 3, 32, 32)
+    out = clip.encode_image(square)
+    assert out["patch_tokens"].shape == (2, 16, 24) and out["cls"].shape == (2, 24) and out["grid"] == (4, 4)
+    torch.testing.assert_close(out["cls"], clip.model.get_image_features(pixel_values=square).pooler_output)
+    vision = clip.model.vision_model(pixel_values=square).last_hidden_state  # (B, 1+N, C)
+    normed = clip.model.vision_model.post_layernorm(vision[:, 1:])  # (B, N, C)
+    torch.testing.assert_close(out["patch_tokens"], clip.model.visual_projection(normed))
+    raw = clip.encode_image(square, patch_layernorm=False)["patch_tokens"]
+    torch.testing.assert_close(raw, clip.model.visual_projection(vision[:, 1:]))
+
+    wide = clip.encode_image(torch.randn(1, 3, 48, 64))  # not the pretraining size: interpolated positions
+    assert wide["patch_tokens"].shape == (1, 6 * 8, 24) and wide["grid"] == (6, 8)
+
+
+@pytest.mark.parametrize("load", [
+    lambda: TextEncoder.from_pretrained(),
+    lambda: CLIPEncoder.from_pretrained(),
+    lambda: load_mask2former(),
+    lambda: PixelLevel.from_pretrained("facebook/mask2former-swin-base-IN21k-coco-instance"),
+])
+def test_offline_error_names_model_cache_and_fix(load, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError) as info:
+        load()
+    message = str(info.value)
+    assert any(name in message for name in (
+        "'FacebookAI/roberta-base'", "'openai/clip-vit-base-patch16'", "'facebook/mask2former-swin-tiny-coco-instance'",
+        "'facebook/mask2former-swin-base-IN21k-coco-instance'"))
+    assert str(tmp_path) in message and "offline" in message
+    assert "save_pretrained" in message and "hf download" in message
+    assert isinstance(info.value, OSError)
+    assert list(tmp_path.iterdir()) == []  # nothing was downloaded
+
+
+def test_offline_error_for_a_missing_local_directory(tmp_path):
+    missing = tmp_path / "roberta-copy"
+    with pytest.raises(WeightsNotFoundError, match="roberta-copy"):
+        TextEncoder.from_pretrained(str(missing), cache_dir=tmp_path, local_files_only=True)
+
+
+def test_parameter_counts():
+    frozen = nn.Linear(4, 2)  # 10 parameters
+    frozen.requires_grad_(False)
+    model = nn.ModuleDict({
+        "encoder": nn.Sequential(nn.Linear(3, 4), nn.ReLU(), frozen),  # 16 trainable, 10 frozen
+        "head": nn.Linear(2, 1),  # 3 trainable
+    })
+    model.scale = nn.Parameter(torch.ones(5))  # held directly by the top module
+    assert count_parameters(model) == {"(own)": (5, 0), "encoder": (16, 10), "head": (3, 0)}
+    assert count_parameters(model, depth=2) == {"(own)": (5, 0), "encoder.0": (16, 0), "encoder.2": (0, 10), "head": (3, 0)}
+    model.tied = nn.ModuleDict({"again": model["head"]})  # shared parameters are counted once
+    assert "tied" not in count_parameters(model)
+    report = parameter_report(model).splitlines()
+    assert report[0].split() == ["module", "trainable", "frozen"]
+    assert report[2].split() == ["encoder", "16", "10"]
+    assert report[-1].split() == ["total", "24", "10"]
+
+
+def test_text_encoders_load_from_a_local_directory(tokenizer, tmp_path):
+    """`from_pretrained` on a save_pretrained directory (the offline way to pass real weights)."""
+    torch.manual_seed(0)
+    text = TextEncoder.tiny(tokenizer, hidden=32, max_length=12).eval()
+    text.model.save_pretrained(tmp_path / "roberta")
+    tokenizer.save_pretrained(tmp_path / "roberta")
+    loaded = TextEncoder.from_pretrained(str(tmp_path / "roberta"), max_length=12, local_files_only=True)
+    assert loaded.frozen and not loaded.model.training
+    torch.testing.assert_close(loaded(SENTENCES)["word_feats"], text(SENTENCES)["word_feats"])
+
+    clip = CLIPEncoder.tiny(tokenizer, hidden=32, max_length=12).eval()
+    clip.model.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    loaded = CLIPEncoder.from_pretrained(str(tmp_path / "clip"), max_length=12, local_files_only=True)
+    torch.testing.assert_close(loaded.encode_text(SENTENCES), clip.encode_text(SENTENCES))
