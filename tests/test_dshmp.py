@@ -1,0 +1,305 @@
+"""DsHmp (dshmp.py): each stage's shapes and equations, the losses, training, resume, inference, DDP, CLI."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dshmp
+from common.datasets import collate_video
+from data.toy import make_toy_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy") / "mevis"
+    make_toy_video(root, seed=3, train_videos=6, valid_videos=2, verbose=False)
+    return root
+
+
+def toy_config(root, out, *extra):
+    return dshmp.get_config(["--data", "toy", "--data-root", str(root), "--out", str(out), "--num-frames", "4",
+                             "--batch-size", "2", "--workers", "0", *extra])
+
+
+@pytest.fixture(scope="module")
+def toy(toy_root, tmp_path_factory):
+    cfg = toy_config(toy_root, tmp_path_factory.mktemp("run"))
+    torch.manual_seed(0)
+    dataset = dshmp.make_dataset(cfg, toy_root, "train", train=True)
+    model = dshmp.build_model(cfg, vocab=dshmp.toy_vocab(toy_root))
+    batch = collate_video([dataset[0], dataset[1]])
+    return cfg, dataset, model, batch
+
+
+# ---------------------------------------------------------------------------------- shapes
+def test_shapes_of_every_stage(toy):
+    cfg, _, model, batch = toy
+    frames, expressions = batch["frames"], batch["expression"]  # (2, 4, 3, 64, 96)
+    B, T, _, H, W = frames.shape
+    N_s, N_m, C = cfg.num_static_queries, cfg.num_motion_queries, cfg.dim
+    words, static_mask, motion_mask = model.encode_text(expressions)
+    L = words.shape[1]
+    assert words.shape == (B, L, C) and static_mask.shape == motion_mask.shape == (B, L)
+    assert static_mask[:, -1].all() and motion_mask[:, -1].all()  # the sentence joins both cue sets
+    assert not (static_mask[:, :-1] & motion_mask[:, :-1]).any()  # a word is static or motion, not both
+    queries = model.static_queries(words, static_mask)
+    assert queries.shape == (B, N_s, C)
+    frame_out, mask_feats = model.segment_frames(frames.flatten(0, 1), queries.repeat_interleave(T, 0))
+    assert frame_out["pred_logits"].shape == (B * T, N_s, 2)
+    assert frame_out["pred_masks"].shape == (B * T, N_s, H // 4, W // 4)
+    assert len(frame_out["aux_outputs"]) == cfg.m2f_layers
+    assert mask_feats.shape == (B * T, C, H // 4, W // 4)
+    tokens = frame_out["query_embeds"][-1].view(B, T, N_s, C)
+    assert model.hmp(tokens, words, motion_mask).shape == (B, T, N_s, C)
+    out = model(frames, expressions)
+    assert out["pred_logits"].shape == (B, N_m, 2)
+    assert out["pred_masks"].shape == (B, N_m, T, H // 4, W // 4)
+    assert len(out["aux_outputs"]) == cfg.decoder_layers - 1
+    assert out["embeds"].shape == (B, N_m, cfg.cl_dim)
+
+
+def test_static_motion_split_reaches_the_injections(toy):
+    _, _, model, _ = toy
+    words, static_mask, motion_mask = model.encode_text(["the red circle moving to the left"])
+    ids = model.text_encoder.tokenizer("the red circle moving to the left")["input_ids"]
+    tokens = model.text_encoder.tokenizer.convert_ids_to_tokens(ids)
+    motion_tokens = [t for t, m in zip(tokens, motion_mask[0, : len(tokens)].tolist()) if m]
+    static_tokens = [t for t, m in zip(tokens, static_mask[0, : len(tokens)].tolist()) if m]
+    assert motion_tokens == ["moving"]
+    assert static_tokens == ["the", "red", "circle", "to", "the", "left"]
+
+
+# ---------------------------------------------------------------------------------- Sec. 3.2
+def test_hungarian_step_realigns_a_permuted_token_sequence():
+    torch.manual_seed(0)
+    T, N, C = 6, 5, 16
+    objects = torch.randn(N, C)  # one token per object, slightly different in every frame
+    order = [torch.arange(N), torch.tensor([1, 2, 3, 4, 0])]  # a 5-cycle: not its own inverse
+    order += [torch.randperm(N) for _ in range(T - 2)]
+    tokens = torch.stack([objects[o] + 0.01 * torch.randn(N, C) for o in order])[None]  # (1, T, N, C)
+    perm = dshmp.align_tokens(tokens)  # (1, T, N)
+    for t in range(T):  # slot i holds the same object in every frame
+        assert torch.equal(order[t][perm[0, t]], order[0])
+    aligned = torch.gather(tokens, 2, perm[..., None].expand_as(tokens))
+    assert torch.allclose(aligned[0], objects[order[0]].expand(T, N, C), atol=0.05)
+
+
+def test_weighted_merge_equals_hand_computation():
+    x = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0], [2.0, 2.0], [5.0, 1.0]])  # (S=5, C=2)
+    weights = torch.tensor([0.25, 0.75, 1.0, 1.0, 2.0])
+    valid = torch.tensor([True, True, True, True, True])
+    merged, merged_valid = dshmp.merge_neighbours(x, weights, valid)
+    expected = torch.stack([
+        (0.25 * x[0] + 0.75 * x[1]) / 1.0,  # Eq. (6): weighted average of frames 0 and 1
+        (1.0 * x[2] + 1.0 * x[3]) / 2.0,
+        x[4],  # the odd last frame is merged with a zero-weight padding frame
+    ])
+    assert torch.allclose(merged, expected, atol=1e-6)
+    assert merged_valid.tolist() == [True, True, True]
+    # a padded frame has zero weight, so it never enters a merge, and a fully padded pair stays invalid
+    merged, merged_valid = dshmp.merge_neighbours(x[:4], torch.tensor([0.5, 0.0, 0.0, 0.0]),
+                                                  torch.tensor([True, False, False, False]))
+    assert torch.allclose(merged[0], x[0]) and merged_valid.tolist() == [True, False]
+
+
+def test_hierarchical_cross_attention_equals_hand_computation():
+    torch.manual_seed(0)
+    hca = dshmp.HierarchicalCrossAttention(dim=4, num_stages=2)
+    traj, words = torch.randn(1, 1, 4, 4), torch.randn(1, 3, 4)  # 4 frames, 3 words
+    valid, word_mask = torch.ones(1, 1, 4, dtype=torch.bool), torch.tensor([[True, False, True]])
+    out = hca(traj, valid, words, word_mask)
+    k, v = hca.to_k(words[0]), hca.to_v(words[0])  # (3, 4)
+    x, stages = traj[0, 0], []
+    for h in range(2):
+        attn = torch.softmax(hca.to_q(x) @ k.T / 2.0, dim=0) * word_mask[0].float()  # Eq. (4), over frames
+        w = attn.sum(1)  # Eq. (5)
+        enriched = hca.norms[h](x + hca.proj[h]((attn / w[:, None]) @ v))
+        x = torch.stack([(w[i] * enriched[i] + w[i + 1] * enriched[i + 1]) / (w[i] + w[i + 1])
+                         for i in range(0, len(w), 2)])  # Eq. (6)
+        stages.append(x.repeat_interleave(4 // len(x), 0))
+    expected = hca.norm(traj[0, 0] + stages[0] + stages[1])  # Eq. (7)
+    assert torch.allclose(out[0, 0], expected, atol=1e-5)
+
+
+def test_hmp_handles_lengths_that_are_not_a_window_multiple(toy):
+    cfg, _, model, _ = toy
+    words, _, motion_mask = model.encode_text(["circle jumping"])
+    model.eval()
+    tokens = torch.randn(1, 11, cfg.num_static_queries, cfg.dim)
+    out = model.hmp(tokens, words, motion_mask)
+    assert out.shape == tokens.shape and torch.isfinite(out).all()
+    # padding frames are masked out: the first window's tokens do not depend on how the video ends
+    longer = model.hmp(torch.cat([tokens, torch.randn(1, 3, cfg.num_static_queries, cfg.dim)], 1), words, motion_mask)
+    assert torch.allclose(out[:, :8], longer[:, :8], atol=1e-5)
+    model.train()
+
+
+# ---------------------------------------------------------------------------------- Sec. 3.3
+def test_memory_bank_update_is_eq8():
+    bank = dshmp.MemoryBank(num_targets=3, dim=4, target_video=torch.tensor([0, 0, 1]), momentum=0.2)
+    before = bank.centroids.clone()
+    anchor = torch.tensor([[3.0, 0.0, 4.0, 0.0]])
+    bank.update(anchor, torch.tensor([1]))
+    expected = F.normalize(0.2 * before[1] + 0.8 * torch.tensor([0.6, 0.0, 0.8, 0.0]), dim=0)
+    assert torch.allclose(bank.centroids[1], expected, atol=1e-6)
+    assert torch.equal(bank.centroids[[0, 2]], before[[0, 2]])
+
+
+def test_negatives_come_from_the_same_video_first():
+    target_video = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])
+    bank = dshmp.MemoryBank(num_targets=9, dim=4, target_video=target_video, momentum=0.2)
+    g = torch.Generator().manual_seed(0)
+    negatives = bank.negatives(1, 5, generator=g).tolist()
+    assert len(negatives) == len(set(negatives)) == 5 and 1 not in negatives
+    assert set(negatives[:2]) == {0, 2}  # the other targets of video 0 first
+    assert all(target_video[n] != 0 for n in negatives[2:])
+    assert set(bank.negatives(1, 1, generator=g).tolist()) <= {0, 2}  # truncated to the same video
+    assert len(bank.negatives(8, 100, generator=g)) == 8  # at most every other target
+
+
+def test_contrastive_loss_is_infonce_eq9():
+    bank = dshmp.MemoryBank(num_targets=3, dim=2, target_video=torch.tensor([0, 0, 1]), momentum=0.2)
+    bank.centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    anchor = torch.tensor([[2.0, 2.0]])  # normalised: (0.7071, 0.7071)
+    loss = dshmp.contrastive_loss(anchor, bank, torch.tensor([0]), num_negatives=2, temperature=0.5)
+    s = 0.5 ** 0.5
+    pos, negs = s / 0.5, [s / 0.5, -s / 0.5]
+    expected = -pos + torch.logsumexp(torch.tensor([pos, *negs]), 0)
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- losses and training
+def test_gradients_reach_every_trainable_parameter(toy):
+    cfg, dataset, model, batch = toy
+    st, tv = dshmp.memory_bank_targets(dataset.samples)
+    bank = dshmp.MemoryBank(num_targets=len(tv), dim=cfg.cl_dim, target_video=tv, momentum=0.2)
+    model.zero_grad()
+    out = model(batch["frames"], batch["expression"])
+    terms, anchors = dshmp.compute_losses(cfg, out, batch["targets"], bank=bank, bank_targets=st[batch["index"]])
+    assert set(terms) == {"frame_ce", "frame_bce", "frame_dice", "video_ce", "video_bce", "video_dice", "cl"}
+    assert anchors.shape == (2, cfg.cl_dim)
+    sum(terms.values()).backward()
+    # transformers initialises the deformable attention's offsets to zero, so the pixel decoder's
+    # level embedding gets an exactly zero gradient at the first step (it is still in the graph)
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    zero = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.any()]
+    assert no_grad == [] and zero == ["pixel_level.pixel_decoder.level_embed"]
+
+
+def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
+    cfg = toy_config(toy_root, tmp_path, "--no-cl")
+    torch.manual_seed(0)
+    dataset = dshmp.make_dataset(cfg, toy_root, "train", train=True)
+    model = dshmp.build_model(cfg, vocab=dshmp.toy_vocab(toy_root))
+    batch = collate_video([dataset[2], dataset[3]])
+    optimizer = torch.optim.AdamW(dshmp.param_groups(model, cfg), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        terms, _ = dshmp.compute_losses(cfg, model(batch["frames"], batch["expression"]), batch["targets"])
+        loss = sum(terms.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys):
+    args = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path), "--num-frames", "4",
+            "--batch-size", "2", "--workers", "0", "--log-every", "1", "--save-every", "2", "--train"]
+    dshmp.main([*args, "--steps", "2"])
+    first = json.loads((tmp_path / "eval.json").read_text())
+    dshmp.main([*args, "--steps", "3", "--resume"])
+    assert "resumed from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # the resumed run continued at step 3
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
+    result = json.loads((tmp_path / "eval.json").read_text())
+    n = len(dshmp.MeViS(toy_root, "valid_u", train=False))
+    assert result["n"] == first["n"] == n and len(result["per_expression"]) == n
+    assert 0 <= result["J&F"] <= 1 and "motion_only" in result
+    assert list((tmp_path / "vis").glob("*/*.gif"))
+
+
+# ---------------------------------------------------------------------------------- inference
+@pytest.mark.parametrize("num_frames", [1, 37])
+def test_inference_on_short_and_long_videos(toy, num_frames):
+    cfg, _, model, _ = toy
+    model.eval()
+    torch.manual_seed(1)
+    frames = torch.randn(num_frames, 3, 64, 96)
+    masks = dshmp.predict_masks(model, frames, "the blue square moving up", (48, 72), threshold=0.0, chunk=16)
+    assert masks.shape == (num_frames, 48, 72) and masks.dtype == torch.bool
+    logits, pred = model.infer(frames, "the blue square moving up", chunk=16)
+    logits_one_chunk, pred_one_chunk = model.infer(frames, "the blue square moving up", chunk=64)
+    assert pred.shape == (cfg.num_motion_queries, num_frames, 16, 24)
+    assert torch.allclose(pred, pred_one_chunk, atol=1e-4)  # chunking does not change the result
+    none = dshmp.predict_masks(model, frames, "the blue square moving up", (48, 72), threshold=1.0, chunk=16)
+    assert not none.any()  # no video token passes: an empty mask
+    model.train()
+
+
+# ---------------------------------------------------------------------------------- DDP and CLI
+DDP_SCRIPT = """
+import sys, torch
+import dshmp
+from common.engine import setup_distributed, cleanup_distributed
+cfg = dshmp.get_config(sys.argv[1:])
+ddp = setup_distributed(device="cpu")
+model, bank = dshmp.train(cfg, ddp, dshmp.data_root(cfg))
+torch.save({"params": model.state_dict(), "bank": bank.centroids}, f"{cfg.out}/rank{ddp.rank}.pt")
+cleanup_distributed()
+"""
+
+
+def test_ddp_two_cpu_processes(toy_root, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    args = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path), "--num-frames", "4",
+            "--batch-size", "2", "--workers", "0", "--steps", "2", "--cl-start", "0"]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        output = p.communicate(timeout=240)[0]
+        assert p.returncode == 0, output
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
+    assert torch.equal(r0["bank"], r1["bank"])  # the memory bank stays the same on every process
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_missing_mevis_exits_with_one_clear_message(tmp_path):
+    result = subprocess.run([sys.executable, "dshmp.py", "--data", "mevis", "--data-root", str(tmp_path / "nowhere"),
+                             "--train"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert str(tmp_path / "nowhere") in result.stderr and "data/README.md" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_count_params_builds_the_paper_configuration():
+    cfg = replace(dshmp.get_config([]), count_params=True)
+    model = dshmp.build_model(cfg, vocab=["a"], pretrained=False)
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert counts["text_encoder"] == 124_645_632 - 590_592  # roberta-base without its (untrained) pooler
+    assert frozen == counts["text_encoder"] + 1_536  # + the Swin's unused final LayerNorm
+    assert counts["pixel_level"] == 27_522_234 + 5_421_504  # transformers' Swin-T + MSDeformAttn pixel decoder
+    assert model.decoder.query_feat.weight.shape == (20, 256) and model.motion_queries.weight.shape == (10, 256)
+    assert len(model.hmp.blocks) == 6 and len(model.motion_decoder.layers) == 3
