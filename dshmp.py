@@ -31,9 +31,11 @@ Deviations from the paper (and from the official code, which the paper does not 
     features and K = 100 negatives (official: QDTrack's multi-positive loss without temperature plus
     an L2 term, positives + negatives = 100), computed after 10,000 iterations (official: weight
     ramped from 0 over 2,000). The loss uses the bank before this step's update (official: after).
-  - Text enters only through Eqs. (1), (2) and HMP. The official code also fuses words into every
-    Swin stage (PWAM, LAVT) and into every Mask2Former and Motion-Decoder layer (BiAttention and
-    word cross-attention); the paper does not describe these.
+  - Besides Eqs. (1), (2) and HMP, every Mask2Former layer cross-attends to the static cues and
+    every Motion-Decoder layer to the motion cues, as the official layers do (`cross_test`; the
+    paper does not describe the layers). The official layers attend to all words instead, and the
+    official code also fuses words into every Swin stage (PWAM, LAVT) and adds a BiAttention
+    block to every decoder layer; the paper describes none of these, so they are left out.
   - No VITA similarity loss (official, weight 1.0, not in the paper); object tokens come from the
     last Mask2Former layer only (official: the last 3 layers as extra batch entries in training).
   - Temporal self-attention uses the same non-shifted windows in training and test (official
@@ -57,8 +59,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
-import zipfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -76,7 +76,7 @@ from transformers import RobertaConfig, RobertaModel
 from common.backbones import PixelLevel, TextEncoder, load_mask2former, parameter_report, swin_tiny_coco_config
 from common.datasets import MeViS, RefDAVIS17, RefYouTubeVOS, collate_video, load_rgb, normalize, resize_clip
 from common.engine import (Progress, all_gather_cat, all_gather_object, autocast, barrier, cleanup_distributed,
-                           denormalize, is_main, load_checkpoint, loader_generator, reduce_dict, reduce_mean,
+                           denormalize, is_main, load_checkpoint, read_checkpoint, reduce_dict, reduce_mean,
                            save_checkpoint, save_overlays, seed_everything, setup_distributed, to_device, unwrap)
 from common.mask2former import MLP, MaskedAttentionDecoder, decoder_kwargs_from_hf, load_decoder_weights
 from common.matching import classification_loss, hungarian_match, mask_losses, matched_masks
@@ -415,10 +415,12 @@ class DsHmp(nn.Module):
         q0 = repeat(self.decoder.query_feat.weight, "q c -> b q c", b=words.shape[0])  # (B, N_s, C)
         return self.static_injection(q0, words, static_mask)  # Eq. (1)
 
-    def segment_frames(self, frames, queries):
-        """Mask2Former on every frame: frames (B*T, 3, H, W), queries (B*T, N_s, C)."""
+    def segment_frames(self, frames, queries, words, static_mask):
+        """Mask2Former on every frame: frames (B*T, 3, H, W), queries (B*T, N_s, C), the static
+        cues words (B*T, L+1, C) and static_mask (B*T, L+1) for the decoder's word attention."""
         pixels = self.pixel_level(frames)
-        out = self.decoder(pixels["features"], pixels["pos"], pixels["mask_features"], queries=queries)
+        out = self.decoder(pixels["features"], pixels["pos"], pixels["mask_features"], queries=queries,
+                           words=words, word_mask=static_mask)
         return out, self.motion_mask_proj(pixels["mask_features"])  # (B*T, C, h, w)
 
     def identify(self, tokens, mask_feats, words, motion_mask):
@@ -440,7 +442,10 @@ class DsHmp(nn.Module):
         B, T = frames.shape[:2]
         words, static_mask, motion_mask = self.encode_text(expressions)
         queries = repeat(self.static_queries(words, static_mask), "b q c -> (b t) q c", t=T)  # (B*T, N_s, C)
-        frame_out, mask_feats = self.segment_frames(rearrange(frames, "b t c h w -> (b t) c h w"), queries)
+        frame_words = repeat(words, "b l c -> (b t) l c", t=T)  # (B*T, L+1, C)
+        frame_static = repeat(static_mask, "b l -> (b t) l", t=T)  # (B*T, L+1)
+        frame_out, mask_feats = self.segment_frames(rearrange(frames, "b t c h w -> (b t) c h w"), queries,
+                                                    frame_words, frame_static)
         tokens = rearrange(frame_out["query_embeds"][-1], "(b t) q c -> b t q c", b=B)  # O in the paper
         out = self.identify(tokens, rearrange(mask_feats, "(b t) c h w -> b t c h w", b=B), words, motion_mask)
         return {**out, "frame_outputs": frame_out}
@@ -453,7 +458,9 @@ class DsHmp(nn.Module):
         queries = self.static_queries(words, static_mask)  # (1, N_s, C)
         tokens, mask_feats = [], []
         for part in frames.split(chunk):
-            out, feats = self.segment_frames(part, repeat(queries, "1 q c -> t q c", t=len(part)))
+            t = len(part)
+            out, feats = self.segment_frames(part, repeat(queries, "1 q c -> t q c", t=t),
+                                             repeat(words, "1 l c -> t l c", t=t), repeat(static_mask, "1 l -> t l", t=t))
             tokens.append(out["query_embeds"][-1])  # (t, N_s, C)
             mask_feats.append(feats)  # (t, C, h, w)
         out = self.identify(torch.cat(tokens)[None], torch.cat(mask_feats)[None], words, motion_mask)
@@ -510,16 +517,16 @@ def set_losses(outputs, targets, *, w_cls, w_bce, w_dice, no_object_weight, num_
     (Q, T, h, w) alike: Hungarian matching (cost weights w_*), then CE, BCE and dice, each summed
     over the final and every auxiliary prediction. Returns the unweighted terms and the final
     prediction's matching."""
-    terms = {"ce": 0.0, "bce": 0.0, "dice": 0.0}
-    for i, out in enumerate([outputs, *outputs["aux_outputs"]]):
+    terms, matchings = {"ce": 0.0, "bce": 0.0, "dice": 0.0}, []
+    for out in [outputs, *outputs["aux_outputs"]]:
         indices = hungarian_match(out["pred_logits"], out["pred_masks"], targets, w_cls=w_cls, w_bce=w_bce,
                                   w_dice=w_dice, num_points=num_points)
-        final_indices = indices if i == 0 else final_indices
+        matchings.append(indices)
         terms["ce"] = terms["ce"] + classification_loss(out["pred_logits"], targets, indices, no_object_weight=no_object_weight)
         preds, masks = matched_masks(out["pred_masks"], targets, indices)  # (M, [T,] h, w), (M, [T,] H, W)
         mask_terms = mask_losses(preds, masks, num_masks, num_points=num_points)
         terms["bce"], terms["dice"] = terms["bce"] + mask_terms["bce"], terms["dice"] + mask_terms["dice"]
-    return terms, final_indices
+    return terms, matchings[0]
 
 
 def frame_targets(targets):
@@ -595,7 +602,8 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> DsHmp:
         pixel_level = PixelLevel.tiny(hidden_dim=cfg.dim)
         text_encoder = TextEncoder.tiny(word_tokenizer(vocab), hidden=cfg.toy_text_dim, freeze=False)
         decoder = MaskedAttentionDecoder(hidden_dim=cfg.dim, num_queries=cfg.num_static_queries, num_layers=cfg.m2f_layers,
-                                         num_heads=cfg.heads, ffn_dim=cfg.ffn_dim, num_classes=1, mask_dim=pixel_level.mask_channels)
+                                         num_heads=cfg.heads, ffn_dim=cfg.ffn_dim, num_classes=1,
+                                         mask_dim=pixel_level.mask_channels, word_attention=True)
     else:
         if pretrained:
             pixel_level, decoder_state, m2f_config = load_mask2former(cfg.weights)
@@ -607,7 +615,7 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> DsHmp:
                                                  pad_token_id=1, bos_token_id=0, eos_token_id=2), add_pooling_layer=False)
             text_encoder = TextEncoder(roberta, word_tokenizer([]), freeze=True)
         decoder = MaskedAttentionDecoder(**{**decoder_kwargs_from_hf(m2f_config), "num_queries": cfg.num_static_queries,
-                                            "num_classes": 1})
+                                            "num_classes": 1, "word_attention": True})
         if decoder_state is not None:  # the first N_s COCO queries, as the official tools/process_ckpt.py
             load_decoder_weights(decoder, decoder_state, num_queries=cfg.num_static_queries, load_class_head=False)
     return DsHmp(pixel_level=pixel_level, decoder=decoder, text_encoder=text_encoder, dim=cfg.dim, heads=cfg.heads,
@@ -617,10 +625,17 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> DsHmp:
                  contrastive=cfg.cl)
 
 
+MODEL_FIELDS = ("dim", "heads", "ffn_dim", "num_static_queries", "num_motion_queries", "m2f_layers", "hmp_blocks",
+                "hmp_stages", "window", "decoder_layers", "inject_scale", "toy_text_dim", "cl_dim", "ds", "hmp", "cl")
+
+
 def load_model(cfg, root, device):
-    """A trained model from --checkpoint (default <out>/last.pt) for evaluation or prediction."""
+    """A trained model from --checkpoint (default <out>/last.pt), built with the model settings it
+    was trained with, for evaluation or prediction."""
+    checkpoint = read_checkpoint(cfg.checkpoint or run_dir(cfg) / "last.pt")
+    cfg = replace(cfg, **{k: checkpoint["config"][k] for k in MODEL_FIELDS})
     model = build_model(cfg, vocab=toy_vocab(root) if cfg.data == "toy" else None)
-    load_checkpoint(cfg.checkpoint or run_dir(cfg) / "last.pt", model=model, restore_rng=False)
+    model.load_state_dict(checkpoint["model"])
     return model.to(device).eval()
 
 

@@ -7,7 +7,7 @@ Trainer, no callbacks, no hooks (house rule R11). The pieces:
   torchrun/DDP   setup_distributed -> Dist, cleanup_distributed, is_main, barrier, reduce_mean,
                  reduce_dict, all_gather_cat, all_gather_object, unwrap, to_device
   mixed precision autocast (bf16 on CUDA, nothing on CPU)
-  checkpoints    save_checkpoint (atomic), load_checkpoint, CheckpointError
+  checkpoints    save_checkpoint (atomic), load_checkpoint, read_checkpoint, CheckpointError
   progress       Progress (tqdm bar and log.jsonl, rank 0 only)
   overlays       save_overlays (PNG per frame + GIF), denormalize
 
@@ -375,8 +375,14 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     return path
 
 
-def _read_checkpoint(path: Path, map_location) -> dict:
-    """torch.load(weights_only=True) with one clear CheckpointError for every kind of bad file."""
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """The whole checkpoint dict of save_checkpoint (model, optimizer, scheduler, step, config,
+    extra, rng), read with torch.load(weights_only=True): FileNotFoundError when `path` is not a
+    file, one clear CheckpointError for every kind of bad file. Use it to read the saved config
+    before building the model; load_checkpoint restores the states."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
     # torch.save writes a zip archive with a CRC per member, but torch.load does not check them:
     # a flipped byte in tensor data loads silently. zipfile checks them (about 1 s per GB).
     try:
@@ -419,9 +425,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     from save_checkpoint, or lacks the optimizer/scheduler state asked for.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    checkpoint = _read_checkpoint(path, map_location)
+    checkpoint = read_checkpoint(path, map_location)
     unwrap(model).load_state_dict(checkpoint["model"])
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
         if target is None:

@@ -47,26 +47,40 @@ class MLP(nn.Module):
 class MaskedAttentionLayer(nn.Module):
     """One decoder layer (Sec. 3.2): masked cross-attention, then self-attention, then FFN, each
     followed by a residual and a LayerNorm (post-norm). Cross-attention comes first because the
-    first queries are image-independent and cannot profit from self-attention (Sec. 3.2.3)."""
+    first queries are image-independent and cannot profit from self-attention (Sec. 3.2.3).
 
-    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, dropout: float):
+    word_attention=True adds a cross-attention from the queries to word features after the masked
+    cross-attention, as referring Mask2Formers do (official DsHmp and MeViS/LMPM decoders,
+    `cross_test`); it is not part of Mask2Former and has no transformers weights."""
+
+    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, dropout: float, word_attention: bool = False):
         super().__init__()
         self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.cross_norm = nn.LayerNorm(dim)
+        if word_attention:
+            self.word_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+            self.word_norm = nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.self_norm = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, queries, query_pos, src, src_pos, attn_mask):
+    def forward(self, queries, query_pos, src, src_pos, attn_mask, words=None, word_mask=None):
         """queries, query_pos (B, Q, C); src, src_pos (B, H_l*W_l, C); attn_mask (B*heads, Q, H_l*W_l)
-        bool, True where a query may not look. Returns the updated queries (B, Q, C)."""
+        bool, True where a query may not look; words (B, L, C) and word_mask (B, L) True on the words
+        to attend, for a layer with word attention. Returns the updated queries (B, Q, C)."""
         # Eq. (2): X_l = softmax(M_{l-1} + Q_l K_l^T) V_l + X_{l-1}; positions go into queries and keys only
         attended = self.cross_attn(
             queries + query_pos, src + src_pos, src, attn_mask=attn_mask, need_weights=False
         )[0]  # (B, Q, C)
         queries = self.cross_norm(queries + self.dropout(attended))
+        if hasattr(self, "word_attn"):
+            if words is None:
+                raise ValueError("this decoder was built with word_attention=True: pass words and word_mask")
+            attended = self.word_attn(queries + query_pos, words, words, key_padding_mask=~word_mask,
+                                      need_weights=False)[0]  # (B, Q, C)
+            queries = self.word_norm(queries + self.dropout(attended))
         q = queries + query_pos  # (B, Q, C)
         attended = self.self_attn(q, q, queries, need_weights=False)[0]  # (B, Q, C)
         queries = self.self_norm(queries + self.dropout(attended))
@@ -82,6 +96,8 @@ class MaskedAttentionDecoder(nn.Module):
         them in that order: 1/32, 1/16, 1/8.
       pos: list of matching sine position embeddings (B, hidden_dim, H_l, W_l).
       mask_features: (B, mask_dim, h, w), the per-pixel embeddings at 1/4 resolution.
+      words, word_mask: (B, L, hidden_dim) word features and (B, L) bool, True on the words to
+        attend, for a decoder built with word_attention=True (see MaskedAttentionLayer).
       queries: optional (B, Q, hidden_dim) query features replacing the learnable ones (X_0); the
         learnable query positions are still added.
     Returns a dict:
@@ -105,6 +121,7 @@ class MaskedAttentionDecoder(nn.Module):
         dropout: float = 0.0,  # Sec. 3.2.3 removes dropout
         in_channels=None,
         input_proj: bool = False,
+        word_attention: bool = False,
     ):
         super().__init__()
         in_channels = hidden_dim if in_channels is None else in_channels
@@ -123,7 +140,8 @@ class MaskedAttentionDecoder(nn.Module):
             nn.Conv2d(in_channels, hidden_dim, kernel_size=1) if project else nn.Identity() for _ in range(num_levels)
         )
         self.layers = nn.ModuleList(
-            MaskedAttentionLayer(dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout)
+            MaskedAttentionLayer(dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
+                                 word_attention=word_attention)
             for _ in range(num_layers)
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
@@ -160,7 +178,7 @@ class MaskedAttentionDecoder(nn.Module):
         attn_mask = repeat(blocked, "b q n -> (b heads) q n", heads=self.num_heads)  # (B*heads, Q, H_l*W_l)
         return logits, masks, embeds, attn_mask
 
-    def forward(self, features, pos, mask_features, queries=None):
+    def forward(self, features, pos, mask_features, queries=None, words=None, word_mask=None):
         if len(features) != self.num_levels or len(pos) != self.num_levels:
             raise ValueError(
                 f"expected {self.num_levels} feature maps and position embeddings, got {len(features)} and {len(pos)}"
@@ -187,7 +205,7 @@ class MaskedAttentionDecoder(nn.Module):
         predictions, query_embeds = [{"pred_logits": logits, "pred_masks": masks}], [embeds]
         for i, layer in enumerate(self.layers):
             level = i % self.num_levels  # round robin over the scales (Sec. 3.2.2)
-            queries = layer(queries, query_pos, srcs[level], src_pos[level], attn_mask)  # (B, Q, C)
+            queries = layer(queries, query_pos, srcs[level], src_pos[level], attn_mask, words, word_mask)  # (B, Q, C)
             # The mask for the next layer is made at the next layer's level size.
             logits, masks, embeds, attn_mask = self.predict(queries, mask_features, sizes[(i + 1) % self.num_levels])
             predictions.append({"pred_logits": logits, "pred_masks": masks})
@@ -269,13 +287,15 @@ def load_decoder_weights(decoder: MaskedAttentionDecoder, hf_state_dict: dict, *
     DsHmp's tools/process_ckpt.py keeps 20 of the 100 COCO queries). load_class_head=False leaves
     `class_head` at its initialisation (for a different class count) and ignores `class_predictor.*`.
     Raises ValueError on any missing or unused decoder key or on a shape mismatch; loads nothing then.
-    Returns the names of our parameters left at their initialisation ([] unless load_class_head=False).
+    Returns the names of our parameters left at their initialisation: the class head with
+    load_class_head=False, and the word attention of a decoder built with word_attention=True.
     """
     key_map = hf_decoder_key_map(decoder)
     own = decoder.state_dict()
-    if set(own) != set(key_map):
-        raise ValueError(f"key table out of date for this decoder: {sorted(set(own) ^ set(key_map))}")
-    skipped_ours = [] if load_class_head else [k for k in key_map if k.startswith("class_head.")]
+    words_only = [k for k in own if ".word_attn." in k or ".word_norm." in k]  # not in Mask2Former
+    if set(own) - set(words_only) != set(key_map):
+        raise ValueError(f"key table out of date for this decoder: {sorted((set(own) - set(words_only)) ^ set(key_map))}")
+    skipped_ours = words_only + ([] if load_class_head else [k for k in key_map if k.startswith("class_head.")])
     skipped_theirs = set() if load_class_head else {k for k in hf_state_dict if k.startswith("class_predictor.")}
     key_map = {k: v for k, v in key_map.items() if k not in skipped_ours}
     wanted = {k for theirs in key_map.values() for k in theirs}

@@ -46,13 +46,13 @@ JPEG_QUALITY = 95
 FRAMES_RANGE = (12, 24)     # frames per video, inclusive
 OBJECTS_RANGE = (2, 4)      # objects per video / image, inclusive
 EXPRESSIONS_RANGE = (4, 8)  # expressions per video, inclusive
-MOTION_ONLY_SHARE = 0.5     # target share of motion-only expressions per video, when the video has enough
+MOTION_ONLY_SHARE = 0.35    # target share of motion-only expressions per video, when the video has enough
 
 COLOURS = {"red": (220, 45, 45), "green": (50, 190, 70), "blue": (60, 100, 240),
            "yellow": (240, 215, 50), "white": (235, 235, 235)}
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "big")
-VIDEO_RADIUS = {"small": 5.5, "big": 9.0}   # objects 11 px and 18 px across
+VIDEO_RADIUS = {"small": 6.5, "big": 10.0}  # objects 13 px and 20 px across
 IMAGE_RADIUS = {"small": 6.0, "big": 11.0}
 CATEGORY_IDS = {"circle": 1, "square": 2, "triangle": 3, "diamond": 4}
 

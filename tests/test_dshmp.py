@@ -54,7 +54,8 @@ def test_shapes_of_every_stage(toy):
     assert not (static_mask[:, :-1] & motion_mask[:, :-1]).any()  # a word is static or motion, not both
     queries = model.static_queries(words, static_mask)
     assert queries.shape == (B, N_s, C)
-    frame_out, mask_feats = model.segment_frames(frames.flatten(0, 1), queries.repeat_interleave(T, 0))
+    frame_out, mask_feats = model.segment_frames(frames.flatten(0, 1), queries.repeat_interleave(T, 0),
+                                                 words.repeat_interleave(T, 0), static_mask.repeat_interleave(T, 0))
     assert frame_out["pred_logits"].shape == (B * T, N_s, 2)
     assert frame_out["pred_masks"].shape == (B * T, N_s, H // 4, W // 4)
     assert len(frame_out["aux_outputs"]) == cfg.m2f_layers
@@ -210,13 +211,14 @@ def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys):
-    args = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path), "--num-frames", "4",
-            "--batch-size", "2", "--workers", "0", "--log-every", "1", "--save-every", "2", "--train"]
+    common = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path)]
+    args = [*common, "--num-frames", "4", "--batch-size", "2", "--workers", "0", "--log-every", "1",
+            "--save-every", "2", "--hmp-blocks", "1", "--train"]
     dshmp.main([*args, "--steps", "2"])
     first = json.loads((tmp_path / "eval.json").read_text())
     dshmp.main([*args, "--steps", "3", "--resume"])
@@ -229,6 +231,11 @@ def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys):
     assert result["n"] == first["n"] == n and len(result["per_expression"]) == n
     assert 0 <= result["J&F"] <= 1 and "motion_only" in result
     assert list((tmp_path / "vis").glob("*/*.gif"))
+    # --eval rebuilds the model with the settings it was trained with (--hmp-blocks 1), not the defaults
+    (tmp_path / "eval.json").unlink()
+    dshmp.main([*common, "--eval"])
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["per_expression"] == result["per_expression"]
 
 
 # ---------------------------------------------------------------------------------- inference

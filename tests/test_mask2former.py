@@ -222,3 +222,28 @@ def test_load_mask2former_from_a_local_directory(tmp_path):
         out = decoder.eval()(pix["features"], pix["pos"], pix["mask_features"])
     torch.testing.assert_close(out["pred_masks"], ref.masks_queries_logits, atol=TOL, rtol=0)
     torch.testing.assert_close(out["pred_logits"], ref.class_queries_logits, atol=TOL, rtol=0)
+
+
+def test_word_attention_loads_mask2former_weights_and_reads_the_words():
+    hf, config = _tiny_hf()
+    torch.manual_seed(2)
+    decoder = MaskedAttentionDecoder(**decoder_kwargs_from_hf(config), word_attention=True).eval()
+    left = load_decoder_weights(decoder, hf.state_dict())
+    # the word attention has no Mask2Former counterpart: it alone stays at its initialisation
+    assert left and all(".word_attn." in k or ".word_norm." in k for k in left)
+    assert len(left) == 6 * len(decoder.layers)  # in_proj and out_proj weight and bias, the norm weight and bias
+    torch.testing.assert_close(decoder.layers[0].cross_attn.in_proj_weight,
+                               hf.state_dict()["model.transformer_module.decoder.layers.0.cross_attn.in_proj_weight"])
+    pixel_level = PixelLevel(config).eval()
+    with torch.no_grad():
+        pix = pixel_level(torch.randn(2, 3, 64, 96))
+        with pytest.raises(ValueError, match="pass words"):
+            decoder(pix["features"], pix["pos"], pix["mask_features"])
+        words, mask = torch.randn(2, 5, 32), torch.tensor([[True] * 5, [True, True, False, False, False]])
+        out = decoder(pix["features"], pix["pos"], pix["mask_features"], words=words, word_mask=mask)
+        changed = words.clone()
+        changed[1, 3:] = 100.0  # words the mask hides change nothing
+        same = decoder(pix["features"], pix["pos"], pix["mask_features"], words=changed, word_mask=mask)
+        other = decoder(pix["features"], pix["pos"], pix["mask_features"], words=torch.randn(2, 5, 32), word_mask=mask)
+    torch.testing.assert_close(same["pred_masks"], out["pred_masks"])
+    assert not torch.allclose(other["pred_masks"], out["pred_masks"], atol=1e-3)

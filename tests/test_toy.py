@@ -214,7 +214,7 @@ def test_video_expressions_name_their_targets(toy, split):
             kinds.setdefault(_appearance(o), []).append((o["motion"], o["speed"]))
         assert any(len(k) > 1 for k in kinds.values()), "every video holds identical-looking objects"
         assert all(len(set(k)) == len(k) for k in kinds.values()), "identical-looking objects move differently"
-    assert n_mo >= 0.4 * n_all
+    assert n_mo >= 0.3 * n_all  # MOTION_ONLY_SHARE aims at 0.35 per video; small videos add more
 
 
 @pytest.mark.parametrize("split", SPLITS)
