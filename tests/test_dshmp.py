@@ -47,15 +47,17 @@ def test_shapes_of_every_stage(toy):
     frames, expressions = batch["frames"], batch["expression"]  # (2, 4, 3, 64, 96)
     B, T, _, H, W = frames.shape
     N_s, N_m, C = cfg.num_static_queries, cfg.num_motion_queries, cfg.dim
-    words, static_mask, motion_mask = model.encode_text(expressions)
+    text = model.encode_text(expressions)
+    words, static_mask, motion_mask = text["words"], text["static"], text["motion"]
     L = words.shape[1]
     assert words.shape == (B, L, C) and static_mask.shape == motion_mask.shape == (B, L)
+    assert text["raw"].shape[:2] == text["raw_mask"].shape == (B, L - 1)  # no sentence token
     assert static_mask[:, -1].all() and motion_mask[:, -1].all()  # the sentence joins both cue sets
     assert not (static_mask[:, :-1] & motion_mask[:, :-1]).any()  # a word is static or motion, not both
-    queries = model.static_queries(words, static_mask)
+    queries = model.static_queries(text)
     assert queries.shape == (B, N_s, C)
-    frame_out, mask_feats = model.segment_frames(frames.flatten(0, 1), queries.repeat_interleave(T, 0),
-                                                 words.repeat_interleave(T, 0), static_mask.repeat_interleave(T, 0))
+    frame_text = {k: v.repeat_interleave(T, 0) for k, v in text.items()}
+    frame_out, mask_feats = model.segment_frames(frames.flatten(0, 1), queries.repeat_interleave(T, 0), frame_text)
     assert frame_out["pred_logits"].shape == (B * T, N_s, 2)
     assert frame_out["pred_masks"].shape == (B * T, N_s, H // 4, W // 4)
     assert len(frame_out["aux_outputs"]) == cfg.m2f_layers
@@ -71,7 +73,8 @@ def test_shapes_of_every_stage(toy):
 
 def test_static_motion_split_reaches_the_injections(toy):
     _, _, model, _ = toy
-    words, static_mask, motion_mask = model.encode_text(["the red circle moving to the left"])
+    text = model.encode_text(["the red circle moving to the left"])
+    static_mask, motion_mask = text["static"], text["motion"]
     ids = model.text_encoder.tokenizer("the red circle moving to the left")["input_ids"]
     tokens = model.text_encoder.tokenizer.convert_ids_to_tokens(ids)
     motion_tokens = [t for t, m in zip(tokens, motion_mask[0, : len(tokens)].tolist()) if m]
@@ -134,7 +137,8 @@ def test_hierarchical_cross_attention_equals_hand_computation():
 
 def test_hmp_handles_lengths_that_are_not_a_window_multiple(toy):
     cfg, _, model, _ = toy
-    words, _, motion_mask = model.encode_text(["circle jumping"])
+    text = model.encode_text(["circle jumping"])
+    words, motion_mask = text["words"], text["motion"]
     model.eval()
     tokens = torch.randn(1, 11, cfg.num_static_queries, cfg.dim)
     out = model.hmp(tokens, words, motion_mask)
@@ -143,6 +147,25 @@ def test_hmp_handles_lengths_that_are_not_a_window_multiple(toy):
     longer = model.hmp(torch.cat([tokens, torch.randn(1, 3, cfg.num_static_queries, cfg.dim)], 1), words, motion_mask)
     assert torch.allclose(out[:, :8], longer[:, :8], atol=1e-5)
     model.train()
+
+
+def test_pixel_word_attention_reads_only_the_real_words():
+    torch.manual_seed(0)
+    pwam = dshmp.PixelWordAttention(dim=8, word_dim=6).eval()
+    x, words = torch.randn(2, 8, 3, 5), torch.randn(2, 4, 6)
+    word_mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    out = pwam(x, words, word_mask)
+    assert out.shape == x.shape
+    changed = words.clone()
+    changed[0, 2:] = torch.randn(2, 6)  # padding words of sample 0
+    assert torch.allclose(pwam(x, changed, word_mask), out)
+    changed[0, 0] = torch.randn(6)  # a real word
+    assert not torch.allclose(pwam(x, changed, word_mask)[0], out[0])
+    # by hand: per-pixel softmax over the real words, then vis(x) * out(lang) through mm
+    q = pwam.query(x)[0].flatten(1).T  # (15, 8)
+    attn = torch.softmax(q @ pwam.key(words[0, :2]).T / 8**0.5, -1)  # (15, 2)
+    lang = pwam.out((attn @ pwam.value(words[0, :2])).T.reshape(1, 8, 3, 5))
+    assert torch.allclose(out[:1], pwam.mm(pwam.vis(x[:1]) * lang), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- Sec. 3.3
@@ -308,5 +331,8 @@ def test_count_params_builds_the_paper_configuration():
     assert counts["text_encoder"] == 124_645_632 - 590_592  # roberta-base without its (untrained) pooler
     assert frozen == counts["text_encoder"] + 1_536  # + the Swin's unused final LayerNorm
     assert counts["pixel_level"] == 27_522_234 + 5_421_504  # transformers' Swin-T + MSDeformAttn pixel decoder
+    # PWAM on the Swin-T stages (96, 192, 384, 768 channels) over the 768-d words: four 1x1 convs
+    # C -> C and the key and value projections 768 -> C, with biases
+    assert counts["fusion"] == sum(4 * (c * c + c) + 2 * (768 * c + c) for c in (96, 192, 384, 768))
     assert model.decoder.query_feat.weight.shape == (20, 256) and model.motion_queries.weight.shape == (10, 256)
     assert len(model.hmp.blocks) == 6 and len(model.motion_decoder.layers) == 3
