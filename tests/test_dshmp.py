@@ -1,8 +1,6 @@
 """DsHmp (dshmp.py): each stage's shapes and equations, the losses, training, resume, inference, DDP, CLI."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 import dshmp
 from common.datasets import collate_video
 from data.toy import make_toy_video
+from ddp_launch import run_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,22 +292,11 @@ cleanup_distributed()
 
 
 def test_ddp_two_cpu_processes(toy_root, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     args = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path), "--num-frames", "4",
             "--batch-size", "2", "--workers", "0", "--steps", "2", "--cl-start", "0"]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        output = p.communicate(timeout=240)[0]
-        assert p.returncode == 0, output
+    run_two_ranks([script, *args], env={"PYTHONPATH": str(REPO)}, cwd=REPO)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
     assert torch.equal(r0["bank"], r1["bank"])  # the memory bank stays the same on every process

@@ -4,10 +4,7 @@ atomic saves, progress log, overlays, autocast, seeding."""
 import json
 import os
 import random
-import socket
 import struct
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from common import engine
+from ddp_launch import run_two_ranks
 from common.engine import (IMAGENET_MEAN, IMAGENET_STD, CheckpointError, Progress, all_gather_cat, all_gather_object,
                            autocast, denormalize, is_main, load_checkpoint, loader_generator, reduce_dict, reduce_mean,
                            save_checkpoint, save_overlays, seed_everything, setup_distributed, to_device, unwrap)
@@ -271,24 +269,11 @@ cleanup_distributed()
 DDP_STEPS = 4
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes(tmp_path):
-    # Two plain processes with the variables torchrun sets (torchrun's own agent process would add
-    # a third torch import, which is most of this test's time on 2 cores).
     script = tmp_path / "ddp_job.py"
     script.write_text(DDP_SCRIPT.replace("STEPS", str(DDP_STEPS)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    outputs = [p.communicate(timeout=180)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    run_two_ranks([script, tmp_path], env={"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+                  timeout=180)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
     assert r0["dist"] == (0, 2, 0, "cpu", True, True) and r1["dist"] == (1, 2, 1, "cpu", True, False)
