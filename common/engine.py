@@ -140,8 +140,11 @@ def setup_distributed(*, device: str | torch.device | None = None) -> Dist:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group (no-op for a single process)."""
+    """Leave the process group (no-op for a single process). Every rank first waits for the others:
+    a rank that tears gloo down while a peer is still using it can abort the peer at exit
+    ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
