@@ -554,16 +554,17 @@ def set_losses(outputs, targets, *, w_cls, w_bce, w_dice, no_object_weight, num_
     (Q, T, h, w) alike: Hungarian matching (cost weights w_*), then CE, BCE and dice, each summed
     over the final and every auxiliary prediction. Returns the unweighted terms and the final
     prediction's matching."""
-    terms, matchings = {"ce": 0.0, "bce": 0.0, "dice": 0.0}, []
-    for out in [outputs, *outputs["aux_outputs"]]:
+    terms = {"ce": 0.0, "bce": 0.0, "dice": 0.0}
+    for i, out in enumerate([outputs, *outputs["aux_outputs"]]):
         indices = hungarian_match(out["pred_logits"], out["pred_masks"], targets, w_cls=w_cls, w_bce=w_bce,
                                   w_dice=w_dice, num_points=num_points)
-        matchings.append(indices)
+        if i == 0:
+            final_indices = indices  # the final prediction's matching (the contrastive anchors use it)
         terms["ce"] = terms["ce"] + classification_loss(out["pred_logits"], targets, indices, no_object_weight=no_object_weight)
         preds, masks = matched_masks(out["pred_masks"], targets, indices)  # (M, [T,] h, w), (M, [T,] H, W)
         mask_terms = mask_losses(preds, masks, num_masks, num_points=num_points)
         terms["bce"], terms["dice"] = terms["bce"] + mask_terms["bce"], terms["dice"] + mask_terms["dice"]
-    return terms, matchings[0]
+    return terms, final_indices
 
 
 def frame_targets(targets):
