@@ -30,6 +30,8 @@ from transformers import (
 )
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
 
+from common.mask2former import HF_DECODER_PREFIXES
+
 # Shapes: B images or sentences, L tokens, C channels, H W input image, N patch tokens, D joint
 # CLIP space.
 
@@ -37,10 +39,6 @@ MASK2FORMER_SWIN_TINY = "facebook/mask2former-swin-tiny-coco-instance"
 MASK2FORMER_SWIN_BASE = "facebook/mask2former-swin-base-IN21k-coco-instance"
 ROBERTA_BASE = "FacebookAI/roberta-base"
 CLIP_B16 = "openai/clip-vit-base-patch16"
-
-# Input normalisation the checkpoints were trained with (their preprocessor_config.json), on [0, 1] RGB.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # Mask2Former
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 # ------------------------------------------------------------------------ loading real weights
@@ -145,31 +143,22 @@ class PixelLevel(nn.Module):
         return {"features": features, "pos": pos, "mask_features": out.mask_features}  # mask: (B, C_mask, H/4, W/4)
 
     @classmethod
-    def tiny(
-        cls,
-        *,
-        embed_dim: int = 32,
-        depths=(1, 1, 1, 1),
-        swin_heads=(1, 2, 2, 4),
-        window_size: int = 4,
-        hidden_dim: int = 32,
-        encoder_layers: int = 1,
-        encoder_ffn_dim: int = 64,
-        num_heads: int = 4,
-        drop_path: float = 0.0,
-    ) -> "PixelLevel":
-        """A random CPU-sized pixel-level module (a fraction of a second on a 64x96 image).
-        hidden_dim is both the feature and the mask-feature width (a multiple of 32: GroupNorm(32));
-        num_heads is the pixel decoder's deformable-attention head count."""
-        return cls(tiny_mask2former_config(
-            embed_dim=embed_dim, depths=depths, swin_heads=swin_heads, window_size=window_size, hidden_dim=hidden_dim,
-            encoder_layers=encoder_layers, encoder_ffn_dim=encoder_ffn_dim, num_heads=num_heads, drop_path=drop_path,
-        ))
+    def tiny(cls, **config) -> "PixelLevel":
+        """A random CPU-sized pixel-level module (a fraction of a second on a 64x96 image); the
+        keyword arguments are those of `tiny_mask2former_config`."""
+        return cls(tiny_mask2former_config(**config))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = MASK2FORMER_SWIN_TINY, **hub_kwargs) -> "PixelLevel":
         """The pixel-level module of a Mask2Former checkpoint (see `load_mask2former`)."""
         return load_mask2former(name_or_path, **hub_kwargs)[0]
+
+
+def roberta_base_config() -> RobertaConfig:
+    """The configuration of `FacebookAI/roberta-base` (12 layers, 768 wide, 50,265 tokens), for
+    building the architecture without downloading (parameter counts, tests)."""
+    return RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                         bos_token_id=0, eos_token_id=2)
 
 
 def tiny_mask2former_config(
@@ -185,8 +174,10 @@ def tiny_mask2former_config(
     drop_path: float = 0.0,
     **overrides,
 ) -> Mask2FormerConfig:
-    """A small Mask2FormerConfig for CPU tests and toy models (`PixelLevel.tiny` uses it);
-    `overrides` go to Mask2FormerConfig (e.g. num_queries, decoder_layers, num_labels)."""
+    """A small Mask2FormerConfig for CPU tests and toy models (`PixelLevel.tiny` uses it).
+    hidden_dim is both the feature and the mask-feature width (a multiple of 32: GroupNorm(32));
+    num_heads is the pixel decoder's deformable-attention head count; `overrides` go to
+    Mask2FormerConfig (e.g. num_queries, decoder_layers, num_labels)."""
     swin = SwinConfig(
         embed_dim=embed_dim, depths=list(depths), num_heads=list(swin_heads), window_size=window_size,
         drop_path_rate=drop_path, out_features=["stage1", "stage2", "stage3", "stage4"],
@@ -196,17 +187,6 @@ def tiny_mask2former_config(
         "hidden_dim": hidden_dim, "encoder_layers": encoder_layers, "encoder_feedforward_dim": encoder_ffn_dim,
         "num_attention_heads": num_heads, **overrides,
     })
-
-
-def pixel_level_state_dict(hf_state_dict: dict) -> dict:
-    """`PixelLevel`'s state dict taken from a `Mask2FormerForUniversalSegmentation` state dict."""
-    renamed = {}
-    for key, value in hf_state_dict.items():
-        for theirs, ours in (("model.pixel_level_module.encoder.", "backbone."),
-                             ("model.pixel_level_module.decoder.", "pixel_decoder.")):
-            if key.startswith(theirs):
-                renamed[ours + key[len(theirs):]] = value
-    return renamed
 
 
 def load_mask2former(name_or_path: str = MASK2FORMER_SWIN_TINY, *, cache_dir=None, local_files_only=None):
@@ -223,8 +203,7 @@ def load_mask2former(name_or_path: str = MASK2FORMER_SWIN_TINY, *, cache_dir=Non
         Mask2FormerForUniversalSegmentation.from_pretrained, name_or_path, cache_dir=cache_dir,
         local_files_only=local_files_only,
     )
-    decoder_prefixes = ("model.transformer_module.", "class_predictor.")
-    decoder_state = {k: v for k, v in model.state_dict().items() if k.startswith(decoder_prefixes)}
+    decoder_state = {k: v for k, v in model.state_dict().items() if k.startswith(HF_DECODER_PREFIXES)}
     return PixelLevel(model.config, pixel_level_module=model.model.pixel_level_module), decoder_state, model.config
 
 

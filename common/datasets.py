@@ -1,5 +1,6 @@
 """Dataset readers for referring segmentation: MeViS, Ref-YouTube-VOS, Ref-DAVIS17 (video) and
-RefCOCO / RefCOCO+ / RefCOCOg (images); a numpy COCO RLE codec; clip sampling; transforms; collate.
+RefCOCO / RefCOCO+ / RefCOCOg (images); clip sampling; transforms; collate. Masks are decoded by
+common/coco_mask.py.
 
 The exact on-disk layout each reader expects, and where to get the data, is in data/README.md.
 Items are plain dicts of tensors; `collate_video` / `collate_image` pad a batch to a multiple of 32.
@@ -17,170 +18,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
+from common.coco_mask import polygons_to_mask, rle_decode, rle_has_pixels
+from common.text import normalize_expression
+
 # Shapes: B batch, T frames, N target objects, H W resized size, H0 W0 original size, Hp Wp padded size
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, [0, 1] scale
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ---------------------------------------------------------------- COCO RLE codec
-# Format of pycocotools (maskApi.c, rleToString / rleFrString): run lengths over the mask in
-# column-major order, starting with a run of zeros; each run length (from the third on, minus the
-# run two places earlier) is written as 5-bit groups, low group first, with 0x20 = "more groups
-# follow" and 0x10 = sign bit on the last group, each group offset by 48 to be printable ASCII.
-
-def _counts_from_string(counts: str) -> np.ndarray:
-    codes = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48  # (n_chars,)
-    if codes.size == 0 or codes.min() < 0 or codes.max() > 63 or codes[-1] & 0x20:
-        raise ValueError(f"malformed COCO RLE counts string {counts[:40]!r}: expected pycocotools' compressed ASCII")
-    last = (codes & 0x20) == 0                                   # (n_chars,) the group ends a number
-    number = np.concatenate([[0], np.cumsum(last)[:-1]])          # (n_chars,) which number each group belongs to
-    starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))  # (n_numbers,)
-    shift = 5 * (np.arange(codes.size) - starts[number])          # (n_chars,)
-    values = np.zeros(int(last.sum()), dtype=np.int64)            # (n_numbers,)
-    np.add.at(values, number, (codes & 0x1F) << shift)
-    width = 5 * (np.flatnonzero(last) - starts + 1)               # (n_numbers,) bits read per number
-    negative = (codes[last] & 0x10) != 0
-    values[negative] -= np.left_shift(1, width[negative])
-    # undo the delta: x[i] += x[i-2] for i > 2, i.e. a running sum over each parity from index 2 / 1
-    runs = values.copy()
-    runs[1::2] = np.cumsum(values[1::2])
-    runs[2::2] = np.cumsum(values[2::2])
-    return runs
-
-
-def _counts_to_string(runs) -> str:
-    chars = []
-    for i, run in enumerate(runs):
-        x = int(run) - (int(runs[i - 2]) if i > 2 else 0)
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5  # arithmetic shift, as in the C code
-            more = x != -1 if c & 0x10 else x != 0
-            if more:
-                c |= 0x20
-            chars.append(chr(c + 48))
-    return "".join(chars)
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """COCO RLE {"size": [h, w], "counts": str | bytes | list[int]} -> (h, w) uint8 mask in {0, 1}.
-
-    Compressed string counts (what pycocotools' mask.encode writes) and uncompressed list counts
-    (iscrowd annotations in COCO json) are both accepted. Raises ValueError on a malformed RLE.
-    """
-    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ValueError(f"malformed COCO RLE {str(rle)[:80]}: expected a dict with 'size' and 'counts'")
-    h, w = (int(s) for s in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    runs = _counts_from_string(counts) if isinstance(counts, str) else np.asarray(counts, dtype=np.int64)
-    if runs.ndim != 1 or (runs < 0).any() or runs.sum() != h * w:
-        raise ValueError(f"malformed COCO RLE: run lengths sum to {int(runs.sum())}, expected h*w = {h}*{w} = {h * w}")
-    flat = np.repeat((np.arange(runs.size) % 2).astype(np.uint8), runs)  # (h*w,) column-major
-    return flat.reshape(w, h).T.copy()
-
-
-def rle_encode(mask: np.ndarray) -> dict:
-    """(h, w) bool/uint8 mask -> {"size": [h, w], "counts": str}, exactly as pycocotools' mask.encode writes it."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"rle_encode expects a 2-D (h, w) mask, got shape {mask.shape}")
-    h, w = mask.shape
-    flat = (mask != 0).T.reshape(-1)                                   # (h*w,) column-major
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1                 # positions where a new run starts
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        runs = [0] + runs                                              # the first run counts zeros
-    return {"size": [h, w], "counts": _counts_to_string(runs)}
-
-
-def rle_has_pixels(rle) -> bool:
-    """Cheap "is any pixel set" test of a COCO RLE without decoding it (None -> False).
-
-    pycocotools encodes an all-zero mask as a single run, so a compressed counts string holds
-    pixels exactly when it holds more than one number; only the first number is parsed.
-    """
-    if rle is None:
-        return False
-    counts = rle["counts"] if isinstance(rle, dict) and "counts" in rle else None
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    if isinstance(counts, str):
-        for position, char in enumerate(counts):
-            if not (ord(char) - 48) & 0x20:  # last 5-bit group of the first number
-                return position < len(counts) - 1
-        raise ValueError(f"malformed COCO RLE counts string {counts[:40]!r}: it never ends its first number")
-    if isinstance(counts, list):
-        return any(run > 0 for run in counts[1::2])
-    raise ValueError(f"malformed COCO RLE {str(rle)[:80]}: expected a dict with 'size' and 'counts' (str or list)")
-
-
-def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
-    """COCO polygon segmentation [[x0, y0, x1, y1, ...], ...] -> (height, width) uint8 union mask.
-
-    A line-by-line numpy port of pycocotools' rleFrPoly (maskApi.c), so masks equal
-    `pycocotools.mask.decode(merge(frPyObjects(polygons, h, w)))`: vertices are snapped to a 5x
-    finer grid, the boundary is walked, and each pixel column toggles at the downsampled crossings.
-    """
-    mask = np.zeros((height, width), dtype=np.uint8)
-    for polygon in polygons:
-        runs = _polygon_runs(np.asarray(polygon, dtype=np.float64), height, width)
-        mask |= rle_decode({"size": [height, width], "counts": runs})
-    return mask
-
-
-def _polygon_runs(xy: np.ndarray, h: int, w: int) -> list:
-    scale = 5.0
-    if xy.ndim != 1 or xy.size % 2:
-        raise ValueError(f"malformed COCO polygon with {xy.size} numbers: expected [x0, y0, x1, y1, ...]")
-    if xy.size == 0:
-        return [h * w]
-    x = np.trunc(scale * xy[0::2] + 0.5).astype(np.int64)   # C's (int) cast truncates toward zero
-    y = np.trunc(scale * xy[1::2] + 0.5).astype(np.int64)
-    x, y = np.append(x, x[:1]), np.append(y, y[:1])
-    us, vs = [], []
-    for j in range(len(x) - 1):  # dense points along each edge, in the fine grid
-        xs, xe, ys, ye = x[j], x[j + 1], y[j], y[j + 1]
-        dx, dy = abs(xe - xs), abs(ys - ye)
-        flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
-        if flip:
-            xs, xe, ys, ye = xe, xs, ye, ys
-        d = np.arange(max(dx, dy) + 1)
-        t = max(dx, dy) - d if flip else d
-        if dx >= dy:
-            s = (ye - ys) / dx if dx else 0.0  # a repeated vertex; C divides 0 by 0 here, its point is never used
-            us.append(t + xs)
-            vs.append(np.trunc(ys + s * t + 0.5).astype(np.int64))
-        else:
-            s = (xe - xs) / dy
-            vs.append(t + ys)
-            us.append(np.trunc(xs + s * t + 0.5).astype(np.int64))
-    u, v = np.concatenate(us), np.concatenate(vs)
-    # where the walk changes column, record the downsampled (column, first row inside) crossing
-    moved = np.flatnonzero(u[1:] != u[:-1]) + 1
-    xd = np.where(u[moved] < u[moved - 1], u[moved], u[moved] - 1).astype(np.float64)
-    xd = (xd + 0.5) / scale - 0.5
-    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= w - 1)
-    yd = np.minimum(v[moved], v[moved - 1]).astype(np.float64)
-    yd = np.ceil(np.clip((yd + 0.5) / scale - 0.5, 0, h))
-    toggles = np.sort(np.append(xd[keep].astype(np.int64) * h + yd[keep].astype(np.int64), h * w))
-    gaps = np.diff(toggles, prepend=0).tolist()
-    runs = [gaps[0]]
-    j = 1
-    while j < len(gaps):  # a zero-length run merges its neighbours, as in the C code
-        if gaps[j] > 0:
-            runs.append(gaps[j])
-            j += 1
-        else:
-            j += 1
-            if j < len(gaps):
-                runs[-1] += gaps[j]
-                j += 1
-    return runs
+# Input normalisation the pretrained models were trained with (RGB, [0, 1] scale): ImageNet's for
+# Swin / Mask2Former (their preprocessor_config.json), CLIP's own for the CLIP towers.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 # ---------------------------------------------------------------- file helpers
@@ -220,11 +66,6 @@ def load_rgb(path: Path) -> torch.Tensor:
     return rearrange(torch.from_numpy(_read_rgb(path).copy()), "h w c -> c h w")  # (3, H0, W0)
 
 
-def clean_expression(text: str) -> str:
-    """Lower-case and collapse whitespace, as every MeViS / Ref-YouTube-VOS loader does."""
-    return " ".join(str(text).lower().split())
-
-
 # ---------------------------------------------------------------- transforms
 
 def resized_size(height: int, width: int, *, short_side: int, max_size: int) -> tuple:
@@ -243,10 +84,10 @@ def resize_clip(frames: torch.Tensor, masks=None, *, short_side: int, max_size: 
     return frames, masks
 
 
-def normalize(frames: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) uint8 RGB -> contiguous float32, ImageNet mean/std normalised."""
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None] * 255  # (3, 1, 1)
-    std = torch.tensor(IMAGENET_STD)[:, None, None] * 255
+def normalize(frames: torch.Tensor, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(..., 3, H, W) uint8 RGB -> contiguous float32, mean/std normalised (ImageNet's by default)."""
+    mean = torch.tensor(mean)[:, None, None] * 255  # (3, 1, 1)
+    std = torch.tensor(std)[:, None, None] * 255
     return frames.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).div_(std)
 
 
@@ -312,7 +153,7 @@ class _ReferringVideo(torch.utils.data.Dataset):
     """Shared item logic of MeViS, Ref-YouTube-VOS and Ref-DAVIS17.
 
     A subclass fills `self.samples` (one dict per expression: video, exp_id, expression, obj_ids,
-    anno_ids, frames, motion_only), `self.image_dir`, `self.has_masks`, and implements
+    anno_ids, frames), `self.image_dir`, `self.has_masks`, and implements
     `_visible(sample) -> (L,) bool` (cheap per-frame "some target pixel" flags) and
     `_load_masks(sample, frame_idx, size) -> (N, T, H0, W0) bool numpy`.
     """
@@ -402,7 +243,6 @@ class _ReferringVideo(torch.utils.data.Dataset):
             "video": sample["video"],
             "exp_id": sample["exp_id"],
             "index": index,
-            "motion_only": sample["motion_only"],
         }
 
 
@@ -420,8 +260,7 @@ class MeViS(_ReferringVideo):
     videos with the union of the targets at original resolution. Expressions whose target is
     absent from every frame are skipped in training (one warning) and kept for evaluation.
     Checked at init: the json files and keys, mask lists (one entry per frame), and that each
-    video folder exists; frame files and RLE contents are checked when read. An optional toy-only
-    motion_only.json {"about", "motion_only": {video: [exp_id, ...]}} sets sample["motion_only"].
+    video folder exists; frame files and RLE contents are checked when read.
     """
 
     name = "MeViS"
@@ -439,18 +278,12 @@ class MeViS(_ReferringVideo):
         if train and not self.has_masks:
             raise FileNotFoundError(f"MeViS: training needs masks, expected {self.mask_path} (see data/README.md)")
         mask_dict = _read_json(self.mask_path, "MeViS", "the mask file") if self.has_masks else {}
-        motion_path = split_dir / "motion_only.json"
-        motion = {}
-        if motion_path.is_file():
-            motion = _key(_read_json(motion_path, "MeViS", "the motion-only list"), "motion_only", motion_path,
-                          "MeViS", "the top level")
         self.image_dir = _require_dir(split_dir / "JPEGImages", "MeViS", "frame")
         samples, empty = [], []
         for video, entry in videos.items():
             where = f"videos[{video!r}]"
             frames = sorted(_key(entry, "frames", meta_path, "MeViS", where))
             _require_dir(self.image_dir / video, "MeViS", f"video {video!r}")
-            motion_ids = {str(e) for e in motion.get(video, [])}
             for exp_id, exp in _key(entry, "expressions", meta_path, "MeViS", where).items():
                 where_exp = f"{where}['expressions'][{exp_id!r}]"
                 if self.has_masks:
@@ -460,11 +293,10 @@ class MeViS(_ReferringVideo):
                 sample = {
                     "video": video,
                     "exp_id": str(exp_id),
-                    "expression": clean_expression(_key(exp, "exp", meta_path, "MeViS", where_exp)),
+                    "expression": normalize_expression(_key(exp, "exp", meta_path, "MeViS", where_exp)),
                     "obj_ids": [int(o) for o in exp.get("obj_id", [])],
                     "anno_ids": [str(a) for a in anno_ids],
                     "frames": frames,
-                    "motion_only": str(exp_id) in motion_ids,
                 }
                 for anno_id in sample["anno_ids"] if self.has_masks else []:
                     rles = _key(mask_dict, anno_id, self.mask_path, "MeViS", f"the top level (anno_id of {where_exp})")
@@ -561,11 +393,10 @@ class _PaletteVideo(_ReferringVideo):
                 sample = {
                     "video": video,
                     "exp_id": str(exp_id),
-                    "expression": clean_expression(_key(exp, "exp", meta_path, self.name, where_exp)),
+                    "expression": normalize_expression(_key(exp, "exp", meta_path, self.name, where_exp)),
                     "obj_ids": obj_ids,
                     "anno_ids": [str(o) for o in obj_ids],  # the palette value, as a string
                     "frames": frames,
-                    "motion_only": False,
                 }
                 if train:
                     for o in obj_ids:
@@ -655,11 +486,11 @@ class RefCOCO(torch.utils.data.Dataset):
     (a pickle, as the refer API loads it: only load files you trust) and <root>/<dataset>/instances.json,
     images at <image_root>/<file_name> (COCO train2014). One sample per sentence of the refs in `split`.
 
-    Training items also carry VATEX's consistency triplet: "expression_pos", another sentence of
-    the same ref (the same one when the ref has a single sentence), and "expression_neg", a
-    sentence of a different object of the same image in this split (None when there is none).
-    An optional toy-only <root>/<dataset>/motion_sent_ids.json {"about", "sent_ids"} sets "motion".
-    Defaults short_side 480 / max_size 1333 are VATEX's (detectron2's) test sizes.
+    Training items may be flipped horizontally ("left"/"right" swapped in the expression; "flipped"
+    says so). `sentences` {ref_id: [sentence, ...]}, `image_refs` {image_id: [ref_id, ...]} and
+    `ref_ann` {ref_id: ann_id} are there for methods that draw other sentences of the same ref or
+    image (VATEX's consistency pairs). Defaults short_side 480 / max_size 1333 are VATEX's
+    (detectron2's) test sizes.
     """
 
     name = "RefCOCO"
@@ -682,11 +513,6 @@ class RefCOCO(torch.utils.data.Dataset):
         images = {img["id"]: img for img in _key(instances, "images", self.instances_path, "RefCOCO", "the top level")}
         self.annotations = {a["id"]: a for a in _key(instances, "annotations", self.instances_path, "RefCOCO",
                                                      "the top level")}
-        motion_path = data_dir / "motion_sent_ids.json"
-        motion = set()
-        if motion_path.is_file():
-            motion = set(_key(_read_json(motion_path, "RefCOCO", "the motion sentence list"), "sent_ids", motion_path,
-                              "RefCOCO", "the top level"))
         ref_keys = ("ref_id", "ann_id", "image_id", "split", "sentences", "category_id")
         selected = [r for r in refs if _in_split(_key(r, "split", refs_path, "RefCOCO", "a ref"), split)]
         if not selected:
@@ -698,7 +524,7 @@ class RefCOCO(torch.utils.data.Dataset):
                 _key(ref, k, refs_path, "RefCOCO", f"ref {ref.get('ref_id')}")
             ann = _key(self.annotations, ref["ann_id"], self.instances_path, "RefCOCO", "annotations (ids)")
             image = _key(images, ref["image_id"], self.instances_path, "RefCOCO", "images (ids)")
-            self.sentences[ref["ref_id"]] = [clean_expression(_key(s, "sent", refs_path, "RefCOCO",
+            self.sentences[ref["ref_id"]] = [normalize_expression(_key(s, "sent", refs_path, "RefCOCO",
                                                                    f"ref {ref['ref_id']} sentences"))
                                              for s in ref["sentences"]]
             self.ref_ann[ref["ref_id"]] = ann["id"]
@@ -709,7 +535,7 @@ class RefCOCO(torch.utils.data.Dataset):
                     "image_id": ref["image_id"], "category_id": int(ref["category_id"]),
                     "expression": self.sentences[ref["ref_id"]][position], "position": position,
                     "file_name": _key(image, "file_name", self.instances_path, "RefCOCO", f"image {image['id']}"),
-                    "size": (int(image["height"]), int(image["width"])), "motion": sent["sent_id"] in motion,
+                    "size": (int(image["height"]), int(image["width"])),
                 })
 
     def __len__(self):
@@ -744,33 +570,22 @@ class RefCOCO(torch.utils.data.Dataset):
         mask = torch.from_numpy(self._mask(sample))  # (H0, W0)
         expression = sample["expression"]
         frames, masks = resize_clip(image[None], mask[None, None], short_side=self.short_side, max_size=self.max_size)
-        item = {}
-        if self.train:
-            generator = item_generator(self.seed)
-            pick = lambda options: options[int(torch.randint(len(options), (), generator=generator))]
-            sentences = self.sentences[sample["ref_id"]]
-            others = [s for i, s in enumerate(sentences) if i != sample["position"]]
-            positive = pick(others) if others else expression
-            negative_refs = [r for r in self.image_refs[sample["image_id"]] if self.ref_ann[r] != sample["ann_id"]]
-            negative = pick(self.sentences[pick(negative_refs)]) if negative_refs else None
-            if self.flip and _coin(generator):
-                frames, masks, expression = hflip_clip(frames, masks, expression)
-                positive = swap_left_right(positive)
-                negative = None if negative is None else swap_left_right(negative)
-            item.update(expression_pos=positive, expression_neg=negative)
-        else:
-            item["gt"] = mask
+        flipped = self.train and self.flip and _coin(item_generator(self.seed))
+        if flipped:
+            frames, masks, expression = hflip_clip(frames, masks, expression)
+        item = {} if self.train else {"gt": mask}
         item.update({
             "image": normalize(frames[0]),  # (3, H, W)
             "mask": masks[0, 0],  # (H, W)
             "expression": expression,
             "sent_id": sample["sent_id"],
             "ref_id": sample["ref_id"],
+            "ann_id": sample["ann_id"],
             "image_id": sample["image_id"],
             "category_id": sample["category_id"],
             "index": index,
             "orig_size": sample["size"],
-            "motion": sample["motion"],
+            "flipped": flipped,
         })
         return item
 

@@ -1,42 +1,13 @@
-"""Training toolbox for the `train()` function of each method file.
+"""Low-level pieces of a training run: the run toolkit (common/run.py) and each method's `train()`
+call them. Plain functions and one small class; no Trainer, no callbacks, no hooks (house rule R11).
 
-Plain functions and one small class, called from each method's own training loop. There is no
-Trainer, no callbacks, no hooks (house rule R11). The pieces:
-
-  seeding        seed_everything, loader_generator
-  torchrun/DDP   setup_distributed -> Dist, cleanup_distributed, is_main, barrier, reduce_mean,
-                 reduce_dict, all_gather_cat, all_gather_object, unwrap, to_device
+  seeding         seed_everything
+  torchrun/DDP    setup_distributed -> Dist, cleanup_distributed, is_main, barrier, reduce_mean,
+                  reduce_dict, all_gather_cat, all_gather_object, unwrap, to_device
   mixed precision autocast (bf16 on CUDA, nothing on CPU)
-  checkpoints    save_checkpoint (atomic), load_checkpoint, read_checkpoint, CheckpointError
-  progress       Progress (tqdm bar and log.jsonl, rank 0 only)
-  overlays       save_overlays (PNG per frame + GIF), denormalize
-
-A training loop built from them (one process, or one per GPU under torchrun):
-
-    ddp = setup_distributed()
-    seed_everything(cfg.seed)
-    model = Model(...).to(ddp.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / cfg.steps)
-    if ddp.distributed:
-        model = DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
-    step = 0
-    if cfg.resume:
-        step = load_checkpoint(run_dir / "last.pt", model=model, optimizer=optimizer, scheduler=scheduler)["step"]
-    with Progress(total=cfg.steps, initial=step, log_path=run_dir / "log.jsonl") as progress:
-        while step < cfg.steps:
-            batch = to_device(next(batches), ddp.device)
-            with autocast(ddp.device):
-                losses = criterion(model(batch), batch["targets"])   # unweighted terms
-            loss = cfg.w_ce * losses["ce"] + cfg.w_dice * losses["dice"]
-            ...   # non-finite check, backward, clip, optimizer.step(), scheduler.step()
-            step += 1
-            if step % cfg.log_every == 0:
-                progress.log(step, reduce_dict(losses), lr=scheduler.get_last_lr()[0])
-            if step % cfg.save_every == 0 and is_main():
-                save_checkpoint(run_dir / "last.pt", model=model, optimizer=optimizer,
-                                scheduler=scheduler, step=step, config=asdict(cfg))
-    cleanup_distributed()
+  checkpoints     save_checkpoint (atomic), load_checkpoint, read_checkpoint, CheckpointError
+  progress        Progress (tqdm bar and log.jsonl, rank 0 only)
+  overlays        save_overlays (prediction and ground truth on the frames, PNGs + GIF), denormalize
 """
 
 import contextlib
@@ -45,7 +16,6 @@ import os
 import pickle
 import random
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,15 +23,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from common.datasets import IMAGENET_MEAN, IMAGENET_STD
+
 # Shapes: T frames, H W image size, N rows (first dimension) of a gathered tensor.
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / Mask2Former pixel mean, in [0, 1] scale
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------- seeding
@@ -70,25 +40,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds all CUDA devices (lazily, if CUDA is used later)
-
-
-def loader_generator(seed: int) -> torch.Generator:
-    """A seeded generator for `DataLoader(..., generator=loader_generator(seed))`.
-
-    It fixes the shuffle order of the loader's RandomSampler and the base seed of its workers.
-    Each worker seeds python `random`, numpy and torch from that base seed and its worker id
-    (torch.utils.data worker loop, torch >= 1.9), so no `worker_init_fn` is needed for
-    reproducible augmentations.
-
-    The generator advances every epoch, so after a resume the order would restart from epoch 0's
-    order; for an order that only depends on the epoch, re-seed before each epoch with
-    `loader.generator.manual_seed(seed + epoch)`. Under DDP the order comes from
-    `DistributedSampler(seed=seed)` with `sampler.set_epoch(epoch)`; pass `seed + rank` here so
-    that the workers of different ranks draw different augmentations.
-    """
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
 
 
 # ---------------------------------------------------------------------------------- torchrun / DDP
@@ -203,42 +154,15 @@ def reduce_dict(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return {name: means[name] for name in values}
 
 
-_MAX_DIMS = 8
-
-
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from all ranks along dim 0, in rank order; detached, no gradient.
-
-    The first dimension may differ between ranks (zero rows included); the other dimensions and
-    the dtype must agree. Returns (sum of N over ranks, ...) on the input's device.
-    """
-    if tensor.ndim == 0 or tensor.ndim > _MAX_DIMS:
-        raise ValueError(f"all_gather_cat: needs a tensor with 1 to {_MAX_DIMS} dimensions, "
-                         f"got shape {tuple(tensor.shape)}")
+    """Concatenate `tensor` (N, ...) from all ranks along dim 0, in rank order; detached, no
+    gradient. Every rank must pass the same shape (a per-rank batch of anchors, say)."""
     if not dist.is_initialized():
         return tensor.detach()
-    device, world_size = _comm_device(), dist.get_world_size()
-    rows = tensor.detach().to(device)  # (N, ...)
-
-    # Shapes first (ndim, then each size, zero-padded to a fixed length), so that every rank can
-    # pad its rows to the largest N: all_gather needs equal shapes.
-    shape = torch.zeros(1 + _MAX_DIMS, dtype=torch.long, device=device)  # (1 + _MAX_DIMS,)
-    shape[0] = rows.ndim
-    shape[1:1 + rows.ndim] = torch.tensor(rows.shape)
-    shapes = [torch.empty_like(shape) for _ in range(world_size)]
-    dist.all_gather(shapes, shape)
-    shapes = [tuple(s[1:1 + int(s[0])].tolist()) for s in shapes]
-    if any(s[1:] != shapes[0][1:] for s in shapes):
-        raise ValueError(f"all_gather_cat: all dimensions but the first must agree across ranks, "
-                         f"got shapes {shapes} (rank order)")
-
-    max_rows = max(s[0] for s in shapes)
-    padded = rows.new_zeros((max_rows, *rows.shape[1:]))  # (max N, ...)
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded)
-    out = torch.cat([g[: s[0]] for g, s in zip(gathered, shapes)])  # (sum N, ...)
-    return out.to(tensor.device)
+    rows = tensor.detach().to(_comm_device())  # (N, ...)
+    gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, rows)
+    return torch.cat(gathered).to(tensor.device)  # (world * N, ...)
 
 
 def all_gather_object(obj) -> list:
@@ -386,17 +310,6 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    # torch.save writes a zip archive with a CRC per member, but torch.load does not check them:
-    # a flipped byte in tensor data loads silently. zipfile checks them (about 1 s per GB).
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad_member = archive.testzip()
-    except (zipfile.BadZipFile, EOFError) as error:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({os.path.getsize(path)} bytes, not a "
-                              f"readable zip archive: {error}); delete it or resume from another checkpoint") from None
-    if bad_member is not None:
-        raise CheckpointError(f"checkpoint file {path} is corrupt (CRC mismatch in member {bad_member!r}); "
-                              f"delete it or resume from another checkpoint")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -404,7 +317,7 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
         reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
         raise CheckpointError(f"checkpoint file {path} holds objects that torch.load(weights_only=True) refuses "
                               f"(it was not written by save_checkpoint, or is corrupt): {reason}") from None
-    except (RuntimeError, EOFError, ValueError) as error:
+    except (RuntimeError, EOFError, ValueError, OSError) as error:  # OSError: an empty file
         raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {error}") from None
     if not isinstance(checkpoint, dict) or not set(_CHECKPOINT_KEYS) <= checkpoint.keys():
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -495,11 +408,6 @@ class Progress:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 
-    def write(self, message: str) -> None:
-        """Print a line above the bar (main rank only)."""
-        if self.enabled:
-            tqdm.write(message)
-
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -554,39 +462,62 @@ def _inner_boundary(mask: np.ndarray, width: int) -> np.ndarray:
     return mask & ~eroded
 
 
-def save_overlays(frames, masks, out_dir: str | Path, *, name: str = "overlay", color=(255, 64, 64),
-                  alpha: float = 0.5, fps: float = 6) -> list[Path]:
-    """Draw `masks` on `frames` and write one PNG per frame and, for T > 1, an animated GIF.
+PRED_COLOR, GT_COLOR = (255, 64, 64), (64, 255, 64)
+
+
+def save_overlays(frames, masks, out_dir: str | Path, *, name: str = "overlay", gt=None, caption: str | None = None,
+                  scale: int = 1, color=PRED_COLOR, gt_color=GT_COLOR, alpha: float = 0.5, fps: float = 6) -> list[Path]:
+    """Draw predicted `masks` (and the ground truth `gt`) on `frames`; write one PNG per frame and,
+    for T > 1, an animated GIF.
 
     frames: uint8 (T, H, W, 3) or float (T, 3, H, W) in [0, 1], numpy or torch (use denormalize()
-    for normalised frames). masks: (T, H, W) bool or integer (non-zero = object), numpy or torch.
-    Inside the mask the colour is blended, (1 - alpha) * frame + alpha * color, and a band along the
-    mask's inner edge (1 px per 160 px of the shorter side, at least 1) is painted `color`; pixels
-    outside the mask are left exactly as they were.
+    for normalised frames). masks, gt: (T, H, W) bool or integer (non-zero = object), numpy or torch.
+    The prediction is filled: (1 - alpha) * frame + alpha * color, with a band along its inner edge
+    painted `color`; the ground truth, when given, is only outlined, in `gt_color`, so both show.
+    The band is 1 px per 160 px of the shorter side (at least 1); other pixels keep their values.
+    scale > 1 first enlarges frames and masks by that integer factor (nearest neighbour: small toy
+    frames become readable); `caption` (the expression) is written at the top left of every frame.
 
     Writes `{name}.png` for T = 1, else `{name}_0000.png`... and `{name}.gif` (`fps` frames per
     second, looping; Pillow merges identical consecutive frames into one longer frame). Returns the
     paths, PNGs first.
     """
     rgb = _frames_uint8(frames)  # (T, H, W, 3)
-    masks = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    if masks.dtype != bool and not np.issubdtype(masks.dtype, np.integer):
-        raise ValueError(f"save_overlays: masks must be bool or integer (threshold predictions first), "
-                         f"got {masks.dtype}")
-    masks = masks != 0  # (T, H, W)
-    if masks.shape != rgb.shape[:3]:
-        raise ValueError(f"save_overlays: masks of shape {masks.shape} do not match frames (T, H, W) = {rgb.shape[:3]}")
+    layers = {"masks": masks} if gt is None else {"masks": masks, "gt": gt}
+    for key, value in layers.items():
+        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if value.dtype != bool and not np.issubdtype(value.dtype, np.integer):
+            raise ValueError(f"save_overlays: {key} must be bool or integer (threshold predictions first), "
+                             f"got {value.dtype}")
+        if value.shape != rgb.shape[:3]:
+            raise ValueError(f"save_overlays: {key} of shape {value.shape} do not match frames (T, H, W) = "
+                             f"{rgb.shape[:3]}")
+        layers[key] = value != 0  # (T, H, W)
     if not 0 <= alpha <= 1:
         raise ValueError(f"save_overlays: alpha must be in [0, 1], got {alpha}")
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"save_overlays: scale must be a positive integer, got {scale}")
+    if scale > 1:
+        rgb = rgb.repeat(scale, 1).repeat(scale, 2)  # (T, H*s, W*s, 3)
+        layers = {k: v.repeat(scale, 1).repeat(scale, 2) for k, v in layers.items()}
 
-    color = np.asarray(color, dtype=np.float32)  # (3,)
+    color, gt_color = np.asarray(color, dtype=np.float32), np.asarray(gt_color, dtype=np.float32)  # (3,)
     width = max(1, min(rgb.shape[1:3]) // 160)
     images = []
-    for frame, mask in zip(rgb, masks):
+    for t, frame in enumerate(rgb):
         out = frame.astype(np.float32)  # (H, W, 3)
+        mask = layers["masks"][t]  # (H, W)
         out[mask] = (1 - alpha) * out[mask] + alpha * color
         out[_inner_boundary(mask, width)] = color
-        images.append(Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8)))
+        if "gt" in layers:
+            out[_inner_boundary(layers["gt"][t], width)] = gt_color
+        image = Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
+        if caption:
+            draw = ImageDraw.Draw(image)
+            left, top, right, bottom = draw.textbbox((2, 1), caption)
+            draw.rectangle((0, 0, right + 2, bottom + 2), fill=(0, 0, 0))
+            draw.text((2, 1), caption, fill=(255, 255, 255))
+        images.append(image)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

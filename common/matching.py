@@ -309,3 +309,37 @@ def classification_loss(pred_logits, targets, indices, *, no_object_weight):
     weight = torch.ones(num_classes, device=device)  # (C,)
     weight[-1] = no_object_weight
     return F.cross_entropy(rearrange(pred_logits.float(), "b q c -> b c q"), classes, weight=weight)
+
+
+# ------------------------------------------------------------------------------- the set loss
+def set_losses(outputs, targets, *, w_cls, w_bce, w_dice, no_object_weight, num_points, num_masks):
+    """Mask2Former's set loss with deep supervision, for image masks (Q, h, w) and video tubes
+    (Q, T, h, w) alike: for the final prediction of `outputs` and each of its "aux_outputs",
+    Hungarian matching (cost weights w_*), then CE, BCE and dice (Mask2Former criterion.py).
+    Returns ({"ce", "bce", "dice"} each summed over the predictions, unweighted; the final
+    prediction's matching)."""
+    terms = {"ce": 0.0, "bce": 0.0, "dice": 0.0}
+    for i, out in enumerate([outputs, *outputs["aux_outputs"]]):
+        indices = hungarian_match(out["pred_logits"], out["pred_masks"], targets, w_cls=w_cls, w_bce=w_bce,
+                                  w_dice=w_dice, num_points=num_points)
+        if i == 0:
+            final_indices = indices
+        terms["ce"] = terms["ce"] + classification_loss(out["pred_logits"], targets, indices,
+                                                        no_object_weight=no_object_weight)
+        preds, masks = matched_masks(out["pred_masks"], targets, indices)  # (M, [T,] h, w), (M, [T,] H, W)
+        mask_terms = mask_losses(preds, masks, num_masks, num_points=num_points)
+        terms["bce"], terms["dice"] = terms["bce"] + mask_terms["bce"], terms["dice"] + mask_terms["dice"]
+    return terms, final_indices
+
+
+def frame_targets(targets):
+    """Video targets [{"masks": (N, T, H, W), "labels": (N,)}] -> per-frame targets in (b t) order,
+    each holding the objects visible in that frame (a frame-level Mask2Former loss, DsHmp and VITA)."""
+    per_frame = []
+    for target in targets:
+        for t in range(target["masks"].shape[1]):
+            masks = target["masks"][:, t]  # (N, H, W)
+            visible = masks.flatten(1).any(1)  # (N,)
+            per_frame.append({"masks": masks[visible], "labels": target["labels"][visible]})
+    return per_frame
+

@@ -9,6 +9,11 @@ expressions, J&F = (J + F) / 2.
 Images (RefCOCO/+/g): IoU per sample, mIoU, oIoU and Pr@X as LAVT test.py (yz93/LAVT-RIS,
 `evaluate` and `computeIoU`); Oc-IoU as the VATEX paper, Sec. 4.3, Eqs. (9)-(10).
 
+J and F come twice: `reference_jaccard` / `reference_boundary_f` are the davis2017 algorithm
+written plainly, one numpy frame at a time (copy these to understand or port the metric), and
+`jaccard` / `boundary_f` compute the same numbers batched over frames on any torch device, tens
+of times faster (copy these to evaluate). tests/test_metrics.py checks that they agree.
+
 All values are fractions in [0, 1] (the official scripts print them x100). Masks are boolean, or
 any dtype where nonzero is foreground (MeViS reads 0/255 PNGs); torch tensors or numpy arrays. The
 video functions run batched over frames on the masks' device, without OpenCV: the disk dilation of
@@ -24,6 +29,7 @@ import math
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import Tensor
 
 # Shapes: T frames (t in a chunk), H W mask size (h w of a window), N image samples, K expressions
@@ -185,6 +191,49 @@ def boundary_f(pred, gt, *, bound_th: float = 0.008) -> Tensor:
         recall = torch.where(n_gt > 0, gt_match / n_gt, 1.0)
         f[frames] = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     return f
+
+
+# --------------------------------------------------------- readable reference (davis2017-evaluation)
+def reference_jaccard(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """`db_eval_iou`: J = |P ∩ G| / |P ∪ G| per frame, 1 where both are empty. (T, H, W) -> (T,)."""
+    pred, gt = np.asarray(pred) != 0, np.asarray(gt) != 0
+    inter = (pred & gt).sum(axis=(-2, -1))  # (T,)
+    union = (pred | gt).sum(axis=(-2, -1))  # (T,)
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def reference_boundary_map(mask: np.ndarray) -> np.ndarray:
+    """`_seg2bmap`: a pixel is on the boundary when it differs from its E, S or SE neighbour
+    (the last row compares with E only, the last column with S only). (H, W) -> (H, W) bool."""
+    mask = np.asarray(mask) != 0
+    east, south, south_east = np.zeros_like(mask), np.zeros_like(mask), np.zeros_like(mask)
+    east[:, :-1], south[:-1, :], south_east[:-1, :-1] = mask[:, 1:], mask[1:, :], mask[1:, 1:]
+    boundary = mask ^ east | mask ^ south | mask ^ south_east
+    boundary[-1, :] = mask[-1, :] ^ east[-1, :]
+    boundary[:, -1] = mask[:, -1] ^ south[:, -1]
+    boundary[-1, -1] = False
+    return boundary
+
+
+def reference_boundary_f(pred: np.ndarray, gt: np.ndarray, *, bound_th: float = 0.008) -> np.ndarray:
+    """`db_eval_boundary` / `f_measure` frame by frame: boundary pixels of one mask count as
+    matched when the other's boundary lies within a disk of radius ceil(bound_th * diagonal).
+    The official code dilates with cv2.dilate and skimage's disk; scipy's binary_dilation with the
+    same disk gives the same pixels. (T, H, W) -> (T,)."""
+    scores = []
+    for fg, gt_frame in zip(np.asarray(pred) != 0, np.asarray(gt) != 0):
+        radius = bound_th if bound_th >= 1 else math.ceil(bound_th * np.linalg.norm(fg.shape))
+        offsets = np.arange(-radius, radius + 1)
+        disk = offsets[None, :] ** 2 + offsets[:, None] ** 2 <= radius**2  # skimage.morphology.disk
+        fg_boundary, gt_boundary = reference_boundary_map(fg), reference_boundary_map(gt_frame)
+        n_fg, n_gt = fg_boundary.sum(), gt_boundary.sum()
+        if n_fg == 0 or n_gt == 0:  # precision, recall = (1, 0), (0, 1) or (1, 1)
+            scores.append(1.0 if n_fg == n_gt else 0.0)
+            continue
+        precision = (fg_boundary & ndimage.binary_dilation(gt_boundary, structure=disk)).sum() / n_fg
+        recall = (gt_boundary & ndimage.binary_dilation(fg_boundary, structure=disk)).sum() / n_gt
+        scores.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+    return np.array(scores, dtype=np.float64)
 
 
 # -------------------------------------------------------------------------------- accumulators

@@ -38,7 +38,7 @@ from PIL import Image
 
 if __name__ == "__main__" and not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python data/toy.py` puts data/, not the repo root, on the path
-from common.datasets import polygons_to_mask, rle_encode
+from common.coco_mask import polygons_to_mask, rle_encode
 
 VIDEO_H, VIDEO_W = 64, 96   # multiples of 32, as the backbones' strides need
 IMAGE_SIZE = 96
@@ -814,6 +814,38 @@ def toy_ready(out) -> bool:
     return (Path(out) / "DONE").is_file()
 
 
+DEFAULT_OUT = "data/toy"
+
+
+def ensure_toy(out=DEFAULT_OUT) -> None:
+    """Write the toy sets to `out` unless a finished set is there (the methods call this on first use)."""
+    if not toy_ready(out):
+        print(f"generating the toy datasets in {out} (python data/toy.py --out {out})", flush=True)
+        make_toy(out)
+
+
+def motion_only_keys(root, split) -> dict:
+    """{"motion_only": {"video/exp_id", ...}}: the expressions of a toy video split (root = the
+    mevis folder) that only motion resolves, read from its motion_only.json; {} when the folder
+    has none (a MeViS-layout folder that is not a toy set)."""
+    path = Path(root) / split / "motion_only.json"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        ids = json.load(f)["motion_only"]
+    return {"motion_only": {f"{video}/{exp_id}" for video, exp_ids in ids.items() for exp_id in exp_ids}}
+
+
+def motion_sentence_keys(root) -> dict:
+    """{"motion": {"sent_id", ...}}: the sentences of the toy image set (root = the refcoco folder)
+    that only the motion cue resolves, read from refcoco/motion_sent_ids.json; {} without it."""
+    path = Path(root) / "refcoco" / "motion_sent_ids.json"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return {"motion": {str(i) for i in json.load(f)["sent_ids"]}}
+
+
 def make_toy(out, *, seed: int = 0, train_videos: int = 300, valid_videos: int = 40, train_images: int = 400,
              val_images: int = 60, test_images: int = 60, verbose: bool = True) -> None:
     """Write both toy sets under `out` (mevis/ and refcoco/), deterministic given the arguments.
@@ -848,7 +880,7 @@ def make_toy(out, *, seed: int = 0, train_videos: int = 300, valid_videos: int =
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="data/toy", help="output folder (default data/toy)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-videos", type=int, default=300)
     p.add_argument("--valid-videos", type=int, default=40)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from common.coco_mask import polygons_to_mask, rle_decode, rle_encode, rle_has_pixels
 from common.datasets import (
     IMAGENET_MEAN, IMAGENET_STD, MeViS, RefCOCO, RefDAVIS17, RefYouTubeVOS, collate_image, collate_video,
-    polygons_to_mask, rle_decode, rle_encode, rle_has_pixels, sample_clip, swap_left_right,
+    sample_clip, swap_left_right,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -124,7 +125,7 @@ def test_sample_clip_rules():
 FRAME_NAMES = [f"{i:05d}" for i in range(6)]
 
 
-def write_mevis(root: Path, split="train", masks=True, motion=False) -> Path:
+def write_mevis(root: Path, split="train", masks=True) -> Path:
     """v1: 6 frames (listed out of order), 2 objects; v2: 30 frames, object visible in frame 25 only."""
     split_dir = root / split
     for t, name in enumerate(FRAME_NAMES):
@@ -150,8 +151,6 @@ def write_mevis(root: Path, split="train", masks=True, motion=False) -> Path:
     (split_dir / "meta_expressions.json").write_text(json.dumps(meta))
     if masks:
         (split_dir / "mask_dict.json").write_text(json.dumps(mask_dict))
-    if motion:
-        (split_dir / "motion_only.json").write_text(json.dumps({"about": "test", "motion_only": {"v1": ["1"]}}))
     return root
 
 
@@ -165,15 +164,14 @@ def item_for(dataset, video, exp_id):
 
 
 def test_mevis_samples_and_skipping(tmp_path):
-    root = write_mevis(tmp_path, motion=True)
+    root = write_mevis(tmp_path)
     with pytest.warns(UserWarning, match=r"skipped 2 training expressions .*'v1'"):
         train = MeViS(root, "train", train=True)
     assert [(s["video"], s["exp_id"]) for s in train.samples] == [("v1", "0"), ("v1", "1"), ("v2", "0")]
     s = train.samples[1]
     assert s == {"video": "v1", "exp_id": "1", "expression": "two animals", "obj_ids": [0, 1],
-                 "anno_ids": ["10", "11"], "frames": FRAME_NAMES, "motion_only": True}
+                 "anno_ids": ["10", "11"], "frames": FRAME_NAMES}
     assert train.samples[0]["expression"] == "the dog on the left" and train.samples[0]["obj_ids"] == [0]
-    assert train.samples[0]["motion_only"] is False
     evaluation = MeViS(root, "train", train=False)  # targets never visible are kept for evaluation
     assert len(evaluation) == 5
 
@@ -253,17 +251,16 @@ def test_mevis_clips_are_reproducible(tmp_path):
 
 
 def test_mevis_eval_items(tmp_path):
-    root = write_mevis(tmp_path, motion=True)
+    root = write_mevis(tmp_path)
     ds = MeViS(root, "train", train=False, short_side=24)
     index, item = item_for(ds, "v1", "1")
-    assert set(item) == {"frames", "gt", "orig_size", "frame_names", "expression", "video", "exp_id", "index",
-                         "motion_only"}
+    assert set(item) == {"frames", "gt", "orig_size", "frame_names", "expression", "video", "exp_id", "index"}
     assert item["frames"].shape == (6, 3, 24, 32)
     assert item["gt"].shape == (6, 48, 64) and item["gt"].dtype == torch.bool
     for t in range(6):
         union = box(8, 16, 16, 32) * (t != 2) | box(24, 40, 0, 16) * (t >= 3)
         assert np.array_equal(item["gt"][t].numpy(), union.astype(bool)), t
-    assert item["frame_names"] == FRAME_NAMES and item["orig_size"] == (48, 64) and item["motion_only"] is True
+    assert item["frame_names"] == FRAME_NAMES and item["orig_size"] == (48, 64)
     assert (item["expression"], item["video"], item["exp_id"], item["index"]) == ("two animals", "v1", "1", index)
     # an unresized item equals PIL's decoding, normalised with the ImageNet statistics
     full = MeViS(root, "train", train=False, short_side=48, max_size=64)[index]
@@ -281,7 +278,7 @@ def test_mevis_valid_split_without_masks(tmp_path):
     ds = MeViS(root, "valid", train=False, short_side=24)
     assert len(ds) == 5 and ds.samples[0]["obj_ids"] == [] and ds.samples[0]["anno_ids"] == []
     item = ds[0]
-    assert item["gt"] is None and item["frames"].shape == (6, 3, 24, 32) and item["motion_only"] is False
+    assert item["gt"] is None and item["frames"].shape == (6, 3, 24, 32)
     with pytest.raises(FileNotFoundError, match=re.escape(str(root / "valid" / "mask_dict.json"))):
         MeViS(root, "valid", train=True)
 
@@ -371,7 +368,7 @@ def test_palette_readers(tmp_path, reader, frame_lists):
         ds = reader(root, "train", train=True, num_frames=4, short_side=24, flip=False)
     assert [s["exp_id"] for s in ds.samples] == ["0", "1"]
     assert ds.samples[1] == {"video": "a", "exp_id": "1", "expression": "the dog on the right", "obj_ids": [2],
-                             "anno_ids": ["2"], "frames": ["00000", "00005", "00010", "00015"], "motion_only": False}
+                             "anno_ids": ["2"], "frames": ["00000", "00005", "00010", "00015"]}
     item = ds[1]
     assert item["frame_idx"].tolist() == [0, 1, 2, 3] and item["obj_ids"] == [2]
     assert item["frames"].shape == (4, 3, 24, 32) and item["masks"].shape == (1, 4, 24, 32)
@@ -407,7 +404,7 @@ def test_palette_valid_split_and_bad_inputs(tmp_path):
 
 # ---------------------------------------------------------------- RefCOCO
 
-def write_refcoco(root: Path, with_motion=False):
+def write_refcoco(root: Path):
     """Image 1: two referred objects (a polygon and a compressed-RLE segmentation); image 2: one object
     (an uncompressed-RLE segmentation); image 3 is in val."""
     images = root / "images"
@@ -441,32 +438,27 @@ def write_refcoco(root: Path, with_motion=False):
     (root / "refcoco" / "instances.json").write_text(json.dumps(instances))
     with open(root / "refcoco" / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f)
-    if with_motion:
-        (root / "refcoco" / "motion_sent_ids.json").write_text(json.dumps({"about": "test", "sent_ids": [2]}))
     return root, images
 
 
 def test_refcoco_train_items(tmp_path):
-    root, images = write_refcoco(tmp_path, with_motion=True)
+    root, images = write_refcoco(tmp_path)
     ds = RefCOCO(root, images, split="train", train=True, short_side=24, max_size=640, flip=False)
     assert [s["sent_id"] for s in ds.samples] == [0, 1, 2, 3]
     item = ds[1]
-    assert set(item) == {"image", "mask", "expression", "expression_pos", "expression_neg", "sent_id", "ref_id",
-                         "image_id", "category_id", "index", "orig_size", "motion"}
+    assert set(item) == {"image", "mask", "expression", "sent_id", "ref_id", "ann_id", "image_id", "category_id",
+                         "index", "orig_size", "flipped"}
     assert item["image"].shape == (3, 24, 32) and item["image"].dtype == torch.float32
     assert item["mask"].dtype == torch.bool
     assert torch.equal(item["mask"], torch.from_numpy(box(2, 8, 4, 12, size=(24, 32))).bool())
-    assert (item["expression"], item["sent_id"], item["ref_id"], item["image_id"], item["category_id"], item["index"],
-            item["orig_size"], item["motion"]) == ("brown dog", 1, 0, 1, 18, 1, (48, 64), False)
-    for _ in range(10):  # random draws, but only one valid choice each
-        item = ds[1]
-        assert item["expression_pos"] == "dog on the left"  # the ref's other sentence, never the same one
-        assert item["expression_neg"] == "person at right"  # the other object of image 1
+    assert (item["expression"], item["sent_id"], item["ref_id"], item["ann_id"], item["image_id"], item["category_id"],
+            item["index"], item["orig_size"], item["flipped"]) == ("brown dog", 1, 0, 100, 1, 18, 1, (48, 64), False)
+    # what methods need to draw other sentences of the same ref or image (VATEX's consistency pairs)
+    assert ds.sentences == {0: ["dog on the left", "brown dog"], 1: ["person at right"], 2: ["the car"]}
+    assert ds.image_refs == {1: [0, 1], 2: [2]} and ds.ref_ann == {0: 100, 1: 101, 2: 102}
     lone = ds[2]
-    assert lone["expression_pos"] == "person at right" and lone["expression_neg"] in ("dog on the left", "brown dog")
-    assert lone["motion"] is True and torch.equal(lone["mask"], torch.from_numpy(box(10, 20, 20, 30, size=(24, 32))).bool())
+    assert torch.equal(lone["mask"], torch.from_numpy(box(10, 20, 20, 30, size=(24, 32))).bool())
     car = ds[3]
-    assert car["expression_pos"] == "the car" and car["expression_neg"] is None
     assert torch.equal(car["mask"], torch.from_numpy(box(0, 24, 16, 20, size=(24, 32))).bool())
 
 
@@ -477,7 +469,7 @@ def test_refcoco_flip_and_eval(tmp_path):
     for _ in range(30):
         item = ds[0]
         flipped = item["expression"] == "dog on the right"
-        assert item["expression_neg"] == ("person at left" if flipped else "person at right")
+        assert item["flipped"] == flipped and item["expression"] in ("dog on the left", "dog on the right")
         cols = torch.nonzero(item["mask"].any(0)).flatten()
         assert (cols.min().item(), cols.max().item()) == ((20, 27) if flipped else (4, 11))
         seen.add(flipped)
@@ -485,7 +477,7 @@ def test_refcoco_flip_and_eval(tmp_path):
     val = RefCOCO(root, images, split="val", train=False, short_side=48, max_size=64)
     assert len(val) == 1
     item = val[0]
-    assert "expression_pos" not in item and item["expression"] == "small car"
+    assert not item["flipped"] and item["expression"] == "small car"
     assert item["gt"].shape == (48, 64) and np.array_equal(item["gt"].numpy(), box(0, 4, 0, 4).astype(bool))
     assert torch.equal(item["mask"], item["gt"])
     assert torch.allclose(item["image"], read_normalised(images / "COCO_train2014_000000000003.jpg"), atol=1e-5)

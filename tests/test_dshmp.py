@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,9 @@ import torch.nn.functional as F
 
 import dshmp
 from common.datasets import collate_video
+from common.engine import read_checkpoint
+from common.run import load_trained, parse_config
+from common.text import build_vocab
 from data.toy import make_toy_video
 from ddp_launch import run_two_ranks
 
@@ -26,8 +28,13 @@ def toy_root(tmp_path_factory):
 
 
 def toy_config(root, out, *extra):
-    return dshmp.get_config(["--data", "toy", "--data-root", str(root), "--out", str(out), "--num-frames", "4",
-                             "--batch-size", "2", "--workers", "0", *extra])
+    return parse_config(dshmp.Config, dshmp.PRESETS, ["--data", "toy", "--data-root", str(root), "--out", str(out),
+                                                      "--num-frames", "4", "--batch-size", "2", "--workers", "0",
+                                                      "--train", *extra])
+
+
+def toy_vocab(dataset):
+    return build_vocab([s["expression"] for s in dataset.samples])
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,7 @@ def toy(toy_root, tmp_path_factory):
     cfg = toy_config(toy_root, tmp_path_factory.mktemp("run"))
     torch.manual_seed(0)
     dataset = dshmp.make_dataset(cfg, toy_root, "train", train=True)
-    model = dshmp.build_model(cfg, vocab=dshmp.toy_vocab(toy_root))
+    model = dshmp.build_model(cfg, vocab=toy_vocab(dataset))
     batch = collate_video([dataset[0], dataset[1]])
     return cfg, dataset, model, batch
 
@@ -47,22 +54,22 @@ def test_shapes_of_every_stage(toy):
     B, T, _, H, W = frames.shape
     N_s, N_m, C = cfg.num_static_queries, cfg.num_motion_queries, cfg.dim
     text = model.encode_text(expressions)
-    words, static_mask, motion_mask = text["words"], text["static"], text["motion"]
+    words, static_mask, motion_mask = text.words, text.static_mask, text.motion_mask
     L = words.shape[1]
     assert words.shape == (B, L, C) and static_mask.shape == motion_mask.shape == (B, L)
-    assert text["raw"].shape[:2] == text["raw_mask"].shape == (B, L - 1)  # no sentence token
+    assert text.encoder_words.shape[:2] == text.encoder_mask.shape == (B, L - 1)  # no sentence token
     assert static_mask[:, -1].all() and motion_mask[:, -1].all()  # the sentence joins both cue sets
     assert not (static_mask[:, :-1] & motion_mask[:, :-1]).any()  # a word is static or motion, not both
     queries = model.static_queries(text)
     assert queries.shape == (B, N_s, C)
-    frame_text = {k: v.repeat_interleave(T, 0) for k, v in text.items()}
+    frame_text = dshmp.Text(*(x.repeat_interleave(T, 0) for x in text))
     frame_out, mask_feats = model.segment_frames(frames.flatten(0, 1), queries.repeat_interleave(T, 0), frame_text)
     assert frame_out["pred_logits"].shape == (B * T, N_s, 2)
     assert frame_out["pred_masks"].shape == (B * T, N_s, H // 4, W // 4)
     assert len(frame_out["aux_outputs"]) == cfg.m2f_layers
     assert mask_feats.shape == (B * T, C, H // 4, W // 4)
     tokens = frame_out["query_embeds"][-1].view(B, T, N_s, C)
-    assert model.hmp(tokens, words, motion_mask).shape == (B, T, N_s, C)
+    assert model.motion_perception(tokens, words, motion_mask).shape == (B, T, N_s, C)
     out = model(frames, expressions)
     assert out["pred_logits"].shape == (B, N_m, 2)
     assert out["pred_masks"].shape == (B, N_m, T, H // 4, W // 4)
@@ -73,7 +80,7 @@ def test_shapes_of_every_stage(toy):
 def test_static_motion_split_reaches_the_injections(toy):
     _, _, model, _ = toy
     text = model.encode_text(["the red circle moving to the left"])
-    static_mask, motion_mask = text["static"], text["motion"]
+    static_mask, motion_mask = text.static_mask, text.motion_mask
     ids = model.text_encoder.tokenizer("the red circle moving to the left")["input_ids"]
     tokens = model.text_encoder.tokenizer.convert_ids_to_tokens(ids)
     motion_tokens = [t for t, m in zip(tokens, motion_mask[0, : len(tokens)].tolist()) if m]
@@ -137,34 +144,16 @@ def test_hierarchical_cross_attention_equals_hand_computation():
 def test_hmp_handles_lengths_that_are_not_a_window_multiple(toy):
     cfg, _, model, _ = toy
     text = model.encode_text(["circle jumping"])
-    words, motion_mask = text["words"], text["motion"]
+    words, motion_mask = text.words, text.motion_mask
     model.eval()
     tokens = torch.randn(1, 11, cfg.num_static_queries, cfg.dim)
-    out = model.hmp(tokens, words, motion_mask)
+    out = model.motion_perception(tokens, words, motion_mask)
     assert out.shape == tokens.shape and torch.isfinite(out).all()
     # padding frames are masked out: the first window's tokens do not depend on how the video ends
-    longer = model.hmp(torch.cat([tokens, torch.randn(1, 3, cfg.num_static_queries, cfg.dim)], 1), words, motion_mask)
+    longer = model.motion_perception(torch.cat([tokens, torch.randn(1, 3, cfg.num_static_queries, cfg.dim)], 1),
+                                     words, motion_mask)
     assert torch.allclose(out[:, :8], longer[:, :8], atol=1e-5)
     model.train()
-
-
-def test_pixel_word_attention_reads_only_the_real_words():
-    torch.manual_seed(0)
-    pwam = dshmp.PixelWordAttention(dim=8, word_dim=6).eval()
-    x, words = torch.randn(2, 8, 3, 5), torch.randn(2, 4, 6)
-    word_mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
-    out = pwam(x, words, word_mask)
-    assert out.shape == x.shape
-    changed = words.clone()
-    changed[0, 2:] = torch.randn(2, 6)  # padding words of sample 0
-    assert torch.allclose(pwam(x, changed, word_mask), out)
-    changed[0, 0] = torch.randn(6)  # a real word
-    assert not torch.allclose(pwam(x, changed, word_mask)[0], out[0])
-    # by hand: per-pixel softmax over the real words, then vis(x) * out(lang) through mm
-    q = pwam.query(x)[0].flatten(1).T  # (15, 8)
-    attn = torch.softmax(q @ pwam.key(words[0, :2]).T / 8**0.5, -1)  # (15, 2)
-    lang = pwam.out((attn @ pwam.value(words[0, :2])).T.reshape(1, 8, 3, 5))
-    assert torch.allclose(out[:1], pwam.mm(pwam.vis(x[:1]) * lang), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- Sec. 3.3
@@ -223,9 +212,9 @@ def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
     cfg = toy_config(toy_root, tmp_path, "--no-cl")
     torch.manual_seed(0)
     dataset = dshmp.make_dataset(cfg, toy_root, "train", train=True)
-    model = dshmp.build_model(cfg, vocab=dshmp.toy_vocab(toy_root))
+    model = dshmp.build_model(cfg, vocab=toy_vocab(dataset))
     batch = collate_video([dataset[2], dataset[3]])
-    optimizer = torch.optim.AdamW(dshmp.param_groups(model, cfg), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(25):
         terms, _ = dshmp.compute_losses(cfg, model(batch["frames"], batch["expression"]), batch["targets"])
@@ -240,42 +229,99 @@ def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
 def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys):
     common = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path)]
     args = [*common, "--num-frames", "4", "--batch-size", "2", "--workers", "0", "--log-every", "1",
-            "--save-every", "2", "--hmp-blocks", "1", "--train"]
+            "--save-every", "2", "--hmp-blocks", "1", "--cl-start", "0", "--train"]
     dshmp.main([*args, "--steps", "2"])
     first = json.loads((tmp_path / "eval.json").read_text())
+    bank_at_2 = read_checkpoint(tmp_path / "last.pt")["extra"]["memory_bank"]
     dshmp.main([*args, "--steps", "3", "--resume"])
     assert "resumed from" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]  # the resumed run continued at step 3
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 3
     result = json.loads((tmp_path / "eval.json").read_text())
     n = len(dshmp.MeViS(toy_root, "valid_u", train=False))
     assert result["n"] == first["n"] == n and len(result["per_expression"]) == n
-    assert 0 <= result["J&F"] <= 1 and "motion_only" in result
+    assert 0 <= result["J&F"] <= 1 and result["motion_only"]["n"] > 0
     assert list((tmp_path / "vis").glob("*/*.gif"))
     # --eval rebuilds the model with the settings it was trained with (--hmp-blocks 1), not the defaults
     (tmp_path / "eval.json").unlink()
     dshmp.main([*common, "--eval"])
     again = json.loads((tmp_path / "eval.json").read_text())
     assert again["per_expression"] == result["per_expression"]
+    # --resume restores the memory bank: resuming with nothing left to do returns the saved bank
+    cfg = toy_config(toy_root, tmp_path, "--hmp-blocks", "1", "--cl-start", "0", "--steps", "3", "--resume")
+    from common.engine import setup_distributed
+    _, bank = dshmp.train(cfg, setup_distributed(device="cpu"), toy_root, tmp_path)
+    saved = read_checkpoint(tmp_path / "last.pt")["extra"]["memory_bank"]
+    assert torch.equal(bank.centroids, saved) and not torch.equal(saved, bank_at_2)
+
+
+def test_config_round_trip_rebuilds_an_identical_model(toy_root, tmp_path):
+    """A non-default model field (--toy-text-dim 32) needs no repeating: --eval and --predict rebuild
+    the model from the checkpoint's own config and vocabulary."""
+    args = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path), "--num-frames", "4",
+            "--batch-size", "2", "--workers", "0", "--steps", "1", "--hmp-blocks", "1", "--toy-text-dim", "32",
+            "--no-cl"]
+    dshmp.main([*args, "--train"])
+    trained = read_checkpoint(tmp_path / "last.pt")
+    assert trained["config"]["toy_text_dim"] == 32 and trained["extra"]["vocab"]
+    model, cfg = load_trained(tmp_path / "last.pt", dshmp.Config, dshmp.build_model, torch.device("cpu"))
+    assert (cfg.toy_text_dim, cfg.hmp_blocks, cfg.cl) == (32, 1, False)
+    assert model.text_encoder.hidden_size == 32 and len(model.motion_perception.blocks) == 1
+    frames = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    logits, masks = model.infer(frames, "the red circle", chunk=8)
+    again, _ = load_trained(tmp_path / "last.pt", dshmp.Config, dshmp.build_model, torch.device("cpu"))
+    assert torch.equal(again.infer(frames, "the red circle", chunk=8)[1], masks)
+    (tmp_path / "eval.json").unlink()
+    dshmp.main(["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path), "--eval"])
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] > 0
 
 
 # ---------------------------------------------------------------------------------- inference
 @pytest.mark.parametrize("num_frames", [1, 37])
-def test_inference_on_short_and_long_videos(toy, num_frames):
+def test_chunked_inference_on_short_and_long_videos(toy, num_frames):
     cfg, _, model, _ = toy
     model.eval()
     torch.manual_seed(1)
     frames = torch.randn(num_frames, 3, 64, 96)
-    masks = dshmp.predict_masks(model, frames, "the blue square moving up", (48, 72), threshold=0.0, chunk=16)
-    assert masks.shape == (num_frames, 48, 72) and masks.dtype == torch.bool
     logits, pred = model.infer(frames, "the blue square moving up", chunk=16)
     logits_one_chunk, pred_one_chunk = model.infer(frames, "the blue square moving up", chunk=64)
     assert pred.shape == (cfg.num_motion_queries, num_frames, 16, 24)
     assert torch.allclose(pred, pred_one_chunk, atol=1e-4)  # chunking does not change the result
-    none = dshmp.predict_masks(model, frames, "the blue square moving up", (48, 72), threshold=1.0, chunk=16)
-    assert not none.any()  # no video token passes: an empty mask
+    assert torch.allclose(logits, logits_one_chunk, atol=1e-4)
     model.train()
+
+
+class FixedVideoTokens(torch.nn.Module):
+    """Stands in for DsHmp.infer: fixed scores and mask logits for M = 3 video tokens."""
+
+    def __init__(self, logits, masks):
+        super().__init__()
+        self.logits, self.masks = logits, masks
+
+    def infer(self, frames, expression, *, chunk):
+        return self.logits, self.masks
+
+
+def test_predict_masks_is_the_union_of_kept_tokens_cropped_and_resized():
+    T, H, W = 2, 40, 60  # a frame of 40x60 is padded to 64x64 before the model; masks are at 16x16
+    masks = torch.full((3, T, 16, 16), -5.0)
+    masks[0, :, 2:6, 2:6] = 5.0  # token 0: a block near the top left
+    masks[1, 1, 8:10, 12:14] = 5.0  # token 1: a block in frame 1 only
+    masks[2] = 5.0  # token 2: everything, but its score is low
+    logits = torch.tensor([[3.0, 0.0], [1.0, 0.0], [-2.0, 0.0]])  # target scores 0.95, 0.73, 0.12
+    model = FixedVideoTokens(logits, masks)
+    frames = torch.zeros(T, 3, H, W)
+    out = dshmp.predict_masks(model, frames, "x", (80, 120), threshold=0.5, chunk=8)
+    # by hand: upsample the kept tokens to the padded 64x64, crop to 40x60, resize to 80x120, logit > 0, union
+    kept = F.interpolate(masks[:2], size=(64, 64), mode="bilinear")[..., :40, :60]
+    expected = (F.interpolate(kept, size=(80, 120), mode="bilinear") > 0).any(0)
+    assert out.shape == (T, 80, 120) and out.dtype == torch.bool and torch.equal(out, expected)
+    # a mask cell is 4 padded pixels, 8 output pixels: token 0 covers output rows and columns 16-48
+    assert out[0, 20:44, 20:44].all() and not out[0, :, 60:].any() and not out[0, 60:].any()
+    assert out[1, 66:78, 98:110].all() and not out[0, 66:78, 98:110].any()  # token 1, frame 1 only
+    # no token above the threshold: an empty mask
+    assert not dshmp.predict_masks(model, frames, "x", (80, 120), threshold=0.99, chunk=8).any()
 
 
 # ---------------------------------------------------------------------------------- DDP and CLI
@@ -283,10 +329,20 @@ DDP_SCRIPT = """
 import sys, torch
 import dshmp
 from common.engine import setup_distributed, cleanup_distributed
-cfg = dshmp.get_config(sys.argv[1:])
+from common.run import parse_config
+from pathlib import Path
+cfg = parse_config(dshmp.Config, dshmp.PRESETS, sys.argv[1:])
 ddp = setup_distributed(device="cpu")
-model, bank = dshmp.train(cfg, ddp, dshmp.data_root(cfg))
-torch.save({"params": model.state_dict(), "bank": bank.centroids}, f"{cfg.out}/rank{ddp.rank}.pt")
+made, make_dataset = [], dshmp.make_dataset
+def recording(*args, **kwargs):  # the training set train() builds on this process
+    made.append(make_dataset(*args, **kwargs))
+    return made[-1]
+dshmp.make_dataset = recording
+model, bank = dshmp.train(cfg, ddp, Path(cfg.data_root), Path(cfg.out))
+torch.manual_seed(0)  # the same global RNG state on both processes: the draws differ by the data seed alone
+draws = torch.stack([made[0][0]["frame_idx"] for _ in range(4)])
+torch.save({"params": model.state_dict(), "bank": bank.centroids, "seed": made[0].seed, "draws": draws},
+           f"{cfg.out}/rank{ddp.rank}.pt")
 cleanup_distributed()
 """
 
@@ -295,12 +351,14 @@ def test_ddp_two_cpu_processes(toy_root, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     args = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path), "--num-frames", "4",
-            "--batch-size", "2", "--workers", "0", "--steps", "2", "--cl-start", "0"]
+            "--batch-size", "2", "--workers", "0", "--steps", "2", "--cl-start", "0", "--train"]
     run_two_ranks([script, *args], env={"PYTHONPATH": str(REPO)}, cwd=REPO)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
     assert torch.equal(r0["bank"], r1["bank"])  # the memory bank stays the same on every process
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 2
+    # each process draws its own augmentations: its training set has the data seed seed + rank
+    assert (r0["seed"], r1["seed"]) == (0, 1) and not torch.equal(r0["draws"], r1["draws"])
 
 
 def test_missing_mevis_exits_with_one_clear_message(tmp_path):
@@ -312,7 +370,7 @@ def test_missing_mevis_exits_with_one_clear_message(tmp_path):
 
 
 def test_count_params_builds_the_paper_configuration():
-    cfg = replace(dshmp.get_config([]), count_params=True)
+    cfg = parse_config(dshmp.Config, dshmp.PRESETS, ["--count-params"])
     model = dshmp.build_model(cfg, vocab=["a"], pretrained=False)
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -322,5 +380,6 @@ def test_count_params_builds_the_paper_configuration():
     # PWAM on the Swin-T stages (96, 192, 384, 768 channels) over the 768-d words: four 1x1 convs
     # C -> C and the key and value projections 768 -> C, with biases
     assert counts["fusion"] == sum(4 * (c * c + c) + 2 * (768 * c + c) for c in (96, 192, 384, 768))
-    assert model.decoder.query_feat.weight.shape == (20, 256) and model.motion_queries.weight.shape == (10, 256)
-    assert len(model.hmp.blocks) == 6 and len(model.motion_decoder.layers) == 3
+    assert model.decoder.query_feat.weight.shape == (20, 256)
+    assert model.motion_decoder.query_feat.weight.shape == (10, 256)
+    assert len(model.motion_perception.blocks) == 6 and len(model.motion_decoder.layers) == 3

@@ -10,7 +10,6 @@ from common.backbones import (
     count_parameters,
     load_mask2former,
     parameter_report,
-    pixel_level_state_dict,
     swin_tiny_coco_config,
     tiny_mask2former_config,
 )
@@ -23,6 +22,18 @@ from common.mask2former import (
 )
 
 TOL = 1e-4
+
+
+def pixel_level_state_dict(hf_state_dict: dict) -> dict:
+    """`PixelLevel`'s state dict taken from a `Mask2FormerForUniversalSegmentation` state dict: its
+    children `backbone` and `pixel_decoder` are transformers' `encoder` and `decoder`."""
+    renamed = {}
+    for key, value in hf_state_dict.items():
+        for theirs, ours in (("model.pixel_level_module.encoder.", "backbone."),
+                             ("model.pixel_level_module.decoder.", "pixel_decoder.")):
+            if key.startswith(theirs):
+                renamed[ours + key[len(theirs):]] = value
+    return renamed
 
 
 def _tiny_hf(**overrides):

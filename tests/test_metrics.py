@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 
 import common.metrics as metrics
 from common.metrics import ImageMetrics, VideoMetrics, boundary_f, jaccard, oc_iou
@@ -61,6 +60,10 @@ def test_video_case_matches_official(name, arrays):
     for pred, gt in _pairs(CASES[name], arrays):
         metric.add(pred, gt, key=None)
     _check_video(metric, CASES[name]["expected"])
+    # the readable reference gives the official per-frame values too
+    for (pred, gt), want in zip(_pairs(CASES[name], arrays), CASES[name]["expected"]["per_expression"], strict=True):
+        np.testing.assert_allclose(metrics.reference_jaccard(pred, gt), want["J_per_frame"], rtol=0, atol=TOL)
+        np.testing.assert_allclose(metrics.reference_boundary_f(pred, gt), want["F_per_frame"], rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("name", IMAGE_CASES)
@@ -93,33 +96,10 @@ def test_chunking_does_not_change_values(arrays, monkeypatch):
         np.testing.assert_allclose(boundary_f(pred, gt).numpy(), want["F_per_frame"], rtol=0, atol=TOL)
 
 
-# ------------------------------------------------------ independent port of davis2017 f_measure
-def _port_f_measure(fg, gt, bound_th):
-    """davis2017-evaluation f_measure written out in numpy, with scipy's dilation for cv2's."""
-    bound_pix = bound_th if bound_th >= 1 else np.ceil(bound_th * np.linalg.norm(fg.shape))
-    grid = np.arange(-bound_pix, bound_pix + 1)
-    disk = grid[None, :] ** 2 + grid[:, None] ** 2 <= bound_pix**2
-
-    def seg2bmap(seg):
-        e, s, se = np.zeros_like(seg), np.zeros_like(seg), np.zeros_like(seg)
-        e[:, :-1], s[:-1, :], se[:-1, :-1] = seg[:, 1:], seg[1:, :], seg[1:, 1:]
-        b = seg ^ e | seg ^ s | seg ^ se
-        b[-1, :], b[:, -1] = seg[-1, :] ^ e[-1, :], seg[:, -1] ^ s[:, -1]
-        b[-1, -1] = 0
-        return b
-
-    fg_b, gt_b = seg2bmap(fg), seg2bmap(gt)
-    n_fg, n_gt = fg_b.sum(), gt_b.sum()
-    if n_fg == 0 or n_gt == 0:
-        return 1.0 if n_fg == n_gt else 0.0
-    precision = (fg_b & ndimage.binary_dilation(gt_b, structure=disk)).sum() / n_fg
-    recall = (gt_b & ndimage.binary_dilation(fg_b, structure=disk)).sum() / n_gt
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-
-
+# ------------------------------------------------------ fast and readable versions agree
 @pytest.mark.parametrize("shape", [(6, 1, 13), (6, 9, 1), (5, 37, 53), (4, 64, 64), (3, 150, 201)])
 @pytest.mark.parametrize("chunk_pixels", [metrics.CPU_CHUNK_PIXELS, 1])
-def test_boundary_f_matches_numpy_port_on_random_masks(shape, chunk_pixels, monkeypatch):
+def test_fast_j_and_f_equal_the_readable_reference(shape, chunk_pixels, monkeypatch):
     # Sparse noise and blocky blobs, some kept to one part of the frame (with one frame per chunk,
     # each frame is cropped to its own window), odd sizes and 1-pixel-wide frames.
     monkeypatch.setattr(metrics, "CPU_CHUNK_PIXELS", chunk_pixels)
@@ -131,8 +111,9 @@ def test_boundary_f_matches_numpy_port_on_random_masks(shape, chunk_pixels, monk
     pred[0] = rng.random((height, width)) < 0.01
     gt[1, :, : width // 2] = pred[1, : height // 3] = False
     gt[2, height // 2 + 1:] = pred[2, height // 2:] = False
+    np.testing.assert_allclose(jaccard(pred, gt).numpy(), metrics.reference_jaccard(pred, gt), rtol=0, atol=1e-12)
     for bound_th in (0.008, 0.05, 1, 3, 7):
-        want = [_port_f_measure(pred[t], gt[t], bound_th) for t in range(n_frames)]
+        want = metrics.reference_boundary_f(pred, gt, bound_th=bound_th)
         np.testing.assert_allclose(boundary_f(pred, gt, bound_th=bound_th).numpy(), want, rtol=0, atol=1e-12)
 
 

@@ -12,8 +12,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from common.datasets import MeViS, RefCOCO, polygons_to_mask, rle_decode
-from data.toy import COLOURS, NOUNS, SIZE_WORDS, VIDEO_H, VIDEO_W, IMAGE_SIZE, make_toy, toy_ready
+from common.coco_mask import polygons_to_mask, rle_decode
+from common.datasets import MeViS, RefCOCO
+from data.toy import (COLOURS, IMAGE_SIZE, NOUNS, SIZE_WORDS, VIDEO_H, VIDEO_W, make_toy, motion_only_keys,
+                      motion_sentence_keys, toy_ready)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(train_videos=6, valid_videos=6, train_images=10, val_images=6, test_images=6)
@@ -113,7 +115,10 @@ def test_mevis_reader_reads_toy(toy):
     _, meta, mask_dict, motion_only, _ = _load_video_split(toy, "valid_u")
     ds = MeViS(toy / "mevis", "valid_u", train=False, short_side=VIDEO_H, max_size=VIDEO_W)
     assert len(ds) == sum(len(v["expressions"]) for v in meta.values())
-    assert sum(s["motion_only"] for s in ds.samples) == sum(len(v) for v in motion_only.values())
+    keys = motion_only_keys(toy / "mevis", "valid_u")["motion_only"]  # what the evaluation reports on
+    assert keys == {f"{vid}/{e}" for vid, ids in motion_only.items() for e in ids}
+    assert keys <= {f"{s['video']}/{s['exp_id']}" for s in ds.samples} and len(keys) >= 5
+    assert motion_only_keys(toy / "nowhere", "valid_u") == {}
     item = ds[0]
     e = meta[item["video"]]["expressions"][item["exp_id"]]
     union = np.zeros((len(item["frame_names"]), VIDEO_H, VIDEO_W), bool)
@@ -317,7 +322,8 @@ def test_refcoco_reader_reads_toy_and_masks_match_pixels(toy):
                      train=False, short_side=IMAGE_SIZE, max_size=IMAGE_SIZE)
         mine = [s for r in refs if r["split"] == split for s in r["sentences"]]
         assert len(ds) == len(mine)
-        assert sum(s["motion"] for s in ds.samples) == sum(s["sent_id"] in motion for s in mine)
+        keys = motion_sentence_keys(toy / "refcoco")["motion"]
+        assert {str(s["sent_id"]) for s in ds.samples} & keys == {str(s["sent_id"]) for s in mine} & {str(m) for m in motion}
         for index in range(len(ds)):
             item = ds[index]
             mask = item["gt"].numpy()

@@ -1,0 +1,436 @@
+"""The run toolkit: what every method's `main()` and `train()` need that is not the method.
+
+  config       RunConfig (the fields every method shares); parse_config (a method's Config +
+               PRESETS + argv; --help lists every field with its source comment); config_from_dict
+  folders      run_dir (runs/<method>-<data>[-no-<ablation>]), data_root (and the one-line
+               "no dataset at ..." exit)
+  optimiser    param_groups (backbone lr multiplier; no weight decay on norms, embeddings, position tables)
+  training     resume, wrap_ddp, train_batches (endless, a data seed per process), check_finite
+  checkpoints  load_trained: the model rebuilt from the config (and toy vocabulary) it was saved with
+  evaluation   evaluate_video (J, F, J&F or a submission tree + zip), evaluate_image (mIoU, oIoU,
+               Pr@X, Oc-IoU); each takes the method's own inference rule as `predict(item)`
+  prediction   predict_files: a folder of frames or one image -> overlays and a GIF
+  errors       cli_errors: a missing file or bad checkpoint ends the command with one line
+
+A method file uses them like this (dshmp.py is the full example):
+
+    def train(cfg, ddp, root, out):
+        dataset = make_dataset(cfg, root, "train", train=True, seed=cfg.seed + ddp.rank)
+        model = build_model(cfg, vocab=...).to(ddp.device)
+        optimizer = torch.optim.AdamW(param_groups(model, lr=cfg.lr, ...), lr=cfg.lr)
+        step, extra = resume(out / "last.pt", model=model, optimizer=optimizer) if cfg.resume else (0, {})
+        batches = train_batches(dataset, batch_size=cfg.batch_size, collate=..., ddp=ddp, seed=cfg.seed,
+                                workers=cfg.workers, start_step=step)
+        model = wrap_ddp(model, ddp)
+        with Progress(total=cfg.steps, initial=step, log_path=out / "log.jsonl") as progress:
+            while step < cfg.steps:
+                ...  # forward, loss terms, one weighted sum, check_finite, backward, clip, step, log, save
+
+    def main(argv=None):
+        cfg = parse_config(Config, PRESETS, argv, description=__doc__)
+        ...  # count_params | predict_files | train + evaluate_video / evaluate_image
+"""
+import argparse
+import contextlib
+import inspect
+import io
+import json
+import math
+import shutil
+import tokenize
+import warnings
+from dataclasses import dataclass, fields, is_dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from common.backbones import WeightsNotFoundError
+from common.datasets import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize, resize_clip
+from common.engine import (CheckpointError, all_gather_object, barrier, denormalize, is_main, load_checkpoint,
+                           read_checkpoint, reduce_mean, save_overlays)
+from common.metrics import ImageMetrics, VideoMetrics, oc_iou
+from common.text import normalize_expression
+
+# Shapes: T frames, H W resized frame size, H0 W0 original size, K expressions of one object.
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclass
+class RunConfig:
+    """What to run and where: the fields every method's Config shares (it inherits them and adds
+    the method's own; it may give `data` and `eval_split` other defaults)."""
+
+    data: str = "toy"  # dataset: one of the method's PRESETS (toy needs no download)
+    data_root: str = ""  # default: data/<dataset> as data/README.md lays it out (toy: data/toy/...)
+    out: str = ""  # run folder; default runs/<method>-<data>[-no-<ablation>...]
+    train: bool = False  # train, then evaluate on eval_split
+    resume: bool = False  # continue training from <out>/last.pt
+    eval: bool = False  # evaluate --checkpoint on eval_split
+    eval_split: str = ""  # the split that --train / --eval score
+    checkpoint: str = ""  # the model --eval and --predict use; default <out>/last.pt
+    predict: str = ""  # a folder of frames (sorted by name) or one image to segment --text in
+    text: str = ""  # the expression for --predict
+    count_params: bool = False  # print trainable / frozen parameters per module (paper configuration)
+    seed: int = 0  # weights, data order and augmentations
+    workers: int = 4  # DataLoader worker processes per training process
+    log_every: int = 20  # steps between log lines (progress bar and <out>/log.jsonl)
+    save_every: int = 1000  # steps between checkpoints (<out>/last.pt, written atomically)
+
+
+def field_comments(config_cls) -> dict:
+    """{field name: its comment} for a dataclass and the dataclasses it inherits from: the comment
+    on the field's line, else the nearest comment-only line above it (a section heading). These
+    are the sources --help shows."""
+    comments = {}
+    for cls in reversed(config_cls.__mro__):
+        if not is_dataclass(cls):
+            continue
+        names, heading, line_field = {f.name for f in fields(cls)}, "", {}
+        for token in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+            row, column = token.start
+            if token.type == tokenize.NAME and column == 4 and token.string in names and row not in line_field:
+                line_field[row] = token.string
+                comments[token.string] = heading
+            elif token.type == tokenize.COMMENT:
+                text = token.string.lstrip("#").strip()
+                if row in line_field:
+                    comments[line_field[row]] = text
+                elif column == 4:
+                    heading = text
+    return comments
+
+
+def parse_config(config_cls, presets: dict, argv=None, *, description: str = ""):
+    """A method's config: the dataclass defaults (the paper configuration), then the preset of
+    --data, then the command line. One flag per field (--no-<flag> for booleans)."""
+    for name, preset in presets.items():
+        unknown = set(preset) - {f.name for f in fields(config_cls)}
+        if unknown:
+            raise ValueError(f"PRESETS[{name!r}] sets {sorted(unknown)}, which are not fields of {config_cls.__name__}")
+    comments, defaults = field_comments(config_cls), config_cls()
+    epilog = "presets (--data): " + "; ".join(
+        f"{name}: {', '.join(f'{k}={v}' for k, v in preset.items()) or 'the defaults above'}"
+        for name, preset in presets.items())
+    usage = "%(prog)s [--data DATA] (--train [--resume] | --eval | --predict PATH --text TEXT | --count-params) ..."
+    parser = argparse.ArgumentParser(description=description, epilog=epilog.replace("%", "%%"), usage=usage,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{comments.get(f.name, '')} [default {getattr(defaults, f.name)!r}]".strip().replace("%", "%%")
+        if f.type is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=f.type, default=None, help=help_text)
+    cli = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    data = cli.get("data", defaults.data)
+    if data not in presets:
+        parser.error(f"--data must be one of {sorted(presets)}, got {data!r}")
+    cfg = replace(defaults, **{**presets[data], **cli})
+    if not (cfg.train or cfg.eval or cfg.predict or cfg.count_params):
+        parser.error("nothing to do: pass --train, --eval, --predict DIR_OR_IMAGE --text '...' or --count-params")
+    if cfg.train and cfg.data in EVAL_ONLY:
+        parser.error(f"--data {cfg.data} is evaluation only: train with --data {EVAL_ONLY[cfg.data]}, then "
+                     f"--data {cfg.data} --eval --checkpoint <that run>/last.pt")
+    if cfg.predict and (cfg.train or cfg.eval):
+        parser.error("--predict runs a trained model (--checkpoint); it does not go with --train or --eval")
+    return cfg
+
+
+def config_from_dict(config_cls, values: dict):
+    """The config a checkpoint was saved with (`asdict(cfg)`): fields added to the Config since then
+    take their defaults; fields it no longer has are dropped with a warning."""
+    names = {f.name for f in fields(config_cls)}
+    dropped = sorted(set(values) - names)
+    if dropped:
+        warnings.warn(f"the checkpoint's config has fields this {config_cls.__name__} does not: {dropped} (ignored)")
+    return replace(config_cls(), **{k: v for k, v in values.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------- folders
+DATA_ROOTS = {  # default --data-root of each dataset: data/README.md
+    "mevis": "data/mevis", "ytvos": "data/ref-youtube-vos", "davis": "data/ref-davis17",
+    "refcoco": "data/refer", "refcoco+": "data/refer", "refcocog": "data/refer",
+}
+TOY_ROOTS = {"video": "data/toy/mevis", "image": "data/toy/refcoco"}  # data/toy.py writes both
+EVAL_ONLY = {"davis": "ytvos"}  # Ref-DAVIS17 is scored zero-shot with a Ref-YouTube-VOS model
+
+
+def run_dir(cfg, method: str, ablations=()) -> Path:
+    """--out, else runs/<method>-<data> plus, for each ablation field that differs from the
+    default, -no-<name> (a boolean switched off) or -<name>-<value>."""
+    if cfg.out:
+        return Path(cfg.out)
+    defaults, suffix = type(cfg)(), ""
+    for name in ablations:
+        value = getattr(cfg, name)
+        if value != getattr(defaults, name):
+            suffix += f"-no-{name}" if value is False else f"-{name}-{value}"
+    return Path("runs") / f"{method}-{cfg.data}{suffix.replace('_', '-')}"
+
+
+def data_root(cfg, kind: str, *, make_toy=None) -> Path:
+    """The dataset folder of --data (`kind` "video" or "image" picks the toy set). The toy set is
+    written on first use by `make_toy()` (on the main process; the others wait). Ends the command
+    with one message when the folder is missing."""
+    root = Path(cfg.data_root or (TOY_ROOTS[kind] if cfg.data == "toy" else DATA_ROOTS[cfg.data]))
+    if cfg.data == "toy" and not cfg.data_root and make_toy is not None:
+        if is_main():
+            make_toy()
+        barrier()
+    if not root.is_dir():
+        raise SystemExit(f"no {cfg.data} dataset at {root.resolve()}; get it as data/README.md describes, "
+                         f"or pass --data-root DIR")
+    return root
+
+
+# ---------------------------------------------------------------------------------- optimiser
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+POSITION_TABLES = ("relative_position_bias_table", "absolute_pos_embed", "position_embeddings")
+
+
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0,
+                 backbone=()) -> list:
+    """AdamW parameter groups as detectron2 / Mask2Former's build_optimizer makes them (DsHmp and
+    VATEX train with it): parameters whose name starts with one of the `backbone` prefixes get
+    lr * backbone_lr_mult; parameters of normalisation layers, nn.Embedding weights and Swin's
+    position tables get no weight decay; every other weight and bias decays. Frozen ones are left out."""
+    groups = {}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            in_backbone = bool(backbone) and f"{module_name}.{name}".startswith(tuple(backbone))
+            no_decay = isinstance(module, (*NORM_LAYERS, nn.Embedding)) or name in POSITION_TABLES
+            group = groups.setdefault((in_backbone, no_decay), {
+                "params": [], "lr": lr * (backbone_lr_mult if in_backbone else 1.0),
+                "weight_decay": 0.0 if no_decay else weight_decay})
+            group["params"].append(p)
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------------------------- training
+def resume(path, *, model, optimizer=None, scheduler=None, config=None) -> tuple:
+    """Restore model, optimizer, scheduler and RNG states from `path` (save_checkpoint's file).
+    Returns (step, extra). With `config` (the current asdict(cfg)), names the settings that
+    differ from the checkpoint's, so a changed flag on resume does not go unnoticed."""
+    state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    if is_main():
+        changed = {k: (state["config"].get(k), v) for k, v in (config or {}).items()
+                   if k not in ("train", "resume", "eval") and state["config"].get(k) != v}
+        note = "; changed since: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) if changed else ""
+        print(f"resumed from {path} at step {state['step']}{note}")
+    return state["step"], state["extra"]
+
+
+def wrap_ddp(model: nn.Module, ddp) -> nn.Module:
+    """DistributedDataParallel under torchrun (gradients averaged over the processes), else `model`."""
+    if not ddp.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
+
+
+def train_batches(dataset, *, batch_size: int, collate, ddp, seed: int, workers: int, start_step: int = 0):
+    """Endless training batches of batch_size // world_size items per process.
+
+    DistributedSampler shuffles each epoch with seed + epoch (every process its own share); a
+    resumed run (start_step > 0) restarts the epoch it stopped in. Augmentations differ between
+    processes: the loader's worker seeds come from seed + rank, and the dataset should be built with
+    seed + rank too (it seeds what is drawn in the main process when workers = 0).
+    """
+    if batch_size % ddp.world_size:
+        raise SystemExit(f"--batch-size {batch_size} is not divisible by {ddp.world_size} processes")
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size // ddp.world_size, sampler=sampler,
+                                         num_workers=workers, collate_fn=collate, drop_last=True,
+                                         persistent_workers=workers > 0,
+                                         generator=torch.Generator().manual_seed(seed + ddp.rank))
+    if len(loader) == 0:
+        raise SystemExit(f"{len(dataset)} training items make no batch of {batch_size} on {ddp.world_size} process(es)")
+    epoch = start_step // len(loader)
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def check_finite(loss: torch.Tensor, terms: dict, step: int) -> None:
+    """Stop on a non-finite loss, naming every term. Under DDP all processes learn of it at once, so
+    none is left waiting in a collective for one that stopped."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():
+        finite = reduce_mean(finite)
+    if finite < 1:
+        values = {k: float(v) for k, v in terms.items()}
+        raise RuntimeError(f"non-finite loss at step {step} (on this process or another): {values}")
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def load_trained(path, config_cls, build_model, device) -> tuple:
+    """The model of a checkpoint, built from the config it was trained with and, for the toy
+    models, the word vocabulary it stores (`extra["vocab"]`); eval mode, on `device`. Returns
+    (model, the checkpoint's config). `build_model(cfg, vocab=...)` is the method's own."""
+    checkpoint = read_checkpoint(path)
+    trained = config_from_dict(config_cls, checkpoint["config"])
+    model = build_model(trained, vocab=checkpoint["extra"].get("vocab"))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), trained
+
+
+# ---------------------------------------------------------------------------------- evaluation
+SUBMISSION_FOLDER = {"ytvos": "Annotations"}  # Ref-YouTube-VOS's server wants Annotations/<video>/<exp_id>/
+
+
+def _overlay_scale(size) -> int:
+    return max(1, math.ceil(256 / min(size)))  # enlarge small (toy) frames to a short side of ~256 px
+
+
+def _write_pngs(masks, folder: Path, frame_names) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for mask, name in zip(masks.cpu().numpy(), frame_names):
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{name}.png")
+
+
+def _summaries(make_metrics, records, subsets) -> dict:
+    """The summary of all records, and of the records of each named subset of keys."""
+    every = make_metrics()
+    every.extend(records)
+    result = every.summary()
+    for name, keys in (subsets or {}).items():
+        subset = make_metrics()
+        subset.extend([r for r in records if r["key"] in keys])
+        result[name] = subset.summary()
+    return result
+
+
+@torch.no_grad()
+def evaluate_video(dataset, predict, *, out: Path, data: str, split: str, checkpoint: str = "", subsets=None,
+                   show: int = 4):
+    """Score a method's inference rule on every expression of a video split (shared out over the
+    processes). `predict(item) -> (T, H0, W0) bool` masks at the original size.
+
+    A split with masks: J, F and J&F (MeViS averaging) into <out>/eval.json with per-expression
+    records, also for each named subset of "video/exp_id" keys (`subsets`, e.g. the toy's
+    motion-only expressions). A split without (MeViS valid, Ref-YouTube-VOS valid): the
+    submission tree <out>/submission-<split>/[Annotations/]<video>/<exp_id>/<frame>.png and its zip.
+    The first `show` expressions are drawn (prediction filled red, ground truth outlined green, the
+    expression written on) in <out>/vis/. Returns the eval dict on the main process, else None.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    submission = Path(out) / f"submission-{split}"
+    metrics, shown = VideoMetrics(), 0
+    for i in tqdm(range(rank, len(dataset), world), desc=f"eval {split}", disable=not is_main()):
+        item = dataset[i]
+        masks = predict(item)  # (T, H0, W0)
+        key = f"{item['video']}/{item['exp_id']}"
+        gt = None if item["gt"] is None else item["gt"].to(masks.device)
+        if gt is None:
+            _write_pngs(masks, submission / SUBMISSION_FOLDER.get(data, "") / key, item["frame_names"])
+        else:
+            metrics.add(masks, gt, key=key)
+        if shown < show and is_main():
+            frames = F.interpolate(item["frames"], size=tuple(item["orig_size"]), mode="bilinear")  # (T, 3, H0, W0)
+            save_overlays(denormalize(frames), masks, Path(out) / "vis" / key.replace("/", "_"), name="overlay",
+                          gt=gt, caption=item["expression"], scale=_overlay_scale(item["orig_size"]))
+            shown += 1
+    records = [r for part in all_gather_object(metrics.records) for r in part]
+    if not is_main():
+        return None
+    if not records:  # a split without masks
+        archive = shutil.make_archive(str(submission), "zip", root_dir=submission)
+        print(f"wrote the submission tree {submission} and {archive}")
+        return None
+    result = {"split": split, "checkpoint": str(checkpoint), **_summaries(VideoMetrics, records, subsets),
+              "per_expression": records}
+    return _write_eval(result, Path(out))
+
+
+@torch.no_grad()
+def evaluate_image(dataset, predict, *, out: Path, split: str, checkpoint: str = "", strict_pr: bool = False,
+                   subsets=None, show: int = 8):
+    """Score a method's inference rule on a RefCOCO-layout split: mIoU, oIoU, Pr@0.5-0.9 (LAVT's
+    IoU >= X, or VATEX's IoU > X with strict_pr) and Oc-IoU (VATEX Eqs. 9-10) into <out>/eval.json,
+    also for each named subset of sent_id keys (`subsets`). `predict(item) -> (H0, W0) bool`. The
+    expressions of one object (ann_id) are scored together, on one process, for Oc-IoU."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    by_object = {}
+    for i, sample in enumerate(dataset.samples):
+        by_object.setdefault(sample["ann_id"], []).append(i)
+    metrics, objects, shown = ImageMetrics(strict_pr=strict_pr), [], 0
+    for ann_id in tqdm(list(by_object)[rank::world], desc=f"eval {split}", disable=not is_main()):
+        preds = []
+        for i in by_object[ann_id]:
+            item = dataset[i]
+            mask = predict(item)  # (H0, W0)
+            gt = item["gt"].to(mask.device)
+            metrics.add(mask, gt, key=str(item["sent_id"]))
+            preds.append(mask)
+            if shown < show and is_main():
+                frame = F.interpolate(item["image"][None], size=tuple(item["orig_size"]), mode="bilinear")  # (1, 3, H0, W0)
+                save_overlays(denormalize(frame), mask[None], Path(out) / "vis", name=f"sent{item['sent_id']}",
+                              gt=gt[None], caption=item["expression"], scale=_overlay_scale(item["orig_size"]))
+                shown += 1
+        objects.append({"key": str(ann_id), "Oc-IoU": oc_iou([(gt, torch.stack(preds))])})  # (K, H0, W0)
+    gathered = all_gather_object((metrics.records, objects))
+    if not is_main():
+        return None
+    records = [r for part, _ in gathered for r in part]
+    per_object = [o for _, part in gathered for o in part]
+    result = {"split": split, "checkpoint": str(checkpoint), **_summaries(lambda: ImageMetrics(strict_pr=strict_pr), records, subsets),
+              "Oc-IoU": float(np.mean([o["Oc-IoU"] for o in per_object])) if per_object else math.nan,
+              "per_expression": records, "per_object": per_object}
+    return _write_eval(result, Path(out))
+
+
+def _write_eval(result: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    summary = {k: v for k, v in result.items() if k not in ("per_expression", "per_object")}
+    print(f"{json.dumps(summary)} -> {out / 'eval.json'}")
+    return result
+
+
+# ---------------------------------------------------------------------------------- prediction
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@torch.no_grad()
+def predict_files(source, text: str, predict, *, out: Path, short_side: int, max_size: int, mean=IMAGENET_MEAN,
+                  std=IMAGENET_STD) -> list:
+    """--predict: segment `text` in a folder of frames (sorted by name) or one image. Frames are
+    resized as in evaluation and normalised; `predict(frames (T, 3, H, W), expression, (H0, W0))
+    -> (T, H0, W0) bool` is the method's inference rule. Writes overlays (and a GIF for several
+    frames) to `out`; returns their paths."""
+    source = Path(source)
+    paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
+    if not paths or not paths[0].is_file() or paths[0].suffix.lower() not in IMAGE_SUFFIXES:
+        raise SystemExit(f"--predict needs a folder of .jpg/.png frames or one such image, got {source}")
+    expression = normalize_expression(text)
+    if not expression:
+        raise SystemExit('--predict needs an expression: --text "the dog running to the left"')
+    raw = torch.stack([load_rgb(p) for p in paths])  # (T, 3, H0, W0) uint8
+    frames = normalize(resize_clip(raw, short_side=short_side, max_size=max_size)[0], mean=mean, std=std)  # (T, 3, H, W)
+    masks = predict(frames, expression, tuple(raw.shape[-2:]))  # (T, H0, W0)
+    files = save_overlays(rearrange(raw, "t c h w -> t h w c").numpy(), masks, out, caption=expression,
+                          scale=_overlay_scale(raw.shape[-2:]))
+    print(f"{int(masks.flatten(1).any(1).sum())} of {len(paths)} frames have a mask; wrote {out}")
+    return files
+
+
+# ---------------------------------------------------------------------------------- errors
+@contextlib.contextmanager
+def cli_errors(method: str):
+    """End the command with the one-line message of a user error (a missing file or folder, a bad
+    checkpoint, weights that cannot be loaded) and exit status 1, instead of a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, CheckpointError, WeightsNotFoundError) as error:
+        raise SystemExit(f"{method}: {error}") from None

@@ -1,0 +1,56 @@
+"""House rules that a test can check: the method files' cover page and size, and the seams between
+the method files, common/ and the toy data (DESIGN.md, "Layout" and "Style")."""
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = sorted(p for p in REPO.glob("*.py"))  # every top-level file is a method file
+METHOD_NAMES = {p.stem for p in METHODS}
+
+
+def imported_modules(path: Path) -> set:
+    """The top-level names of every module `path` imports ("common.run" -> "common.run" and "common")."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names | {name.split(".")[0] for name in names}
+
+
+def test_there_are_method_files():
+    assert "dshmp" in METHOD_NAMES
+
+
+@pytest.mark.parametrize("path", METHODS, ids=lambda p: p.name)
+def test_method_file_cover_page_and_size(path):
+    source = path.read_text()
+    docstring = ast.get_docstring(ast.parse(source)) or ""
+    assert "Deviations" in docstring, f"{path.name}: the docstring lists no Deviations"
+    lines = source.splitlines()
+    assert len(lines) <= 750, f"{path.name} has {len(lines)} lines"
+    long = [i + 1 for i, line in enumerate(lines) if len(line) > 100]
+    assert not long, f"{path.name}: lines over 100 characters: {long}"
+
+
+@pytest.mark.parametrize("path", METHODS, ids=lambda p: p.name)
+def test_method_files_do_not_import_each_other(path):
+    others = METHOD_NAMES - {path.stem}
+    assert not imported_modules(path) & others, f"{path.name} imports another method file"
+
+
+def test_common_imports_no_method_file_and_no_toy_data():
+    for path in sorted((REPO / "common").glob("*.py")):
+        imports = imported_modules(path)
+        assert not imports & METHOD_NAMES, f"{path} imports a method file"
+        assert not imports & {"data", "data.toy"}, f"{path} imports the toy data"
+
+
+def test_the_checks_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('"""No cover page."""\nimport dshmp\nfrom data.toy import make_toy\n' + "x = 1  # " + "y" * 100)
+    assert "dshmp" in imported_modules(bad) and "data" in imported_modules(bad)
+    assert "Deviations" not in ast.get_docstring(ast.parse(bad.read_text()))
