@@ -1,50 +1,51 @@
 """DsHmp: Decoupling Static and Hierarchical Motion Perception for Referring Video Segmentation.
 Shuting He and Henghui Ding, CVPR 2024. Official code: github.com/heshuting555/DsHmp @ d0c3a39.
 
-Implements Sec. 3.1, the expression decoupled into static and motion cues, injected into N_s
-static queries before Mask2Former (Eq. 1) and N_m motion queries before the Motion Decoder
-(Eq. 2); Sec. 3.2, Hierarchical Motion Perception: Hungarian matching of adjacent frames' object
-tokens (Eq. 3), HMP blocks of temporal self-attention, hierarchical cross-attention over L stages
-(Eqs. 4-7) and FFN, then the Motion Decoder's video tokens, whose masks are dot products with each
-frame's mask features; Sec. 3.3, contrastive learning with a memory bank of per-target centroids
-(Eqs. 8-9); Sec. 3.4, frame- and video-level set losses; Sec. 4.2, the recipe and inference.
+Implements Sec. 3.1 (static and motion cues, injected into N_s static queries before Mask2Former,
+Eq. 1, and N_m motion queries before the Motion Decoder, Eq. 2), Sec. 3.2 (Hierarchical Motion
+Perception: Hungarian matching of adjacent frames' object tokens, Eq. 3; blocks of temporal
+self-attention, hierarchical cross-attention over L stages, Eqs. 4-7, and FFN; the Motion
+Decoder's video tokens, each dotted with every frame's mask features), Sec. 3.3 (memory bank of
+per-target centroids, contrastive loss, Eqs. 8-9), Sec. 3.4 (frame- and video-level set losses),
+Sec. 4.2 (recipe; inference: the union of the video tokens scoring > 0.5 on MeViS, the best token
+on Ref-YouTube-VOS and Ref-DAVIS17, whose one target is always there, as their official codes do).
 
 Deviations from the paper (and from the official code, which the paper does not describe):
   - Static/motion split: the rule-based common.text (verbs and adverbs -> motion) approximates the
     spaCy VERB/ADV tags of the official code; the paper names a scene-graph parser [46].
   - Sentence embedding: masked mean of the RoBERTa words (official: RoBERTa's pooler, which
-    roberta-base does not ship, so it is random and frozen; DsHmp issue #13).
+    roberta-base does not ship, so it is random and frozen; DsHmp issue #13). --no-ds feeds all
+    words to both injections; the paper's baseline feeds the sentence embedding.
   - Eq. (3) applies the matched permutation (official: its inverse, right only for swaps), once
     before the blocks (official: in every block).
-  - Eq. (6) merges frames with the Eq. (5) weights, as the paper says (official: a plain mean,
-    DsHmp issue #21); Eq. (7) sums all L stages back onto the frames (official: the last stage
-    only, through a tanh gate).
+  - Eqs. (4)-(7): to_q projects the tokens at every stage (official: stage 1 only); Eq. (6) merges
+    with the Eq. (5) weights, as the paper says (official: a plain mean, DsHmp issue #21); Eq. (7)
+    sums all L stages back onto the frames, then a LayerNorm (official: the last stage only,
+    through a tanh gate, no norm).
   - Sec. 3.3 as the paper: one memory-bank centroid per target (official: per expression),
     InfoNCE at temperature 0.07 on normalised features with K = 100 negatives from iteration
     10,000, momentum 0.2 (official: QDTrack's multi-positive loss without temperature plus an L2
     term, 100 samples in all, weight ramped over 2,000 iterations, momentum 0.1); the loss reads
     the bank before this step's update (official: after).
   - Text in the pixels and the decoder layers (official code; the paper is silent): LAVT's PWAM
-    on the output of every Swin stage (common.lavt); word cross-attention in every Mask2Former
-    layer (static cues) and Motion-Decoder layer (motion cues). The official PWAM also feeds a
-    tanh-gated copy back into stages 1-3 (we do not rewrite transformers' Swin); the official
-    layers attend to all words and add a BiAttention block, left out here. Without PWAM our toy
-    models segmented every object whatever the sentence (valid_u J&F 0.49-0.53, ten settings).
+    on the output of every Swin stage, after the stage's LayerNorm (official: before it, with a
+    tanh-gated copy fed back into stages 1-3; we do not rewrite transformers' Swin); word
+    cross-attention in every Mask2Former layer (static cues) and Motion-Decoder layer (motion
+    cues, query positions added to the queries; official: all words, no positions) and no
+    BiAttention block. Without PWAM our toy models segmented every object whatever the sentence.
   - No VITA similarity loss (official, weight 1.0); object tokens from the last Mask2Former layer
     only (official: the last 3 as extra batch entries in training); the same non-shifted windows
     in training and test (official: odd blocks shifted at test, from VITA).
   - Frames resized to short side 360 / long side <= 640 in training and test (Sec. 4.2; official:
-    multi-scale crops, short side 448 at test); a horizontal flip swaps "left"/"right" in the
-    expression (official: the text is not changed).
-  - The frozen RoBERTa runs in eval mode (official: its dropout stays on).
+    multi-scale crops, 448 at test); a flip swaps "left"/"right" in the expression (official: no
+    swap). The frozen RoBERTa runs in eval mode (official: dropout on).
+  - Ref-YouTube-VOS trains from the COCO Mask2Former; the paper first pre-trains 300,000
+    iterations on RefCOCO/+/g (Sec. 4.2), which is not implemented here.
 
 Run (every option: --help):
   python dshmp.py --data toy --train                     # toy data generated if missing; CPU
-  python dshmp.py --data mevis --train                   # paper configuration, MeViS in data/mevis
-  torchrun --nproc_per_node 8 dshmp.py --data mevis --train
-  python dshmp.py --data mevis --eval --eval-split valid  # submission tree + zip for the server
+  torchrun --nproc_per_node 8 dshmp.py --data mevis --train  # paper configuration, data/mevis
   python dshmp.py --data toy --predict FRAMES_DIR --text "the red circle moving to the left"
-  python dshmp.py --count-params                         # paper configuration, random init
   ablations (paper Table 1): --no-ds, --no-hmp, --no-cl
 """
 
@@ -109,9 +110,9 @@ class Config(RunConfig):
     toy_text_dim: int = 64  # toy only: width of the tiny RoBERTa (ours)
     # contrastive learning, Sec. 3.3
     cl_negatives: int = 100  # E (K in the paper), paper Sec. 4.2 / Table 2c
-    cl_start: int = 10_000  # paper Sec. 3.3 / 4.2: "computed after 10,000 iterations"
-    cl_momentum: float = 0.2  # paper Sec. 4.2 (Eq. 8 update speed)
-    cl_temperature: float = 0.07  # paper Sec. 4.2 (Eq. 9)
+    cl_start: int = 10_000  # inferred from Sec. 4.2's values (their symbols are lost; Sec. 3.3)
+    cl_momentum: float = 0.2  # Eq. (8) update speed, inferred from Sec. 4.2's values
+    cl_temperature: float = 0.07  # Eq. (9) temperature, inferred from Sec. 4.2's values
     cl_dim: int = 256  # D, official (contrastive_embed output)
     # losses, Sec. 3.4 (weights: official, Mask2Former's COCO recipe)
     w_cls: float = 2.0
@@ -125,7 +126,7 @@ class Config(RunConfig):
     lr: float = 5e-5  # paper
     lr_drop: int = 40_000  # official (x0.1)
     backbone_lr_mult: float = 0.1  # official
-    weight_decay: float = 0.05  # official
+    weight_decay: float = 0.05  # official; none on norms, embeddings, Swin position tables
     grad_clip: float = 0.01  # official (full-model L2 norm)
     batch_size: int = 8  # clips per step over all processes; official: 8 GPUs x 1
     num_frames: int = 8  # official (SAMPLING_FRAME_NUM); paper silent
@@ -133,22 +134,21 @@ class Config(RunConfig):
     short_side: int = 360  # paper Sec. 4.2
     max_size: int = 640  # paper Sec. 4.2
     score_threshold: float = 0.5  # paper Sec. 4.2 (official TEST_OUTPUT_THRESHOLD)
+    top1: bool = False  # the best video token instead of the union (Ref-YouTube-VOS, Ref-DAVIS17)
     eval_chunk: int = 18  # official: frames per chunk through Mask2Former at test
 
 
 PRESETS = {  # per-dataset deltas from the paper configuration above
-    # toy: a tiny model that trains on 2 CPU cores in minutes (ours); cl_start keeps the paper's
-    # ratio 10,000 / 50,000 of the schedule. Everything starts from random init, so the backbone
-    # gets the full lr; 8 clips x 4 frames (not 4 x 8) puts twice the sentences in a step at the
-    # same cost and grounded the words faster (valid_u J&F 0.606 / 0.614 over seeds 0 / 1, against
-    # 0.612 / 0.546 with 4 x 8).
+    # toy (ours): a tiny model for 2 CPU cores; cl_start keeps the paper's 10,000 / 50,000 ratio;
+    # random init, so the backbone gets the full lr; 8 clips x 4 frames put twice the sentences of
+    # 4 x 8 in a step at the same cost and grounded the words faster (earlier runs).
     "toy": dict(dim=64, heads=4, ffn_dim=256, m2f_layers=3, hmp_blocks=2, num_points=1024,
                 steps=1500, lr=1e-3, lr_drop=1200, backbone_lr_mult=1.0, grad_clip=1.0,
                 cl_start=300, cl_dim=64, batch_size=8, num_frames=4, short_side=64, max_size=96,
                 eval_chunk=32, workers=1, log_every=10, save_every=250),
     "mevis": dict(),
-    "ytvos": dict(eval_split="valid"),
-    "davis": dict(eval_split="valid"),
+    "ytvos": dict(eval_split="valid", top1=True),  # one target, always there: official codes' top-1
+    "davis": dict(eval_split="valid", top1=True),
 }
 ABLATIONS = ("ds", "hmp", "cl")  # named in the run folder: runs/dshmp-<data>-no-hmp, ...
 
@@ -289,15 +289,14 @@ class HierarchicalMotionPerception(nn.Module):
         self.blocks = nn.ModuleList(HMPBlock(**block) for _ in range(num_blocks))
 
     def forward(self, tokens, words, word_mask):
-        B, T, Q, C = tokens.shape
+        (B, T, _, C), K = tokens.shape, self.window
         if self.hierarchical:  # trajectories for the hierarchical merging (Table 2d)
             perm = align_tokens(tokens)  # Eq. (3), (B, T, Q)
             tokens = torch.gather(tokens, 2, repeat(perm, "b t q -> b t q c", c=C))  # (B, T, Q, C)
-        pad = -T % self.window
-        tokens = F.pad(tokens, (0, 0, 0, 0, 0, pad))  # (B, n*K, Q, C)
-        x = rearrange(tokens, "b (n k) q c -> b n k q c", k=self.window)  # (B, n, K, Q, C)
-        valid = torch.arange(T + pad, device=tokens.device) < T  # (n*K,)
-        valid = repeat(valid, "(n k) -> b n k", k=self.window, b=B)  # (B, n, K)
+        pad = -T % K  # the last window is zero-padded and masked
+        x = rearrange(F.pad(tokens, (0, 0, 0, 0, 0, pad)), "b (n k) q c -> b n k q c", k=K)
+        valid = repeat(torch.arange(T + pad, device=tokens.device) < T, "(n k) -> b n k", k=K, b=B)
+        # x (B, n, K, Q, C): n windows of K frames; valid (B, n, K): False on the padding
         for block in self.blocks:
             x = block(x, valid, words, word_mask)
         return rearrange(x, "b n k q c -> b (n k) q c")[:, :T]  # (B, T, Q, C)
@@ -398,13 +397,14 @@ class DsHmp(nn.Module):
 
     @torch.no_grad()
     def infer(self, frames, expression, *, chunk):
-        """A whole video (Sec. 4.2): frames (T, 3, H, W) go through Mask2Former in chunks, HMP
-        and the Motion Decoder run once. Returns pred_logits (M, 2), pred_masks (M, T, h, w)."""
+        """A whole video (Sec. 4.2): frames (T, 3, H, W) through Mask2Former in chunks padded to
+        multiples of 32, then HMP and the Motion Decoder once -> (M, 2), (M, T, Hp/4, Wp/4)."""
         text = self.encode_text([expression])
         queries = self.static_queries(text)  # (1, Q, C)
         tokens, mask_feats = [], []
         for part in frames.split(chunk):
-            t = len(part)
+            t, (H, W) = len(part), part.shape[-2:]
+            part = F.pad(part, (0, -W % 32, 0, -H % 32))  # (t, 3, Hp, Wp)
             chunk_text = Text(*(x.expand(t, *x.shape[1:]) for x in text))
             out, feats = self.segment_frames(part, queries.expand(t, -1, -1), chunk_text)
             tokens.append(out["query_embeds"][-1])  # (t, Q, C)
@@ -417,17 +417,14 @@ class DsHmp(nn.Module):
 class MemoryBank:
     """One centroid per target (the set of referred objects of a video) of the projected video
     tokens (Sec. 3.3); the centroids M live outside the model and travel in the checkpoint.
-    target_video (G,) long: the video of each target, for same-video negatives first."""
+    target_video (G,) long: the video of each target, for same-video negatives first; the bank
+    lives on its device."""
 
-    def __init__(self, *, num_targets, dim, target_video, momentum, generator=None):
-        centroids = torch.randn(num_targets, dim, generator=generator)  # (G, D)
-        self.centroids = F.normalize(centroids, dim=-1)  # M in the paper
+    def __init__(self, *, target_video, dim, momentum, generator=None):
+        centroids = torch.randn(len(target_video), dim, generator=generator)  # (G, D)
+        self.centroids = F.normalize(centroids, dim=-1).to(target_video.device)  # M in the paper
         self.target_video = target_video
         self.momentum = momentum
-
-    def to(self, device):
-        self.centroids, self.target_video = self.centroids.to(device), self.target_video.to(device)
-        return self
 
     @torch.no_grad()
     def update(self, anchors, targets):
@@ -448,14 +445,14 @@ class MemoryBank:
         return torch.cat([same_video, others[picked]])  # (<= count,)
 
 
-def memory_bank_targets(samples):
+def memory_bank_targets(samples, device=None):
     """Sec. 3.3: a target is the set of objects an expression refers to in its video. Returns the
-    target of each sample (num_samples,) and the video of each target (G,)."""
+    target of each sample (num_samples,) and the video of each target (G,) on `device`."""
     keys = [(s["video"], tuple(sorted(s["obj_ids"]))) for s in samples]
     target_index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
     video_index = {video: i for i, video in enumerate(dict.fromkeys(s["video"] for s in samples))}
-    sample_target = torch.tensor([target_index[key] for key in keys])
-    target_video = torch.tensor([video_index[video] for video, _ in target_index])
+    sample_target = torch.tensor([target_index[key] for key in keys], device=device)
+    target_video = torch.tensor([video_index[video] for video, _ in target_index], device=device)
     return sample_target, target_video
 
 
@@ -474,28 +471,29 @@ def contrastive_loss(anchors, bank, targets, *, num_negatives, temperature, gene
 def compute_losses(cfg, outputs, targets, *, bank=None, bank_targets=None):
     """The unweighted terms of Sec. 3.4: Mask2Former's set loss on every frame (frame_*) and on
     the video masks (video_*), and Eq. (9) with the memory bank (cl). Returns (terms, the anchors
-    for the memory bank or None)."""
+    (B, D) for the memory bank and which of them have a matched target (B,); None without one)."""
     weights = dict(w_cls=cfg.w_cls, w_bce=cfg.w_bce, w_dice=cfg.w_dice,
                    no_object_weight=cfg.no_object_weight, num_points=cfg.num_points or None)
     visible = [t["masks"].flatten(1).any(1) for t in targets]  # official: absent objects dropped
     targets = [{"masks": t["masks"][v], "labels": t["labels"][v]} for t, v in zip(targets, visible)]
     per_frame = frame_targets(targets)
-
     def count(ts):  # masks per process, averaged over the processes
         return max(float(reduce_mean(torch.tensor(float(sum(len(t["labels"]) for t in ts))))), 1.0)
-
     frame_terms, _ = set_losses(outputs["frame_outputs"], per_frame, num_masks=count(per_frame),
                                 **weights)
     video_terms, indices = set_losses(outputs, targets, num_masks=count(targets), **weights)
     terms = {**{f"frame_{k}": v for k, v in frame_terms.items()},
              **{f"video_{k}": v for k, v in video_terms.items()}}
-    anchors = None
+    anchors = matched = None
     if bank is not None:  # Sec. 3.3: the anchor averages the video tokens matched to the targets
-        anchors = torch.stack([outputs["embeds"][b, pred].mean(0)
+        embeds = outputs["embeds"]  # (B, M, D)
+        matched = torch.tensor([len(pred) > 0 for pred, _ in indices], device=embeds.device)  # (B,)
+        anchors = torch.stack([embeds[b, pred].mean(0) if len(pred) else embeds[b, 0] * 0
                                for b, (pred, _) in enumerate(indices)])  # (B, D)
-        terms["cl"] = contrastive_loss(anchors, bank, bank_targets, num_negatives=cfg.cl_negatives,
-                                       temperature=cfg.cl_temperature)
-    return terms, anchors
+        terms["cl"] = contrastive_loss(  # a clip without a visible target has no anchor
+            anchors[matched], bank, bank_targets[matched], num_negatives=cfg.cl_negatives,
+            temperature=cfg.cl_temperature) if matched.any() else 0 * embeds.sum()
+    return terms, anchors, matched
 
 
 # ---------------------------------------------------------------------------------- building
@@ -548,30 +546,27 @@ def train(cfg, ddp, root, out):
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           backbone_lr_mult=cfg.backbone_lr_mult, backbone=("pixel_level.backbone",))
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  lambda s: 0.1 if s >= cfg.lr_drop else 1.0)
-    sample_target, target_video = memory_bank_targets(dataset.samples)
-    bank = MemoryBank(num_targets=len(target_video), dim=cfg.cl_dim, target_video=target_video,
-                      momentum=cfg.cl_momentum, generator=torch.Generator().manual_seed(cfg.seed))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [cfg.lr_drop], gamma=0.1)
+    sample_target, target_video = memory_bank_targets(dataset.samples, ddp.device)
+    bank = MemoryBank(target_video=target_video, dim=cfg.cl_dim, momentum=cfg.cl_momentum,
+                      generator=torch.Generator().manual_seed(cfg.seed))
     step = 0
     if cfg.resume:
         step, extra = resume(out / "last.pt", model=model, optimizer=optimizer, scheduler=scheduler,
                              config=asdict(cfg))
-        bank.centroids = extra["memory_bank"]
-    bank.to(ddp.device)
+        bank.centroids = extra["memory_bank"].to(ddp.device)
     batches = train_batches(dataset, batch_size=cfg.batch_size, collate=collate_video, ddp=ddp,
                             seed=cfg.seed, workers=cfg.workers, start_step=step)
-    model = wrap_ddp(model, ddp)
-    model.train()
+    model = wrap_ddp(model, ddp)  # in train mode since built (a frozen text encoder stays in eval)
     with Progress(total=cfg.steps, initial=step, log_path=out / "log.jsonl") as progress:
         while step < cfg.steps:
             batch = next(batches)
             frames, targets = to_device((batch["frames"], batch["targets"]), ddp.device)
-            bank_targets = sample_target[batch["index"]].to(ddp.device)  # (B,)
+            bank_targets = sample_target[batch["index"]]  # (B,)
             with autocast(ddp.device):
                 outputs = model(frames, batch["expression"])
-            terms, anchors = compute_losses(cfg, outputs, targets, bank=bank if cfg.cl else None,
-                                            bank_targets=bank_targets)
+            terms, anchors, matched = compute_losses(
+                cfg, outputs, targets, bank=bank if cfg.cl else None, bank_targets=bank_targets)
             w_cl = cfg.w_cl if step >= cfg.cl_start else 0.0  # Sec. 3.3: after cl_start iterations
             loss = (cfg.w_cls * (terms["frame_ce"] + terms["video_ce"])
                     + cfg.w_bce * (terms["frame_bce"] + terms["video_bce"])
@@ -585,7 +580,9 @@ def train(cfg, ddp, root, out):
             scheduler.step()
             step += 1
             if cfg.cl:  # Eq. (8) with every process's anchors: the bank stays the same everywhere
-                bank.update(all_gather_cat(anchors.detach()), all_gather_cat(bank_targets))
+                keep = all_gather_cat(matched)
+                bank.update(all_gather_cat(anchors.detach())[keep],
+                            all_gather_cat(bank_targets)[keep])
             if step % cfg.log_every == 0 or step == cfg.steps:
                 scalars = reduce_dict({"loss": loss, **terms})
                 progress.log(step, scalars, lr=max(scheduler.get_last_lr()))  # the non-backbone lr
@@ -598,19 +595,25 @@ def train(cfg, ddp, root, out):
 
 # ------------------------------------------------------------------------ Sec. 4.2 inference
 @torch.no_grad()
-def predict_masks(model, frames, expression, orig_size, *, threshold, chunk):
-    """frames (T, 3, H, W) normalised -> (T, H0, W0) bool: the union of the masks of every video
-    token whose target score exceeds the threshold, empty when none does (Sec. 4.2)."""
-    H, W = frames.shape[-2:]
-    padded = F.pad(frames, (0, -W % 32, 0, -H % 32))  # (T, 3, Hp, Wp)
+def predict_masks(model, frames, expression, orig_size, *, threshold, chunk, top1=False,
+                  probabilities=False):
+    """Sec. 4.2: frames (T, 3, H, W) normalised -> (T, H0, W0): the union of the masks of every
+    video token whose target score exceeds the threshold (empty if none), or with `top1` the best
+    token's mask. Bool, or with `probabilities` float16 mask probabilities (for Ref-DAVIS17's
+    protocol). Upsampled 5 frames at a time (official): memory does not grow beyond the output."""
+    T, (H, W) = len(frames), frames.shape[-2:]
+    padded_size = (H + -H % 32, W + -W % 32)  # (Hp, Wp): infer pads every chunk of frames
     with autocast(frames.device):
-        logits, masks = model.infer(padded, expression, chunk=chunk)  # (M, 2), (M, T, Hp/4, Wp/4)
-    keep = logits.float().softmax(-1)[:, 0] > threshold  # (M,)
-    if not keep.any():
-        return torch.zeros(frames.shape[0], *orig_size, dtype=torch.bool, device=frames.device)
-    masks = F.interpolate(masks[keep].float(), size=padded.shape[-2:], mode="bilinear")  # 4x
-    masks = F.interpolate(masks[..., :H, :W], size=tuple(orig_size), mode="bilinear")
-    return (masks > 0).any(0)  # (T, H0, W0)
+        logits, masks = model.infer(frames, expression, chunk=chunk)  # (M, 2), (M, T, Hp/4, Wp/4)
+    scores = logits.float().softmax(-1)[:, 0]  # (M,)
+    keep = F.one_hot(scores.argmax(), len(scores)).bool() if top1 else scores > threshold  # (M,)
+    out = torch.zeros(T, *orig_size, dtype=torch.float16 if probabilities else torch.bool,
+                      device=frames.device)
+    for t in range(0, T if keep.any() else 0, 5):
+        part = F.interpolate(masks[keep, t:t + 5].float(), size=padded_size, mode="bilinear")
+        part = F.interpolate(part[..., :H, :W], size=tuple(orig_size), mode="bilinear").amax(0)
+        out[t:t + 5] = part.sigmoid() if probabilities else part > 0  # the union: any logit > 0
+    return out  # (T, H0, W0)
 
 
 def main(argv=None):
@@ -620,7 +623,8 @@ def main(argv=None):
 
     def rule(frames, expression, orig_size):  # Sec. 4.2 with this command's test-time settings
         return predict_masks(model, frames.to(ddp.device), expression, orig_size,
-                             threshold=cfg.score_threshold, chunk=cfg.eval_chunk)
+                             chunk=cfg.eval_chunk, threshold=cfg.score_threshold, top1=cfg.top1,
+                             probabilities=cfg.data == "davis" and not cfg.predict)
 
     with cli_errors("dshmp"):
         if cfg.count_params:

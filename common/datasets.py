@@ -34,8 +34,47 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 def _read_json(path: Path, dataset: str, what: str):
     if not path.is_file():
         raise FileNotFoundError(f"{dataset}: expected {what} at {path} (see data/README.md)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{dataset}: {what} {path} is not valid JSON (truncated or corrupt download?): {err}") from None
+
+
+def _read_pickle(path: Path, dataset: str, what: str):
+    """A pickle file (the refer API's refs(*.p)): only load files you trust."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset}: expected {what} at {path} (see data/README.md)")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
+        raise ValueError(f"{dataset}: {what} {path} is not a readable pickle (truncated or corrupt download?): "
+                         f"{type(err).__name__}: {err}") from None
+
+
+def _expression(exp, path: Path, dataset: str, where: str, key: str = "exp") -> str:
+    """The normalised expression text of a meta entry; an empty, blank or non-string one is an error."""
+    text = _key(exp, key, path, dataset, where)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{dataset}: {path} {where} has an empty expression ({text!r}); every expression needs "
+                         f"text (see data/README.md)")
+    return normalize_expression(text)
+
+
+def _as_list(value) -> list:
+    """obj_id / anno_id as a list: the json may hold one id or a list of them."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _frame_files(image_dir: Path, video: str, frames: list, dataset: str) -> None:
+    """Every frame the metadata names is on disk (one listing per video folder)."""
+    folder = _require_dir(image_dir / video, dataset, f"video {video!r}")
+    present = {p.stem for p in folder.iterdir() if p.suffix == ".jpg"}
+    missing = [f for f in frames if f not in present]
+    if missing:
+        raise FileNotFoundError(f"{dataset}: {len(missing)} of the {len(frames)} frames the metadata lists for video "
+                                f"{video!r} are not in {folder}, e.g. {missing[0]}.jpg (see data/README.md)")
 
 
 def _key(mapping, key, path: Path, dataset: str, where: str):
@@ -76,11 +115,13 @@ def resized_size(height: int, width: int, *, short_side: int, max_size: int) -> 
 
 def resize_clip(frames: torch.Tensor, masks=None, *, short_side: int, max_size: int):
     """frames (T, 3, H0, W0) uint8 -> (T, 3, H, W) uint8, antialiased bilinear (like PIL's resize);
-    masks (N, T, H0, W0) bool -> (N, T, H, W) nearest. Resizing uint8 on the CPU is several times faster than float."""
+    masks (N, T, H0, W0) bool -> (N, T, H, W) nearest-exact (pixel centres, so masks stay aligned
+    with the frames; plain "nearest" shifts them by up to a pixel). Resizing uint8 on the CPU is
+    several times faster than float."""
     size = resized_size(*frames.shape[-2:], short_side=short_side, max_size=max_size)
     frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)  # (T, 3, H, W)
     if masks is not None:
-        masks = F.interpolate(masks.view(torch.uint8), size=size, mode="nearest").bool()  # (N, T, H, W)
+        masks = F.interpolate(masks.view(torch.uint8), size=size, mode="nearest-exact").bool()  # (N, T, H, W)
     return frames, masks
 
 
@@ -91,16 +132,23 @@ def normalize(frames: torch.Tensor, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> 
     return frames.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).div_(std)
 
 
-_LEFT_RIGHT = re.compile(r"\b(left|right)(?=(?:most|ward|wards|side|s)?\b)")
+_LEFT_RIGHT = re.compile(r"\b(left|right)(?=(?:most|ward|wards|side|s)?\b)", re.IGNORECASE)
+_SWAPPED = {"left": "right", "right": "left"}
 
 
 def swap_left_right(expression: str) -> str:
-    """Swap the words left/right (also leftmost, rightward, leftside, ...) in a lower-cased expression.
+    """Swap the words left/right (also leftmost, rightward, leftside, ...) in an expression, keeping
+    their capitalisation ("Left" -> "Right", "LEFT" -> "RIGHT").
 
     Only whole words and these suffixes are touched, so "bright" or "leftover" are left alone; the
     verb "left" ("the man who left") is swapped too, which a word-level rule cannot tell apart.
     """
-    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", expression)
+    def swap(match):
+        word = match.group(1)
+        other = _SWAPPED[word.lower()]
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _LEFT_RIGHT.sub(swap, expression)
 
 
 def hflip_clip(frames: torch.Tensor, masks, expression: str):
@@ -159,7 +207,7 @@ class _ReferringVideo(torch.utils.data.Dataset):
     """
 
     name = "video dataset"
-    max_tries = 1000  # clip draws before giving up on an expression whose target is hardly ever visible
+    max_tries = 100  # clip draws before giving up on an expression whose target is hardly ever visible
 
     def __init__(self, *, train, num_frames, frame_range, short_side, max_size, flip, seed):
         self.train, self.num_frames, self.frame_range = train, num_frames, frame_range
@@ -167,13 +215,19 @@ class _ReferringVideo(torch.utils.data.Dataset):
         self.samples = []
 
     def _finish(self, samples, empty: list):
-        """Keep every sample for evaluation; in training drop those whose target is never visible, with one warning."""
-        skip = set(empty) if self.train else set()
-        self.samples = [s for s in samples if (s["video"], s["exp_id"]) not in skip]
-        if skip:
-            video, exp_id = empty[0]
-            warnings.warn(f"{self.name}: skipped {len(empty)} training expressions whose target is absent from "
-                          f"every frame (e.g. video {video!r}, exp_id {exp_id!r})", stacklevel=3)
+        """Keep every sample for evaluation. In training drop, with one warning each, those whose
+        target is never visible and those of one-frame videos (the official loaders drop both)."""
+        if self.train:
+            one_frame = [(s["video"], s["exp_id"]) for s in samples if len(s["frames"]) < 2]
+            for skipped, why in ((empty, "whose target is absent from every frame"),
+                                 (one_frame, "of videos with a single frame")):
+                if skipped:
+                    video, exp_id = skipped[0]
+                    warnings.warn(f"{self.name}: skipped {len(skipped)} training expressions {why} (e.g. video "
+                                  f"{video!r}, exp_id {exp_id!r})", stacklevel=3)
+            skip = set(empty) | set(one_frame)
+            samples = [s for s in samples if (s["video"], s["exp_id"]) not in skip]
+        self.samples = samples
 
     def __len__(self):
         return len(self.samples)
@@ -193,22 +247,23 @@ class _ReferringVideo(torch.utils.data.Dataset):
     def _train_item(self, index, sample):
         generator = item_generator(self.seed)
         visible = self._visible(sample)  # (L,)
-        for _ in range(self.max_tries):  # DsHmp redraws the whole clip until a target pixel is in it
+        for _ in range(self.max_tries):  # redraw the whole clip until a target pixel survives the resize
             frame_idx = sample_clip(len(sample["frames"]), num_frames=self.num_frames,
                                     frame_range=self.frame_range, generator=generator)
             if not visible[frame_idx].any():
                 continue
             frames = self._load_frames(sample, frame_idx)  # (T, 3, H0, W0)
-            masks = torch.from_numpy(self._load_masks(sample, frame_idx, tuple(frames.shape[-2:])))  # (N, T, H0, W0)
+            orig_size = tuple(frames.shape[-2:])
+            masks = torch.from_numpy(self._load_masks(sample, frame_idx, orig_size))  # (N, T, H0, W0)
+            # official: visibility is checked after resizing, where a target of a few pixels can vanish
+            frames, masks = resize_clip(frames, masks, short_side=self.short_side, max_size=self.max_size)
             if masks.any():
                 break
         else:
-            raise RuntimeError(f"{self.name}: no target pixel in {self.max_tries} sampled clips of video "
-                               f"{sample['video']!r}, exp_id {sample['exp_id']!r} (visible in {int(visible.sum())} "
-                               f"of {len(visible)} frames)")
-        orig_size = tuple(frames.shape[-2:])
+            raise RuntimeError(f"{self.name}: no target pixel left after resizing in {self.max_tries} sampled clips "
+                               f"of video {sample['video']!r}, exp_id {sample['exp_id']!r} (visible at full size in "
+                               f"{int(visible.sum())} of {len(visible)} frames)")
         expression = sample["expression"]
-        frames, masks = resize_clip(frames, masks, short_side=self.short_side, max_size=self.max_size)
         if self.flip and _coin(generator):  # flipping after the resize touches fewer pixels
             frames, masks, expression = hflip_clip(frames, masks, expression)
         return {
@@ -254,16 +309,18 @@ def _split_dir(root, split, dataset: str) -> Path:
 
 class MeViS(_ReferringVideo):
     """MeViS (Ding et al., ICCV'23) in its release layout: <root>/<split>/{meta_expressions.json,
-    mask_dict.json, JPEGImages/<video>/<frame>.jpg}; `valid` has no mask_dict.json (items get gt None).
+    mask_dict.json, JPEGImages/<video>/<frame>.jpg}. The online splits `valid` and `test` have no
+    mask_dict.json (items get gt None); every other split must have one.
 
     Training items are DsHmp clips with one mask track per anno_id; evaluation items are whole
     videos with the union of the targets at original resolution. Expressions whose target is
     absent from every frame are skipped in training (one warning) and kept for evaluation.
-    Checked at init: the json files and keys, mask lists (one entry per frame), and that each
-    video folder exists; frame files and RLE contents are checked when read.
+    Checked at init: the json files and keys, the expressions (not empty), the mask lists (one
+    entry per frame) and that every listed frame file exists; RLE contents are checked when read.
     """
 
     name = "MeViS"
+    maskless_splits = ("valid", "test")  # scored by the challenge server
 
     def __init__(self, root, split, *, train: bool, num_frames=8, frame_range=10, short_side=360, max_size=640,
                  flip=True, seed=0):
@@ -275,15 +332,17 @@ class MeViS(_ReferringVideo):
         videos = _key(meta, "videos", meta_path, "MeViS", "the top level")
         self.mask_path = split_dir / "mask_dict.json"
         self.has_masks = self.mask_path.is_file()
-        if train and not self.has_masks:
-            raise FileNotFoundError(f"MeViS: training needs masks, expected {self.mask_path} (see data/README.md)")
+        if not self.has_masks and (train or split not in self.maskless_splits):
+            raise FileNotFoundError(f"MeViS: {'training' if train else f'split {split!r}'} needs masks, expected "
+                                    f"{self.mask_path} (only the online splits {'/'.join(self.maskless_splits)} come "
+                                    f"without them; see data/README.md)")
         mask_dict = _read_json(self.mask_path, "MeViS", "the mask file") if self.has_masks else {}
         self.image_dir = _require_dir(split_dir / "JPEGImages", "MeViS", "frame")
         samples, empty = [], []
         for video, entry in videos.items():
             where = f"videos[{video!r}]"
             frames = sorted(_key(entry, "frames", meta_path, "MeViS", where))
-            _require_dir(self.image_dir / video, "MeViS", f"video {video!r}")
+            _frame_files(self.image_dir, video, frames, "MeViS")
             for exp_id, exp in _key(entry, "expressions", meta_path, "MeViS", where).items():
                 where_exp = f"{where}['expressions'][{exp_id!r}]"
                 if self.has_masks:
@@ -293,9 +352,9 @@ class MeViS(_ReferringVideo):
                 sample = {
                     "video": video,
                     "exp_id": str(exp_id),
-                    "expression": normalize_expression(_key(exp, "exp", meta_path, "MeViS", where_exp)),
-                    "obj_ids": [int(o) for o in exp.get("obj_id", [])],
-                    "anno_ids": [str(a) for a in anno_ids],
+                    "expression": _expression(exp, meta_path, "MeViS", where_exp),
+                    "obj_ids": [int(o) for o in _as_list(exp.get("obj_id", []))],
+                    "anno_ids": [str(a) for a in _as_list(anno_ids)],
                     "frames": frames,
                 }
                 for anno_id in sample["anno_ids"] if self.has_masks else []:
@@ -364,10 +423,11 @@ class _PaletteVideo(_ReferringVideo):
     def __init__(self, root, split, *, train, num_frames, frame_range, short_side, max_size, flip, seed):
         super().__init__(train=train, num_frames=num_frames, frame_range=frame_range, short_side=short_side,
                          max_size=max_size, flip=flip, seed=seed)
-        root = _require_dir(Path(root), self.name, "dataset root")
+        self.root = root = _require_dir(Path(root), self.name, "dataset root")
         meta_path = root / "meta_expressions" / split / "meta_expressions.json"
         videos = _key(_read_json(meta_path, self.name, "the expression file"), "videos", meta_path, self.name,
                       "the top level")
+        videos = self._select_videos(root, split, videos)
         split_dir = _require_dir(root / split, self.name, f"split {split!r}")
         self.image_dir = _require_dir(split_dir / "JPEGImages", self.name, "frame")
         self.annotation_dir = split_dir / "Annotations"
@@ -385,15 +445,15 @@ class _PaletteVideo(_ReferringVideo):
         for video, entry in videos.items():
             where = f"videos[{video!r}]"
             frames = sorted(_key(entry, "frames", meta_path, self.name, where))
-            _require_dir(self.image_dir / video, self.name, f"video {video!r}")
+            _frame_files(self.image_dir, video, frames, self.name)
             for exp_id, exp in _key(entry, "expressions", meta_path, self.name, where).items():
                 where_exp = f"{where}['expressions'][{exp_id!r}]"
                 obj_id = _key(exp, "obj_id", meta_path, self.name, where_exp) if self.has_masks else exp.get("obj_id")
-                obj_ids = [] if obj_id is None else [int(o) for o in (obj_id if isinstance(obj_id, list) else [obj_id])]
+                obj_ids = [] if obj_id is None else [int(o) for o in _as_list(obj_id)]
                 sample = {
                     "video": video,
                     "exp_id": str(exp_id),
-                    "expression": normalize_expression(_key(exp, "exp", meta_path, self.name, where_exp)),
+                    "expression": _expression(exp, meta_path, self.name, where_exp),
                     "obj_ids": obj_ids,
                     "anno_ids": [str(o) for o in obj_ids],  # the palette value, as a string
                     "frames": frames,
@@ -409,6 +469,9 @@ class _PaletteVideo(_ReferringVideo):
                         empty.append((video, str(exp_id)))
                 samples.append(sample)
         self._finish(samples, empty)
+
+    def _select_videos(self, root: Path, split: str, videos: dict) -> dict:
+        return videos
 
     def _scan_video(self, video, frames) -> dict:
         seen = {}
@@ -445,9 +508,24 @@ class _PaletteVideo(_ReferringVideo):
 
 class RefYouTubeVOS(_PaletteVideo):
     """Ref-YouTube-VOS (Seo et al., ECCV'20; the RVOS challenge release): see `_PaletteVideo` and
-    data/README.md for the layout; the public `valid` split has no Annotations (gt None)."""
+    data/README.md for the layout; the public `valid` split has no Annotations (gt None).
+
+    The release's meta_expressions/valid/meta_expressions.json lists the 202 valid videos and the
+    305 test videos; as ReferFormer (inference_ytvos.py), `valid` keeps only the videos that
+    meta_expressions/test/meta_expressions.json does not list, and says how many it kept."""
 
     name = "Ref-YouTube-VOS"
+
+    def _select_videos(self, root: Path, split: str, videos: dict) -> dict:
+        if split != "valid":
+            return videos
+        test_path = root / "meta_expressions" / "test" / "meta_expressions.json"
+        test = _key(_read_json(test_path, self.name, "the test expression file (it names the test videos that "
+                               "valid's expression file also lists)"), "videos", test_path, self.name, "the top level")
+        kept = {video: entry for video, entry in videos.items() if video not in test}
+        print(f"{self.name}: valid keeps {len(kept)} of the {len(videos)} videos its expression file lists "
+              f"(the other {len(videos) - len(kept)} are the test videos of {test_path}; the release has 202)")
+        return kept
 
     def __init__(self, root, split, *, train: bool, num_frames=8, frame_range=10, short_side=360, max_size=640,
                  flip=True, seed=0):
@@ -504,10 +582,7 @@ class RefCOCO(torch.utils.data.Dataset):
         data_dir = _require_dir(Path(root), "RefCOCO", "dataset root") / dataset
         self.image_root = _require_dir(Path(image_root), "RefCOCO", "image (COCO train2014)")
         refs_path = data_dir / f"refs({split_by}).p"
-        if not refs_path.is_file():
-            raise FileNotFoundError(f"RefCOCO: expected the refs pickle at {refs_path} (see data/README.md)")
-        with open(refs_path, "rb") as f:
-            refs = pickle.load(f)
+        refs = _read_pickle(refs_path, "RefCOCO", "the refs pickle")
         self.instances_path = data_dir / "instances.json"
         instances = _read_json(self.instances_path, "RefCOCO", "the COCO instances file")
         images = {img["id"]: img for img in _key(instances, "images", self.instances_path, "RefCOCO", "the top level")}
@@ -519,14 +594,17 @@ class RefCOCO(torch.utils.data.Dataset):
             raise ValueError(f"RefCOCO: no refs with split {split!r} in {refs_path}; it has splits "
                              f"{sorted({r['split'] for r in refs})}")
         self.sentences, self.ref_ann, self.image_refs, self.samples = {}, {}, {}, []
-        for ref in selected:
+        no_sentences = [r.get("ref_id") for r in selected if not r.get("sentences")]
+        if no_sentences:
+            warnings.warn(f"RefCOCO: skipped {len(no_sentences)} refs of split {split!r} with no sentences in "
+                          f"{refs_path} (e.g. ref_id {no_sentences[0]})", stacklevel=2)
+        for ref in (r for r in selected if r.get("sentences")):
             for k in ref_keys:
                 _key(ref, k, refs_path, "RefCOCO", f"ref {ref.get('ref_id')}")
             ann = _key(self.annotations, ref["ann_id"], self.instances_path, "RefCOCO", "annotations (ids)")
             image = _key(images, ref["image_id"], self.instances_path, "RefCOCO", "images (ids)")
-            self.sentences[ref["ref_id"]] = [normalize_expression(_key(s, "sent", refs_path, "RefCOCO",
-                                                                   f"ref {ref['ref_id']} sentences"))
-                                             for s in ref["sentences"]]
+            self.sentences[ref["ref_id"]] = [_expression(s, refs_path, "RefCOCO", f"ref {ref['ref_id']} sentences",
+                                                         key="sent") for s in ref["sentences"]]
             self.ref_ann[ref["ref_id"]] = ann["id"]
             self.image_refs.setdefault(ref["image_id"], []).append(ref["ref_id"])
             for position, sent in enumerate(ref["sentences"]):

@@ -36,12 +36,14 @@ def _randperm(n, *, device, generator=None):
 def point_sample(masks, coords):
     """Bilinearly sample `masks` (N, c, H, W) at `coords` (N, P, 2), given as (x, y) in [0, 1]^2.
 
-    Returns (N, c, P). Normalised coordinates address the same place on masks of any size, so
-    low-resolution predictions and full-resolution targets can be compared point by point without
-    resizing either (detectron2 point_features.py `point_sample`, align_corners=False).
+    Returns (N, c, P) float32. Normalised coordinates address the same place on masks of any size,
+    so low-resolution predictions and full-resolution targets can be compared point by point without
+    resizing either (detectron2 point_features.py `point_sample`, align_corners=False). Always in
+    float32: bf16 logits (CUDA autocast) sampled at bf16-rounded coordinates would be read about
+    0.3 px away from where the float32 labels are read.
     """
-    grid = rearrange(2.0 * coords - 1.0, "n p xy -> n p 1 xy")  # (N, P, 1, 2) in [-1, 1]
-    values = F.grid_sample(masks, grid.to(masks.dtype), mode="bilinear", align_corners=False)  # (N, c, P, 1)
+    grid = rearrange(2.0 * coords.float() - 1.0, "n p xy -> n p 1 xy")  # (N, P, 1, 2) in [-1, 1]
+    values = F.grid_sample(masks.float(), grid, mode="bilinear", align_corners=False)  # (N, c, P, 1)
     return rearrange(values, "n c p 1 -> n c p")  # (N, c, P)
 
 

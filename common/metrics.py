@@ -24,12 +24,14 @@ video functions run batched over frames on the masks' device, without OpenCV: th
     video = VideoMetrics(); video.add(pred, gt, key="vid_exp"); video.summary()  # {"J", "F", "J&F", "n"}
     image = ImageMetrics(); image.add(pred, gt); image.summary()  # {"mIoU", "oIoU", "Pr@0.5", ...}
     oc_iou([(gt, preds), ...])       # float, preds (K, H, W) for the K expressions of one object
+    davis_unsupervised(gt_labels, pred_labels)  # Ref-DAVIS17: J and F of each GT object, Hungarian-matched
 """
 import math
 
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 # Shapes: T frames (t in a chunk), H W mask size (h w of a window), N image samples, K expressions
@@ -359,3 +361,41 @@ def oc_iou(groups) -> float:
         union = (gt | preds.any(0)).sum().item()  # Eq. (9) denominator
         scores.append(inter / union if union else 0.0)
     return float(np.mean(scores)) if scores else math.nan  # Eq. (10)
+
+
+# ----------------------------------------------------- DAVIS-2017 unsupervised task (Ref-DAVIS17)
+DAVIS_VOID = 255  # davis2017-evaluation DAVIS.VOID_LABEL
+DAVIS_MAX_PROPOSALS = 20  # davis2017-evaluation _evaluate_unsupervised max_n_proposals
+
+
+def davis_unsupervised(gt_labels, pred_labels) -> tuple:
+    """One sequence scored as davis2017-evaluation's unsupervised task (evaluation.py
+    `_evaluate_unsupervised`, the default of ReferFormer's eval_davis.py for Ref-DAVIS17).
+
+    gt_labels: (T, H, W) integer palette values of the ground truth, objects 1..G (G = the largest
+    value in the first frame, as davis.py `get_all_masks`), 255 = void (excluded from J and F).
+    pred_labels: (T, H, W) integer palette values of the prediction, proposals 1..P (P = the
+    largest value anywhere, as results.py `read_masks`), at most 20. Every pair (proposal, GT
+    object) is scored by its mean J and mean F over the frames; the proposals (padded with empty
+    ones to G) are assigned to the GT objects by the Hungarian algorithm on (J + F) / 2.
+    Returns J (G, T) and F (G, T), float64 numpy: the per-frame scores of the assigned pairs.
+    """
+    gt, pred = torch.as_tensor(np.asarray(gt_labels)), torch.as_tensor(np.asarray(pred_labels))
+    if gt.shape != pred.shape or gt.ndim != 3:
+        raise ValueError(f"expected gt and prediction labels of one shape (T, H, W), got {tuple(gt.shape)} and "
+                         f"{tuple(pred.shape)}")
+    void = gt == DAVIS_VOID  # (T, H, W)
+    num_gt, num_pred = int(gt[0].masked_fill(void[0], 0).max()), int(pred.max())
+    if num_pred > DAVIS_MAX_PROPOSALS:
+        raise ValueError(f"{num_pred} proposals: the DAVIS unsupervised task allows at most {DAVIS_MAX_PROPOSALS}")
+    num_pred = max(num_pred, num_gt)  # the official code pads with empty proposals
+    j = np.zeros((num_pred, num_gt, len(gt)))  # (P, G, T)
+    f = np.zeros((num_pred, num_gt, len(gt)))
+    for g in range(num_gt):
+        target = gt == g + 1  # (T, H, W); void pixels belong to no object
+        for p in range(num_pred):
+            proposal = (pred == p + 1) & ~void  # void pixels are removed from the prediction
+            j[p, g], f[p, g] = jaccard(proposal, target).numpy(), boundary_f(proposal, target).numpy()
+    rows, cols = linear_sum_assignment(-(j.mean(2) + f.mean(2)) / 2)
+    return j[rows, cols], f[rows, cols]
+

@@ -56,7 +56,7 @@ from common.backbones import WeightsNotFoundError
 from common.datasets import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize, resize_clip
 from common.engine import (CheckpointError, all_gather_object, barrier, denormalize, is_main, load_checkpoint,
                            read_checkpoint, reduce_mean, save_overlays)
-from common.metrics import ImageMetrics, VideoMetrics, oc_iou
+from common.metrics import ImageMetrics, VideoMetrics, davis_unsupervised, oc_iou
 from common.text import normalize_expression
 
 # Shapes: T frames, H W resized frame size, H0 W0 original size, K expressions of one object.
@@ -156,7 +156,7 @@ def config_from_dict(config_cls, values: dict):
 
 # ---------------------------------------------------------------------------------- folders
 DATA_ROOTS = {  # default --data-root of each dataset: data/README.md
-    "mevis": "data/mevis", "ytvos": "data/ref-youtube-vos", "davis": "data/ref-davis17",
+    "mevis": "data/mevis", "ytvos": "data/ref-youtube-vos", "davis": "data/ref-davis",
     "refcoco": "data/refer", "refcoco+": "data/refer", "refcocog": "data/refer",
 }
 TOY_ROOTS = {"video": "data/toy/mevis", "image": "data/toy/refcoco"}  # data/toy.py writes both
@@ -322,8 +322,12 @@ def evaluate_video(dataset, predict, *, out: Path, data: str, split: str, checkp
     motion-only expressions). A split without (MeViS valid, Ref-YouTube-VOS valid): the
     submission tree <out>/submission-<split>/[Annotations/]<video>/<exp_id>/<frame>.png and its zip.
     The first `show` expressions are drawn (prediction filled red, ground truth outlined green, the
-    expression written on) in <out>/vis/. Returns the eval dict on the main process, else None.
+    expression written on) in <out>/vis/. Ref-DAVIS17 (data "davis") is scored by its own
+    protocol, where `predict` returns mask probabilities: see `_evaluate_davis`. Returns the eval
+    dict on the main process, else None.
     """
+    if data == "davis":
+        return _evaluate_davis(dataset, predict, out=Path(out), split=split, checkpoint=checkpoint)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     submission = Path(out) / f"submission-{split}"
     metrics, shown = VideoMetrics(), 0
@@ -351,6 +355,82 @@ def evaluate_video(dataset, predict, *, out: Path, data: str, split: str, checkp
     result = {"split": split, "checkpoint": str(checkpoint), **_summaries(VideoMetrics, records, subsets),
               "per_expression": records}
     return _write_eval(result, Path(out))
+
+
+DAVIS_ANNOTATORS = 4  # Ref-DAVIS17 expressions per object: 2 annotators x (first frame, full video)
+
+
+@torch.no_grad()
+def _evaluate_davis(dataset, predict, *, out: Path, split: str, checkpoint: str = ""):
+    """Ref-DAVIS17 by ReferFormer's protocol (inference_davis.py, eval_davis.py), which the papers'
+    tables follow. The expressions of a video come four per object (expression i = 4 x object +
+    annotator). For each annotator, the masks of that annotator's expressions are merged into one
+    palette PNG per frame: each object's mask probability (0 where below 0.5) against a constant
+    background score of 0.1, argmax. Each annotator's result set is scored by davis2017-evaluation
+    in its unsupervised task on DAVIS-2017 val (`davis_unsupervised`: <root>/DAVIS/
+    Annotations_unsupervised/480p, every frame, objects matched by Hungarian assignment on J&F):
+    J and F are the means over the GT objects of their per-frame means, J&F = (J + F) / 2. The
+    reported J, F and J&F are the means over the four annotators. The merged PNGs are written to
+    <out>/davis-<split>/anno_<k>/<video>/<frame>.png, where the official eval_davis.py can read them.
+    `predict(item) -> (T, H0, W0)` mask probabilities of the item's expression."""
+    davis = Path(dataset.root) / "DAVIS"
+    annotations = davis / "Annotations_unsupervised" / "480p"
+    sequences_file = davis / "ImageSets" / "2017" / "val.txt"
+    for path in (annotations, sequences_file):
+        if not path.exists():
+            raise FileNotFoundError(f"Ref-DAVIS17 evaluation needs DAVIS-2017's {path} (the unzipped "
+                                    f"DAVIS-2017-Unsupervised-trainval-480p.zip; see data/README.md)")
+    by_video = {}
+    for i, sample in enumerate(dataset.samples):  # expressions in the order of the json, as ReferFormer
+        by_video.setdefault(sample["video"], []).append(i)
+    sequences = sequences_file.read_text().split()
+    missing = [video for video in sequences if video not in by_video]
+    if missing or any(len(by_video[v]) % DAVIS_ANNOTATORS for v in sequences):
+        raise ValueError(f"Ref-DAVIS17: every DAVIS-2017 val sequence needs 4 expressions per object; missing "
+                         f"{missing}, counts {({v: len(by_video.get(v, [])) for v in sequences})}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    records = []
+    for video in tqdm(sequences[rank::world], desc=f"eval {split}", disable=not is_main()):
+        pngs = sorted(annotations.glob(f"{video}/*.png"))
+        with Image.open(pngs[0]) as first:
+            palette = first.getpalette()
+        gt = np.stack([np.asarray(Image.open(png)) for png in pngs])  # (T, H, W)
+        indices = by_video[video]
+        for annotator in range(DAVIS_ANNOTATORS):
+            best = labels = None
+            for k, i in enumerate(indices[annotator::DAVIS_ANNOTATORS]):  # object k of this annotator
+                item = dataset[i]
+                scores = predict(item).float().cpu()  # (T, H0, W0) mask probabilities
+                scores = scores.masked_fill(scores < 0.5, 0.0)  # official: below 0.5 is no claim
+                if best is None:
+                    best = torch.full_like(scores, 0.1)  # official background score
+                    labels = torch.zeros(scores.shape, dtype=torch.uint8)
+                better = scores > best  # argmax: the first of equal scores wins, as torch.argmax
+                labels[better], best = k + 1, torch.maximum(best, scores)
+            if labels.shape != gt.shape:
+                raise ValueError(f"Ref-DAVIS17: {video} has {len(gt)} ground-truth frames of {gt.shape[1:]} in "
+                                 f"{annotations}, the predictions {tuple(labels.shape)}")
+            folder = out / f"davis-{split}" / f"anno_{annotator}" / video
+            folder.mkdir(parents=True, exist_ok=True)
+            for png, frame in zip(pngs, labels.numpy()):
+                image = Image.fromarray(frame, mode="P")
+                image.putpalette(palette)
+                image.save(folder / png.name)
+            j, f = davis_unsupervised(gt, labels.numpy())  # (G, T) each
+            records += [{"key": f"{video}/{g + 1}", "annotator": annotator, "J": float(j[g].mean()),
+                         "F": float(f[g].mean())} for g in range(len(j))]
+    records = [r for part in all_gather_object(records) for r in part]
+    if not is_main():
+        return None
+    per_annotator = []
+    for annotator in range(DAVIS_ANNOTATORS):
+        mine = [r for r in records if r["annotator"] == annotator]
+        j, f = float(np.mean([r["J"] for r in mine])), float(np.mean([r["F"] for r in mine]))
+        per_annotator.append({"J": j, "F": f, "J&F": (j + f) / 2, "n": len(mine)})
+    result = {"split": split, "checkpoint": str(checkpoint), "protocol": "ReferFormer (Ref-DAVIS17)",
+              **{k: float(np.mean([a[k] for a in per_annotator])) for k in ("J", "F", "J&F")},
+              "per_annotator": per_annotator, "per_object": records}
+    return _write_eval(result, out)
 
 
 @torch.no_grad()
@@ -393,7 +473,7 @@ def evaluate_image(dataset, predict, *, out: Path, split: str, checkpoint: str =
 def _write_eval(result: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
-    summary = {k: v for k, v in result.items() if k not in ("per_expression", "per_object")}
+    summary = {k: v for k, v in result.items() if k not in ("per_expression", "per_object", "per_annotator")}
     print(f"{json.dumps(summary)} -> {out / 'eval.json'}")
     return result
 

@@ -103,6 +103,7 @@ def test_swap_left_right():
     assert swap_left_right("bright light, leftover food, moving rightward") == \
         "bright light, leftover food, moving leftward"
     assert swap_left_right("left-hand side") == "right-hand side"
+    assert swap_left_right("Left dog, RIGHT cat, Rightmost bird") == "Right dog, LEFT cat, Leftmost bird"
 
 
 def test_sample_clip_rules():
@@ -228,7 +229,7 @@ def test_mevis_resamples_until_target_visible(tmp_path):
         assert any(all(abs(f - ref) <= 2 for f in clip) for ref in clip)
         assert item["masks"][0, clip.index(25)].sum() == 16 and item["masks"].sum() == 16
     ds.max_tries = 0
-    with pytest.raises(RuntimeError, match=r"'v2', exp_id '0' \(visible in 1 of 30 frames\)"):
+    with pytest.raises(RuntimeError, match=r"'v2', exp_id '0' \(visible at full size in 1 of 30 frames\)"):
         ds[index]
 
 
@@ -323,10 +324,121 @@ def test_mevis_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{mask_path}['11'][3]") + ".*sum to 10"):
         ds[index_of(ds, "v1", "1")]
     mask_path.write_text(json.dumps(masks))
+    # a frame the metadata lists but the disk lacks is found when the dataset is built, not when read
     (root / "train" / "JPEGImages" / "v1" / "00004.jpg").unlink()
-    ds = MeViS(root, "train", train=False)
-    with pytest.raises(FileNotFoundError, match=re.escape(str(root / "train" / "JPEGImages" / "v1" / "00004.jpg"))):
-        ds[index_of(ds, "v1", "0")]
+    with pytest.raises(FileNotFoundError, match=r"1 of the 6 frames .* video 'v1' .*00004\.jpg"):
+        MeViS(root, "train", train=False)
+
+
+def write_json_text(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_bad_annotation_files_name_themselves(tmp_path):
+    root = write_mevis(tmp_path / "m")
+    meta_path = root / "train" / "meta_expressions.json"
+    meta_path.write_text(meta_path.read_text()[:50])  # a truncated download
+    with pytest.raises(ValueError, match=re.escape(str(meta_path)) + ".*not valid JSON"):
+        MeViS(root, "train", train=False)
+    refs_root, images = write_refcoco(tmp_path / "r")
+    refs_path = refs_root / "refcoco" / "refs(unc).p"
+    refs_path.write_bytes(refs_path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=re.escape(str(refs_path)) + ".*not a readable pickle"):
+        RefCOCO(refs_root, images, split="train", train=False)
+
+
+@pytest.mark.parametrize("text", ["", "   ", None, 7])
+def test_empty_expressions_are_errors_that_name_the_video(tmp_path, text):
+    root = write_mevis(tmp_path)
+    meta_path = root / "train" / "meta_expressions.json"
+    meta = json.loads(meta_path.read_text())
+    meta["videos"]["v1"]["expressions"]["1"]["exp"] = text
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"\['v1'\]\['expressions'\]\['1'\] has an empty expression"):
+        MeViS(root, "train", train=False)
+
+
+def test_scalar_ids_and_refs_without_sentences(tmp_path):
+    root = write_mevis(tmp_path / "m")
+    meta_path = root / "train" / "meta_expressions.json"
+    meta = json.loads(meta_path.read_text())
+    meta["videos"]["v1"]["expressions"]["0"].update(obj_id=0, anno_id=10)  # one id, not a list
+    meta_path.write_text(json.dumps(meta))
+    sample = MeViS(root, "train", train=False).samples[0]
+    assert (sample["obj_ids"], sample["anno_ids"]) == ([0], ["10"])
+    refs_root, images = write_refcoco(tmp_path / "r")
+    refs_path = refs_root / "refcoco" / "refs(unc).p"
+    refs = pickle.loads(refs_path.read_bytes())
+    refs[1]["sentences"] = []
+    refs_path.write_bytes(pickle.dumps(refs))
+    with pytest.warns(UserWarning, match=r"skipped 1 refs of split 'train' with no sentences .*ref_id 1"):
+        ds = RefCOCO(refs_root, images, split="train", train=False)
+    assert [s["ref_id"] for s in ds.samples] == [0, 0, 2]
+
+
+def test_valid_u_needs_its_masks_and_valid_does_not(tmp_path):
+    root = write_mevis(tmp_path, split="valid_u", masks=False)
+    with pytest.raises(FileNotFoundError, match=r"split 'valid_u' needs masks, expected .*valid_u.mask_dict\.json"):
+        MeViS(root, "valid_u", train=False)
+    root = write_mevis(tmp_path, split="valid", masks=False)
+    assert MeViS(root, "valid", train=False)[0]["gt"] is None
+
+
+def test_a_tiny_target_is_redrawn_until_it_survives_the_resize(tmp_path):
+    """A 2x2 target at full size vanishes when 72x96 frames shrink to 12x16; the clip is drawn again
+    until a frame where the target is large enough is in it (the official loader checks visibility
+    after resizing)."""
+    split_dir = tmp_path / "train"
+    tiny, big = np.zeros((72, 96), np.uint8), np.zeros((72, 96), np.uint8)
+    tiny[1:3, 1:3] = 1  # between the pixels that nearest and nearest-exact sample at scale 1/6
+    big[24:48, 24:48] = 1
+    for t in range(6):
+        write_jpeg(split_dir / "JPEGImages" / "v" / f"{t:05d}.jpg", np.full((72, 96, 3), 90, np.uint8))
+    masks = {"1": [rle_encode(big if t == 5 else tiny) for t in range(6)], "2": [rle_encode(tiny)] * 6}
+    meta = {"videos": {"v": {"frames": [f"{t:05d}" for t in range(6)], "expressions": {
+        "0": {"exp": "the dot", "obj_id": [1], "anno_id": [1]},
+        "1": {"exp": "the speck", "obj_id": [2], "anno_id": [2]}}}}}
+    (split_dir / "meta_expressions.json").write_text(json.dumps(meta))
+    (split_dir / "mask_dict.json").write_text(json.dumps(masks))
+    ds = MeViS(tmp_path, "train", train=True, num_frames=2, frame_range=2, short_side=12, max_size=16, flip=False)
+    torch.manual_seed(0)
+    for _ in range(10):
+        item = ds[0]
+        assert item["masks"].any() and 5 in item["frame_idx"].tolist()
+    with pytest.raises(RuntimeError, match="no target pixel left after resizing .*'v', exp_id '1'"):
+        ds[1]  # never large enough
+
+
+def test_masks_stay_aligned_with_the_frames_when_resized():
+    """nearest-exact samples pixel centres, as the frames' bilinear resize does; plain nearest
+    shifts a mask by up to a pixel. A 4x4 block at (4, 4) of a 16x16 frame halves to (2, 2)."""
+    from common.datasets import resize_clip
+    frames = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    frames[..., 4:8, 4:8] = 255
+    masks = (frames[:, :1] > 0)[None, :, 0]  # (1, 1, 16, 16)
+    small_frames, small_masks = resize_clip(frames, masks, short_side=8, max_size=8)
+    bright = small_frames[0, 0] > 127
+    assert torch.equal(small_masks[0, 0], bright) and bright[2:4, 2:4].all() and bright.sum() == 4
+
+
+def test_one_frame_videos_are_skipped_in_training(tmp_path):
+    root = write_mevis(tmp_path)
+    split_dir = root / "train"
+    write_jpeg(split_dir / "JPEGImages" / "v3" / "00000.jpg", gray_frame(50))
+    meta = json.loads((split_dir / "meta_expressions.json").read_text())
+    masks = json.loads((split_dir / "mask_dict.json").read_text())
+    meta["videos"]["v3"] = {"frames": ["00000"], "expressions": {"0": {"exp": "a still", "obj_id": [0],
+                                                                      "anno_id": ["30"]}}}
+    masks["30"] = [rle_encode(box(0, 8, 0, 8))]
+    (split_dir / "meta_expressions.json").write_text(json.dumps(meta))
+    (split_dir / "mask_dict.json").write_text(json.dumps(masks))
+    with pytest.warns(UserWarning) as caught:
+        train = MeViS(root, "train", train=True)
+    assert any(re.search(r"skipped 1 training expressions of videos with a single frame .*'v3'", str(w.message))
+               for w in caught)
+    assert "v3" not in {s["video"] for s in train.samples}
+    assert "v3" in {s["video"] for s in MeViS(root, "train", train=False).samples}  # evaluation keeps it
 
 
 # ---------------------------------------------------------------- Ref-YouTube-VOS / Ref-DAVIS17
@@ -361,6 +473,22 @@ def write_palette_tree(root: Path, split="train", annotations=True, frame_lists=
     return root
 
 
+def test_ytvos_valid_keeps_only_the_valid_videos(tmp_path, capsys):
+    """The release's valid expression file also lists the test videos; as ReferFormer, they go."""
+    root = write_palette_tree(tmp_path, split="valid", annotations=False)
+    meta_path = root / "meta_expressions" / "valid" / "meta_expressions.json"
+    meta = json.loads(meta_path.read_text())
+    meta["videos"]["t"] = {"frames": ["00000"], "expressions": {"0": {"exp": "a test video"}}}
+    meta_path.write_text(json.dumps(meta))  # its frames are not on disk, as in the release
+    with pytest.raises(FileNotFoundError, match=re.escape(str(root / "meta_expressions" / "test"))):
+        RefYouTubeVOS(root, "valid", train=False)
+    write_json_text(root / "meta_expressions" / "test" / "meta_expressions.json",
+                    json.dumps({"videos": {"t": meta["videos"]["t"]}}))
+    ds = RefYouTubeVOS(root, "valid", train=False, short_side=24)
+    assert {s["video"] for s in ds.samples} == {"a"} and ds[0]["gt"] is None
+    assert "valid keeps 1 of the 2 videos" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("reader, frame_lists", [(RefYouTubeVOS, True), (RefDAVIS17, False)])
 def test_palette_readers(tmp_path, reader, frame_lists):
     root = write_palette_tree(tmp_path, frame_lists=frame_lists)
@@ -386,6 +514,7 @@ def test_palette_readers(tmp_path, reader, frame_lists):
 
 def test_palette_valid_split_and_bad_inputs(tmp_path):
     root = write_palette_tree(tmp_path, split="valid", annotations=False, frame_lists=False)
+    write_json_text(root / "meta_expressions" / "test" / "meta_expressions.json", json.dumps({"videos": {}}))
     item = RefYouTubeVOS(root, "valid", train=False, short_side=24)[1]
     assert item["gt"] is None and item["frames"].shape == (4, 3, 24, 32) and item["exp_id"] == "1"
     with pytest.raises(FileNotFoundError, match=re.escape(str(root / "valid" / "Annotations"))):

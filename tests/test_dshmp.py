@@ -141,6 +141,34 @@ def test_hierarchical_cross_attention_equals_hand_computation():
     assert torch.allclose(out[0, 0], expected, atol=1e-5)
 
 
+def test_hierarchical_cross_attention_with_a_window_of_six():
+    """Eq. (7) expands every stage back to the frames by the frames each merged token covers: with
+    K = 6, stage 1 merges pairs (2 frames per token), stage 2 merges 3 tokens padded to 4 (frames
+    0-3 and 4-5), stage 3 one token for all six."""
+    torch.manual_seed(0)
+    hca = dshmp.HierarchicalCrossAttention(dim=4, num_stages=3)
+    traj, words = torch.randn(1, 1, 6, 4), torch.randn(1, 2, 4)
+    valid, word_mask = torch.ones(1, 1, 6, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
+    out = hca(traj, valid, words, word_mask)
+    k, v = hca.to_k(words[0]), hca.to_v(words[0])  # (2, 4)
+    x, stage_valid, expanded = traj[0, 0], torch.ones(6, dtype=torch.bool), []
+    for h in range(3):
+        logits = (hca.to_q(x) @ k.T / 2.0).masked_fill(~stage_valid[:, None], float("-inf"))
+        attn = torch.softmax(logits, dim=0)  # Eq. (4), over the frames
+        w = attn.sum(1)  # Eq. (5)
+        enriched = hca.norms[h](x + hca.proj[h]((attn / w[:, None]) @ v))
+        if len(x) % 2:  # an odd stage gets a zero-weight padding token
+            enriched, w = torch.cat([enriched, torch.zeros(1, 4)]), torch.cat([w, torch.zeros(1)])
+            stage_valid = torch.cat([stage_valid, torch.zeros(1, dtype=torch.bool)])
+        x = torch.stack([(w[i] * enriched[i] + w[i + 1] * enriched[i + 1]) / (w[i] + w[i + 1] + 1e-8)
+                         for i in range(0, len(w), 2)])  # Eq. (6)
+        stage_valid = stage_valid.view(-1, 2).any(1)
+        expanded.append(x)
+    frame_token = [[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1], [0] * 6]  # frame -> its token at each stage
+    expected = hca.norm(traj[0, 0] + sum(expanded[h][frame_token[h]] for h in range(3)))  # Eq. (7)
+    assert torch.allclose(out[0, 0], expected, atol=1e-5)
+
+
 def test_hmp_handles_lengths_that_are_not_a_window_multiple(toy):
     cfg, _, model, _ = toy
     text = model.encode_text(["circle jumping"])
@@ -158,7 +186,7 @@ def test_hmp_handles_lengths_that_are_not_a_window_multiple(toy):
 
 # ---------------------------------------------------------------------------------- Sec. 3.3
 def test_memory_bank_update_is_eq8():
-    bank = dshmp.MemoryBank(num_targets=3, dim=4, target_video=torch.tensor([0, 0, 1]), momentum=0.2)
+    bank = dshmp.MemoryBank(dim=4, target_video=torch.tensor([0, 0, 1]), momentum=0.2)
     before = bank.centroids.clone()
     anchor = torch.tensor([[3.0, 0.0, 4.0, 0.0]])
     bank.update(anchor, torch.tensor([1]))
@@ -169,7 +197,7 @@ def test_memory_bank_update_is_eq8():
 
 def test_negatives_come_from_the_same_video_first():
     target_video = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])
-    bank = dshmp.MemoryBank(num_targets=9, dim=4, target_video=target_video, momentum=0.2)
+    bank = dshmp.MemoryBank(dim=4, target_video=target_video, momentum=0.2)
     g = torch.Generator().manual_seed(0)
     negatives = bank.negatives(1, 5, generator=g).tolist()
     assert len(negatives) == len(set(negatives)) == 5 and 1 not in negatives
@@ -180,7 +208,7 @@ def test_negatives_come_from_the_same_video_first():
 
 
 def test_contrastive_loss_is_infonce_eq9():
-    bank = dshmp.MemoryBank(num_targets=3, dim=2, target_video=torch.tensor([0, 0, 1]), momentum=0.2)
+    bank = dshmp.MemoryBank(dim=2, target_video=torch.tensor([0, 0, 1]), momentum=0.2)
     bank.centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     anchor = torch.tensor([[2.0, 2.0]])  # normalised: (0.7071, 0.7071)
     loss = dshmp.contrastive_loss(anchor, bank, torch.tensor([0]), num_negatives=2, temperature=0.5)
@@ -194,10 +222,10 @@ def test_contrastive_loss_is_infonce_eq9():
 def test_gradients_reach_every_trainable_parameter(toy):
     cfg, dataset, model, batch = toy
     st, tv = dshmp.memory_bank_targets(dataset.samples)
-    bank = dshmp.MemoryBank(num_targets=len(tv), dim=cfg.cl_dim, target_video=tv, momentum=0.2)
+    bank = dshmp.MemoryBank(dim=cfg.cl_dim, target_video=tv, momentum=0.2)
     model.zero_grad()
     out = model(batch["frames"], batch["expression"])
-    terms, anchors = dshmp.compute_losses(cfg, out, batch["targets"], bank=bank, bank_targets=st[batch["index"]])
+    terms, anchors, _ = dshmp.compute_losses(cfg, out, batch["targets"], bank=bank, bank_targets=st[batch["index"]])
     assert set(terms) == {"frame_ce", "frame_bce", "frame_dice", "video_ce", "video_bce", "video_dice", "cl"}
     assert anchors.shape == (2, cfg.cl_dim)
     sum(terms.values()).backward()
@@ -206,6 +234,30 @@ def test_gradients_reach_every_trainable_parameter(toy):
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     zero = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.any()]
     assert no_grad == [] and zero == ["pixel_level.pixel_decoder.level_embed"]
+
+
+def test_a_clip_without_a_visible_target_keeps_the_loss_finite(toy):
+    """A target can vanish from a clip (a few pixels at full size): its sample has no matched video
+    token, so no contrastive anchor; the loss stays finite and the memory bank skips it."""
+    cfg, dataset, model, batch = toy
+    st, tv = dshmp.memory_bank_targets(dataset.samples)
+    bank = dshmp.MemoryBank(target_video=tv, dim=cfg.cl_dim, momentum=0.2)
+    targets = [{"masks": torch.zeros_like(batch["targets"][0]["masks"]), "labels": batch["targets"][0]["labels"]},
+               batch["targets"][1]]  # the first clip's target is empty in every frame
+    out = model(batch["frames"], batch["expression"])
+    terms, anchors, matched = dshmp.compute_losses(cfg, out, targets, bank=bank, bank_targets=st[batch["index"]])
+    assert matched.tolist() == [False, True] and anchors.shape == (2, cfg.cl_dim)
+    assert all(torch.isfinite(v) for v in terms.values())
+    one = dshmp.contrastive_loss(anchors[1:], bank, st[batch["index"]][1:], num_negatives=cfg.cl_negatives,
+                                 temperature=cfg.cl_temperature)
+    assert torch.allclose(terms["cl"], one)  # the anchor of the clip with a target alone
+    before = bank.centroids.clone()
+    bank.update(anchors[matched].detach(), st[batch["index"]][matched])
+    changed = (bank.centroids != before).any(1).nonzero().flatten().tolist()
+    assert changed == [int(st[batch["index"][1]])]
+    targets[1] = {"masks": torch.zeros_like(batch["targets"][1]["masks"]), "labels": batch["targets"][1]["labels"]}
+    terms, _, matched = dshmp.compute_losses(cfg, out, targets, bank=bank, bank_targets=st[batch["index"]])
+    assert not matched.any() and terms["cl"] == 0 and all(torch.isfinite(v) for v in terms.values())
 
 
 def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
@@ -217,7 +269,7 @@ def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(25):
-        terms, _ = dshmp.compute_losses(cfg, model(batch["frames"], batch["expression"]), batch["targets"])
+        terms, _, _ = dshmp.compute_losses(cfg, model(batch["frames"], batch["expression"]), batch["targets"])
         loss = sum(terms.values())
         optimizer.zero_grad()
         loss.backward()
@@ -322,6 +374,19 @@ def test_predict_masks_is_the_union_of_kept_tokens_cropped_and_resized():
     assert out[1, 66:78, 98:110].all() and not out[0, 66:78, 98:110].any()  # token 1, frame 1 only
     # no token above the threshold: an empty mask
     assert not dshmp.predict_masks(model, frames, "x", (80, 120), threshold=0.99, chunk=8).any()
+    # single-object sets: the best token alone, whatever the threshold
+    top1 = dshmp.predict_masks(model, frames, "x", (80, 120), threshold=0.99, chunk=8, top1=True)
+    only_token_0 = F.interpolate(masks[:1], size=(64, 64), mode="bilinear")[..., :40, :60]
+    assert torch.equal(top1, (F.interpolate(only_token_0, size=(80, 120), mode="bilinear") > 0)[0])
+    # Ref-DAVIS17's protocol takes probabilities: the sigmoid of the best kept token's mask logits
+    probs = dshmp.predict_masks(model, frames, "x", (80, 120), threshold=0.5, chunk=8, probabilities=True)
+    expected = F.interpolate(kept, size=(80, 120), mode="bilinear").amax(0).sigmoid()
+    assert probs.dtype == torch.float16 and torch.allclose(probs.float(), expected, atol=1e-3)
+    assert torch.equal(probs > 0.5, out)
+    # 300 frames: upsampled 5 at a time, the same as all at once
+    long = FixedVideoTokens(logits, masks.repeat(1, 150, 1, 1))
+    assert torch.equal(dshmp.predict_masks(long, torch.zeros(300, 3, H, W), "x", (80, 120), threshold=0.5, chunk=8),
+                       out.repeat(150, 1, 1))
 
 
 # ---------------------------------------------------------------------------------- DDP and CLI

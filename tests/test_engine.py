@@ -195,6 +195,7 @@ from common.engine import (Progress, all_gather_cat, all_gather_object, barrier,
 
 out = Path(sys.argv[1])
 ddp = setup_distributed(device="cpu")
+(out / f"log{ddp.rank}.jsonl").unlink(missing_ok=True)  # a retried launch starts a fresh log
 seed_everything(1234 + ddp.rank)  # different initial weights per rank: DDP must broadcast rank 0's
 model = DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -335,3 +335,17 @@ def test_importance_sampling_prefers_the_boundary():
     # most uncertain, so all of them are kept: ~22.6% of the P points.
     assert near_boundary(sample(0.0, 12)) < 0.11
     assert near_boundary(coords) > 0.18
+
+
+def test_point_sample_reads_bf16_logits_at_exact_coordinates():
+    """Under CUDA autocast the mask logits are bf16; the points must still be read in float32 at the
+    exact coordinates the float32 labels are read at (bf16 coordinates are ~0.3 px off at 1/4 size)."""
+    from common.matching import point_sample
+    ramp = torch.linspace(-50, 50, 200).repeat(1, 1, 200, 1)  # (1, 1, 200, 200): logit = f(x)
+    coords = 0.01 + 0.98 * torch.rand(1, 500, 2, generator=torch.Generator().manual_seed(0))  # (1, P, 2), inside
+    bf16 = point_sample(ramp.bfloat16(), coords)
+    assert bf16.dtype == torch.float32
+    assert torch.equal(bf16, point_sample(ramp.bfloat16().float(), coords))
+    # the ramp's value at x, read exactly: bf16-rounded coordinates would miss it by up to ~0.2
+    expected = -50 + 100 * (coords[0, :, 0] * 200 - 0.5) / 199  # pixel centres at (i + 0.5) / 200
+    assert (bf16[0, 0] - expected).abs().max() < 0.15  # bf16 logits are within 0.125 of the ramp

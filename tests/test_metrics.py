@@ -224,3 +224,25 @@ def test_runs_on_the_inputs_device(device, arrays):
     (pred, gt), = _pairs(CASES["img_random_batch_64x64"], arrays)
     assert image.add(torch.from_numpy(pred).to(device), torch.from_numpy(gt).to(device)).device.type == device
     assert _close(image.summary()["oIoU"], CASES["img_random_batch_64x64"]["expected"]["oIoU"])
+
+
+# --------------------------------------------------------------- DAVIS unsupervised (Ref-DAVIS17)
+def test_davis_unsupervised_matches_proposals_to_objects_by_hand():
+    gt = np.zeros((2, 4, 4), dtype=np.uint8)  # (T, H, W) palette values
+    gt[:, :2, :2] = 1  # object 1: top left
+    gt[:, 2:, 2:] = 2  # object 2: bottom right
+    gt[1, 0, 3] = 3  # object 3 appears after the first frame only: not an object of the sequence
+    gt[:, 3, 0] = 255  # a void pixel
+    pred = np.zeros_like(gt)
+    pred[:, 2:, 2:] = 1  # proposal 1 is object 2
+    pred[0, :2, :2] = 2  # proposal 2 is object 1, in frame 0 only
+    pred[:, 3, 0] = 2  # on the void pixel: not counted
+    j, f = metrics.davis_unsupervised(gt, pred)
+    # Hungarian on mean (J + F) / 2: proposal 1 -> object 2 (1.0), proposal 2 -> object 1 (J 1 then 0)
+    np.testing.assert_allclose(j, [[1.0, 1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(f, [[1.0, 1.0], [1.0, 0.0]])
+    # a proposal for nothing: the official code pads to the number of objects with empty proposals
+    j, _ = metrics.davis_unsupervised(gt, np.where(gt == 1, 1, 0).astype(np.uint8))
+    np.testing.assert_allclose(sorted(j.mean(1)), [0.0, 1.0])
+    with pytest.raises(ValueError, match="at most 20"):
+        metrics.davis_unsupervised(gt, np.full_like(gt, 21))

@@ -51,11 +51,11 @@ def test_help_lists_every_field_with_its_source_comment():
     text = subprocess.run([sys.executable, "dshmp.py", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120).stdout
     import dshmp
-    flat = " ".join(text.split())
+    flat = "".join(text.split())  # argparse wraps lines, also at hyphens
     for name, comment in field_comments(dshmp.Config).items():
         assert "--" + name.replace("_", "-") in text, name
-        assert " ".join(comment.split()) in flat, (name, comment)
-    assert "presets (--data): toy:" in flat
+        assert "".join(comment.split()) in flat, (name, comment)
+    assert "presets(--data):toy:" in flat
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -296,3 +296,78 @@ def test_cli_errors_end_with_one_line(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"dshmp: checkpoint file not found: {tmp_path / 'none.pt'}"
+
+
+# ---------------------------------------------------------------------------------- Ref-DAVIS17 protocol
+class DavisExpressions(torch.utils.data.Dataset):
+    """One Ref-DAVIS17 video "s", two objects, four expressions each (expression i = 4 x object +
+    annotator, in the json's order), 2 frames of 4x4; the DAVIS folder beside it."""
+
+    def __init__(self, root):
+        self.root = root
+        self.samples = [{"video": "s", "exp_id": str(i)} for i in range(8)]
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"video": "s", "exp_id": str(i), "index": i, "expression": f"e{i}"}
+
+
+def write_davis(root: Path) -> np.ndarray:
+    gt = np.zeros((2, 4, 4), dtype=np.uint8)
+    gt[:, :2, :2] = 1
+    gt[:, 2:, 2:] = 2
+    davis = root / "DAVIS"
+    (davis / "ImageSets" / "2017").mkdir(parents=True)
+    (davis / "ImageSets" / "2017" / "val.txt").write_text("s\n")
+    for t, frame in enumerate(gt):
+        path = davis / "Annotations_unsupervised" / "480p" / "s" / f"{t:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        png = Image.fromarray(frame, mode="P")
+        png.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
+        png.save(path)
+    return gt
+
+
+def test_ref_davis17_protocol_by_hand(tmp_path):
+    gt = write_davis(tmp_path)
+    one, two = torch.from_numpy(gt == 1).float(), torch.from_numpy(gt == 2).float()  # (2, 4, 4)
+    scores = {  # (annotator, object) -> mask probabilities
+        (0, 0): one, (0, 1): two,  # right: J = F = 1
+        (1, 0): two, (1, 1): one,  # swapped: the Hungarian matching puts them right, 1 again
+        (2, 0): 0.4 * one, (2, 1): 0.4 * two,  # below 0.5: no claim, empty masks, 0
+        (3, 0): torch.full((2, 4, 4), 0.9), (3, 1): 0.95 * two,  # object 0 everywhere but where object 1 wins
+    }
+
+    def predict(item):
+        i = item["index"]
+        return scores[(i % 4, i // 4)]  # expression i = 4 x object + annotator
+
+    result = evaluate_video(DavisExpressions(tmp_path), predict, out=tmp_path / "run", data="davis", split="valid")
+    from common.metrics import reference_boundary_f, reference_jaccard
+    label = np.ones((2, 4, 4), dtype=bool) & (gt != 2)  # annotator 3's proposal 1
+    j3 = (reference_jaccard(label, gt == 1).mean() + 1.0) / 2
+    f3 = (reference_boundary_f(label, gt == 1).mean() + 1.0) / 2
+    per = result["per_annotator"]
+    assert [a["J"] for a in per] == pytest.approx([1.0, 1.0, 0.0, j3]) and j3 == pytest.approx((1 / 3 + 1) / 2)
+    assert [a["F"] for a in per] == pytest.approx([1.0, 1.0, 0.0, f3])
+    assert result["J&F"] == pytest.approx(np.mean([1.0, 1.0, 0.0, (j3 + f3) / 2]))
+    assert result["J"] == pytest.approx(np.mean([1.0, 1.0, 0.0, j3]))
+    # the merged palette PNGs, for the official eval_davis.py
+    png = Image.open(tmp_path / "run" / "davis-valid" / "anno_3" / "s" / "00001.png")
+    assert png.mode == "P" and np.array_equal(np.asarray(png), np.where(gt[1] == 2, 2, 1))
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["protocol"].startswith("ReferFormer")
+
+
+def test_ref_davis17_protocol_needs_the_davis_annotations(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Annotations_unsupervised"):
+        evaluate_video(DavisExpressions(tmp_path), lambda item: None, out=tmp_path, data="davis", split="valid")
+
+
+
+def test_default_dataset_folders_are_the_ones_data_readme_names():
+    from common.run import DATA_ROOTS, TOY_ROOTS
+    readme = (REPO / "data" / "README.md").read_text()
+    for folder in [*DATA_ROOTS.values(), *TOY_ROOTS.values()]:
+        assert folder in readme, folder
