@@ -75,7 +75,7 @@ from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate
                         train_batches, wrap_ddp)
 from common.text import batch_static_motion_token_masks, build_vocab, word_tokenizer
 from common.vita import ObjectDecoder
-from data.toy import ensure_toy, motion_only_keys
+from data.toy import ensure_toy, toy_video_evaluation
 
 # Shapes: B clips, T frames, Q object tokens per frame (the N_s static queries), M video tokens
 # (the N_m motion queries), L text tokens (+1: the sentence embedding appended), C channels, H W
@@ -638,11 +638,11 @@ def main(argv=None):
             predict_files(cfg.predict, cfg.text, rule, out=out / "vis" / "predict",
                           short_side=trained.short_side, max_size=trained.max_size)
         else:
+            toy = toy_video_evaluation(root, cfg.eval_split) if cfg.data == "toy" else {}
             evaluate_video(make_dataset(cfg, root, cfg.eval_split, train=False),
                            lambda item: rule(item["frames"], item["expression"], item["orig_size"]),
                            out=out, data=cfg.data, split=cfg.eval_split, checkpoint=checkpoint,
-                           subsets=motion_only_keys(root, cfg.eval_split) if cfg.data == "toy"
-                           else None)
+                           **toy)  # toy: the motion-only expressions and the floors on them
     cleanup_distributed()
 
 

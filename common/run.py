@@ -313,13 +313,14 @@ def _summaries(make_metrics, records, subsets) -> dict:
 
 @torch.no_grad()
 def evaluate_video(dataset, predict, *, out: Path, data: str, split: str, checkpoint: str = "", subsets=None,
-                   show: int = 4):
+                   extra=None, show: int = 4):
     """Score a method's inference rule on every expression of a video split (shared out over the
     processes). `predict(item) -> (T, H0, W0) bool` masks at the original size.
 
     A split with masks: J, F and J&F (MeViS averaging) into <out>/eval.json with per-expression
     records, also for each named subset of "video/exp_id" keys (`subsets`, e.g. the toy's
-    motion-only expressions). A split without (MeViS valid, Ref-YouTube-VOS valid): the
+    motion-only expressions), and the entries of `extra` (e.g. the scores of trivial predictions).
+    A split without (MeViS valid, Ref-YouTube-VOS valid): the
     submission tree <out>/submission-<split>/[Annotations/]<video>/<exp_id>/<frame>.png and its zip.
     The first `show` expressions are drawn (prediction filled red, ground truth outlined green, the
     expression written on) in <out>/vis/. Ref-DAVIS17 (data "davis") is scored by its own
@@ -353,7 +354,7 @@ def evaluate_video(dataset, predict, *, out: Path, data: str, split: str, checkp
         print(f"wrote the submission tree {submission} and {archive}")
         return None
     result = {"split": split, "checkpoint": str(checkpoint), **_summaries(VideoMetrics, records, subsets),
-              "per_expression": records}
+              **(extra or {}), "per_expression": records}
     return _write_eval(result, Path(out))
 
 

@@ -38,7 +38,8 @@ from PIL import Image
 
 if __name__ == "__main__" and not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python data/toy.py` puts data/, not the repo root, on the path
-from common.coco_mask import polygons_to_mask, rle_encode
+from common.coco_mask import polygons_to_mask, rle_decode, rle_encode
+from common.metrics import VideoMetrics
 
 VIDEO_H, VIDEO_W = 64, 96   # multiples of 32, as the backbones' strides need
 IMAGE_SIZE = 96
@@ -834,6 +835,48 @@ def motion_only_keys(root, split) -> dict:
     with open(path) as f:
         ids = json.load(f)["motion_only"]
     return {"motion_only": {f"{video}/{exp_id}" for video, exp_ids in ids.items() for exp_id in exp_ids}}
+
+
+def motion_only_references(root, split) -> dict:
+    """Where chance is on the motion-only expressions of a toy video split, from its ground truth:
+    J, F, J&F (MeViS averaging) of two predictions that use appearance and no motion at all.
+      every_look_alike:  every object that looks like a target (shape, colour and size), targets
+                         included: what a model that reads the appearance words perfectly and
+                         ignores the motion words scores;
+      wrong_look_alikes: only the look-alikes that are not targets: the motion words read backwards.
+    {} when the folder has no toy files."""
+    split_dir = Path(root) / split
+    if not (split_dir / "motion_only.json").is_file():
+        return {}
+    read = lambda name: json.loads((split_dir / name).read_text())
+    meta, masks = read("meta_expressions.json")["videos"], read("mask_dict.json")
+    objects, motion_only = read("toy_objects.json")["videos"], read("motion_only.json")["motion_only"]
+    scores = {"every_look_alike": VideoMetrics(), "wrong_look_alikes": VideoMetrics()}
+    for video, exp_ids in motion_only.items():
+        objs = objects[video]
+        frames = {}
+        for o in objs:  # (T, H, W) bool per object
+            frames[o["obj_id"]] = np.stack([np.zeros((VIDEO_H, VIDEO_W), bool) if rle is None else
+                                            rle_decode(rle).astype(bool) for rle in masks[o["anno_id"]]])
+        look = lambda o: (o["shape"], o["colour"], o["size"])
+        for exp_id in exp_ids:
+            targets = set(meta[video]["expressions"][exp_id]["obj_id"])
+            looks = {look(objs[t]) for t in targets}
+            alike = [o["obj_id"] for o in objs if look(o) in looks]
+            gt = np.any([frames[t] for t in targets], axis=0)  # (T, H, W)
+            empty = np.zeros_like(gt)
+            wrong = [a for a in alike if a not in targets]
+            for name, chosen in (("every_look_alike", alike), ("wrong_look_alikes", wrong)):
+                pred = np.any([frames[a] for a in chosen], axis=0) if chosen else empty
+                scores[name].add(pred, gt, key=f"{video}/{exp_id}")
+    return {name: metric.summary() for name, metric in scores.items()}
+
+
+def toy_video_evaluation(root, split) -> dict:
+    """Keyword arguments of common.run.evaluate_video for a toy video split: the motion-only
+    expressions as a subset reported on its own, and where chance is on them (the floors)."""
+    return {"subsets": motion_only_keys(root, split),
+            "extra": {"motion_only_references": motion_only_references(root, split)}}
 
 
 def motion_sentence_keys(root) -> dict:

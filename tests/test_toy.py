@@ -380,3 +380,64 @@ def test_refcoco_motion_sentences_and_streaks(toy):
             mean_shift = (pixels[streak] - background).mean(0)
             cosine = mean_shift @ direction / (np.linalg.norm(mean_shift) * np.linalg.norm(direction))
             assert cosine > 0.9, (image["id"], o, cosine)
+
+
+def test_motion_only_floors_by_hand(tmp_path):
+    """Two look-alike squares (one moving), a red circle; the motion-only expression refers to the
+    moving square. "every look-alike" predicts both squares, "wrong look-alikes" the other one."""
+    from common.coco_mask import rle_encode
+    from data.toy import motion_only_references
+    split = tmp_path / "valid_u"
+    split.mkdir()
+    frames = 2
+    a, b, c = (np.zeros((frames, VIDEO_H, VIDEO_W), bool) for _ in range(3))
+    a[:, 0:4, 0:4] = True  # the target square: 16 pixels
+    b[:, 10:14, 10:12] = True  # its look-alike: 8 pixels, elsewhere
+    c[:, 30:35, 30:35] = True
+    masks = {str(i): [rle_encode(m[t]) for t in range(frames)] for i, m in enumerate((a, b, c))}
+    look = dict(shape="square", colour="blue", size="small")
+    objects = {"v": [dict(obj_id=0, anno_id="0", motion="left", **look), dict(obj_id=1, anno_id="1", motion="still", **look),
+                     dict(obj_id=2, anno_id="2", shape="circle", colour="red", size="big", motion="still")]}
+    meta = {"videos": {"v": {"frames": ["00000", "00001"], "expressions": {
+        "0": {"exp": "the square moving left", "obj_id": [0], "anno_id": ["0"]},
+        "1": {"exp": "the red circle", "obj_id": [2], "anno_id": ["2"]}}}}}
+    for name, content in (("meta_expressions.json", meta), ("mask_dict.json", masks),
+                          ("toy_objects.json", {"videos": objects}), ("motion_only.json", {"motion_only": {"v": ["0"]}})):
+        (split / name).write_text(json.dumps(content))
+    refs = motion_only_references(tmp_path, "valid_u")
+    every, wrong = refs["every_look_alike"], refs["wrong_look_alikes"]
+    assert every["n"] == wrong["n"] == 1
+    assert every["J"] == pytest.approx(16 / 24) and wrong["J"] == 0.0  # J = |A| / |A u B|; A and B disjoint
+    assert 0 < every["F"] < 1 and wrong["F"] == 0.0
+    assert motion_only_references(tmp_path / "nowhere", "valid_u") == {}
+
+
+def test_toy_table_script_writes_the_readme_block_from_the_runs(tmp_path):
+    """tests/bench/toy_table.py: the README block is made of the numbers in the runs' eval.json
+    files, as mean ± std over the seeds; runs that already have an eval.json are not run again
+    (here every run has one, written by hand, so nothing trains)."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    import toy_table
+    runs, values = tmp_path / "runs", {}
+    floors = {"every_look_alike": {"J&F": 0.556}, "wrong_look_alikes": {"J&F": 0.001}}
+    for name, base in (("full", 0.6), ("no-cl", 0.5)):
+        for seed in (0, 1, 2):
+            values[name, seed] = (base + 0.01 * seed, base - 0.1 + 0.02 * seed)
+            (runs / f"{name}-seed{seed}").mkdir(parents=True)
+            (runs / f"{name}-seed{seed}" / "eval.json").write_text(json.dumps({
+                "J&F": values[name, seed][0], "J": 0.0, "F": 0.0, "motion_only": {"J&F": values[name, seed][1]},
+                "motion_only_references": floors}))
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- toy-table:dshmp -->\nold\n<!-- /toy-table:dshmp -->\nafter\n")
+    toy_table.main(["--variants=,--no-cl", "--runs", str(runs), "--readme", str(readme)])
+    text = readme.read_text()
+    for name in ("full", "no-cl"):
+        overall = [values[name, s][0] for s in range(3)]
+        motion = [values[name, s][1] for s in range(3)]
+        row = next(line for line in text.splitlines() if line.startswith("| `python dshmp.py --data toy --train"
+                                                                           + (" --no-cl`" if name == "no-cl" else "`")))
+        assert f"{np.mean(overall):.3f} ± {np.std(overall, ddof=1):.3f}" in row
+        assert f"{np.mean(motion):.3f} ± {np.std(motion, ddof=1):.3f}" in row
+    assert "| floor: segment every look-alike of the target (no motion) | | | 0.556 | |" in text
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert len(json.loads((runs / "table.json").read_text())) == 6

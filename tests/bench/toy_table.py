@@ -1,0 +1,122 @@
+"""Train and evaluate a method on the toy set for several seeds and variants (the full model and
+each ablation flag), and write the README's toy table from the eval.json files the runs produced:
+J&F overall and on the motion-only expressions as mean ± std over the seeds, the floors on those
+expressions (the same for every run: they come from the ground truth), and the wall time per run.
+
+Each run is `python <method>.py --data toy --train --seed S --out <runs>/<variant>-seed<S> <flags>`;
+a run whose eval.json exists is not run again, so an interrupted table resumes. All runs and their
+numbers are also written to <runs>/table.json. The README block between
+<!-- toy-table:<method> --> and <!-- /toy-table:<method> --> is replaced with --readme.
+
+Run from the repository root (about 20 minutes a run on 2 CPU cores):
+    python tests/bench/toy_table.py --method dshmp --variants=",--no-hmp,--no-cl" --readme README.md
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(method, variant, seed, out, extra, train=True):
+    """Train and evaluate one (variant, seed); returns its record (reads the run's eval.json), or
+    None when it has no eval.json and `train` is False."""
+    eval_path = out / "eval.json"
+    seconds = None
+    if not eval_path.is_file() and not train:
+        return None
+    if not eval_path.is_file():
+        command = [sys.executable, f"{method}.py", "--data", "toy", "--train", "--seed", str(seed), "--out", str(out),
+                   *variant.split(), *extra]
+        print(" ".join(command), flush=True)
+        start = time.time()
+        subprocess.run(command, cwd=REPO, check=True)
+        seconds = time.time() - start
+        (out / "wall_time.json").write_text(json.dumps({"seconds": seconds}))
+    elif (out / "wall_time.json").is_file():
+        seconds = json.loads((out / "wall_time.json").read_text())["seconds"]
+    result = json.loads(eval_path.read_text())
+    return {"variant": variant, "seed": seed, "J&F": result["J&F"], "J": result["J"], "F": result["F"],
+            "motion_only": result.get("motion_only", {}).get("J&F"), "seconds": seconds,
+            "references": result.get("motion_only_references", {})}
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def table(method, records, extra):
+    """The markdown block: one row per variant, then the floors and how the numbers were made."""
+    lines = ["| command | seeds | J&F | J&F, motion-only | wall time per run |", "|---|---|---|---|---|"]
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        mine = [r for r in records if r["variant"] == variant]
+        command = " ".join(f"python {method}.py --data toy --train {variant} {' '.join(extra)}".split())
+        times = [r["seconds"] for r in mine if r["seconds"] is not None]
+        wall = f"{statistics.mean(times):.0f} s" if times else "n/a"
+        lines.append(f"| `{command}` | {len(mine)} | {mean_std([r['J&F'] for r in mine])} | "
+                     f"{mean_std([r['motion_only'] for r in mine])} | {wall} |")
+    references = records[0]["references"]
+    if references:
+        lines.append(f"| floor: segment every look-alike of the target (no motion) | | | "
+                     f"{references['every_look_alike']['J&F']:.3f} | |")
+        lines.append(f"| floor: only the wrong look-alike(s) | | | {references['wrong_look_alikes']['J&F']:.3f} | |")
+    lines.append("")
+    seeds = sorted({r["seed"] for r in records})
+    import torch  # only to name the build the runs used
+    lines.append(f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}, written by "
+                 f"`tests/bench/toy_table.py` from the runs' eval.json files; {os.cpu_count()} CPU cores "
+                 f"({platform.machine()}), torch {torch.__version__}.")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, method: str, block: str) -> None:
+    text = readme.read_text()
+    start, end = f"<!-- toy-table:{method} -->", f"<!-- /toy-table:{method} -->"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme} has no {start} ... {end} block to replace")
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{block}\n{end}", text))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="dshmp")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", default="", help='comma-separated flags of each row, "" the full model '
+                        '(e.g. --variants=",--no-hmp")')
+    parser.add_argument("--runs", default="", help="folder of the runs (default runs/toy-table-<method>)")
+    parser.add_argument("--extra", default="", help="flags added to every run (e.g. a smaller --steps)")
+    parser.add_argument("--readme", default="", help="replace this file's toy-table block")
+    parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the finished runs")
+    args = parser.parse_args(argv)
+    runs = Path(args.runs or REPO / "runs" / f"toy-table-{args.method}")
+    extra = args.extra.split()
+    records = []
+    for variant in args.variants.split(","):
+        name = variant.replace("--", "").replace(" ", "_") or "full"
+        for seed in args.seeds:
+            record = run(args.method, variant, seed, runs / f"{name}-seed{seed}", extra, train=not args.table_only)
+            if record is not None:
+                records.append(record)
+    if not records:
+        raise SystemExit(f"no finished runs in {runs}")
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "table.json").write_text(json.dumps(records, indent=1))
+    block = table(args.method, records, extra)
+    print(block)
+    if args.readme:
+        write_readme(Path(args.readme), args.method, block)
+
+
+if __name__ == "__main__":
+    main()
