@@ -6,16 +6,103 @@ queries, one per object of the whole clip: the Object Encoder lets the frame que
 frames exchange information, the Object Decoder gathers them into video queries, and a video
 query's mask in frame t is its mask embedding dotted with frame t's mask features.
 
-`ObjectDecoder` is VITA's Object Decoder. DsHmp's Motion Decoder is this decoder with a word
-cross-attention in every layer (word_attention=True, as the official DsHmp `cross_test`).
+`ObjectEncoder` is VITA's Object Encoder (window self-attention over the frame queries, shifted
+windows on odd layers at test, as the official code); `ObjectDecoder` is VITA's Object Decoder.
+DsHmp's Motion Decoder is this decoder with a word cross-attention in every layer
+(word_attention=True, as the official DsHmp `cross_test`). The rest of VITA (heads, losses,
+official-checkpoint converter) comes with dmvs.py.
 """
+import math
+
 import torch
+import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-# Shapes: B clips, T frames, Q frame queries per frame, V video queries, C channels, L words.
+# Shapes: B clips, T frames, Q frame queries per frame, V video queries, C channels, L words,
+# n windows of K frames.
 
 
+# ---------------------------------------------------------------------------------- Object Encoder
+class ObjectEncoderLayer(nn.Module):
+    """Self-attention among the frame queries of a window of frames, then an FFN; post-norm,
+    no positions (VITA `SelfAttentionLayer` + `FFNLayer`, dropout 0)."""
+
+    def __init__(self, *, dim: int, heads: int, ffn_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.self_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
+        self.ffn_norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens, attn_bias):
+        # tokens (B*n, K*Q, C): the frame queries of one window per row; attn_bias (B*n, K*Q, K*Q)
+        bias = repeat(attn_bias, "w i j -> (w h) i j", h=self.heads)  # (B*n*heads, K*Q, K*Q)
+        tokens = self.self_norm(tokens + self.self_attn(tokens, tokens, tokens, attn_mask=bias)[0])
+        return self.ffn_norm(tokens + self.ffn(tokens))
+
+
+def window_bias(valid, window: int, shifted: bool) -> torch.Tensor:
+    """VITA's attention masks over the frames of each window, as additive biases (-1000 = blocked,
+    the official value): valid (B, T) bool with T a multiple of `window` (False on padding frames)
+    -> (B, n, K, K), n = T / K windows of K frames, rows the querying frame, columns the key frame.
+
+    Plain windows: padding frames are blocked as keys. Shifted windows (the frames rolled by
+    ceil(K / 2) first, official `_shift_window_attn`): in the first and last window a padding frame
+    is blocked as a key and as a query; in every window a padding query row is blocked; in the
+    first window the frames that wrapped around from the end of the clip and those from its start
+    do not see each other."""
+    B, T = valid.shape
+    if T % window:
+        raise ValueError(f"window_bias: {T} frames are not a multiple of the window {window}")
+    if not shifted:
+        pad = rearrange(~valid, "b (n k) -> b n 1 k", k=window)  # keys
+        return (pad.expand(-1, -1, window, -1) * -1000.0).float()  # (B, n, K, K)
+    half = math.ceil(window / 2)
+    pad = rearrange(torch.roll(~valid, half, 1), "b (n k) -> b n k 1", k=window)  # queries
+    blocked = pad.expand(-1, -1, -1, window).clone()  # (B, n, K, K)
+    for w in (0, -1):
+        blocked[:, w] = blocked[:, w] | blocked[:, w].transpose(-2, -1)
+    blocked[:, 0, :half, half:] = True
+    blocked[:, 0, half:, :half] = True
+    return blocked.float() * -1000.0
+
+
+class ObjectEncoder(nn.Module):
+    """VITA's Object Encoder (VITA Sec. 3.2): layers of self-attention among the frame queries of
+    K consecutive frames (a window), then an FFN. In training every layer uses plain windows; at
+    test the odd layers use windows shifted by ceil(K / 2) frames, as the official code does
+    (`if self.training or layer_idx % 2 == 0`; VITA issue #15). A clip whose length is not a
+    multiple of K is zero-padded and the padding masked.
+
+    forward(frame_queries (B, T, Q, C)) -> (B, T, Q, C)."""
+
+    def __init__(self, *, dim: int, heads: int, ffn_dim: int, num_layers: int, window: int):
+        super().__init__()
+        self.window = window
+        self.layers = nn.ModuleList(ObjectEncoderLayer(dim=dim, heads=heads, ffn_dim=ffn_dim)
+                                    for _ in range(num_layers))
+
+    def forward(self, frame_queries: torch.Tensor) -> torch.Tensor:
+        (B, T, Q, _), K = frame_queries.shape, self.window
+        pad = -T % K
+        x = F.pad(frame_queries, (0, 0, 0, 0, 0, pad))  # (B, n*K, Q, C)
+        valid = (torch.arange(T + pad, device=x.device) < T).expand(B, -1)  # (B, n*K)
+        biases = {shifted: repeat(window_bias(valid, K, shifted), "b n i j -> (b n) (i q) (j r)", q=Q, r=Q)
+                  for shifted in (False, True)}  # (B*n, K*Q, K*Q)
+        half = math.ceil(K / 2)
+        for i, layer in enumerate(self.layers):
+            shifted = not self.training and i % 2 == 1
+            rolled = torch.roll(x, half, 1) if shifted else x  # (B, n*K, Q, C)
+            windows = rearrange(rolled, "b (n k) q c -> (b n) (k q) c", k=K)  # (B*n, K*Q, C)
+            windows = layer(windows, biases[shifted].to(windows.dtype))
+            rolled = rearrange(windows, "(b n) (k q) c -> b (n k) q c", b=B, q=Q)
+            x = torch.roll(rolled, -half, 1) if shifted else rolled
+        return x[:, :T]  # (B, T, Q, C)
+
+
+# ---------------------------------------------------------------------------------- Object Decoder
 class ObjectDecoderLayer(nn.Module):
     """Cross-attention from the video queries to all frame queries of the clip, [cross-attention
     to the words], self-attention, FFN; each with a residual and a LayerNorm after it (post-norm),
