@@ -599,7 +599,10 @@ def main_noun_phrase(expression: str) -> str:
     preposition, relative pronoun, verb, conjunction or punctuation ("the man in a red shirt riding
     a bike" -> "the man", "a giraffe that is eating" -> "a giraffe"). When the expression does not
     start with one, the first noun phrase anywhere; when there is none, the whole expression
-    (stripped), as the official fallback. The text is returned as written in `expression`.
+    (stripped), as the official fallback. The text is returned as written in `expression`. On the
+    100 expressions of tests/fixtures/spacy_pos_cases.json it returns what VATEX's rule returns on
+    spaCy 3.8 en_core_web_sm's parse for 93 (most others are spaCy parses that swallow the whole
+    sentence, "a parrot sitting quietly on a perch").
     """
     tagged = tag_words(expression)
     first = next((k for k, t in enumerate(tagged) if t[3] != "PUNCT"), len(tagged))
