@@ -9,15 +9,19 @@ query's mask in frame t is its mask embedding dotted with frame t's mask feature
 `ObjectEncoder` is VITA's Object Encoder (window self-attention over the frame queries, shifted
 windows on odd layers at test, as the official code); `ObjectDecoder` is VITA's Object Decoder.
 DsHmp's Motion Decoder is this decoder with a word cross-attention in every layer
-(word_attention=True, as the official DsHmp `cross_test`). The rest of VITA (heads, losses,
-official-checkpoint converter) comes with dmvs.py.
+(word_attention=True, as the official DsHmp `cross_test`). `VITA` puts them together with
+Mask2Former and the heads; `similarity_loss` is VITA's third loss (the frame- and video-level set
+losses are common.matching.set_losses). Still to come with dmvs.py: the converter of the official
+checkpoints and the training stage.
 """
 import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import einsum, rearrange, repeat
 from torch import nn
+
+from common.mask2former import MLP
 
 # Shapes: B clips, T frames, Q frame queries per frame, V video queries, C channels, L words,
 # n windows of K frames.
@@ -164,3 +168,60 @@ class ObjectDecoder(nn.Module):
             queries = layer(queries, query_pos, memory, memory_pos, words, word_mask)  # (B, V, C)
             outputs.append(self.norm(queries))
         return outputs
+
+
+# ---------------------------------------------------------------------------------- the model
+class VITA(nn.Module):
+    """VITA (Sec. 3): Mask2Former on every frame, the Object Encoder over its frame queries, the
+    Object Decoder's video queries, and the heads: a class over K + 1 (the last is no object) and
+    a mask per video query (its embedding dotted with every frame's mask features, through VITA's
+    own 1x1 projection `vita_mask_features`).
+
+    forward(frames (B, T, 3, H, W), H and W multiples of 32) -> dict:
+      pred_logits (B, V, K+1), pred_masks (B, V, T, h, w) of the last decoder layer, aux_outputs
+      (the earlier layers), video_queries (B, V, C) the decoder-normed video queries of the last
+      layer, frame_queries (B, T, Q, C) the encoded frame queries, sim_frame (B, T, Q, C) and
+      sim_video (B, V, C) the embeddings of the similarity loss, frame_outputs Mask2Former's
+      per-frame outputs ((B*T, Q, K+1) logits, masks, aux_outputs). Frame queries come from the
+      last Mask2Former layer (official: the last 3 in training, as extra batch entries)."""
+
+    def __init__(self, *, pixel_level, decoder, dim: int, heads: int, ffn_dim: int, enc_layers: int,
+                 dec_layers: int, window: int, num_video_queries: int, num_classes: int):
+        super().__init__()
+        self.pixel_level = pixel_level  # Swin + multi-scale deformable pixel decoder (transformers)
+        self.decoder = decoder  # Mask2Former's masked-attention decoder, K + 1 classes per frame
+        self.input_proj = nn.Linear(dim, dim)  # official input_proj_dec (ENFORCE_INPUT_PROJ)
+        self.encoder = ObjectEncoder(dim=dim, heads=heads, ffn_dim=ffn_dim, num_layers=enc_layers, window=window)
+        self.object_decoder = ObjectDecoder(dim=dim, heads=heads, ffn_dim=ffn_dim, num_layers=dec_layers,
+                                            num_queries=num_video_queries, num_frame_queries=decoder.num_queries)
+        self.class_head = nn.Linear(dim, num_classes + 1)
+        self.mask_embed = MLP(dim, dim, dim, num_layers=3)
+        self.mask_proj = nn.Conv2d(pixel_level.mask_channels, dim, 1)  # official vita_mask_features
+        self.sim_frame, self.sim_video = nn.Linear(dim, dim), nn.Linear(dim, dim)  # sim_embed_frame / _clip
+
+    def forward(self, frames):
+        B = frames.shape[0]
+        pixels = self.pixel_level(rearrange(frames, "b t c h w -> (b t) c h w"))
+        frame_out = self.decoder(pixels["features"], pixels["pos"], pixels["mask_features"])
+        frame_queries = rearrange(frame_out["query_embeds"][-1], "(b t) q c -> b t q c", b=B)  # (B, T, Q, C)
+        frame_queries = self.encoder(self.input_proj(frame_queries))  # (B, T, Q, C)
+        video_queries = self.object_decoder(frame_queries)  # layers x (B, V, C)
+        mask_feats = rearrange(self.mask_proj(pixels["mask_features"]), "(b t) c h w -> b t c h w", b=B)
+        preds = [{"pred_logits": self.class_head(v),  # (B, V, K+1)
+                  "pred_masks": einsum(self.mask_embed(v), mask_feats, "b v c, b t c h w -> b v t h w")}
+                 for v in video_queries]
+        return {**preds[-1], "aux_outputs": preds[:-1], "video_queries": video_queries[-1],
+                "frame_queries": frame_queries, "sim_frame": self.sim_frame(frame_queries),
+                "sim_video": self.sim_video(video_queries[-1]), "frame_outputs": frame_out}
+
+
+def similarity_loss(embeds, object_ids, clip_ids):
+    """VITA's similarity loss (vita_criterion.py `loss_fg_sim`): embeds (N, C) of the frame queries
+    and the video queries matched to a target, object_ids (N,) of their targets, clip_ids (N,) of
+    their clips. Binary cross-entropy of every pair's dot product against "same object", averaged
+    over the pairs of the same clip (itself included)."""
+    logits = embeds @ embeds.T  # (N, N)
+    same_object = (object_ids[:, None] == object_ids[None]).float()  # (N, N)
+    same_clip = (clip_ids[:, None] == clip_ids[None]).float()  # (N, N)
+    loss = F.binary_cross_entropy_with_logits(logits, same_object, reduction="none")
+    return (loss * same_clip).sum() / (same_clip.sum() + 1e-6)

@@ -75,3 +75,36 @@ def test_window_masks_by_hand():
     assert torch.equal(shifted[0], expected) and not shifted[1].any()
     unpadded = window_bias(torch.ones(1, 8, dtype=torch.bool), 4, shifted=True)[0] < 0
     assert unpadded[0, :2, 2:].all() and unpadded[0, 2:, :2].all() and not unpadded[0, :2, :2].any()
+
+
+def test_vita_shapes_and_gradients():
+    from common.backbones import PixelLevel
+    from common.mask2former import MaskedAttentionDecoder
+    from common.vita import VITA
+    torch.manual_seed(0)
+    pixel_level = PixelLevel.tiny(hidden_dim=32)
+    decoder = MaskedAttentionDecoder(hidden_dim=32, num_queries=5, num_layers=2, num_heads=4, ffn_dim=64,
+                                     num_classes=3, mask_dim=pixel_level.mask_channels)
+    vita = VITA(pixel_level=pixel_level, decoder=decoder, dim=32, heads=4, ffn_dim=64, enc_layers=2, dec_layers=2,
+                window=3, num_video_queries=4, num_classes=3)
+    out = vita(torch.randn(2, 5, 3, 64, 64))  # 5 frames: windows of 3, one padded frame
+    assert out["pred_logits"].shape == (2, 4, 4) and out["pred_masks"].shape == (2, 4, 5, 16, 16)
+    assert len(out["aux_outputs"]) == 1 and out["frame_queries"].shape == (2, 5, 5, 32)
+    assert out["sim_frame"].shape == (2, 5, 5, 32) and out["sim_video"].shape == (2, 4, 32)
+    assert out["frame_outputs"]["pred_logits"].shape == (10, 5, 4)
+    loss = out["pred_masks"].sum() + out["pred_logits"].sum() + out["sim_frame"].sum() + out["sim_video"].sum() \
+        + out["frame_outputs"]["pred_masks"].sum() + out["frame_outputs"]["pred_logits"].sum()
+    loss.backward()
+    no_grad = [n for n, p in vita.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+
+
+def test_similarity_loss_by_hand():
+    from common.vita import similarity_loss
+    embeds = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    objects, clips = torch.tensor([0, 1, 0]), torch.tensor([0, 0, 1])
+    logits = embeds @ embeds.T
+    bce = lambda x, y: -(y * torch.log(torch.sigmoid(x)) + (1 - y) * torch.log(1 - torch.sigmoid(x)))
+    pairs = [(0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 1, 1), (2, 2, 1)]  # same-clip pairs: (i, j, same object)
+    expected = sum(bce(logits[i, j], torch.tensor(float(y))) for i, j, y in pairs) / len(pairs)
+    assert torch.allclose(similarity_loss(embeds, objects, clips), expected, atol=1e-5)
