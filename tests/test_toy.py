@@ -441,3 +441,31 @@ def test_toy_table_script_writes_the_readme_block_from_the_runs(tmp_path):
     assert "| floor: segment every look-alike of the target (no motion) | | | 0.556 | |" in text
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert len(json.loads((runs / "table.json").read_text())) == 6
+
+
+def test_toy_curve_script_trains_in_resumed_segments(tmp_path, monkeypatch):
+    """tests/bench/toy_curve.py: one run continued to each step with --resume, every evaluation kept;
+    points that exist are not trained again (the training command is faked here)."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    import toy_curve
+    commands = []
+
+    def fake_run(command, cwd, check):
+        commands.append(command)
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "last.pt").write_text("")
+        step = int(command[command.index("--steps") + 1])
+        (out / "eval.json").write_text(json.dumps({"J&F": step / 1000, "motion_only": {"J&F": step / 2000},
+                                                   "motion_only_references": {"every_look_alike": {"J&F": 0.556}}}))
+
+    monkeypatch.setattr(toy_curve.subprocess, "run", fake_run)
+    toy_curve.main(["--runs", str(tmp_path), "--steps", "500", "--every", "200", "--variants=,--no-hmp"])
+    steps = [(c[c.index("--steps") + 1], "--resume" in c, "--no-hmp" in c) for c in commands]
+    assert steps == [("200", False, False), ("400", True, False), ("500", True, False),
+                     ("200", False, True), ("400", True, True), ("500", True, True)]
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert [p["motion_only"] for p in curves[""]] == [0.1, 0.2, 0.25]
+    commands.clear()
+    toy_curve.main(["--runs", str(tmp_path), "--steps", "500", "--every", "200"])
+    assert commands == []  # every point exists
