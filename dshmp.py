@@ -16,8 +16,8 @@ Deviations from the paper (and from the official code, which the paper does not 
   - Sentence embedding: masked mean of the RoBERTa words (official: RoBERTa's pooler, which
     roberta-base does not ship, so it is random and frozen; DsHmp issue #13). --no-ds feeds all
     words to both injections; the paper's baseline feeds the sentence embedding.
-  - Eq. (3) applies the matched permutation (official: its inverse, right only for swaps), once
-    before the blocks (official: in every block).
+  - Eq. (3) applies the matched permutation (official: its inverse, right only for swaps) once
+    before the blocks; the tokens stay in trajectory order (official: every block, then unsorted).
   - Eqs. (4)-(7): to_q projects the tokens at every stage (official: stage 1 only); Eq. (6) merges
     with the Eq. (5) weights, as the paper says (official: a plain mean, DsHmp issue #21); Eq. (7)
     sums all L stages back onto the frames, then a LayerNorm (official: the last stage only,

@@ -183,7 +183,9 @@ class VITA(nn.Module):
       layer, frame_queries (B, T, Q, C) the encoded frame queries, sim_frame (B, T, Q, C) and
       sim_video (B, V, C) the embeddings of the similarity loss, frame_outputs Mask2Former's
       per-frame outputs ((B*T, Q, K+1) logits, masks, aux_outputs). Frame queries come from the
-      last Mask2Former layer (official: the last 3 in training, as extra batch entries)."""
+      last Mask2Former layer (official: the last 3 in training, as extra batch entries). The mask
+      projection reads Mask2Former's projected mask features; official VITA reads the pixel
+      decoder's raw stride-4 map (transformers does not return it), so official weights need it."""
 
     def __init__(self, *, pixel_level, decoder, dim: int, heads: int, ffn_dim: int, enc_layers: int,
                  dec_layers: int, window: int, num_video_queries: int, num_classes: int):
