@@ -33,7 +33,6 @@ from common.datasets import IMAGENET_MEAN, IMAGENET_STD
 # Shapes: T frames, H W image size, N rows (first dimension) of a gathered tensor.
 
 
-
 # ---------------------------------------------------------------------------------- seeding
 def seed_everything(seed: int) -> None:
     """Seed python `random`, numpy's global RNG and torch (CPU and every CUDA device)."""
