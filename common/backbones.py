@@ -26,10 +26,12 @@ from transformers import (
     Mask2FormerModel,
     RobertaConfig,
     RobertaModel,
+    SwinBackbone,
     SwinConfig,
 )
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
 
+from common.datasets import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from common.mask2former import HF_DECODER_PREFIXES
 
 # Shapes: B images or sentences, L tokens, C channels, H W input image, N patch tokens, D joint
@@ -39,6 +41,8 @@ MASK2FORMER_SWIN_TINY = "facebook/mask2former-swin-tiny-coco-instance"
 MASK2FORMER_SWIN_BASE = "facebook/mask2former-swin-base-IN21k-coco-instance"
 ROBERTA_BASE = "FacebookAI/roberta-base"
 CLIP_B16 = "openai/clip-vit-base-patch16"
+SWIN_BASE_22K = "microsoft/swin-base-patch4-window12-384-in22k"  # VATEX's swin_base_patch4_window12_384_22k
+SWIN_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 
 # ------------------------------------------------------------------------ loading real weights
@@ -152,6 +156,44 @@ class PixelLevel(nn.Module):
     def from_pretrained(cls, name_or_path: str = MASK2FORMER_SWIN_TINY, **hub_kwargs) -> "PixelLevel":
         """The pixel-level module of a Mask2Former checkpoint (see `load_mask2former`)."""
         return load_mask2former(name_or_path, **hub_kwargs)[0]
+
+
+# ------------------------------------------------------------------------ a Swin backbone alone
+def swin_base_22k_config(**overrides) -> SwinConfig:
+    """Swin-B at 384 px (embed 128, depths 2-2-18-2, heads 4-8-16-32, window 12) with VATEX's
+    drop-path 0.3 and all four stages as outputs: the architecture of SWIN_BASE_22K."""
+    return SwinConfig(**{"image_size": 384, "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32],
+                         "window_size": 12, "drop_path_rate": 0.3, "out_features": SWIN_STAGES, **overrides})
+
+
+def swin_backbone(config: SwinConfig) -> SwinBackbone:
+    """transformers' SwinBackbone: (B, 3, H, W) ImageNet-normalised -> `.feature_maps`, four maps
+    (B, C_s, H/s, W/s) at s = 4, 8, 16, 32, each through its own LayerNorm. The inner model's final
+    LayerNorm never reaches an output and is frozen (DDP would wait for its gradient)."""
+    backbone = SwinBackbone(config)
+    backbone.swin.layernorm.requires_grad_(False)
+    return backbone
+
+
+def load_swin_backbone(name_or_path: str = SWIN_BASE_22K, *, drop_path_rate: float = 0.3, **hub_kwargs) -> SwinBackbone:
+    """ImageNet weights of a Swin classifier checkpoint in a SwinBackbone (the four per-stage
+    LayerNorms are new, as in detectron2's Swin); WeightsNotFoundError when unavailable."""
+    backbone = _pretrained(SwinBackbone.from_pretrained, name_or_path, out_features=SWIN_STAGES,
+                           drop_path_rate=drop_path_rate, **hub_kwargs)
+    backbone.swin.layernorm.requires_grad_(False)
+    return backbone
+
+
+def clip_b16_config() -> CLIPConfig:
+    """The configuration of `openai/clip-vit-base-patch16` (text 512 wide, 12 layers, 49,408 tokens;
+    vision ViT-B/16 at 224 px; 512-d joint space), for building it without downloading."""
+    return CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=8, max_position_embeddings=77),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=16),
+        projection_dim=512,
+    )
 
 
 def roberta_base_config() -> RobertaConfig:
@@ -379,6 +421,24 @@ class CLIPEncoder(_Encoder):
             projection_dim=embed_dim,
         )
         return cls(CLIPModel(config), tokenizer, max_length=max_length, freeze=freeze)
+
+
+def clip_view(images, sizes, size: int):
+    """CLIP's image processor on a batch the other encoders see: each unpadded image resized to a
+    short side of `size` (bicubic) and centre-cropped to size x size, CLIP-normalised (VATEX's
+    CLIP prior). images (B, 3, Hp, Wp) ImageNet-normalised, sizes [(h, w)] -> (B, 3, size, size)."""
+    def stats(values):
+        return torch.tensor(values, device=images.device)[:, None, None]  # (3, 1, 1)
+
+    views = []
+    for image, (h, w) in zip(images, sizes):
+        rgb = image[:, :h, :w] * stats(IMAGENET_STD) + stats(IMAGENET_MEAN)  # (3, h, w) in [0, 1]
+        rh, rw = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
+        rgb = nn.functional.interpolate(rgb[None], size=(rh, rw), mode="bicubic", align_corners=False)[0]
+        top, left = (rh - size) // 2, (rw - size) // 2
+        crop = rgb[:, top:top + size, left:left + size].clamp(0, 1)  # (3, size, size)
+        views.append((crop - stats(CLIP_MEAN)) / stats(CLIP_STD))
+    return torch.stack(views)  # (B, 3, size, size)
 
 
 # ------------------------------------------------------------------------------ parameter counts

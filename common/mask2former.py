@@ -178,12 +178,13 @@ class MaskedAttentionDecoder(nn.Module):
         attn_mask = repeat(blocked, "b q n -> (b heads) q n", heads=self.num_heads)  # (B*heads, Q, H_l*W_l)
         return logits, masks, embeds, attn_mask
 
-    def forward(self, features, pos, mask_features, queries=None, words=None, word_mask=None):
+    def flatten_levels(self, features, pos):
+        """The keys and values of each level: (B, H_l*W_l, C) features (input projection + level
+        embedding) and positions, and the level sizes (H_l, W_l)."""
         if len(features) != self.num_levels or len(pos) != self.num_levels:
             raise ValueError(
                 f"expected {self.num_levels} feature maps and position embeddings, got {len(features)} and {len(pos)}"
             )
-        batch = mask_features.shape[0]
         srcs, src_pos, sizes = [], [], []
         for level, (feature, level_pos) in enumerate(zip(features, pos)):
             if level_pos.shape[1] != self.hidden_dim:
@@ -194,7 +195,11 @@ class MaskedAttentionDecoder(nn.Module):
             src = self.input_proj[level](feature)  # (B, C, H_l, W_l)
             srcs.append(rearrange(src, "b c h w -> b (h w) c") + self.level_embed.weight[level])  # (B, H_l*W_l, C)
             src_pos.append(rearrange(level_pos, "b c h w -> b (h w) c"))  # (B, H_l*W_l, C)
+        return srcs, src_pos, sizes
 
+    def forward(self, features, pos, mask_features, queries=None, words=None, word_mask=None):
+        batch = mask_features.shape[0]
+        srcs, src_pos, sizes = self.flatten_levels(features, pos)
         query_pos = repeat(self.query_pos.weight, "q c -> b q c", b=batch)  # (B, Q, C)
         if queries is None:
             queries = repeat(self.query_feat.weight, "q c -> b q c", b=batch)  # (B, Q, C)

@@ -1,0 +1,647 @@
+"""VATEX: Vision-Aware Text Features in Referring Image Segmentation. Hai Nguyen-Truong, E-Ro
+Nguyen, Tuan-Anh Vu, Minh-Triet Tran, Binh-Son Hua, Sai-Kit Yeung, WACV 2025 (arXiv 2404.08590;
+the papers folder holds the earlier version with its supplementary). Official code:
+nero1342/VATEX @ 80af16a.
+
+Implements Sec. 3.1 (CLIP Prior: the main noun phrase in "a photo of {}", Eq. 1's normalised
+cosine heatmap of frozen CLIP ViT-B/16 patch tokens, projected to C and added to the N = 5
+queries), Sec. 3.2 (Contextual Multimodal Decoder: early BATs on res5/res4/res3, the multi-scale
+deformable encoder, four FPN levels each with a BAT that updates the words, Eq. 2, then the pixels,
+Eq. 3, and the Conv2d fusion, Eq. 4), Sec. 3.3 (vision-aware sentence feature, Eq. 5; Meaning
+Consistency Constraint, Eq. 6, on triplets of expressions), Sec. 3.4 (masked-attention decoder on
+the CMD's levels 1-3, masks from level 4, Eq. 7; Hungarian matching; Eq. 8's loss; top-1 query at
+inference) and the Oc-IoU of Sec. 4.3 (Eqs. 9-10, in common.run.evaluate_image).
+
+Deviations from the paper (and from the official code, which the paper does not describe):
+  - Eq. (1) as the paper: cosine similarities, the map L2-normalised (official: a plain dot
+    product, no normalisation). Each caption meets its own image (official: caption k meets image
+    k mod B when a GPU holds several images). Patch tokens projected without CLIP's post-LayerNorm
+    and the image resized to 224 and centre-cropped, as the official code does (paper silent).
+  - Eq. (4) at level 1 as the paper: Conv2d(V_1') (official: no conv at the first level).
+  - BAT key-padding masks are bool (official: float, which PyTorch adds to the logits, so pads are
+    attended).
+  - Eq. (5) is a per-sample mean over the sentence's real tokens (official: a sum over pads too,
+    divided by the batch's token count).
+  - Eq. (6) as the paper writes it (`--mcc-loss paper`); the official symmetric InfoNCE, tau 0.1,
+    is `--mcc-loss infonce`, with negatives from this process's batch (official: all-gathered).
+  - A triplet whose image has no other referred object has no negative: the official code then
+    trains the caption "None" towards an empty mask; we leave the negative out.
+  - Top-1 by the target probability, as the paper (official: by the raw target logit).
+  - No photometric jitter or +-15 degree rotation in training (official), no AMP on CPU.
+  - --no-cmd keeps the FPN (lateral, Conv2d fusion) and drops every BAT, the baseline of Table 4.
+
+Run (every option: --help):
+  python vatex.py --data toy --train                     # toy data and a tiny CLIP made if missing
+  torchrun --nproc_per_node 2 vatex.py --data refcoco --train    # paper configuration, data/refer
+  python vatex.py --data refcoco --eval --eval-split testA --checkpoint runs/vatex-refcoco/last.pt
+  python vatex.py --data toy --predict IMAGE --text "the red circle on the left"
+  ablations (paper Table 4): --no-clip-prior, --no-cmd, --no-mcc
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import einsum, rearrange, repeat
+from transformers import CLIPModel, Mask2FormerConfig
+from transformers.models.mask2former.modeling_mask2former import \
+    Mask2FormerPixelDecoderEncoderOnly
+
+from common.backbones import (CLIPEncoder, clip_b16_config, clip_view, load_swin_backbone,
+                              parameter_report, sine_position_embedding, swin_backbone,
+                              swin_base_22k_config)
+from common.datasets import (CLIP_MEAN, CLIP_STD, RefCOCO, collate_image, item_generator, load_rgb,
+                             resize_clip)
+from common.engine import (Progress, autocast, barrier, cleanup_distributed, is_main,
+                           read_checkpoint, reduce_dict, save_checkpoint, seed_everything,
+                           setup_distributed, to_device, unwrap)
+from common.mask2former import MaskedAttentionDecoder, MaskedAttentionLayer
+from common.matching import set_losses
+from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_image,
+                        load_trained, param_groups, parse_config, predict_files, resume, run_dir,
+                        train_batches, wrap_ddp)
+from common.text import build_vocab, main_noun_phrase, word_tokenizer
+from data.toy import ensure_toy, motion_sentence_keys
+
+# Shapes: B images, N captions (3 per image in training: expression, positive, negative), Q the
+# N = 5 queries of the paper, L words, C channels, D CLIP's joint width, P CLIP patch tokens,
+# H W input size, h w mask features (H/4, W/4), S CLIP's input size.
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass
+class Config(RunConfig):
+    data: str = "refcoco"  # refcoco | refcoco+ | refcocog (paper configuration) | toy (CPU)
+    eval_split: str = "val"  # unc: val / testA / testB; umd: val / test
+    split_by: str = "unc"  # refer API split scheme (refcocog: umd, official; google also read)
+    image_root: str = "data/coco/train2014"  # COCO train2014 images (data/README.md)
+    # ablations, paper Table 4
+    clip_prior: bool = True  # Sec. 3.1
+    cmd: bool = True  # Sec. 3.2; --no-cmd: the FPN without BATs
+    mcc: bool = True  # Sec. 3.3
+    mcc_loss: str = "paper"  # paper: Eq. (6); infonce: the official symmetric InfoNCE
+    # model
+    weights: str = "microsoft/swin-base-patch4-window12-384-in22k"  # Swin-B 22k, supp. Sec. 1
+    clip_weights: str = "openai/clip-vit-base-patch16"  # official (ViT-B/16 both towers)
+    dim: int = 256  # C, paper Sec. 4.1
+    heads: int = 8  # official
+    ffn_dim: int = 2048  # official (decoder)
+    encoder_layers: int = 6  # official (MSDeformAttn layers)
+    encoder_ffn_dim: int = 1024  # official (hard-coded)
+    decoder_layers: int = 9  # supplementary Sec. 1
+    num_queries: int = 5  # N, supplementary Sec. 1
+    clip_image_size: int = 224  # official (CLIP processor: short side 224, centre crop)
+    toy_swin_dim: int = 32  # toy only (ours): width of the tiny Swin's first stage
+    toy_clip_steps: int = 400  # toy only (ours): the tiny CLIP's contrastive pre-training
+    # losses, Eq. (8) (paper Sec. 4.1; dice weight and no-object weight official)
+    w_cls: float = 2.0
+    w_bce: float = 5.0
+    w_dice: float = 5.0
+    w_mcc: float = 2.0
+    no_object_weight: float = 0.1  # official
+    mcc_temperature: float = 0.1  # official InfoNCE default (Eq. 6 has none)
+    num_points: int = 12544  # official (point-sampled mask losses); 0 = whole masks
+    # optimisation, paper Sec. 4.1 and supplementary
+    steps: int = 100_000  # paper
+    lr: float = 1e-4  # paper
+    lr_drop: int = 66_667  # paper: x0.1 at 2/3 of training (official Swin-B: 100k of 150k)
+    backbone_lr_mult: float = 0.1  # supplementary: 1e-5 for the visual encoder
+    weight_decay: float = 0.05  # official
+    grad_clip: float = 0.01  # official (full-model L2 norm)
+    batch_size: int = 8  # images per step over all processes, official
+    short_side: int = 480  # paper Sec. 4.1
+    max_size: int = 1333  # official (detectron2 default)
+
+
+PRESETS = {  # per-dataset deltas from the paper configuration above
+    # toy (ours): a tiny model for 2 CPU cores, sized as DsHmp's toy (3 decoder layers, 1,024
+    # points); random-init Swin, so the backbone gets the full lr; 4 images = ~10 captions a step
+    "toy": dict(dim=64, heads=4, ffn_dim=256, encoder_layers=2, encoder_ffn_dim=128,
+                decoder_layers=3, clip_image_size=48, num_points=1024, steps=1500, lr=5e-4,
+                lr_drop=1000, backbone_lr_mult=1.0, grad_clip=1.0, batch_size=4, short_side=96,
+                max_size=96, workers=0, log_every=10, save_every=250),
+    "refcoco": dict(),
+    "refcoco+": dict(),
+    "refcocog": dict(split_by="umd"),
+}
+ABLATIONS = ("clip_prior", "cmd", "mcc", "mcc_loss")
+
+
+# ------------------------------------------------------------------------------ text encoder
+def sine_positions_1d(mask, dim, temperature=10_000.0):
+    """Normalised 1-D sine positions of the real tokens, (N, L) bool -> (N, L, dim) (official
+    PositionEmbeddingSine1D, as ReferFormer)."""
+    x = mask.float().cumsum(1)  # (N, L)
+    x = x / (x[:, -1:] + 1e-6) * 2 * math.pi
+    freq = temperature ** (2 * (torch.arange(dim, device=mask.device) // 2) / dim)  # (dim,)
+    angles = x[..., None] / freq  # (N, L, dim)
+    return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], -1).flatten(2)
+
+
+# ---------------------------------------------------------------------- Sec. 3.1 CLIP Prior
+def clip_heatmap(patch_tokens, text_embeds):
+    """Eq. (1): the normalised cosine similarity of every patch token (N, P, D) with the text
+    embedding (N, D) of "a photo of {noun phrase}" -> (N, P), unit L2 norm per caption."""
+    similarity = einsum(F.normalize(patch_tokens, dim=-1), F.normalize(text_embeds, dim=-1),
+                        "n p d, n d -> n p")  # (N, P)
+    return F.normalize(similarity, dim=-1)  # norm(.) of Eq. (1)
+
+
+# -------------------------------------------------- Sec. 3.2 Contextual Multimodal Decoder
+class BAT(nn.Module):
+    """Eqs. (2)-(3), the official "bi-directional attention transfer": the words attend to the
+    pixels and are gated by themselves, F_w = MHA(F_w, V, V) * F_w; then the pixels attend to
+    the updated words, V' = MHA(V, F_w, F_w) * V. No norm, residual or FFN (official)."""
+
+    def __init__(self, *, dim, heads):
+        super().__init__()
+        self.text_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.visual_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, visual, words, word_pos, word_mask):
+        """visual (N, HW, C); words, word_pos (N, L, C); word_mask (N, L) True on real tokens.
+        Returns (V' (N, HW, C), F_w (N, L, C))."""
+        attended = self.text_attn(words + word_pos, visual, visual, need_weights=False)[0]
+        words = attended * words  # Eq. (2)
+        attended = self.visual_attn(visual, words + word_pos, words, key_padding_mask=~word_mask,
+                                    need_weights=False)[0]  # (N, HW, C)
+        return attended * visual, words  # Eq. (3)
+
+
+def conv_gn(in_channels, out_channels, kernel_size, *, bias=True, relu=False):
+    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                        bias=bias), nn.GroupNorm(32, out_channels)]
+    return nn.Sequential(*layers, *[nn.ReLU()] * relu)
+
+
+class ContextualMultimodalDecoder(nn.Module):
+    """Sec. 3.2 and the supplementary's figure: the pixel decoder of VATEX.
+
+    forward(stages, words, word_pos, word_mask): stages = the backbone's 4 maps (N, C_s, H/s, W/s),
+    s = 4, 8, 16, 32; words (N, L, C) -> dict(features: levels 1-3 [(N, C, H/32, W/32), (N, C,
+    H/16, W/16), (N, C, H/8, W/8)], the decoder's keys, pos: their sine positions, mask_features
+    (N, C, H/4, W/4) from level 4, words: F_4^w (N, L, C), the vision-aware words)."""
+
+    def __init__(self, *, in_channels, dim, heads, encoder_layers, encoder_ffn_dim, fusion=True):
+        super().__init__()
+        self.fusion = fusion
+        # res5, res4, res3 -> C, then an early BAT on each that updates the pixels (official)
+        self.input_proj = nn.ModuleList(conv_gn(c, dim, 1) for c in in_channels[:0:-1])
+        self.early_bats = nn.ModuleList(BAT(dim=dim, heads=heads) for _ in range(3 * fusion))
+        self.level_embed = nn.Parameter(torch.zeros(3, dim))
+        config = Mask2FormerConfig(feature_size=dim, encoder_layers=encoder_layers, dropout=0.0,
+                                   encoder_feedforward_dim=encoder_ffn_dim,
+                                   num_attention_heads=heads)
+        self.encoder = Mask2FormerPixelDecoderEncoderOnly(config)  # transformers' MSDeformAttn
+        # Eq. (4): level 1 reads the encoder's 1/32 map; levels 2-4 a lateral 1x1 conv of the
+        # encoder's 1/16 and 1/8 maps and of the backbone's 1/4 map (FPN)
+        self.lateral = nn.ModuleList(conv_gn(c, dim, 1, bias=False)
+                                     for c in (dim, dim, in_channels[0]))
+        self.bats = nn.ModuleList(BAT(dim=dim, heads=heads) for _ in range(4 * fusion))
+        self.fuse = nn.ModuleList(conv_gn(dim, dim, 3, bias=False, relu=True) for _ in range(4))
+        self.mask_proj = nn.Conv2d(dim, dim, 1)
+        nn.init.normal_(self.level_embed)
+
+    def deformable_encoder(self, maps):
+        """Mask2Former's deformable encoder over three maps (N, C, h_l, w_l), coarse first."""
+        pos = [sine_position_embedding(m, m.shape[1]) for m in maps]  # same shapes
+        shapes = [tuple(m.shape[-2:]) for m in maps]
+        tokens = torch.cat([rearrange(m, "n c h w -> n (h w) c") for m in maps], 1)  # (N, hw.., C)
+        pos = torch.cat([rearrange(p, "n c h w -> n (h w) c") + e
+                         for p, e in zip(pos, self.level_embed)], 1)  # (N, hw.., C)
+        starts = torch.tensor([0] + [h * w for h, w in shapes[:-1]], device=tokens.device).cumsum(0)
+        padding = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # none
+        out = self.encoder(inputs_embeds=tokens, position_embeddings=pos, attention_mask=padding,
+                           spatial_shapes_list=shapes, level_start_index=starts,
+                           valid_ratios=tokens.new_ones(len(tokens), 3, 2))
+        parts = out.last_hidden_state.split([h * w for h, w in shapes], 1)
+        return [rearrange(p, "n (h w) c -> n c h w", h=h, w=w) for p, (h, w) in zip(parts, shapes)]
+
+    def bat(self, module, feature, words, word_pos, word_mask):
+        """A BAT on a map (N, C, h, w); without fusion (--no-cmd) nothing changes."""
+        if not self.fusion:
+            return feature, words
+        h, w = feature.shape[-2:]
+        visual = rearrange(feature, "n c h w -> n (h w) c")  # (N, hw, C)
+        visual, words = module(visual, words, word_pos, word_mask)
+        return rearrange(visual, "n (h w) c -> n c h w", h=h, w=w), words
+
+    def forward(self, stages, words, word_pos, word_mask):
+        maps = []
+        for i, stage in enumerate(stages[:0:-1]):  # res5, res4, res3: early fusion, pixels only
+            feature = self.input_proj[i](stage)  # (N, C, h_l, w_l)
+            maps.append(self.bat(self.early_bats[i] if self.fusion else None, feature, words,
+                                 word_pos, word_mask)[0])
+        encoded = self.deformable_encoder(maps)  # [1/32, 1/16, 1/8]
+        levels, previous = [], None
+        for i, feature in enumerate([encoded[0], encoded[1], encoded[2], stages[0]]):
+            if i > 0:
+                feature = self.lateral[i - 1](feature)  # (N, C, h_i, w_i): V_i
+            visual, words = self.bat(self.bats[i] if self.fusion else None, feature, words,
+                                     word_pos, word_mask)  # Eqs. (2)-(3)
+            if previous is not None:
+                visual = visual + F.interpolate(previous, size=visual.shape[-2:], mode="bilinear",
+                                                align_corners=False)  # Ups(F_{i-1}^v)
+            previous = self.fuse[i](visual)  # Eq. (4): F_i^v
+            levels.append(previous)
+        pos = [sine_position_embedding(f, f.shape[1]) for f in levels[:3]]
+        return {"features": levels[:3], "pos": pos, "mask_features": self.mask_proj(levels[3]),
+                "words": words}
+
+
+# -------------------------------------------------------- Sec. 3.4 masked-attention decoder
+class VatexDecoderLayer(MaskedAttentionLayer):
+    """One decoder layer as the official code: visual and word cross-attention side by side,
+    summed, one LayerNorm; then self-attention and FFN (post-norm)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(word_attention=True, **kwargs)
+        del self.word_norm
+
+    def forward(self, queries, query_pos, src, src_pos, attn_mask, words, word_pos, word_mask):
+        visual = self.cross_attn(queries + query_pos, src + src_pos, src, attn_mask=attn_mask,
+                                 need_weights=False)[0]  # (N, Q, C)
+        text = self.word_attn(queries + query_pos, words + word_pos, words,
+                              key_padding_mask=~word_mask, need_weights=False)[0]  # (N, Q, C)
+        queries = self.cross_norm(queries + self.dropout(visual) + self.dropout(text))
+        q = queries + query_pos
+        queries = self.self_norm(queries + self.dropout(self.self_attn(q, q, queries,
+                                                                       need_weights=False)[0]))
+        return self.ffn_norm(queries + self.dropout(self.ffn(queries)))
+
+
+class VatexDecoder(MaskedAttentionDecoder):
+    """Mask2Former's decoder with VATEX's queries: content = the vision-aware sentence feature
+    repeated N times (f_o), the learnable embeddings only as positions; the first prediction is
+    made before the CLIP prior is added (official); layer 1 attends without a mask (official)."""
+
+    def __init__(self, *, hidden_dim, num_queries, num_layers, num_heads, ffn_dim):
+        super().__init__(hidden_dim=hidden_dim, num_queries=num_queries, num_layers=num_layers,
+                         num_heads=num_heads, ffn_dim=ffn_dim, num_classes=1, mask_dim=hidden_dim)
+        del self.query_feat  # official: no learnable query features
+        self.layers = nn.ModuleList(VatexDecoderLayer(dim=hidden_dim, num_heads=num_heads,
+                                                      ffn_dim=ffn_dim, dropout=0.0)
+                                    for _ in range(num_layers))
+        self._reset_parameters()
+
+    def forward(self, features, pos, mask_features, sentence, prior, words, word_pos, word_mask):
+        srcs, src_pos, sizes = self.flatten_levels(features, pos)
+        queries = repeat(sentence, "n c -> n q c", q=self.num_queries)  # f_o (Sec. 3.1)
+        query_pos = repeat(self.query_pos.weight, "q c -> n q c", n=len(sentence))  # (N, Q, C)
+        logits, masks, _, attn_mask = self.predict(queries, mask_features, sizes[0])
+        predictions = [{"pred_logits": logits, "pred_masks": masks}]
+        if prior is not None:
+            queries = queries + prior[:, None]  # Sec. 3.1: the heatmap, in C, added to every query
+        for i, layer in enumerate(self.layers):
+            level = i % self.num_levels  # round robin, coarse first
+            queries = layer(queries, query_pos, srcs[level], src_pos[level],
+                            None if i == 0 else attn_mask, words, word_pos, word_mask)
+            logits, masks, _, attn_mask = self.predict(queries, mask_features,
+                                                       sizes[(i + 1) % self.num_levels])
+            predictions.append({"pred_logits": logits, "pred_masks": masks})  # Eq. (7), as logits
+        return {**predictions[-1], "aux_outputs": predictions[:-1]}
+
+
+# ------------------------------------------------------------------------------------ model
+class VATEX(nn.Module):
+    """forward(images (B, 3, H, W) ImageNet-normalised, H W multiples of 32, image_sizes [(h, w)]
+    unpadded, texts [N expressions], image_index (N,) the image of each caption) -> dict(
+    pred_logits (N, Q, 2), pred_masks (N, Q, H/4, W/4), aux_outputs, sentence (N, C): Eq. (5))."""
+
+    def __init__(self, *, backbone, clip, dim, heads, ffn_dim, encoder_layers, encoder_ffn_dim,
+                 decoder_layers, num_queries, clip_image_size, clip_prior=True, cmd=True):
+        super().__init__()
+        self.backbone, self.clip, self.clip_image_size = backbone, clip, clip_image_size
+        # official "resizer": CLIP's words (512) -> C, 2-layer MLP with dropout, then LayerNorm
+        self.text_proj = nn.Sequential(nn.Linear(clip.text_hidden_size, dim), nn.ReLU(),
+                                       nn.Dropout(0.1), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.cmd = ContextualMultimodalDecoder(
+            in_channels=backbone.channels, dim=dim, heads=heads, encoder_layers=encoder_layers,
+            encoder_ffn_dim=encoder_ffn_dim, fusion=cmd)
+        num_patches = (clip_image_size // clip.patch_size) ** 2  # P = HW/256 at 224 (CLS dropped)
+        # Sec. 3.1 "changing the dimension of the similarity map to C" (official: MLP + LayerNorm)
+        self.prior_proj = nn.Sequential(nn.Linear(num_patches, dim), nn.ReLU(), nn.Linear(dim, dim),
+                                        nn.LayerNorm(dim)) if clip_prior else None
+        self.decoder = VatexDecoder(hidden_dim=dim, num_queries=num_queries,
+                                    num_layers=decoder_layers, num_heads=heads, ffn_dim=ffn_dim)
+
+    def forward(self, images, image_sizes, texts, image_index):
+        encoded = self.clip.encode_words(texts)  # frozen CLIP text tower, last hidden state
+        word_mask = encoded["attn_mask"]  # (N, L)
+        words = self.text_proj(encoded["word_feats"])  # (N, L, C): f_w
+        word_pos = sine_positions_1d(word_mask, words.shape[-1])  # (N, L, C)
+        stages = [s[image_index] for s in self.backbone(images).feature_maps]  # (N, C_s, h_s, w_s)
+        pixels = self.cmd(stages, words, word_pos, word_mask)
+        words = pixels["words"]  # F_4^w (N, L, C)
+        weights = word_mask.to(words.dtype)  # (N, L)
+        sentence = einsum(words, weights, "n l c, n l -> n c") / weights.sum(1, keepdim=True)
+        # ^ Eq. (5): F_s, (N, C)
+        prior = self.clip_prior(images, image_sizes, texts, image_index)  # (N, C) or None
+        out = self.decoder(pixels["features"], pixels["pos"], pixels["mask_features"], sentence,
+                           prior, words, word_pos, word_mask)
+        return {**out, "sentence": sentence}
+
+    def clip_prior(self, images, image_sizes, texts, image_index):
+        """Sec. 3.1: the heatmap of each caption's main noun phrase on its own image, in C."""
+        if self.prior_proj is None:
+            return None
+        views = clip_view(images, image_sizes, self.clip_image_size)  # (B, 3, S, S)
+        patches = self.clip.encode_image(views, patch_layernorm=False)["patch_tokens"]  # (B, P, D)
+        prompts = [f"a photo of {main_noun_phrase(t)}" for t in texts]  # Sec. 3.1 template
+        heatmap = clip_heatmap(patches[image_index], self.clip.encode_text(prompts))  # (N, P)
+        return self.prior_proj(heatmap)  # (N, C)
+
+
+# ---------------------------------------------------------------- Sec. 3.3 MCC and the losses
+class Triplets(torch.utils.data.Dataset):
+    """RefCOCO items with the Sec. 3.3 triplet, sampled as the official dataset mapper: the
+    positive is a random sentence of the same object (a "." appended when it is the expression
+    itself); the negative a sentence of a random referred object of the same image, drawn among
+    all of them, the target's own included, when it draws the target there is no negative."""
+
+    def __init__(self, base: RefCOCO, seed: int):
+        self.base, self.seed, self.samples = base, seed, base.samples
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        item, sample = self.base[index], self.samples[index]
+        g = item_generator(self.seed)
+        def pick(options):
+            return options[int(torch.randint(len(options), (), generator=g))]
+        positive = pick(self.base.sentences[sample["ref_id"]])
+        item["positive"] = positive + "." if positive == item["expression"] else positive
+        objects = sorted({self.base.ref_ann[r] for r in self.base.image_refs[sample["image_id"]]})
+        other = pick(objects)
+        item["negative"] = item["negative_mask"] = None
+        if other != sample["ann_id"]:
+            ref = pick([r for r in self.base.image_refs[sample["image_id"]]
+                        if self.base.ref_ann[r] == other])
+            item["negative"] = pick(self.base.sentences[ref])
+            mask = torch.from_numpy(self.base._mask({"size": sample["size"], "ann_id": other}))
+            resized = resize_clip(mask[None, None].float(), short_side=self.base.short_side,
+                                  max_size=self.base.max_size)[0]  # (1, 1, H, W)
+            item["negative_mask"] = resized[0, 0] > 0.5  # (H, W)
+        return item
+
+
+def captions_of(batch):
+    """The 3B captions of a batch and their targets: per image its expression, positive and (when
+    there is one) negative. Returns texts, image_index (N,), targets [{"masks": (1, Hp, Wp)}] and
+    the triplets (T, 3) caption indices [p1, p2, n], n = -1 without a negative."""
+    texts, index, targets, triplets = [], [], [], []
+    for b, target in enumerate(batch["targets"]):
+        first = len(texts)
+        texts += [batch["expression"][b], batch["positive"][b]]
+        targets += [target, target]
+        negative = -1
+        if batch["negative"][b] is not None:
+            negative = len(texts)
+            mask = torch.zeros_like(target["masks"])  # (1, Hp, Wp): padded like the batch
+            h, w = batch["negative_mask"][b].shape
+            mask[0, :h, :w] = batch["negative_mask"][b]
+            texts.append(batch["negative"][b])
+            targets.append({"masks": mask, "labels": target["labels"]})
+        index += [b] * (len(texts) - first)
+        triplets.append([first, first + 1, negative])
+    return texts, torch.tensor(index), targets, torch.tensor(triplets)
+
+
+def mcc_loss(sentence, triplets):
+    """Eq. (6): -log(sim(p1, p2) / (sim(p1, n) + sim(p2, n))), sim = exp(cosine), averaged over
+    the triplets that have a negative. sentence (N, C), triplets (T, 3)."""
+    triplets = triplets[triplets[:, 2] >= 0]
+    if len(triplets) == 0:
+        return sentence.sum() * 0
+    p1, p2, n = (F.normalize(sentence[triplets[:, k]].float(), dim=-1) for k in range(3))
+    cos = lambda a, b: (a * b).sum(-1)  # noqa: E731
+    denominator = torch.logsumexp(torch.stack([cos(p1, n), cos(p2, n)]), 0)
+    return (denominator - cos(p1, p2)).mean()
+
+
+def infonce_loss(sentence, triplets, temperature):
+    """The official MCC: InfoNCE(q, p, negatives) + InfoNCE(p, q, negatives), every negative of the
+    batch shared ("unpaired"), L2-normalised features, logits / temperature."""
+    negatives = F.normalize(sentence[triplets[triplets[:, 2] >= 0, 2]].float(), dim=-1)  # (M, C)
+    if len(negatives) == 0:
+        return sentence.sum() * 0
+    q, p = (F.normalize(sentence[triplets[:, k]].float(), dim=-1) for k in range(2))  # (T, C)
+    def one_way(a, b):
+        logits = torch.cat([(a * b).sum(-1, keepdim=True), a @ negatives.T], 1) / temperature
+        return F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device))
+    return one_way(q, p) + one_way(p, q)
+
+
+def compute_losses(cfg, outputs, targets, triplets):
+    """The unweighted terms of Eq. (8): class CE, mask BCE and dice with deep supervision (one
+    target per caption, normalised by the captions of this process, official) and the MCC."""
+    terms, _ = set_losses(outputs, targets, w_cls=cfg.w_cls, w_bce=cfg.w_bce, w_dice=cfg.w_dice,
+                          no_object_weight=cfg.no_object_weight, num_points=cfg.num_points or None,
+                          num_masks=len(targets))
+    if cfg.mcc:
+        terms["mcc"] = (mcc_loss(outputs["sentence"], triplets) if cfg.mcc_loss == "paper"
+                        else infonce_loss(outputs["sentence"], triplets, cfg.mcc_temperature))
+    return terms
+
+
+# ---------------------------------------------------------------------------------- building
+def make_dataset(cfg, root, split, *, train, seed=None):
+    toy = cfg.data == "toy"
+    base = RefCOCO(root, Path(root) / "images" if toy else cfg.image_root,
+                   dataset="refcoco" if toy else cfg.data, split_by=cfg.split_by, split=split,
+                   train=train, short_side=cfg.short_side, max_size=cfg.max_size, flip=False,
+                   seed=cfg.seed if seed is None else seed)  # official: no flip
+    return Triplets(base, base.seed) if train else base
+
+
+def build_model(cfg, *, vocab=None, pretrained=True, clip=None) -> VATEX:
+    """The toy-size model (tiny Swin, the toy CLIP `clip` or a random one over `vocab`) for --data
+    toy; otherwise the paper configuration: Swin-B 22k and CLIP ViT-B/16 (random if not
+    pretrained)."""
+    if cfg.data == "toy":
+        backbone = swin_backbone(swin_base_22k_config(
+            image_size=96, embed_dim=cfg.toy_swin_dim, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
+            window_size=4, drop_path_rate=0.0))
+        clip = clip or tiny_clip(vocab, cfg.clip_image_size)
+    elif pretrained:
+        backbone = load_swin_backbone(cfg.weights)
+        clip = CLIPEncoder.from_pretrained(cfg.clip_weights, freeze=True)
+    else:  # --count-params: the same modules with random weights, nothing downloaded
+        backbone = swin_backbone(swin_base_22k_config())
+        clip = CLIPEncoder(CLIPModel(clip_b16_config()), word_tokenizer([]), freeze=True)
+    clip._freeze(True)  # Sec. 4.1: both CLIP towers frozen
+    return VATEX(backbone=backbone, clip=clip, dim=cfg.dim, heads=cfg.heads, ffn_dim=cfg.ffn_dim,
+                 encoder_layers=cfg.encoder_layers, encoder_ffn_dim=cfg.encoder_ffn_dim,
+                 decoder_layers=cfg.decoder_layers, num_queries=cfg.num_queries,
+                 clip_image_size=cfg.clip_image_size, clip_prior=cfg.clip_prior, cmd=cfg.cmd)
+
+
+# ------------------------------------------------------------------ toy CLIP (ours, toy only)
+def tiny_clip(vocab, image_size):
+    return CLIPEncoder.tiny(word_tokenizer(vocab), hidden=64, layers=2, heads=2, embed_dim=64,
+                            image_size=image_size, patch_size=8, freeze=False)
+
+
+def pretrain_toy_clip(cfg, dataset, vocab, path):
+    """The CLIP prior needs a CLIP that knows the words. On toy: a tiny CLIP trained with CLIP's
+    symmetric contrastive loss on square crops around each referred object of the training images
+    (1.5-3x its box, resized to clip_image_size) and "a photo of {main noun phrase}" (ours).
+    Kept in `path` and reused (its vocabulary too) by every run with the same data, seed, steps
+    and size, so the variants of a seed share it."""
+    key = {"data": str(Path(dataset.base.image_root).resolve()), "seed": cfg.seed,
+           "steps": cfg.toy_clip_steps, "size": cfg.clip_image_size}
+    if Path(path).is_file() and read_checkpoint(path)["extra"].get("key") == key:
+        print(f"reusing the toy CLIP {path}")
+    elif is_main():  # trained once, on the main process; every process loads the file
+        train_toy_clip(cfg, dataset, vocab, path, key)
+    barrier()
+    state = read_checkpoint(path)
+    clip = tiny_clip(state["extra"]["vocab"], cfg.clip_image_size)
+    clip.load_state_dict(state["model"])
+    return clip, state["extra"]["vocab"]
+
+
+def train_toy_clip(cfg, dataset, vocab, path, key):
+    base, g, size = dataset.base, torch.Generator().manual_seed(cfg.seed), cfg.clip_image_size
+    images = {s["file_name"]: load_rgb(base.image_root / s["file_name"]) for s in base.samples}
+    prompts = [f"a photo of {main_noun_phrase(s['expression'])}" for s in base.samples]
+    mean, std = (torch.tensor(v)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
+    clip = tiny_clip(vocab, size)
+    scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+    optimizer = torch.optim.AdamW([*clip.parameters(), scale], lr=1e-3, weight_decay=0.1)
+    with Progress(total=cfg.toy_clip_steps, log_path=None, desc="toy CLIP") as progress:
+        for step in range(1, cfg.toy_clip_steps + 1):
+            picked = torch.randperm(len(prompts), generator=g)[:64].tolist()
+            crops = []
+            for i in picked:
+                x, y, w, h = base.annotations[base.samples[i]["ann_id"]]["bbox"]
+                side = max(w, h) * float(torch.empty(()).uniform_(1.5, 3.0, generator=g))
+                x0, y0 = max(0, int(x + w / 2 - side / 2)), max(0, int(y + h / 2 - side / 2))
+                crop = images[base.samples[i]["file_name"]][:, y0:y0 + int(side) + 1,
+                                                            x0:x0 + int(side) + 1]  # uint8
+                crop = F.interpolate(crop[None].float() / 255, size=(size, size), mode="bilinear",
+                                     antialias=True)[0]  # (3, S, S)
+                crops.append((crop - mean) / std)
+            texts = [prompts[i] for i in picked]
+            image_embeds = clip.encode_image(torch.stack(crops))["cls"]  # (64, D)
+            image_embeds = F.normalize(image_embeds, dim=-1)
+            text_embeds = F.normalize(clip.encode_text(texts), dim=-1)  # (64, D)
+            logits = scale.exp().clamp(max=100) * image_embeds @ text_embeds.T  # (64, 64)
+            same = torch.tensor([[a == b for b in texts] for a in texts]).float()  # equal prompts
+            labels = same / same.sum(1, keepdim=True)  # duplicates are not negatives
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % 20 == 0:
+                progress.log(step, {"clip_loss": float(loss)}, lr=1e-3)
+    save_checkpoint(path, model=clip, step=cfg.toy_clip_steps, config=asdict(cfg),
+                    extra={"vocab": vocab, "key": key})
+
+
+# ---------------------------------------------------------------------------------- training
+def train(cfg, ddp, root, out):
+    """Sec. 4.1 recipe; returns the trained model (unwrapped)."""
+    seed_everything(cfg.seed)  # identical initial weights on every process
+    dataset = make_dataset(cfg, root, "train", train=True, seed=cfg.seed + ddp.rank)
+    clip, vocab = None, None
+    if cfg.data == "toy":
+        vocab = build_vocab([s["expression"] for s in dataset.samples] + ["a photo of ."])
+        clip, vocab = pretrain_toy_clip(cfg, dataset, vocab,
+                                        out.parent / "clip-toy" / f"seed{cfg.seed}.pt")
+    model = build_model(cfg, vocab=vocab, clip=clip).to(ddp.device)
+    groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          backbone_lr_mult=cfg.backbone_lr_mult, backbone=("backbone",))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [cfg.lr_drop], gamma=0.1)
+    step = 0
+    if cfg.resume:
+        step, _ = resume(out / "last.pt", model=model, optimizer=optimizer, scheduler=scheduler,
+                         config=asdict(cfg))
+    batches = train_batches(dataset, batch_size=cfg.batch_size, collate=collate_image, ddp=ddp,
+                            seed=cfg.seed, workers=cfg.workers, start_step=step)
+    model = wrap_ddp(model, ddp)  # in train mode since built (the frozen CLIP stays in eval)
+    with Progress(total=cfg.steps, initial=step, log_path=out / "log.jsonl") as progress:
+        while step < cfg.steps:
+            batch = next(batches)
+            texts, image_index, targets, triplets = captions_of(batch)
+            images, targets = to_device((batch["images"], targets), ddp.device)
+            with autocast(ddp.device):
+                outputs = model(images, batch["image_sizes"], texts, image_index.to(ddp.device))
+            terms = compute_losses(cfg, outputs, targets, triplets.to(ddp.device))
+            loss = (cfg.w_cls * terms["ce"] + cfg.w_bce * terms["bce"] + cfg.w_dice * terms["dice"]
+                    + cfg.w_mcc * terms.get("mcc", 0))  # Eq. (8), dice weighted as the mask BCE
+            check_finite(loss, terms, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                progress.log(step, reduce_dict({"loss": loss, **terms}),
+                             lr=max(scheduler.get_last_lr()))
+            if (step % cfg.save_every == 0 or step == cfg.steps) and is_main():
+                save_checkpoint(out / "last.pt", model=model, optimizer=optimizer,
+                                scheduler=scheduler, step=step, config=asdict(cfg),
+                                extra={"vocab": vocab})
+    return unwrap(model)
+
+
+# ------------------------------------------------------------------------ Sec. 3.4 inference
+@torch.no_grad()
+def predict_masks(model, images, expression, orig_size):
+    """Sec. 3.4: the query with the highest target probability, its mask logits upsampled to the
+    padded input, cropped, resized to the original size, > 0 (official). images (1, 3, H, W)
+    -> (H0, W0) bool."""
+    H, W = images.shape[-2:]
+    padded = F.pad(images, (0, -W % 32, 0, -H % 32))  # (1, 3, Hp, Wp)
+    with autocast(images.device):
+        out = model(padded, [(H, W)], [expression], torch.zeros(1, dtype=torch.long,
+                                                                 device=images.device))
+    scores = out["pred_logits"][0].float().softmax(-1)[:, 0]  # (Q,) target probability
+    mask = out["pred_masks"][0, scores.argmax()][None, None].float()  # (1, 1, h, w)
+    mask = F.interpolate(mask, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    mask = F.interpolate(mask[..., :H, :W], size=tuple(orig_size), mode="bilinear",
+                         align_corners=False)  # (1, 1, H0, W0)
+    return mask[0, 0] > 0  # (H0, W0)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, description=__doc__)
+    out, ddp = run_dir(cfg, "vatex", ABLATIONS), setup_distributed()
+    checkpoint = cfg.checkpoint or out / "last.pt"
+
+    def rule(images, expression, orig_size):
+        return predict_masks(model, images.to(ddp.device), expression, orig_size)
+
+    if cfg.mcc_loss not in ("paper", "infonce"):
+        raise SystemExit(f"vatex: --mcc-loss must be paper or infonce, got {cfg.mcc_loss!r}")
+    with cli_errors("vatex"):
+        if cfg.count_params:
+            return print(parameter_report(build_model(cfg, vocab=["a"], pretrained=False), depth=2))
+        root = data_root(cfg, "image", make_toy=ensure_toy) if cfg.train or cfg.eval else None
+        if cfg.train:
+            model, trained = train(cfg, ddp, root, out), cfg
+        else:
+            model, trained = load_trained(checkpoint, Config, build_model, ddp.device)
+        model.eval()
+        if cfg.predict:
+            predict_files(cfg.predict, cfg.text, lambda f, e, s: rule(f, e, s)[None],
+                          out=out / "vis" / "predict", short_side=trained.short_side,
+                          max_size=trained.max_size)
+        else:
+            evaluate_image(make_dataset(cfg, root, cfg.eval_split, train=False),
+                           lambda item: rule(item["image"][None], item["expression"],
+                                             item["orig_size"]),
+                           out=out, split=cfg.eval_split, checkpoint=checkpoint, strict_pr=True,
+                           subsets=motion_sentence_keys(root) if cfg.data == "toy" else None)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
