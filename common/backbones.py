@@ -113,9 +113,9 @@ class PixelLevel(nn.Module):
     `backbone` and `pixel_decoder`). All parameters are trainable except the backbone's unused
     `swin.layernorm` (2 x the last stage's width).
 
-    forward(pixel_values (B, 3, H, W), ImageNet-normalised, H and W multiples of 32, fuse=None)
-    returns a dict (`fuse`, when given, maps the 4 backbone stage maps to 4 maps of the same shapes
-    before the pixel decoder, e.g. DsHmp's language fusion):
+    forward(pixel_values (B, 3, H, W), ImageNet-normalised, H and W multiples of 32, encode=None)
+    returns a dict (`encode(backbone, pixel_values)`, when given, replaces the backbone's own
+    forward and returns its 4 stage maps, e.g. LAVT's language-aware encoding in common.lavt):
       features: [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)], the order in which
         the decoder layers visit them (round robin, coarse first);
       pos: their sine position embeddings, same shapes (as transformers' decoder computes them);
@@ -135,12 +135,13 @@ class PixelLevel(nn.Module):
         self.out_channels = config.feature_size
         self.mask_channels = config.mask_feature_size
 
-    def forward(self, pixel_values, fuse=None):
+    def forward(self, pixel_values, encode=None):
         if pixel_values.shape[-1] % 32 or pixel_values.shape[-2] % 32:
             raise ValueError(f"H and W must be multiples of 32, got pixel_values {tuple(pixel_values.shape)}")
-        stages = self.backbone(pixel_values).feature_maps  # 4 x (B, C_s, H/s, W/s), s = 4, 8, 16, 32
-        if fuse is not None:
-            stages = fuse(stages)
+        if encode is None:
+            stages = self.backbone(pixel_values).feature_maps  # 4 x (B, C_s, H/s, W/s), s = 4, 8, 16, 32
+        else:
+            stages = encode(self.backbone, pixel_values)
         out = self.pixel_decoder(stages)
         features = list(out.multi_scale_features)  # [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)]
         pos = [sine_position_embedding(f, self.out_channels) for f in features]  # same shapes

@@ -1,17 +1,22 @@
 """LAVT's language-aware visual encoding (Yang et al., "LAVT: Language-Aware Vision Transformer for
 Referring Image Segmentation", CVPR 2022, Sec. 3.2; reference code github.com/yz93/LAVT-RIS).
 
-`PixelWordAttention` is LAVT's pixel-word attention module (PWAM, Eq. 1-4 of the LAVT paper):
+`PixelWordAttention` is LAVT's pixel-word attention module (PWAM, Eqs. 1-4 of the LAVT paper):
 every pixel attends to the words, and the attended language feature multiplies the pixel feature
-element-wise. DsHmp's official code applies it after every Swin stage.
+element-wise. `LanguageGate` (LAVT Sec. 3.3, Eqs. 5-6) weighs how much of it flows back into the
+visual stream. `LanguageAwareSwin` is LAVT's language-aware visual encoder built around
+transformers' SwinBackbone without rewriting it: the Swin stages run one at a time, and after each
+stage's blocks (before its patch merging) the PWAM output F_i is gated and added to the stage's
+features, which feed the next stage; the encoder's outputs are the F_i (through the backbone's
+per-stage LayerNorms). DsHmp's official code and LAVT both encode images this way.
 """
 import math
 
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 from torch import nn
 
-# Shapes: B images, C visual channels, H W feature map, L words, C_w word width.
+# Shapes: B images, C visual channels (C_i at stage i), H W feature map, L words, C_w word width.
 
 
 class PixelWordAttention(nn.Module):
@@ -32,3 +37,54 @@ class PixelWordAttention(nn.Module):
         attn = logits.masked_fill(~word_mask[:, None, None], -math.inf).softmax(-1)  # (B, H, W, L)
         lang = self.out(einsum(attn, self.value(words), "b h w l, b l c -> b c h w"))  # (B, C, H, W)
         return self.mm(self.vis(x) * lang)
+
+
+class LanguageGate(nn.Module):
+    """LAVT Eq. (5): S = tanh(W_2 ReLU(W_1 F)) per pixel, two linear maps without bias, initialised
+    as LAVT initialises every linear layer (truncated normal, std 0.02), so a fresh gate lets little
+    through. (B, C, H, W) -> (B, C, H, W) in (-1, 1)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim, bias=False),
+                                 nn.Tanh())
+        for layer in self.mlp[::2]:
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.mlp(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
+
+
+class LanguageAwareSwin(nn.Module):
+    """LAVT's language-aware visual encoding (Sec. 3.2-3.3) around a transformers SwinBackbone.
+
+    forward(backbone, pixel_values (B, 3, H, W), words (B, L, C_w), word_mask (B, L) True on real
+    words) -> four maps (B, C_i, H/s, W/s), s = 4, 8, 16, 32: LayerNorm_i(F_i), F_i = PWAM_i(V_i,
+    words) the multimodal feature of stage i (Eqs. 1-4); V_i + S_i * F_i goes on into stage i + 1
+    (Eq. 6). The backbone is passed in, not held, so its weights stay where a checkpoint loader
+    expects them (e.g. inside Mask2Former's pixel-level module). The last stage has no gate: its
+    gated features would feed nothing (LAVT builds one there and never uses it).
+    """
+
+    def __init__(self, *, channels, word_dim: int):
+        super().__init__()
+        self.pwams = nn.ModuleList(PixelWordAttention(dim=c, word_dim=word_dim) for c in channels)
+        self.gates = nn.ModuleList(LanguageGate(c) for c in channels[:-1])
+
+    def forward(self, backbone, pixel_values, words, word_mask):
+        swin = backbone.swin
+        hidden, (h, w) = swin.embeddings(pixel_values)  # (B, h*w, C_1)
+        outputs = []
+        for i, stage in enumerate(swin.encoder.layers):
+            for block in stage.blocks:  # as SwinBackbone runs them (always_partition)
+                hidden = block(hidden, (h, w), always_partition=True)[0]  # (B, h*w, C_i)
+            x = rearrange(hidden, "b (h w) c -> b c h w", h=h, w=w)  # V_i
+            fused = self.pwams[i](x, words, word_mask)  # F_i, LAVT Eqs. (1)-(4)
+            norm = backbone.hidden_states_norms[backbone.stage_names[i + 1]]
+            outputs.append(rearrange(norm(rearrange(fused, "b c h w -> b h w c")), "b h w c -> b c h w"))
+            if stage.downsample is None:
+                break
+            x = x + self.gates[i](fused) * fused  # LAVT Eq. (6): V_i + S_i * F_i, into stage i + 1
+            hidden = stage.downsample(rearrange(x, "b c h w -> b (h w) c"), (h, w))  # (B, h*w/4, C_{i+1})
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return outputs

@@ -54,14 +54,19 @@ def test_pixel_level_shapes_order_and_positions():
         pixel_level(torch.randn(1, 3, 64, 80))
 
 
-def test_pixel_level_fuse_sees_the_four_stages_before_the_pixel_decoder():
+def test_pixel_level_encode_replaces_the_backbone_forward():
     torch.manual_seed(0)
     pixel_level = PixelLevel.tiny(hidden_dim=64).eval()
     x, seen = torch.randn(1, 3, 64, 96), []
+
+    def own(backbone, pixel_values):
+        seen.extend(backbone(pixel_values).feature_maps)
+        return seen
+
     with torch.no_grad():
         plain = pixel_level(x)
-        same = pixel_level(x, fuse=lambda stages: seen.extend(stages) or stages)
-        zeroed = pixel_level(x, fuse=lambda stages: [torch.zeros_like(s) for s in stages])
+        same = pixel_level(x, encode=own)
+        zeroed = pixel_level(x, encode=lambda backbone, v: [torch.zeros_like(s) for s in seen])
     assert [tuple(s.shape) for s in seen] == [(1, 32, 16, 24), (1, 64, 8, 12), (1, 128, 4, 6), (1, 256, 2, 3)]
     assert torch.equal(same["mask_features"], plain["mask_features"])
     assert not torch.allclose(zeroed["mask_features"], plain["mask_features"])

@@ -443,8 +443,10 @@ def test_count_params_builds_the_paper_configuration():
     assert frozen == counts["text_encoder"] + 1_536  # + the Swin's unused final LayerNorm
     assert counts["pixel_level"] == 27_522_234 + 5_421_504  # transformers' Swin-T + MSDeformAttn pixel decoder
     # PWAM on the Swin-T stages (96, 192, 384, 768 channels) over the 768-d words: four 1x1 convs
-    # C -> C and the key and value projections 768 -> C, with biases
-    assert counts["fusion"] == sum(4 * (c * c + c) + 2 * (768 * c + c) for c in (96, 192, 384, 768))
+    # C -> C and the key and value projections 768 -> C, with biases; LAVT's language gates (two
+    # C x C maps without bias) on stages 1-3
+    assert counts["fusion"] == (sum(4 * (c * c + c) + 2 * (768 * c + c) for c in (96, 192, 384, 768))
+                                + sum(2 * c * c for c in (96, 192, 384)))
     assert model.decoder.query_feat.weight.shape == (20, 256)
     assert model.motion_decoder.query_feat.weight.shape == (10, 256)
     assert len(model.motion_perception.blocks) == 6 and len(model.motion_decoder.layers) == 3

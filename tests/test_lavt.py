@@ -1,7 +1,7 @@
 """common/lavt.py: LAVT's pixel-word attention (PWAM) against a hand computation."""
 import torch
 
-from common.lavt import PixelWordAttention
+from common.lavt import LanguageAwareSwin, LanguageGate, PixelWordAttention
 
 
 def test_pixel_word_attention_reads_only_the_real_words():
@@ -21,3 +21,69 @@ def test_pixel_word_attention_reads_only_the_real_words():
     attn = torch.softmax(q @ pwam.key(words[0, :2]).T / 8**0.5, -1)  # (15, 2)
     lang = pwam.out((attn @ pwam.value(words[0, :2])).T.reshape(1, 8, 3, 5))
     assert torch.allclose(out[:1], pwam.mm(pwam.vis(x[:1]) * lang), atol=1e-5)
+
+
+# ------------------------------------------------------------------ the language-aware Swin (LAVT)
+def _tiny_swin():
+    from common.backbones import SWIN_STAGES, swin_backbone
+    from transformers import SwinConfig
+    return swin_backbone(SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4,
+                                    out_features=SWIN_STAGES)).eval()
+
+
+def test_language_gate_is_lavt_initialised_and_bounded():
+    torch.manual_seed(0)
+    gate = LanguageGate(256)
+    for layer in (gate.mlp[0], gate.mlp[2]):
+        assert layer.bias is None and abs(layer.weight.std().item() - 0.02) < 0.002
+    x = torch.randn(2, 256, 3, 4) * 100
+    out = gate(x)
+    assert out.shape == x.shape and out.abs().max() <= 1
+    # by hand at one pixel: tanh(W2 relu(W1 f))
+    f = x[1, :, 2, 3]
+    expected = torch.tanh(gate.mlp[2].weight @ torch.relu(gate.mlp[0].weight @ f))
+    torch.testing.assert_close(out[1, :, 2, 3], expected)
+
+
+def test_language_aware_swin_equals_the_backbone_when_the_words_are_inert():
+    """With PWAM outputs replaced by the stage features themselves and closed gates, the stage
+    outputs are SwinBackbone's own feature maps: the stages run, merge and norm exactly as there."""
+    torch.manual_seed(0)
+    backbone = _tiny_swin()
+    encoder = LanguageAwareSwin(channels=backbone.channels, word_dim=6).eval()
+    x, words, mask = torch.randn(2, 3, 64, 96), torch.randn(2, 4, 6), torch.ones(2, 4, dtype=torch.bool)
+    for pwam in encoder.pwams:
+        pwam.forward = lambda v, w, m: v  # F_i = V_i
+    for gate in encoder.gates:
+        gate.forward = lambda f: torch.zeros_like(f)  # S_i = 0: nothing flows back
+    with torch.no_grad():
+        ours = encoder(backbone, x, words, mask)
+        theirs = backbone(x).feature_maps
+    assert len(ours) == 4
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_language_aware_swin_feeds_the_gated_words_into_the_next_stage():
+    torch.manual_seed(0)
+    backbone = _tiny_swin()
+    encoder = LanguageAwareSwin(channels=backbone.channels, word_dim=6).eval()
+    assert len(encoder.gates) == 3  # the last stage feeds nothing
+    x, words = torch.randn(1, 3, 64, 96), torch.randn(1, 4, 6)
+    mask = torch.tensor([[True, True, True, False]])
+    with torch.no_grad():
+        out = encoder(backbone, x, words, mask)
+        changed = words.clone()
+        changed[0, 3] = 50.0  # a padded word: nothing changes
+        assert all(torch.equal(a, b) for a, b in zip(out, encoder(backbone, x, changed, mask)))
+        # stage 2 sees stage 1's words only through the gate: closing gate 1 changes stage 2's output
+        gate = encoder.gates[0].forward
+        encoder.gates[0].forward = lambda f: torch.zeros_like(f)
+        closed = encoder(backbone, x, words, mask)
+        encoder.gates[0].forward = gate
+    torch.testing.assert_close(closed[0], out[0])
+    assert not torch.allclose(closed[1], out[1])
+    # gradients reach every PWAM and gate
+    encoder.train()
+    sum(o.sum() for o in encoder(backbone, x, words, mask)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
