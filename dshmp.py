@@ -31,7 +31,8 @@ Deviations from the paper (and from the official code, which the paper does not 
     language-aware Swin (PWAM after every stage's blocks, a tanh-gated copy fed into the next
     stage, common.lavt); word cross-attention in every Mask2Former layer (static cues) and
     Motion-Decoder layer (motion cues, query positions added to the queries; official: all
-    words, no positions) and no BiAttention block. Without PWAM our toy models segmented every object whatever the sentence.
+    words, no positions) and no BiAttention block. Without PWAM our toy models segmented every
+    object whatever the sentence.
   - No VITA similarity loss (official, weight 1.0); object tokens from the last Mask2Former layer
     only (official: the last 3 as extra batch entries in training); the same non-shifted windows
     in training and test (official: odd blocks shifted at test, from VITA).
