@@ -282,7 +282,8 @@ class _Encoder(nn.Module):
 
 
 class TextEncoder(_Encoder):
-    """RoBERTa word features (DsHmp, DMVS, MRaCL use RoBERTa-base) around a fast tokenizer.
+    """Word features of a BERT-style encoder (RoBERTa-base for DsHmp and DMVS, BERT-base for LAVT
+    and MRaCL) around a fast tokenizer.
 
     forward(texts: list[str]) returns a dict:
       word_feats (B, L, C): last hidden state; L = max_length always (every sentence is padded to
@@ -323,11 +324,12 @@ class TextEncoder(_Encoder):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = ROBERTA_BASE, *, freeze: bool = True, max_length: int = 40,
-                        **hub_kwargs) -> "TextEncoder":
-        """RoBERTa-base and its fast tokenizer via transformers; WeightsNotFoundError when unavailable.
-        The pooler is not built (the checkpoint has no trained pooler weights)."""
+                        model_class=RobertaModel, **hub_kwargs) -> "TextEncoder":
+        """RoBERTa-base (or, with model_class=BertModel, BERT, which LAVT fine-tunes) and its fast
+        tokenizer via transformers; WeightsNotFoundError when unavailable. The pooler is not built
+        (roberta-base has no trained one, and only the word features are used)."""
         tokenizer = _pretrained(AutoTokenizer.from_pretrained, name_or_path, **hub_kwargs)
-        model = _pretrained(RobertaModel.from_pretrained, name_or_path, add_pooling_layer=False, **hub_kwargs)
+        model = _pretrained(model_class.from_pretrained, name_or_path, add_pooling_layer=False, **hub_kwargs)
         return cls(model, tokenizer, max_length=max_length, freeze=freeze)
 
     @classmethod

@@ -1,0 +1,430 @@
+"""MRaCL: Towards Motion-aware Referring Image Segmentation. Chaeyun Kim, Seunghoon Yi, Yejin
+Kim, Yohan Jo, Joonseok Lee (SNU / AIM Intelligence), 2026 (arXiv 2603.17413; PMLR v300). The paper
+body and its code are not public: what is known is the project page (tables, figure, captions) and
+the signature and defaults of the author's loss. MRaCL is a training recipe for an existing
+referring image segmentation model; here the base is LAVT (Yang et al., CVPR 2022; reference code
+yz93/LAVT-RIS), one of the page's five bases.
+
+Implements the LAVT base (BERT-base fine-tuned; LAVT's language-aware Swin-B, common.lavt; LAVT's
+lightweight mask decoder and its weighted cross-entropy) and MRaCL's two parts: verb-phrase
+augmentation (each training sentence with a motion-centric verb phrase gives one more sample of
+the same target, common.text.verb_phrase or an LLM's phrases from --verb-phrases) and the MRaCL
+loss on fused image-text embeddings (angular distance, an additive angular margin on the positive,
+false negatives masked), with the page's Table 3 objectives as --loss; the motion-centric split of
+G-Ref (the page's M-Ref) as an evaluation subset.
+
+Reconstructed (every such choice is "(reconstructed)" in Config and has a flag):
+  - the fused embedding: global average pooling of the decoder's last feature map (the author's
+    code pools the map feeding the mask head), then a linear projection ("Fuser", page caption);
+  - the loss: for a sentence and its verb phrase (the positive pair) on the same image, angles
+    theta = arccos(cos) between all fused embeddings of the batch, angular similarity
+    s = 1 - 2 theta / pi, the positive's angle plus the margin m, then -log of the positive's share
+    of exp(s / tau) over the positive and the unmasked negatives, both members of a pair anchors;
+  - false negatives: other samples of the same target, or of the same image and category;
+  - the verb phrase's partner forward pass has no segmentation loss (the figure: only original
+    captions reach the mask decoder); with --vp the phrases are also samples of their own.
+
+Deviations from LAVT (the base, reference code yz93/LAVT-RIS @ 1da0af9):
+  - Images keep their aspect ratio (short side and long side <= 480; LAVT: squashed to 480 x 480);
+    pixels padded in a batch are ignored by the loss; predictions are scored at the original
+    size (LAVT: at 480 x 480 against the ground truth resized to it).
+  - All of BERT is fine-tuned, as the LAVT paper says (reference code: only layers 1-10 are in the
+    optimizer; the embeddings and layers 11-12 keep their pretrained values), with dropout on
+    (reference: BERT stays in eval mode). Sentences are cut to 20 tokens keeping [SEP]
+    (reference: sliced, losing it); the tokenizer reads the refer API's "sent" (reference: "raw").
+  - The language gate of the last Swin stage is not built (LAVT builds it; it feeds nothing).
+
+Run (every option: --help):
+  python mracl.py --data toy --train                       # toy images; CPU
+  torchrun --nproc_per_node 8 mracl.py --data refcocog --train   # G-Ref (umd); data/refer
+  python mracl.py --data refcocog --eval --eval-split test  # mIoU/oIoU on all, motion and static
+  ablations (page Tables 3-4): --no-vp, --no-mracl, --no-fn-filter, --filter none, --loss infonce
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel
+
+from common.backbones import (TextEncoder, load_swin_backbone, parameter_report, swin_backbone,
+                              swin_base_22k_config)
+from common.datasets import RefCOCO, collate_image
+from common.engine import (Progress, autocast, cleanup_distributed, is_main, reduce_dict,
+                           save_checkpoint, seed_everything, setup_distributed, to_device, unwrap)
+from common.lavt import LanguageAwareSwin
+from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_image,
+                        load_trained, param_groups, parse_config, predict_files, resume, run_dir,
+                        train_batches, wrap_ddp)
+from common.text import build_vocab, is_motion_expression, verb_phrase, word_tokenizer
+from data.toy import ensure_toy, motion_sentence_keys
+
+# Shapes: B samples in a step, P partner samples (verb phrases of the B, or their sentences),
+# M = B + P fused embeddings, D their width, L words, C_i Swin stage widths, H W input size.
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass
+class Config(RunConfig):
+    data: str = "refcocog"  # refcoco | refcoco+ | refcocog (paper configuration) | toy (CPU)
+    eval_split: str = "val"  # umd: val / test (the page's M-Ref: test); unc: val / testA / testB
+    split_by: str = "umd"  # page: G-Ref (UMD)
+    image_root: str = "data/coco/train2014"  # COCO train2014 images (data/README.md)
+    # MRaCL, page Tables 3-4
+    vp: bool = True  # verb phrases as extra samples of their target (page)
+    mracl: bool = True  # the MRaCL loss (page)
+    fn_filter: bool = True  # (reconstructed) no negatives of the same target / image + category
+    filter: str = "once"  # page: phrases only if the target's category is once in the image; none
+    loss: str = "mracl"  # mracl | infonce | simcse | l2: the page's Table 3 objectives
+    verb_phrases: str = ""  # JSON {sent_id: phrase}, data/extract_verb_phrases.py; default: rule
+    margin: float = 0.5  # m in radians, the author's loss default
+    temperature: float = 0.05  # tau, the author's loss default
+    w_mracl: float = 1.0  # (reconstructed) the weight is not given
+    proj_dim: int = 256  # (reconstructed) width of the Fuser's projection
+    # LAVT base
+    weights: str = "microsoft/swin-base-patch4-window12-384-in22k"  # LAVT: Swin-B, ImageNet-22k
+    text_weights: str = "bert-base-uncased"  # LAVT
+    max_tokens: int = 20  # LAVT
+    decoder_dim: int = 512  # LAVT: SimpleDecoding's hidden width, half of stage 4's 1,024
+    w_background: float = 0.9  # LAVT's cross-entropy class weights
+    w_target: float = 1.1  # LAVT
+    toy_swin_dim: int = 32  # toy only (ours)
+    toy_text_dim: int = 64  # toy only (ours)
+    # optimisation, LAVT (40 epochs of batch 32 on G-Ref umd are ~100,000 steps)
+    steps: int = 100_000
+    lr: float = 5e-5  # LAVT
+    weight_decay: float = 0.01  # LAVT
+    grad_clip: float = 0.0  # LAVT: none
+    batch_size: int = 32  # LAVT: 8 GPUs x 4
+    short_side: int = 480  # LAVT input size
+    max_size: int = 480
+
+
+PRESETS = {  # per-dataset deltas from the paper configuration above
+    # toy (ours): a tiny model for 2 CPU cores, random init
+    "toy": dict(split_by="unc", decoder_dim=64, proj_dim=64, steps=1500, lr=5e-4, grad_clip=1.0,
+                batch_size=8, short_side=96, max_size=96, workers=0, log_every=10, save_every=250),
+    "refcoco": dict(split_by="unc"),
+    "refcoco+": dict(split_by="unc"),
+    "refcocog": dict(),
+}
+ABLATIONS = ("vp", "mracl", "fn_filter", "filter", "loss")
+
+
+# ----------------------------------------------------------------------- LAVT's mask decoder
+class SimpleDecoding(nn.Module):
+    """LAVT's lightweight decoder: from stage 4 down to stage 1, upsample, concatenate the next
+    stage's features, two 3x3 conv + BatchNorm + ReLU; then a 1x1 classifier to 2 classes.
+    stages: 4 maps (B, C_i, H/s, W/s) -> (last hidden map (B, hidden, H/4, W/4), logits
+    (B, 2, H/4, W/4))."""
+
+    def __init__(self, *, channels, hidden):
+        super().__init__()
+        def block(in_channels):
+            return nn.Sequential(
+                nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden),
+                nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1, bias=False),
+                nn.BatchNorm2d(hidden), nn.ReLU())
+        self.blocks = nn.ModuleList([block(channels[3] + channels[2]), block(hidden + channels[1]),
+                                     block(hidden + channels[0])])
+        self.classifier = nn.Conv2d(hidden, 2, 1)
+
+    def forward(self, stages):
+        x = stages[3]
+        for block, skip in zip(self.blocks, stages[2::-1]):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+            x = block(torch.cat([x, skip], 1))  # (B, hidden, h_i, w_i)
+        return x, self.classifier(x)
+
+
+class LAVT(nn.Module):
+    """images (B, 3, H, W) ImageNet-normalised + B expressions -> dict(logits (B, 2, H, W) at
+    the input size, embeds (B, D) the fused embedding z (reconstructed Fuser))."""
+
+    def __init__(self, *, backbone, text_encoder, decoder_dim, proj_dim):
+        super().__init__()
+        self.backbone, self.text_encoder = backbone, text_encoder  # BERT, fine-tuned (LAVT)
+        self.fusion = LanguageAwareSwin(channels=backbone.channels,
+                                        word_dim=text_encoder.hidden_size)
+        self.decoder = SimpleDecoding(channels=backbone.channels, hidden=decoder_dim)
+        self.fuser = nn.Linear(decoder_dim, proj_dim)  # (reconstructed) projection after pooling
+
+    def forward(self, images, expressions):
+        text = self.text_encoder(expressions)
+        stages = self.fusion(self.backbone, images, text["word_feats"], text["attn_mask"])
+        hidden, logits = self.decoder(stages)  # (B, hidden, H/4, W/4), (B, 2, H/4, W/4)
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        return {"logits": logits, "embeds": self.fuser(hidden.mean((2, 3)))}  # z: GAP + projection
+
+
+# ------------------------------------------------------------ verb phrases and the MRaCL loss
+class VerbPhraseSamples(torch.utils.data.Dataset):
+    """RefCOCO training items, each with its partner: a sentence's verb phrase (None when it has
+    none, or when --filter once and its target's category appears more than once in the image),
+    and with vp=True one more item per phrase, the phrase as the expression of the same target,
+    whose partner is the sentence. phrases: {sent_id: phrase}."""
+
+    def __init__(self, base: RefCOCO, phrases: dict, *, vp: bool, once: bool):
+        self.base, self.samples = base, base.samples
+        same_category = {}
+        for ann in base.annotations.values():
+            key = (ann["image_id"], ann["category_id"])
+            same_category[key] = same_category.get(key, 0) + 1
+        self.phrase = {}
+        for i, s in enumerate(base.samples):
+            phrase = phrases.get(str(s["sent_id"]), "")
+            if phrase and not (once and same_category[(s["image_id"], s["category_id"])] > 1):
+                self.phrase[i] = phrase
+        self.extra = sorted(self.phrase) if vp else []  # the augmented samples
+
+    def __len__(self):
+        return len(self.base) + len(self.extra)
+
+    def __getitem__(self, index):
+        if index < len(self.base):
+            item = self.base[index]
+            item["partner"] = self.phrase.get(index)
+        else:  # a verb-phrase sample: the same image and target mask
+            item = self.base[self.extra[index - len(self.base)]]
+            item["partner"], item["expression"] = item["expression"], self.phrase[item["index"]]
+        return item
+
+
+def load_phrases(cfg, samples) -> dict:
+    """{sent_id: motion-centric verb phrase}: from --verb-phrases, else common.text.verb_phrase."""
+    if cfg.verb_phrases:
+        with open(cfg.verb_phrases) as f:
+            return {str(k): v for k, v in json.load(f).items()}
+    return {str(s["sent_id"]): verb_phrase(s["expression"]) for s in samples}
+
+
+def pair_masks(ann_ids, image_ids, categories, positives, fn_filter):
+    """(M, M) bool masks of the positives and the negatives. positives: (P, 2) index pairs. Self
+    pairs are neither; with fn_filter, other samples of the same target or of the same image and
+    category are no negatives (reconstructed false-negative filtering)."""
+    m = len(ann_ids)
+    positive = torch.zeros(m, m, dtype=torch.bool)
+    positive[positives[:, 0], positives[:, 1]] = positive[positives[:, 1], positives[:, 0]] = True
+    negative = ~positive & ~torch.eye(m, dtype=torch.bool)
+    if fn_filter:
+        ann, img, cat = (torch.tensor(v) for v in (ann_ids, image_ids, categories))
+        same = (ann[:, None] == ann) | ((img[:, None] == img) & (cat[:, None] == cat))
+        negative &= ~same
+    return positive, negative
+
+
+def angular_contrastive_loss(embeds, positive, negative, *, margin, temperature, eps=1e-6):
+    """MRaCL (reconstructed): theta = arccos(cos) with cos clamped to [-1 + eps, 1 - eps], since
+    arccos has an unbounded gradient at +-1; s = 1 - 2 theta / pi; for every anchor with a
+    positive, -log(exp(s_pos' / tau) / (exp(s_pos' / tau) + sum_neg exp(s / tau))) with
+    s_pos' = 1 - 2 (theta_pos + m) / pi. embeds (M, D); positive, negative (M, M) bool."""
+    z = F.normalize(embeds.float(), dim=-1)
+    theta = torch.arccos((z @ z.T).clamp(-1 + eps, 1 - eps))  # (M, M)
+    similarity = 1 - 2 * theta / math.pi
+    margined = 1 - 2 * (theta + margin) / math.pi
+    return _contrastive(similarity, margined, positive, negative, temperature)
+
+
+def _contrastive(similarity, positive_logit, positive, negative, temperature):
+    """Mean over the (anchor, positive) pairs of -log softmax over [positive, negatives]."""
+    anchors, partners = positive.nonzero(as_tuple=True)
+    if len(anchors) == 0:
+        return similarity.sum() * 0
+    negatives = (similarity / temperature).masked_fill(~negative, -math.inf)[anchors]  # (A, M)
+    logits = torch.cat([(positive_logit[anchors, partners] / temperature)[:, None], negatives], 1)
+    return -logits.log_softmax(1)[:, 0].mean()
+
+
+def contrastive_terms(cfg, embeds, positive, negative):
+    """The page's Table 3 objectives on the fused embeddings: mracl (above); infonce (VATEX's
+    MCC: cosine / 0.1); simcse (cosine / 0.05, in-batch negatives); l2 (squared distance of the
+    normalised positives, no negatives)."""
+    if cfg.loss == "mracl":
+        return angular_contrastive_loss(embeds, positive, negative, margin=cfg.margin,
+                                        temperature=cfg.temperature)
+    z = F.normalize(embeds.float(), dim=-1)
+    cosine = z @ z.T  # (M, M)
+    if cfg.loss == "l2":
+        a, b = positive.nonzero(as_tuple=True)
+        return ((z[a] - z[b]) ** 2).sum(-1).mean() if len(a) else z.sum() * 0
+    return _contrastive(cosine, cosine, positive, negative, 0.1 if cfg.loss == "infonce" else 0.05)
+
+
+def segmentation_loss(cfg, logits, targets, pad_mask):
+    """LAVT's weighted cross-entropy over the two classes, padded pixels ignored."""
+    target = torch.stack([t["masks"][0] for t in targets]).long()  # (B, H, W)
+    target = target.masked_fill(pad_mask, -100)
+    weight = torch.tensor([cfg.w_background, cfg.w_target], device=logits.device)
+    return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=-100)
+
+
+def with_partners(cfg, batch):
+    """The texts of one forward pass: the B expressions and, when MRaCL is on, the partners of
+    those that have one (the same image, the other text). Returns (image index (M,), texts)."""
+    have = [i for i, p in enumerate(batch["partner"]) if p is not None] if cfg.mracl else []
+    return list(range(len(batch["partner"]))) + have, batch["expression"] + [
+        batch["partner"][i] for i in have]
+
+
+def compute_losses(cfg, outputs, batch, index):
+    """The unweighted terms: LAVT's cross-entropy on the B samples (not on the partners: the page's
+    figure sends only the original captions to the mask decoder) and the contrastive term over
+    the M fused embeddings, each partner the positive of its sample. index: the sample of each."""
+    b = len(batch["expression"])
+    terms = {"ce": segmentation_loss(cfg, outputs["logits"][:b], batch["targets"],
+                                     batch["pad_mask"].to(outputs["logits"].device))}
+    if cfg.mracl:
+        def pick(key):
+            return [batch[key][i] for i in index]
+        positives = torch.tensor([[i, k] for k, i in enumerate(index) if k >= b],
+                                 dtype=torch.long).reshape(-1, 2)
+        positive, negative = pair_masks(pick("ann_id"), pick("image_id"), pick("category_id"),
+                                        positives, cfg.fn_filter)
+        device = outputs["embeds"].device
+        terms["mracl"] = contrastive_terms(cfg, outputs["embeds"], positive.to(device),
+                                           negative.to(device))
+    return terms
+
+
+# ---------------------------------------------------------------------------------- building
+def make_dataset(cfg, root, split, *, train, seed=None):
+    toy = cfg.data == "toy"
+    base = RefCOCO(root, Path(root) / "images" if toy else cfg.image_root,
+                   dataset="refcoco" if toy else cfg.data, split_by=cfg.split_by, split=split,
+                   train=train, short_side=cfg.short_side, max_size=cfg.max_size, flip=False,
+                   seed=cfg.seed if seed is None else seed)  # LAVT: no flip
+    if not train:
+        return base
+    return VerbPhraseSamples(base, load_phrases(cfg, base.samples), vp=cfg.vp,
+                             once=cfg.filter == "once")
+
+
+def build_model(cfg, *, vocab=None, pretrained=True) -> LAVT:
+    """The toy-size model (random init, word tokenizer over `vocab`) for --data toy; otherwise
+    LAVT's: Swin-B 22k and BERT-base (random when not pretrained)."""
+    if cfg.data == "toy":
+        backbone = swin_backbone(swin_base_22k_config(
+            image_size=96, embed_dim=cfg.toy_swin_dim, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
+            window_size=4, drop_path_rate=0.0))
+        text_encoder = TextEncoder.tiny(word_tokenizer(vocab, cfg.max_tokens),
+                                        hidden=cfg.toy_text_dim, max_length=cfg.max_tokens)
+    elif pretrained:
+        backbone = load_swin_backbone(cfg.weights)
+        text_encoder = TextEncoder.from_pretrained(cfg.text_weights, freeze=False,
+                                                   max_length=cfg.max_tokens, model_class=BertModel)
+    else:  # --count-params: the same modules with random weights, nothing downloaded
+        backbone = swin_backbone(swin_base_22k_config())
+        text_encoder = TextEncoder(BertModel(BertConfig(), add_pooling_layer=False),
+                                   word_tokenizer([]), max_length=cfg.max_tokens, freeze=False)
+    return LAVT(backbone=backbone, text_encoder=text_encoder, decoder_dim=cfg.decoder_dim,
+                proj_dim=cfg.proj_dim)
+
+
+# ---------------------------------------------------------------------------------- training
+def train(cfg, ddp, root, out):
+    """LAVT's recipe with the MRaCL terms; returns the trained model (unwrapped)."""
+    seed_everything(cfg.seed)  # identical initial weights on every process
+    dataset = make_dataset(cfg, root, "train", train=True, seed=cfg.seed + ddp.rank)
+    vocab = None
+    if cfg.data == "toy":
+        vocab = build_vocab([s["expression"] for s in dataset.samples]
+                            + [dataset.phrase[i] for i in dataset.phrase])
+    model = build_model(cfg, vocab=vocab).to(ddp.device)
+    optimizer = torch.optim.AdamW(param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay),
+                                  lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # LAVT: polynomial decay, power 0.9
+        optimizer, lambda step: (1 - step / cfg.steps) ** 0.9)
+    step = 0
+    if cfg.resume:
+        step, _ = resume(out / "last.pt", model=model, optimizer=optimizer, scheduler=scheduler,
+                         config=asdict(cfg))
+    batches = train_batches(dataset, batch_size=cfg.batch_size, collate=collate_image, ddp=ddp,
+                            seed=cfg.seed, workers=cfg.workers, start_step=step)
+    model = wrap_ddp(model, ddp)
+    with Progress(total=cfg.steps, initial=step, log_path=out / "log.jsonl") as progress:
+        while step < cfg.steps:
+            batch = next(batches)
+            images, batch["targets"] = to_device((batch["images"], batch["targets"]), ddp.device)
+            index, texts = with_partners(cfg, batch)
+            with autocast(ddp.device):
+                outputs = model(images[index], texts)  # the samples, then their partners
+            terms = compute_losses(cfg, outputs, batch, index)
+            loss = terms["ce"] + cfg.w_mracl * terms.get("mracl", 0)  # L_CE + w * L_MRaCL
+            check_finite(loss, terms, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                progress.log(step, reduce_dict({"loss": loss, **terms}),
+                             lr=max(scheduler.get_last_lr()))
+            if (step % cfg.save_every == 0 or step == cfg.steps) and is_main():
+                save_checkpoint(out / "last.pt", model=model, optimizer=optimizer,
+                                scheduler=scheduler, step=step, config=asdict(cfg),
+                                extra={"vocab": vocab})
+    return unwrap(model)
+
+
+# ------------------------------------------------------------------------------- evaluation
+def motion_split(samples) -> dict:
+    """The page's M-Ref idea: sentence ids of the motion-centric sentences (a verb that is not an
+    appearance, possession or placement verb, common.text.is_motion_expression; the page does
+    not say how it split G-Ref) and of the others."""
+    motion = {str(s["sent_id"]) for s in samples if is_motion_expression(s["expression"])}
+    return {"motion": motion, "static": {str(s["sent_id"]) for s in samples} - motion}
+
+
+@torch.no_grad()
+def predict_masks(model, images, expression, orig_size):
+    """LAVT: the argmax of the two classes at the original size. (1, 3, H, W) -> (H0, W0) bool."""
+    H, W = images.shape[-2:]
+    padded = F.pad(images, (0, -W % 32, 0, -H % 32))  # (1, 3, Hp, Wp)
+    with autocast(images.device):
+        logits = model(padded, [expression])["logits"][..., :H, :W].float()  # (1, 2, H, W)
+    logits = F.interpolate(logits, size=tuple(orig_size), mode="bilinear", align_corners=True)
+    return logits[0].argmax(0).bool()  # (H0, W0)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, description=__doc__)
+    if cfg.loss not in ("mracl", "infonce", "simcse", "l2") or cfg.filter not in ("once", "none"):
+        raise SystemExit("mracl: --loss must be mracl|infonce|simcse|l2 and --filter once|none")
+    out, ddp = run_dir(cfg, "mracl", ABLATIONS), setup_distributed()
+    checkpoint = cfg.checkpoint or out / "last.pt"
+
+    def rule(images, expression, orig_size):
+        return predict_masks(model, images.to(ddp.device), expression, orig_size)
+
+    with cli_errors("mracl"):
+        if cfg.count_params:
+            return print(parameter_report(build_model(cfg, pretrained=False), depth=2))
+        root = data_root(cfg, "image", make_toy=ensure_toy) if cfg.train or cfg.eval else None
+        if cfg.train:
+            model, trained = train(cfg, ddp, root, out), cfg
+        else:
+            model, trained = load_trained(checkpoint, Config, build_model, ddp.device)
+        model.eval()
+        if cfg.predict:
+            return predict_files(cfg.predict, cfg.text, lambda f, e, s: rule(f, e, s)[None],
+                                 out=out / "vis" / "predict", short_side=trained.short_side,
+                                 max_size=trained.max_size)
+        dataset = make_dataset(cfg, root, cfg.eval_split, train=False)
+        subsets = motion_split(dataset.samples)
+        if cfg.data == "toy":  # on toy, the motion split is the sentences only motion resolves
+            motion = motion_sentence_keys(root)["motion"]
+            subsets = {"motion": motion, "static": (subsets["motion"] | subsets["static"]) - motion}
+        evaluate_image(dataset, lambda item: rule(item["image"][None], item["expression"],
+                                                  item["orig_size"]),
+                       out=out, split=cfg.eval_split, checkpoint=checkpoint, subsets=subsets)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
