@@ -11,10 +11,13 @@ windows on odd layers at test, as the official code); `ObjectDecoder` is VITA's 
 DsHmp's Motion Decoder is this decoder with a word cross-attention in every layer
 (word_attention=True, as the official DsHmp `cross_test`). `VITA` puts them together with
 Mask2Former and the heads; `similarity_loss` is VITA's third loss (the frame- and video-level set
-losses are common.matching.set_losses). Still to come with dmvs.py: the converter of the official
-checkpoints and the training stage.
+losses are common.matching.set_losses). `load_official_vita` loads the official model-zoo
+checkpoints (detectron2 state dicts) into `VITA`, by the explicit table `official_vita_key_map`.
+Still to come with dmvs.py: the training stage.
 """
 import math
+import os
+import pickle
 
 import torch
 import torch.nn.functional as F
@@ -183,9 +186,9 @@ class VITA(nn.Module):
       layer, frame_queries (B, T, Q, C) the encoded frame queries, sim_frame (B, T, Q, C) and
       sim_video (B, V, C) the embeddings of the similarity loss, frame_outputs Mask2Former's
       per-frame outputs ((B*T, Q, K+1) logits, masks, aux_outputs). Frame queries come from the
-      last Mask2Former layer (official: the last 3 in training, as extra batch entries). The mask
-      projection reads Mask2Former's projected mask features; official VITA reads the pixel
-      decoder's raw stride-4 map (transformers does not return it), so official weights need it."""
+      last Mask2Former layer (official: the last 3 in training, as extra batch entries). VITA's
+      mask projection reads the pixel decoder's raw stride-4 map (official `clip_mask_features`,
+      the input of Mask2Former's own 1x1 `mask_features`; see `pixel_level_with_raw_map`)."""
 
     def __init__(self, *, pixel_level, decoder, dim: int, heads: int, ffn_dim: int, enc_layers: int,
                  dec_layers: int, window: int, num_video_queries: int, num_classes: int):
@@ -197,24 +200,42 @@ class VITA(nn.Module):
         self.object_decoder = ObjectDecoder(dim=dim, heads=heads, ffn_dim=ffn_dim, num_layers=dec_layers,
                                             num_queries=num_video_queries, num_frame_queries=decoder.num_queries)
         self.class_head = nn.Linear(dim, num_classes + 1)
-        self.mask_embed = MLP(dim, dim, dim, num_layers=3)
-        self.mask_proj = nn.Conv2d(pixel_level.mask_channels, dim, 1)  # official vita_mask_features
+        self.mask_embed = MLP(dim, dim, pixel_level.mask_channels, num_layers=3)
+        # official vita_mask_features: Conv2d(CONVS_DIM, MASK_DIM) on the raw pixel-decoder map
+        self.mask_proj = nn.Conv2d(pixel_level.out_channels, pixel_level.mask_channels, 1)
         self.sim_frame, self.sim_video = nn.Linear(dim, dim), nn.Linear(dim, dim)  # sim_embed_frame / _clip
 
     def forward(self, frames):
         B = frames.shape[0]
-        pixels = self.pixel_level(rearrange(frames, "b t c h w -> (b t) c h w"))
+        pixels = pixel_level_with_raw_map(self.pixel_level, rearrange(frames, "b t c h w -> (b t) c h w"))
         frame_out = self.decoder(pixels["features"], pixels["pos"], pixels["mask_features"])
         frame_queries = rearrange(frame_out["query_embeds"][-1], "(b t) q c -> b t q c", b=B)  # (B, T, Q, C)
         frame_queries = self.encoder(self.input_proj(frame_queries))  # (B, T, Q, C)
         video_queries = self.object_decoder(frame_queries)  # layers x (B, V, C)
-        mask_feats = rearrange(self.mask_proj(pixels["mask_features"]), "(b t) c h w -> b t c h w", b=B)
+        mask_feats = self.mask_proj(pixels["raw_map"])  # (B*T, D, h, w)
+        mask_feats = rearrange(mask_feats, "(b t) d h w -> b t d h w", b=B)  # (B, T, D, h, w)
         preds = [{"pred_logits": self.class_head(v),  # (B, V, K+1)
-                  "pred_masks": einsum(self.mask_embed(v), mask_feats, "b v c, b t c h w -> b v t h w")}
+                  "pred_masks": einsum(self.mask_embed(v), mask_feats, "b v d, b t d h w -> b v t h w")}
                  for v in video_queries]
         return {**preds[-1], "aux_outputs": preds[:-1], "video_queries": video_queries[-1],
                 "frame_queries": frame_queries, "sim_frame": self.sim_frame(frame_queries),
                 "sim_video": self.sim_video(video_queries[-1]), "frame_outputs": frame_out}
+
+
+def pixel_level_with_raw_map(pixel_level, pixel_values, encode=None) -> dict:
+    """`pixel_level(pixel_values, encode)` (common.backbones.PixelLevel) plus `raw_map`
+    (B, C, H/4, W/4): the pixel decoder's last FPN output before Mask2Former's 1x1 projection
+    (official msdeformattn.py `out[-1]`, VITA's `clip_mask_features`), so that `mask_features` is
+    `pixel_decoder.mask_projection(raw_map)`. transformers returns only the projected map; the
+    input of `mask_projection` is caught with a forward pre-hook that lives for this call only."""
+    caught = []
+    hook = pixel_level.pixel_decoder.mask_projection.register_forward_pre_hook(
+        lambda module, args: caught.append(args[0]))
+    try:
+        pixels = pixel_level(pixel_values, encode=encode)
+    finally:
+        hook.remove()
+    return {**pixels, "raw_map": caught[0]}
 
 
 def similarity_loss(embeds, object_ids, clip_ids):
@@ -227,3 +248,248 @@ def similarity_loss(embeds, object_ids, clip_ids):
     same_clip = (clip_ids[:, None] == clip_ids[None]).float()  # (N, N)
     loss = F.binary_cross_entropy_with_logits(logits, same_object, reduction="none")
     return (loss * same_clip).sum() / (same_clip.sum() + 1e-6)
+
+
+# ---------------------------------------------------------------------------------- official checkpoints
+# The official model-zoo checkpoints (github.com/sukjunhwang/VITA, README "Model Zoo") are detectron2
+# state dicts of the whole model: `backbone.*` (D2SwinTransformer, mask2former/modeling/backbone/swin.py),
+# `sem_seg_head.pixel_decoder.*` (MSDeformAttnPixelDecoder, .../pixel_decoder/msdeformattn.py),
+# `sem_seg_head.predictor.*` (VitaMultiScaleMaskedTransformerDecoder,
+# vita/modeling/transformer_decoder/vita_mask2former_transformer_decoder.py) and `vita_module.*`
+# (vita/modeling/transformer_decoder/vita.py). `official_vita_key_map` says where each lands in `VITA`.
+
+# Official keys that are read but not loaded: the no-object class weights of the two losses
+# (`SetCriterion.empty_weight` buffers; our losses take the no-object weight as an argument), and
+# detectron2's input normalisation (non-persistent buffers in VITA's code, skipped should a file
+# carry them; our data pipeline normalises).
+OFFICIAL_KEYS_NOT_LOADED = ("criterion.empty_weight", "vita_criterion.empty_weight", "pixel_mean", "pixel_std")
+# Our keys no official key fills: the final LayerNorm of transformers' SwinModel, which SwinBackbone
+# never applies (its outputs go through the per-stage norms, the official `norm0`..`norm3`); frozen.
+OUR_KEYS_NOT_LOADED = tuple(f"pixel_level.backbone.swin.layernorm.{p}" for p in ("weight", "bias"))
+
+
+def _affine(theirs: str, ours: str):
+    """The weight and bias of a Linear, Conv2d, LayerNorm or GroupNorm under both names."""
+    for p in ("weight", "bias"):
+        yield f"{theirs}.{p}", [f"{ours}.{p}"]
+
+
+def _attention(theirs: str, ours: str):
+    """An nn.MultiheadAttention on both sides: the same four tensors (in_proj packs q, k, v along
+    dim 0 in both)."""
+    for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+        yield f"{theirs}.{p}", [f"{ours}.{p}"]
+
+
+def _swin_keys(backbone):
+    """Official D2SwinTransformer -> transformers' SwinBackbone (`PixelLevel.backbone`)."""
+    yield from _affine("patch_embed.proj", "swin.embeddings.patch_embeddings.projection")
+    yield from _affine("patch_embed.norm", "swin.embeddings.norm")
+    for s, stage in enumerate(backbone.swin.encoder.layers):
+        for b in range(len(stage.blocks)):
+            theirs, ours = f"layers.{s}.blocks.{b}.", f"swin.encoder.layers.{s}.blocks.{b}."
+            yield from _affine(theirs + "norm1", ours + "layernorm_before")
+            for p in ("weight", "bias"):  # one Linear(C, 3C) -> three Linear(C, C): q, k, v, in that order
+                yield theirs + f"attn.qkv.{p}", [ours + f"attention.{x}_proj.{p}" for x in "qkv"]
+            yield from _affine(theirs + "attn.proj", ours + "attention.o_proj")
+            rel = ours + "attention.relative_position_bias."
+            yield theirs + "attn.relative_position_bias_table", [rel + "relative_position_bias_table"]
+            # a buffer on both sides: compared with ours, not loaded (see convert_official_vita)
+            yield theirs + "attn.relative_position_index", [rel + "relative_position_index"]
+            yield from _affine(theirs + "norm2", ours + "layernorm_after")
+            yield from _affine(theirs + "mlp.fc1", ours + "mlp.fc1")
+            yield from _affine(theirs + "mlp.fc2", ours + "mlp.fc2")
+        if stage.downsample is not None:  # patch merging after every stage but the last
+            theirs, ours = f"layers.{s}.downsample.", f"swin.encoder.layers.{s}.downsample."
+            yield theirs + "reduction.weight", [ours + "reduction.weight"]  # Linear(4C, 2C) without bias
+            yield from _affine(theirs + "norm", ours + "norm")
+    for stage_name in backbone.hidden_states_norms:  # stage{i+1} (output res{i+2}): official norm{i}
+        i = int(stage_name.removeprefix("stage")) - 1
+        yield from _affine(f"norm{i}", f"hidden_states_norms.{stage_name}")
+
+
+def _pixel_decoder_keys(pixel_decoder):
+    """Official MSDeformAttnPixelDecoder -> transformers' Mask2FormerPixelDecoder. Both order the
+    input projections and level embeddings coarse to fine (res5, res4, res3); detectron2's Conv2d
+    keeps its GroupNorm as a `.norm` child, transformers an nn.Sequential(conv, norm)."""
+    for level in range(len(pixel_decoder.input_projections)):
+        for j in (0, 1):  # nn.Sequential(Conv2d, GroupNorm) on both sides
+            yield from _affine(f"input_proj.{level}.{j}", f"input_projections.{level}.{j}")
+    yield "transformer.level_embed", ["level_embed"]
+    for i in range(len(pixel_decoder.encoder.layers)):
+        theirs, ours = f"transformer.encoder.layers.{i}.", f"encoder.layers.{i}."
+        for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
+            yield from _affine(theirs + f"self_attn.{name}", ours + f"self_attn.{name}")
+        yield from _affine(theirs + "norm1", ours + "self_attn_layer_norm")
+        yield from _affine(theirs + "linear1", ours + "fc1")
+        yield from _affine(theirs + "linear2", ours + "fc2")
+        yield from _affine(theirs + "norm2", ours + "final_layer_norm")
+    yield from _affine("mask_features", "mask_projection")
+    for k in range(1, pixel_decoder.num_fpn_levels + 1):  # the FPN convs on res2, bias-free (norm "GN")
+        for name in (f"adapter_{k}", f"layer_{k}"):
+            yield f"{name}.weight", [f"{name}.0.weight"]
+            yield from _affine(f"{name}.norm", f"{name}.1")
+
+
+def _frame_decoder_keys(decoder):
+    """Official VitaMultiScaleMaskedTransformerDecoder -> our MaskedAttentionDecoder
+    (common.mask2former): masked cross-attention, self-attention and FFN layers, heads."""
+    yield "query_feat.weight", ["query_feat.weight"]
+    yield "query_embed.weight", ["query_pos.weight"]
+    yield "level_embed.weight", ["level_embed.weight"]
+    for level, proj in enumerate(decoder.input_proj):
+        if isinstance(proj, nn.Conv2d):  # only where the features' width differs from hidden_dim
+            yield from _affine(f"input_proj.{level}", f"input_proj.{level}")
+    for i in range(len(decoder.layers)):
+        ours = f"layers.{i}."
+        yield from _attention(f"transformer_cross_attention_layers.{i}.multihead_attn", ours + "cross_attn")
+        yield from _affine(f"transformer_cross_attention_layers.{i}.norm", ours + "cross_norm")
+        yield from _attention(f"transformer_self_attention_layers.{i}.self_attn", ours + "self_attn")
+        yield from _affine(f"transformer_self_attention_layers.{i}.norm", ours + "self_norm")
+        yield from _affine(f"transformer_ffn_layers.{i}.linear1", ours + "ffn.0")
+        yield from _affine(f"transformer_ffn_layers.{i}.linear2", ours + "ffn.3")
+        yield from _affine(f"transformer_ffn_layers.{i}.norm", ours + "ffn_norm")
+    yield from _affine("decoder_norm", "decoder_norm")
+    yield from _affine("class_embed", "class_head")
+    for j in range(len(decoder.mask_embed.layers)):
+        yield from _affine(f"mask_embed.layers.{j}", f"mask_embed.layers.{j}")
+
+
+def _vita_module_keys(model):
+    """Official `VITA` (vita_module) -> our input_proj, ObjectEncoder, ObjectDecoder and heads."""
+    yield from _affine("input_proj_dec", "input_proj")  # a Linear: ENFORCE_INPUT_PROJ is True by default
+    for i in range(len(model.encoder.layers)):
+        ours = f"encoder.layers.{i}."
+        yield from _attention(f"enc_self_attn.{i}.self_attn", ours + "self_attn")
+        yield from _affine(f"enc_self_attn.{i}.norm", ours + "self_norm")
+        yield from _affine(f"enc_ffn.{i}.linear1", ours + "ffn.0")
+        yield from _affine(f"enc_ffn.{i}.linear2", ours + "ffn.2")
+        yield from _affine(f"enc_ffn.{i}.norm", ours + "ffn_norm")
+    for i in range(len(model.object_decoder.layers)):
+        ours = f"object_decoder.layers.{i}."  # norms.0, .1, .2 follow cross-attention, self-attention, FFN
+        yield from _attention(f"transformer_cross_attention_layers.{i}.multihead_attn", ours + "cross_attn")
+        yield from _affine(f"transformer_cross_attention_layers.{i}.norm", ours + "norms.0")
+        yield from _attention(f"transformer_self_attention_layers.{i}.self_attn", ours + "self_attn")
+        yield from _affine(f"transformer_self_attention_layers.{i}.norm", ours + "norms.1")
+        yield from _affine(f"transformer_ffn_layers.{i}.linear1", ours + "ffn.0")
+        yield from _affine(f"transformer_ffn_layers.{i}.linear2", ours + "ffn.2")
+        yield from _affine(f"transformer_ffn_layers.{i}.norm", ours + "norms.2")
+    yield "query_feat.weight", ["object_decoder.query_feat.weight"]
+    yield "query_embed.weight", ["object_decoder.query_pos.weight"]
+    yield "fq_pos.weight", ["object_decoder.slot_pos.weight"]
+    yield from _affine("decoder_norm", "object_decoder.norm")
+    yield from _affine("class_embed", "class_head")
+    for j in range(len(model.mask_embed.layers)):
+        yield from _affine(f"mask_embed.layers.{j}", f"mask_embed.layers.{j}")
+    yield from _affine("vita_mask_features", "mask_proj")
+    yield from _affine("sim_embed_frame", "sim_frame")
+    yield from _affine("sim_embed_clip", "sim_video")
+
+
+def official_vita_key_map(model: VITA) -> dict:
+    """Official checkpoint key -> the key(s) of `model.state_dict()` it goes to, for this model's
+    sizes (numbers of Swin blocks, decoder layers, ...). Several keys: the official tensor is cut
+    into that many equal parts along dim 0, in order (Swin's fused qkv -> q, k, v). A key that is
+    a non-persistent buffer of ours (Swin's relative_position_index) is checked, not loaded."""
+    backbone, pixel_decoder = model.pixel_level.backbone, model.pixel_level.pixel_decoder
+    sections = [  # (official prefix, our prefix, the pairs below these prefixes)
+        ("backbone.", "pixel_level.backbone.", _swin_keys(backbone)),
+        ("sem_seg_head.pixel_decoder.", "pixel_level.pixel_decoder.", _pixel_decoder_keys(pixel_decoder)),
+        ("sem_seg_head.predictor.", "decoder.", _frame_decoder_keys(model.decoder)),
+        ("vita_module.", "", _vita_module_keys(model)),
+    ]
+    key_map = {}
+    for their_prefix, our_prefix, pairs in sections:
+        for theirs, ours in pairs:
+            key_map[their_prefix + theirs] = [our_prefix + k for k in ours]
+    return key_map
+
+
+def convert_official_vita(model: VITA, official_state: dict) -> dict:
+    """An official VITA state dict -> a state dict for `model` (its keys, except OUR_KEYS_NOT_LOADED).
+
+    Raises ValueError, listing every problem at once, when an official key has no place in the
+    model (besides OFFICIAL_KEYS_NOT_LOADED), when a key of ours would receive nothing, when a shape
+    differs (e.g. another number of classes or frame queries than the model was built with), or
+    when a Swin relative_position_index differs from ours (another window size)."""
+    key_map = official_vita_key_map(model)
+    own = model.state_dict()
+    buffers = dict(model.named_buffers())
+    targets = [k for ours in key_map.values() for k in ours]
+    if len(set(targets)) != len(targets) or any(k not in own and k not in buffers for k in targets):
+        raise RuntimeError("official_vita_key_map is out of date for this model")  # our bug, not the file's
+    # keys that only go to non-persistent buffers of ours are checked when present, never required
+    checked_only = {theirs for theirs, ours in key_map.items() if not any(k in own for k in ours)}
+    unused = sorted(k for k in official_state if k not in key_map and k not in OFFICIAL_KEYS_NOT_LOADED)
+    absent = {theirs: ours for theirs, ours in key_map.items()
+              if theirs not in official_state and theirs not in checked_only}
+    unfilled = sorted(set(own) - set(targets) - set(OUR_KEYS_NOT_LOADED))
+    problems = []
+    if unused:
+        problems.append(f"official keys with no place in this model ({len(unused)}): {unused}")
+    if absent or unfilled:
+        receive_nothing = [f"{o} <- {t} (absent)" for t, ours in absent.items() for o in ours] + \
+                          [f"{o} (not in official_vita_key_map)" for o in unfilled]
+        problems.append(f"keys of ours that would receive nothing ({len(receive_nothing)}): {receive_nothing}")
+    converted = {}
+    for theirs, ours in key_map.items():
+        if theirs not in official_state:
+            continue
+        value = torch.as_tensor(official_state[theirs])
+        if value.shape[0] % len(ours):
+            problems.append(f"{theirs} {tuple(value.shape)} cannot be cut into {len(ours)} parts along dim 0")
+            continue
+        for name, part in zip(ours, value.chunk(len(ours), dim=0)):
+            if name not in own:  # a non-persistent buffer of ours: (w*w, w*w) official, flat here
+                if not torch.equal(part.flatten().to(buffers[name]), buffers[name].flatten()):
+                    problems.append(f"{theirs} differs from our {name} (another Swin window size?)")
+            elif part.shape != own[name].shape:
+                problems.append(f"{name} {tuple(own[name].shape)} <- {theirs} {tuple(part.shape)}")
+            else:
+                converted[name] = part
+    if problems:
+        raise ValueError("the official VITA checkpoint does not match this model:\n  "
+                         + "\n  ".join(problems))
+    return converted
+
+
+def load_official_vita(model: VITA, official_state: dict) -> list:
+    """Load an official VITA state dict into `model` (see convert_official_vita; nothing is loaded
+    when anything does not match). Returns our keys left at their initialisation (OUR_KEYS_NOT_LOADED)."""
+    converted = convert_official_vita(model, official_state)
+    result = model.load_state_dict(converted, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) != set(OUR_KEYS_NOT_LOADED):
+        raise RuntimeError(f"load_official_vita: missing {result.missing_keys}, "
+                           f"unexpected {result.unexpected_keys}")
+    return list(result.missing_keys)
+
+
+def read_official_checkpoint(path) -> dict:
+    """The state dict in an official VITA checkpoint file: a torch-saved `.pth` (the model zoo's
+    format: {"model": state_dict, ...} as detectron2's Checkpointer writes it, or a bare state dict)
+    or a detectron2 `.pkl` (pickled {"model": {key: numpy array}}; unpickling runs code from the
+    file, so open only files you trust). Raises FileNotFoundError when there is no such file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"VITA checkpoint not found: {path!r}. Download an official checkpoint from the model zoo "
+            f"of github.com/sukjunhwang/VITA (README, Google Drive links), e.g. the Swin-L OVIS model, "
+            f"and pass its path.")
+    if path.endswith(".pkl"):
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{path!r} holds objects other than tensors and plain containers, which torch.load "
+                f"(weights_only=True) does not unpickle. If you trust the file, save its state dict alone: "
+                f"torch.save(torch.load(path, weights_only=False)['model'], new_path).") from err
+    state = data.get("model", data)
+    return {k: torch.as_tensor(v) for k, v in state.items()}
+
+
+def load_official_vita_checkpoint(model: VITA, path) -> list:
+    """`load_official_vita(model, read_official_checkpoint(path))`."""
+    return load_official_vita(model, read_official_checkpoint(path))

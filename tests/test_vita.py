@@ -1,8 +1,11 @@
 """common/vita.py: the ObjectEncoder against VITA's own window and shifted-window attention (a port of
 vita/modeling/transformer_decoder/vita.py encode_frame_query, seq-first as the original), and
-its attention masks by hand."""
+its attention masks by hand; the converter of the official checkpoints on a synthetic state dict
+with the official key names and shapes."""
 import math
+import pickle
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -108,3 +111,290 @@ def test_similarity_loss_by_hand():
     pairs = [(0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 1, 1), (2, 2, 1)]  # same-clip pairs: (i, j, same object)
     expected = sum(bce(logits[i, j], torch.tensor(float(y))) for i, j, y in pairs) / len(pairs)
     assert torch.allclose(similarity_loss(embeds, objects, clips), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- official checkpoints (converter)
+def official_vita_shapes(*, embed_dim, depths, swin_heads, window, conv_dim, mask_dim, pd_layers, pd_heads,
+                         hidden, heads, frame_queries, dec_layers, num_classes, enc_layers, vita_dec_layers,
+                         video_queries, pd_ffn=1024, ffn=2048, points=4) -> dict:
+    """{key: shape} of an official VITA checkpoint, written from the constructors of the official
+    modules (github.com/sukjunhwang/VITA @ 59c24ad) for a Swin backbone: D2SwinTransformer (patch 4,
+    MLP ratio 4, qkv bias, patch norm, no APE, norm0-3), MSDeformAttnPixelDecoder (res3-res5 in the
+    deformable encoder, one FPN level on res2, norm "GN"), VitaMultiScaleMaskedTransformerDecoder
+    (dec_layers = DEC_LAYERS - 1; CONVS_DIM = HIDDEN_DIM, so no input_proj) and the VITA module
+    (ENFORCE_INPUT_PROJ and SIM_USE_CLIP on), plus the persistent buffers. `heads` (of the
+    decoders' attention) does not change any shape."""
+    shapes = {}
+
+    def affine(name, *weight_shape, bias=True):
+        shapes[f"{name}.weight"] = weight_shape
+        if bias:
+            shapes[f"{name}.bias"] = weight_shape[:1]
+
+    def mha(name, d):  # nn.MultiheadAttention
+        shapes[f"{name}.in_proj_weight"], shapes[f"{name}.in_proj_bias"] = (3 * d, d), (3 * d,)
+        affine(f"{name}.out_proj", d, d)
+
+    def self_attention_layer(name):  # SelfAttentionLayer
+        mha(f"{name}.self_attn", hidden)
+        affine(f"{name}.norm", hidden)
+
+    def ffn_layer(name):  # FFNLayer
+        affine(f"{name}.linear1", ffn, hidden)
+        affine(f"{name}.linear2", hidden, ffn)
+        affine(f"{name}.norm", hidden)
+
+    def decoder_layers(prefix, n):  # cross-attention, self-attention and FFN layers in three ModuleLists
+        for i in range(n):
+            mha(f"{prefix}transformer_cross_attention_layers.{i}.multihead_attn", hidden)
+            affine(f"{prefix}transformer_cross_attention_layers.{i}.norm", hidden)
+            self_attention_layer(f"{prefix}transformer_self_attention_layers.{i}")
+            ffn_layer(f"{prefix}transformer_ffn_layers.{i}")
+
+    b = "backbone."
+    affine(b + "patch_embed.proj", embed_dim, 3, 4, 4)
+    affine(b + "patch_embed.norm", embed_dim)
+    for i, (depth, stage_heads) in enumerate(zip(depths, swin_heads)):
+        dim = embed_dim * 2 ** i
+        for j in range(depth):
+            blk = f"{b}layers.{i}.blocks.{j}."
+            affine(blk + "norm1", dim)
+            shapes[blk + "attn.relative_position_bias_table"] = ((2 * window - 1) ** 2, stage_heads)
+            shapes[blk + "attn.relative_position_index"] = (window ** 2, window ** 2)
+            affine(blk + "attn.qkv", 3 * dim, dim)
+            affine(blk + "attn.proj", dim, dim)
+            affine(blk + "norm2", dim)
+            affine(blk + "mlp.fc1", 4 * dim, dim)
+            affine(blk + "mlp.fc2", dim, 4 * dim)
+        if i < len(depths) - 1:
+            affine(f"{b}layers.{i}.downsample.reduction", 2 * dim, 4 * dim, bias=False)
+            affine(f"{b}layers.{i}.downsample.norm", 4 * dim)
+    for i in range(len(depths)):
+        affine(f"{b}norm{i}", embed_dim * 2 ** i)
+
+    p = "sem_seg_head.pixel_decoder."
+    for level, stage in enumerate((3, 2, 1)):  # res5, res4, res3
+        affine(f"{p}input_proj.{level}.0", conv_dim, embed_dim * 2 ** stage, 1, 1)
+        affine(f"{p}input_proj.{level}.1", conv_dim)
+    shapes[p + "transformer.level_embed"] = (3, conv_dim)
+    for i in range(pd_layers):
+        e = f"{p}transformer.encoder.layers.{i}."
+        affine(e + "self_attn.sampling_offsets", pd_heads * 3 * points * 2, conv_dim)
+        affine(e + "self_attn.attention_weights", pd_heads * 3 * points, conv_dim)
+        affine(e + "self_attn.value_proj", conv_dim, conv_dim)
+        affine(e + "self_attn.output_proj", conv_dim, conv_dim)
+        affine(e + "norm1", conv_dim)
+        affine(e + "linear1", pd_ffn, conv_dim)
+        affine(e + "linear2", conv_dim, pd_ffn)
+        affine(e + "norm2", conv_dim)
+    affine(p + "mask_features", mask_dim, conv_dim, 1, 1)
+    affine(p + "adapter_1", conv_dim, embed_dim, 1, 1, bias=False)
+    affine(p + "adapter_1.norm", conv_dim)
+    affine(p + "layer_1", conv_dim, conv_dim, 3, 3, bias=False)
+    affine(p + "layer_1.norm", conv_dim)
+
+    d = "sem_seg_head.predictor."
+    decoder_layers(d, dec_layers)
+    affine(d + "decoder_norm", hidden)
+    shapes[d + "query_feat.weight"] = shapes[d + "query_embed.weight"] = (frame_queries, hidden)
+    shapes[d + "level_embed.weight"] = (3, hidden)
+    affine(d + "class_embed", num_classes + 1, hidden)
+    for j, out in enumerate((hidden, hidden, mask_dim)):
+        affine(f"{d}mask_embed.layers.{j}", out, hidden)
+
+    v = "vita_module."
+    for i in range(enc_layers):
+        self_attention_layer(f"{v}enc_self_attn.{i}")
+        ffn_layer(f"{v}enc_ffn.{i}")
+    decoder_layers(v, vita_dec_layers)
+    affine(v + "vita_mask_features", mask_dim, conv_dim, 1, 1)
+    affine(v + "decoder_norm", hidden)
+    shapes[v + "query_feat.weight"] = shapes[v + "query_embed.weight"] = (video_queries, hidden)
+    shapes[v + "fq_pos.weight"] = (frame_queries, hidden)
+    affine(v + "input_proj_dec", hidden, hidden)
+    affine(v + "class_embed", num_classes + 1, hidden)
+    for j, out in enumerate((hidden, hidden, mask_dim)):
+        affine(f"{v}mask_embed.layers.{j}", out, hidden)
+    affine(v + "sim_embed_frame", hidden, hidden)
+    affine(v + "sim_embed_clip", hidden, hidden)
+    shapes["criterion.empty_weight"] = shapes["vita_criterion.empty_weight"] = (num_classes + 1,)
+    return shapes
+
+
+def official_relative_position_index(window: int) -> torch.Tensor:
+    """(w*w, w*w): the index into the (2w-1)^2 bias table of each pair of positions in a window, as
+    the official WindowAttention builds it (row offset * (2w - 1) + column offset, both shifted >= 0)."""
+    rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    dr, dc = rows[:, None] - rows[None] + window - 1, cols[:, None] - cols[None] + window - 1
+    return dr * (2 * window - 1) + dc
+
+
+# official configurations: Swin, pixel decoder (CONVS_DIM, MASK_DIM), Mask2Former (DEC_LAYERS - 1), VITA
+SMALL = dict(embed_dim=16, depths=(2, 1, 2, 1), swin_heads=(1, 2, 2, 4), window=4,
+             conv_dim=32, mask_dim=16, pd_layers=2, pd_heads=4, pd_ffn=64,
+             hidden=32, heads=4, ffn=64, frame_queries=5, dec_layers=3, num_classes=3,
+             enc_layers=2, vita_dec_layers=2, video_queries=4)
+SWIN_L_OVIS = dict(embed_dim=192, depths=(2, 2, 18, 2), swin_heads=(6, 12, 24, 48), window=12,
+                   conv_dim=256, mask_dim=256, pd_layers=6, pd_heads=8,
+                   hidden=256, heads=8, frame_queries=200, dec_layers=9, num_classes=25,
+                   enc_layers=6, vita_dec_layers=3, video_queries=100)  # configs/ovis/vita_SWIN_bs8.yaml
+
+
+def build_vita(c: dict):
+    """Our VITA with the sizes of an official configuration `c` (the keys of official_vita_shapes)."""
+    from common.backbones import PixelLevel, tiny_mask2former_config
+    from common.mask2former import MaskedAttentionDecoder
+    from common.vita import VITA
+    config = tiny_mask2former_config(
+        embed_dim=c["embed_dim"], depths=c["depths"], swin_heads=c["swin_heads"], window_size=c["window"],
+        hidden_dim=c["conv_dim"], encoder_layers=c["pd_layers"], encoder_ffn_dim=c.get("pd_ffn", 1024),
+        num_heads=c["pd_heads"], mask_feature_size=c["mask_dim"])
+    ffn = c.get("ffn", 2048)
+    decoder = MaskedAttentionDecoder(hidden_dim=c["hidden"], num_queries=c["frame_queries"],
+                                     num_layers=c["dec_layers"], num_heads=c["heads"], ffn_dim=ffn,
+                                     num_classes=c["num_classes"], mask_dim=c["mask_dim"])
+    return VITA(pixel_level=PixelLevel(config), decoder=decoder, dim=c["hidden"], heads=c["heads"],
+                ffn_dim=ffn, enc_layers=c["enc_layers"], dec_layers=c["vita_dec_layers"],
+                window=6, num_video_queries=c["video_queries"], num_classes=c["num_classes"])  # ENC_WINDOW_SIZE 6
+
+
+def random_official_state(c: dict, seed: int = 0) -> dict:
+    """A synthetic official checkpoint: random values, the real relative_position_index buffers."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(shape, generator=generator) for k, shape in official_vita_shapes(**c).items()}
+    for k in state:
+        if k.endswith("relative_position_index"):
+            state[k] = official_relative_position_index(c["window"])
+    return state
+
+
+@pytest.fixture(scope="module")
+def small_loaded():
+    """A small VITA and the official-layout state dict loaded into it."""
+    from common.vita import load_official_vita
+    torch.manual_seed(0)
+    model = build_vita(SMALL).eval()
+    official = random_official_state(SMALL)
+    left = load_official_vita(model, official)
+    return model, official, left
+
+
+def test_official_checkpoint_loads_every_tensor(small_loaded):
+    from common.vita import OFFICIAL_KEYS_NOT_LOADED, OUR_KEYS_NOT_LOADED, official_vita_key_map
+    model, official, left = small_loaded
+    assert sorted(left) == sorted(OUR_KEYS_NOT_LOADED)
+    key_map, own = official_vita_key_map(model), model.state_dict()
+    assert set(key_map) == set(official) - set(OFFICIAL_KEYS_NOT_LOADED)  # no official key left over
+    targets = [k for ours in key_map.values() for k in ours]
+    assert len(targets) == len(set(targets))
+    assert set(own) - set(targets) == set(OUR_KEYS_NOT_LOADED)  # every key of ours filled
+    buffers = dict(model.named_buffers())
+    for theirs, ours in key_map.items():
+        for name, part in zip(ours, official[theirs].chunk(len(ours))):
+            if name in own:
+                assert torch.equal(own[name], part), f"{name} <- {theirs}"
+            else:  # relative_position_index: checked, equal to ours (flat)
+                assert torch.equal(buffers[name], part.flatten()), name
+    # the fused qkv really is cut into q, k, v in that order
+    qkv = official["backbone.layers.1.blocks.0.attn.qkv.weight"]
+    attention = model.pixel_level.backbone.swin.encoder.layers[1].blocks[0].attention
+    assert torch.equal(attention.k_proj.weight, qkv[32:64]) and torch.equal(attention.v_proj.weight, qkv[64:])
+
+
+def test_official_swin_attention_by_hand(small_loaded):
+    """One Swin window attention of the loaded model equals the official WindowAttention computed
+    from the official-layout tensors (fused qkv reshaped to (3, heads, head_dim), relative bias)."""
+    from einops import rearrange
+    model, official, _ = small_loaded
+    k, heads, window, dim = "backbone.layers.1.blocks.0.attn.", 2, SMALL["window"], 32
+    x = torch.randn(3, window * window, dim, generator=torch.Generator().manual_seed(0))  # (windows, N, C)
+    qkv = x @ official[k + "qkv.weight"].T + official[k + "qkv.bias"]  # (windows, N, 3C)
+    q, key, v = rearrange(qkv, "w n (s h d) -> s w h n d", s=3, h=heads)  # as reshape(B_, N, 3, heads, d)
+    table, index = official[k + "relative_position_bias_table"], official[k + "relative_position_index"]
+    bias = table[index]  # (N, N, heads)
+    scores = q @ key.transpose(-2, -1) * (dim // heads) ** -0.5 + rearrange(bias, "i j h -> h i j")
+    out = rearrange(scores.softmax(-1) @ v, "w h n d -> w n (h d)")
+    expected = out @ official[k + "proj.weight"].T + official[k + "proj.bias"]
+    with torch.no_grad():
+        ours = model.pixel_level.backbone.swin.encoder.layers[1].blocks[0].attention(x)[0]
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_vita_masks_read_the_raw_pixel_decoder_map(small_loaded):
+    """VITA's masks = mask embedding . vita_mask_features(raw stride-4 map), the raw map being the
+    input of Mask2Former's own projection (official `clip_mask_features`)."""
+    from common.vita import pixel_level_with_raw_map
+    model, official, _ = small_loaded
+    frames = torch.randn(1, 3, 3, 64, 64)  # (B, T, 3, H, W)
+    with torch.no_grad():
+        out = model(frames)
+        pixels = pixel_level_with_raw_map(model.pixel_level, frames[0])
+        projected = model.pixel_level.pixel_decoder.mask_projection(pixels["raw_map"])
+        v = "vita_module."
+        vita_feats = F.conv2d(pixels["raw_map"], official[v + "vita_mask_features.weight"],
+                              official[v + "vita_mask_features.bias"])  # (T, D, h, w)
+        expected = torch.einsum("vd,tdhw->vthw", model.mask_embed(out["video_queries"][0]), vita_feats)
+    assert pixels["raw_map"].shape == (3, SMALL["conv_dim"], 16, 16)
+    torch.testing.assert_close(projected, pixels["mask_features"], atol=1e-6, rtol=0)
+    assert out["pred_masks"].shape == (1, SMALL["video_queries"], 3, 16, 16)
+    torch.testing.assert_close(out["pred_masks"][0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_official_checkpoint_mismatches_are_listed_and_nothing_is_loaded():
+    from common.vita import load_official_vita
+    torch.manual_seed(0)
+    model = build_vita(SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    official = random_official_state(SMALL)
+    del official["vita_module.fq_pos.weight"]
+    official["vita_module.extra_head.weight"] = torch.zeros(2)
+    official["sem_seg_head.predictor.class_embed.weight"] = torch.zeros(7, SMALL["hidden"])  # 6 classes
+    official["backbone.layers.0.blocks.0.attn.relative_position_index"] = official_relative_position_index(3)
+    with pytest.raises(ValueError) as err:
+        load_official_vita(model, official)
+    message = str(err.value)
+    assert "vita_module.extra_head.weight" in message
+    assert "object_decoder.slot_pos.weight <- vita_module.fq_pos.weight (absent)" in message
+    assert "decoder.class_head.weight (4, 32) <- sem_seg_head.predictor.class_embed.weight (7, 32)" in message
+    assert "blocks.0.attn.relative_position_index differs" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_official_checkpoint_files(tmp_path, small_loaded):
+    from common.vita import load_official_vita_checkpoint, read_official_checkpoint
+    missing = tmp_path / "vita_swin_ovis.pth"
+    with pytest.raises(FileNotFoundError) as err:
+        load_official_vita_checkpoint(build_vita(SMALL), missing)
+    assert str(err.value).startswith(f"VITA checkpoint not found: '{missing}'") and "\n" not in str(err.value)
+    _, official, _ = small_loaded
+    torch.save({"model": official, "iteration": 1}, tmp_path / "detectron2.pth")  # Checkpointer's layout
+    torch.save(official, tmp_path / "bare.pth")
+    with open(tmp_path / "detectron2.pkl", "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in official.items()}, "__author__": "test"}, f)
+    for name in ("detectron2.pth", "bare.pth", "detectron2.pkl"):
+        read = read_official_checkpoint(tmp_path / name)
+        assert read.keys() == official.keys() and all(torch.equal(read[k], official[k]) for k in official)
+    model = build_vita(SMALL)
+    load_official_vita_checkpoint(model, tmp_path / "detectron2.pth")
+    assert torch.equal(model.object_decoder.slot_pos.weight, official["vita_module.fq_pos.weight"])
+
+
+def test_swin_large_ovis_key_map_covers_the_official_checkpoint():
+    """The real configuration (Swin-L, OVIS: 200 frame queries, 25 classes), built on the meta
+    device (no memory): every official key has a place of the same size, every key of ours a source."""
+    from common.vita import OFFICIAL_KEYS_NOT_LOADED, OUR_KEYS_NOT_LOADED, official_vita_key_map
+    with torch.device("meta"):
+        model = build_vita(SWIN_L_OVIS)
+    shapes = official_vita_shapes(**SWIN_L_OVIS)
+    key_map, own, buffers = official_vita_key_map(model), model.state_dict(), dict(model.named_buffers())
+    assert set(key_map) == set(shapes) - set(OFFICIAL_KEYS_NOT_LOADED)
+    assert set(own) - {k for ours in key_map.values() for k in ours} == set(OUR_KEYS_NOT_LOADED)
+    for theirs, ours in key_map.items():
+        for name, part in zip(ours, torch.empty(shapes[theirs], device="meta").chunk(len(ours))):
+            if name in own:
+                assert part.shape == own[name].shape, f"{name} {own[name].shape} <- {theirs} {part.shape}"
+            else:
+                assert part.numel() == buffers[name].numel(), name
+    vita_module = sum(math.prod(s) for k, s in shapes.items() if k.startswith("vita_module."))
+    assert round(vita_module / 1e6, 1) == 13.2  # ../notes/dmvs_vita.md section 3
