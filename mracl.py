@@ -143,7 +143,7 @@ class SimpleDecoding(nn.Module):
 
 class LAVT(nn.Module):
     """images (B, 3, H, W) ImageNet-normalised + B expressions -> dict(logits (B, 2, H, W) at
-    the input size, embeds (B, D) the fused embedding z (reconstructed Fuser))."""
+    the input size, embeds (B, D) the fused embedding z (reconstructed Fuser; with proj_dim))."""
 
     def __init__(self, *, backbone, text_encoder, decoder_dim, proj_dim):
         super().__init__()
@@ -151,13 +151,16 @@ class LAVT(nn.Module):
         self.fusion = LanguageAwareSwin(channels=backbone.channels,
                                         word_dim=text_encoder.hidden_size)
         self.decoder = SimpleDecoding(channels=backbone.channels, hidden=decoder_dim)
-        self.fuser = nn.Linear(decoder_dim, proj_dim)  # (reconstructed) projection after pooling
+        # (reconstructed) the projection after pooling; none without the MRaCL loss
+        self.fuser = nn.Linear(decoder_dim, proj_dim) if proj_dim else None
 
     def forward(self, images, expressions):
         text = self.text_encoder(expressions)
         stages = self.fusion(self.backbone, images, text["word_feats"], text["attn_mask"])
         hidden, logits = self.decoder(stages)  # (B, hidden, H/4, W/4), (B, 2, H/4, W/4)
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        if self.fuser is None:
+            return {"logits": logits}
         return {"logits": logits, "embeds": self.fuser(hidden.mean((2, 3)))}  # z: GAP + projection
 
 
@@ -321,7 +324,7 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> LAVT:
         text_encoder = TextEncoder(BertModel(BertConfig(), add_pooling_layer=False),
                                    word_tokenizer([]), max_length=cfg.max_tokens, freeze=False)
     return LAVT(backbone=backbone, text_encoder=text_encoder, decoder_dim=cfg.decoder_dim,
-                proj_dim=cfg.proj_dim)
+                proj_dim=cfg.proj_dim if cfg.mracl else 0)
 
 
 # ---------------------------------------------------------------------------------- training

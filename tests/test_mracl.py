@@ -238,3 +238,18 @@ def test_answer_reads_the_first_line():
     from data.extract_verb_phrases import answer
     assert answer(" cat stretching its paw.\nExpression: x") == "cat stretching its paw"
     assert answer(" NONE\n") == "" and answer("\n\n") == ""
+
+
+def test_without_mracl_every_parameter_is_used(toy_root, tmp_path):
+    """DDP needs a gradient for every parameter: --no-mracl builds no projection it would not use."""
+    cfg = toy_config(toy_root, tmp_path, "--no-mracl")
+    dataset = mracl.make_dataset(cfg, toy_root, "train", train=True)
+    model = mracl.build_model(cfg, vocab=build_vocab([s["expression"] for s in dataset.samples]))
+    assert model.fuser is None
+    batch = collate_image([dataset[0], dataset[1]])
+    index, texts = mracl.with_partners(cfg, batch)
+    assert index == [0, 1]  # no partner passes without the loss
+    terms = mracl.compute_losses(cfg, model(batch["images"][index], texts), batch, index)
+    assert set(terms) == {"ce"}
+    terms["ce"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

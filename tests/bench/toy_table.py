@@ -6,7 +6,9 @@ expressions (the same for every run: they come from the ground truth), and the w
 Each run is `python <method>.py --data toy --train --seed S --out <runs>/<variant>-seed<S> <flags>`;
 a run whose eval.json exists is not run again, so an interrupted table resumes. All runs and their
 numbers are also written to <runs>/table.json. The README block between
-<!-- toy-table:<method> --> and <!-- /toy-table:<method> --> is replaced with --readme.
+<!-- toy-table:<block> --> and <!-- /toy-table:<block> --> is replaced with --readme (the block
+is named after the method unless --block names it). Image methods (vatex, mracl) get mIoU, oIoU,
+Pr@0.5, Oc-IoU and mIoU on the motion-only sentences instead of J&F.
 
 Run from the repository root (about 20 minutes a run on 2 CPU cores):
     python tests/bench/toy_table.py --method dshmp --variants=",--no-hmp,--no-cl" --readme README.md
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+IMAGE_COLUMNS = ["mIoU", "oIoU", "Pr@0.5", "Oc-IoU"]  # the image methods' eval.json keys in the table
 
 
 def run(method, variant, seed, out, extra, train=True):
@@ -43,6 +46,10 @@ def run(method, variant, seed, out, extra, train=True):
     elif (out / "wall_time.json").is_file():
         seconds = json.loads((out / "wall_time.json").read_text())["seconds"]
     result = json.loads(eval_path.read_text())
+    if "J&F" not in result:  # an image method (vatex.py, mracl.py): RefCOCO metrics, motion sentences
+        return {"variant": variant, "seed": seed, "seconds": seconds, "references": {},
+                **{k: result[k] for k in IMAGE_COLUMNS if k in result},
+                "motion mIoU": result.get("motion", {}).get("mIoU")}
     return {"variant": variant, "seed": seed, "J&F": result["J&F"], "J": result["J"], "F": result["F"],
             "motion_only": result.get("motion_only", {}).get("J&F"), "seconds": seconds,
             "references": result.get("motion_only_references", {})}
@@ -57,16 +64,19 @@ def mean_std(values):
 
 def table(method, records, extra):
     """The markdown block: one row per variant, then the floors and how the numbers were made."""
-    lines = ["| command | seeds | J&F | J&F, motion-only | wall time per run |", "|---|---|---|---|---|"]
+    columns = ["J&F", "motion_only"] if "J&F" in records[0] else [*IMAGE_COLUMNS, "motion mIoU"]
+    names = {"motion_only": "J&F, motion-only", "motion mIoU": "mIoU, motion-only"}
+    lines = ["| command | seeds | " + " | ".join(names.get(c, c) for c in columns) + " | wall time per run |",
+             "|---|---|" + "---|" * len(columns) + "---|"]
     for variant in dict.fromkeys(r["variant"] for r in records):
         mine = [r for r in records if r["variant"] == variant]
         command = " ".join(f"python {method}.py --data toy --train {variant} {' '.join(extra)}".split())
         times = [r["seconds"] for r in mine if r["seconds"] is not None]
         wall = f"{statistics.mean(times):.0f} s" if times else "n/a"
-        lines.append(f"| `{command}` | {len(mine)} | {mean_std([r['J&F'] for r in mine])} | "
-                     f"{mean_std([r['motion_only'] for r in mine])} | {wall} |")
+        values = " | ".join(mean_std([r.get(c) for r in mine]) for c in columns)
+        lines.append(f"| `{command}` | {len(mine)} | {values} | {wall} |")
     references = records[0]["references"]
-    if references:
+    if references and len(columns) == 2:
         lines.append(f"| floor: segment every look-alike of the target (no motion) | | | "
                      f"{references['every_look_alike']['J&F']:.3f} | |")
         lines.append(f"| floor: only the wrong look-alike(s) | | | {references['wrong_look_alikes']['J&F']:.3f} | |")
@@ -97,6 +107,7 @@ def main(argv=None):
     parser.add_argument("--runs", default="", help="folder of the runs (default runs/toy-table-<method>)")
     parser.add_argument("--extra", default="", help="flags added to every run (e.g. a smaller --steps)")
     parser.add_argument("--readme", default="", help="replace this file's toy-table block")
+    parser.add_argument("--block", default="", help="the README block's name (default: the method)")
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the finished runs")
     args = parser.parse_args(argv)
     runs = Path(args.runs or REPO / "runs" / f"toy-table-{args.method}")
@@ -115,7 +126,7 @@ def main(argv=None):
     block = table(args.method, records, extra)
     print(block)
     if args.readme:
-        write_readme(Path(args.readme), args.method, block)
+        write_readme(Path(args.readme), args.block or args.method, block)
 
 
 if __name__ == "__main__":
