@@ -13,7 +13,8 @@ loss on fused image-text embeddings (angular distance, an additive angular margi
 false negatives masked), with the page's Table 3 objectives as --loss; the motion-centric split of
 G-Ref (the page's M-Ref) as an evaluation subset.
 
-Reconstructed (every such choice is "(reconstructed)" in Config and has a flag):
+The MRaCL paper's equations are not public, so lines cite the page's figure ("Fig. 2") and LAVT's
+sections instead of equation numbers. Reconstructed (each "(reconstructed)" in Config, with a flag):
   - the fused embedding: global average pooling of the decoder's last feature map (the author's
     code pools the map feeding the mask head), then a linear projection ("Fuser", page caption);
   - the loss: for a sentence and its verb phrase (the positive pair) on the same image, angles
@@ -161,7 +162,7 @@ class LAVT(nn.Module):
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
         if self.fuser is None:
             return {"logits": logits}
-        return {"logits": logits, "embeds": self.fuser(hidden.mean((2, 3)))}  # z: GAP + projection
+        return {"logits": logits, "embeds": self.fuser(hidden.mean((2, 3)))}  # z, Fig. 2 "Fuser"
 
 
 # ------------------------------------------------------------ verb phrases and the MRaCL loss
@@ -227,8 +228,8 @@ def angular_contrastive_loss(embeds, positive, negative, *, margin, temperature,
     s_pos' = 1 - 2 (theta_pos + m) / pi. embeds (M, D); positive, negative (M, M) bool."""
     z = F.normalize(embeds.float(), dim=-1)
     theta = torch.arccos((z @ z.T).clamp(-1 + eps, 1 - eps))  # (M, M)
-    similarity = 1 - 2 * theta / math.pi
-    margined = 1 - 2 * (theta + margin) / math.pi
+    similarity = 1 - 2 * theta / math.pi  # angular similarity (page Fig. 2: Theta in [-1, 1])
+    margined = 1 - 2 * (theta + margin) / math.pi  # margin m on the positive's angle (page)
     return _contrastive(similarity, margined, positive, negative, temperature)
 
 

@@ -484,8 +484,8 @@ def read_official_checkpoint(path) -> dict:
         except pickle.UnpicklingError as err:
             raise ValueError(
                 f"{path!r} holds objects other than tensors and plain containers, which torch.load "
-                f"(weights_only=True) does not unpickle. If you trust the file, save its state dict alone: "
-                f"torch.save(torch.load(path, weights_only=False)['model'], new_path).") from err
+                f"(weights_only=True) does not unpickle; unpickling arbitrary objects can run code. Re-save "
+                f"only its 'model' state dict (tensors) from a copy you trust, then pass that file.") from err
     state = data.get("model", data)
     return {k: torch.as_tensor(v) for k, v in state.items()}
 
