@@ -15,8 +15,10 @@ G-Ref (the page's M-Ref) as an evaluation subset.
 
 The MRaCL paper's equations are not public, so lines cite the page's figure ("Fig. 2") and LAVT's
 sections instead of equation numbers. Reconstructed (each "(reconstructed)" in Config, with a flag):
-  - the fused embedding: global average pooling of the decoder's last feature map (the author's
-    code pools the map feeding the mask head), then a linear projection ("Fuser", page caption);
+  - the fused embedding: global average pooling of the language-aware encoder's last fused map
+    (the author's code pools the fused map before the mask head; in LAVT the mask head is the
+    SimpleDecoding decoder, and the page's figure sends only original captions through it),
+    then a linear projection ("Fuser", page caption);
   - the loss: for a sentence and its verb phrase (the positive pair) on the same image, angles
     theta = arccos(cos) between all fused embeddings of the batch, angular similarity
     s = 1 - 2 theta / pi, the positive's angle plus the margin m, then -log of the positive's share
@@ -84,7 +86,9 @@ class Config(RunConfig):
     verb_phrases: str = ""  # JSON {sent_id: phrase}, data/extract_verb_phrases.py; default: rule
     margin: float = 0.5  # m in radians, the author's loss default
     temperature: float = 0.05  # tau, the author's loss default
-    w_mracl: float = 1.0  # (reconstructed) the weight is not given
+    # (reconstructed) the weight is not given; on toy at 1 the term's gradient is ~100x the
+    # cross-entropy's at init (tests/bench/mracl_grad_balance.py), 0.01 about equal
+    w_mracl: float = 1.0
     proj_dim: int = 256  # (reconstructed) width of the Fuser's projection
     # LAVT base
     weights: str = "microsoft/swin-base-patch4-window12-384-in22k"  # LAVT: Swin-B, ImageNet-22k
@@ -120,8 +124,7 @@ ABLATIONS = ("vp", "mracl", "fn_filter", "filter", "loss")
 class SimpleDecoding(nn.Module):
     """LAVT's lightweight decoder: from stage 4 down to stage 1, upsample, concatenate the next
     stage's features, two 3x3 conv + BatchNorm + ReLU; then a 1x1 classifier to 2 classes.
-    stages: 4 maps (B, C_i, H/s, W/s) -> (last hidden map (B, hidden, H/4, W/4), logits
-    (B, 2, H/4, W/4))."""
+    stages: 4 maps (B, C_i, H/s, W/s) -> logits (B, 2, H/4, W/4)."""
 
     def __init__(self, *, channels, hidden):
         super().__init__()
@@ -139,7 +142,7 @@ class SimpleDecoding(nn.Module):
         for block, skip in zip(self.blocks, stages[2::-1]):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
             x = block(torch.cat([x, skip], 1))  # (B, hidden, h_i, w_i)
-        return x, self.classifier(x)
+        return self.classifier(x)
 
 
 class LAVT(nn.Module):
@@ -153,16 +156,17 @@ class LAVT(nn.Module):
                                         word_dim=text_encoder.hidden_size)
         self.decoder = SimpleDecoding(channels=backbone.channels, hidden=decoder_dim)
         # (reconstructed) the projection after pooling; none without the MRaCL loss
-        self.fuser = nn.Linear(decoder_dim, proj_dim) if proj_dim else None
+        self.fuser = nn.Linear(backbone.channels[3], proj_dim) if proj_dim else None
 
     def forward(self, images, expressions):
         text = self.text_encoder(expressions)
         stages = self.fusion(self.backbone, images, text["word_feats"], text["attn_mask"])
-        hidden, logits = self.decoder(stages)  # (B, hidden, H/4, W/4), (B, 2, H/4, W/4)
+        logits = self.decoder(stages)  # (B, 2, H/4, W/4)
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
         if self.fuser is None:
             return {"logits": logits}
-        return {"logits": logits, "embeds": self.fuser(hidden.mean((2, 3)))}  # z, Fig. 2 "Fuser"
+        # z, Fig. 2 "Fuser": the last fused map (B, C_4, H/32, W/32), pooled, projected
+        return {"logits": logits, "embeds": self.fuser(stages[3].mean((2, 3)))}
 
 
 # ------------------------------------------------------------ verb phrases and the MRaCL loss

@@ -1,9 +1,10 @@
 """Dataset readers for referring segmentation: MeViS, Ref-YouTube-VOS, Ref-DAVIS17 (video) and
-RefCOCO / RefCOCO+ / RefCOCOg (images); clip sampling; transforms; collate. Masks are decoded by
-common/coco_mask.py.
+RefCOCO / RefCOCO+ / RefCOCOg (images); for video instance segmentation (VITA): YouTube-VIS and
+OVIS; clip sampling; transforms; collate. Masks are decoded by common/coco_mask.py.
 
 The exact on-disk layout each reader expects, and where to get the data, is in data/README.md.
-Items are plain dicts of tensors; `collate_video` / `collate_image` pad a batch to a multiple of 32.
+Items are plain dicts of tensors; `collate_video` / `collate_image` / `collate_vis` pad a batch
+to a multiple of 32.
 """
 import json
 import math
@@ -545,6 +546,202 @@ class RefDAVIS17(_PaletteVideo):
                          short_side=short_side, max_size=max_size, flip=flip, seed=seed)
 
 
+# ---------------------------------------------------------------- video instance segmentation
+
+def _listed_files(image_root: Path, file_names: list, dataset: str, where: str) -> None:
+    """Every file a video's file_names lists is on disk (one listing per folder)."""
+    folders = {}
+    for name in file_names:
+        folders.setdefault(Path(name).parent, set()).add(Path(name).name)
+    for folder, names in folders.items():
+        folder_path = _require_dir(image_root / folder, dataset, f"{where}'s frame")
+        present = {p.name for p in folder_path.iterdir()}
+        missing = sorted(names - present)
+        if missing:
+            raise FileNotFoundError(f"{dataset}: {len(missing)} of the {len(file_names)} frames "
+                                    f"that {where} lists are not in {image_root / folder}, e.g. "
+                                    f"{missing[0]} (see data/README.md)")
+
+
+class YouTubeVIS(torch.utils.data.Dataset):
+    """YouTube-VIS 2019 / 2021 and OVIS (Yang et al., ICCV'19; Qi et al., IJCV'22) in their json
+    format, the one VITA trains on: {"videos": [{id, file_names, height, width, length}],
+    "annotations": [{id, video_id, category_id, segmentations, iscrowd}], "categories": [{id,
+    name}]}, frames at <image_root>/<file_name>; see data/README.md. One sample per video. A
+    segmentation is a COCO RLE (string or list counts) or a polygon list per frame, null where
+    the object is absent. data/toy.py `write_toy_vis` writes the toy videos in this format.
+
+    Training items follow VITA's YTVISDatasetMapper and prepare_targets: a clip of `num_frames`
+    frames drawn by `sample_clip`, one mask track per non-crowd instance, "labels" the index of
+    its category in sorted category-id order (VITA's contiguous ids), "ids" the annotation ids;
+    instances without a pixel in the resized clip are dropped, so N may be 0. Videos without a
+    non-crowd annotation are skipped in training (one warning; detectron2's filter_empty).
+    Evaluation items are whole videos without masks; `instance_masks(index)` gives the masks.
+    Checked at init: the json keys, one file and one segmentation per frame, every file on disk,
+    known video and category ids; segmentation contents are checked when read.
+    Defaults: VITA's configs/ovis/vita_SWIN_bs8.yaml (6 frames within +-8, test short side 448,
+    detectron2's max 1333). Deviations from VITA: one short side (VITA draws 288-512 per clip in
+    training); the clip is DsHmp's (VITA's np.random.choice draws the window with replacement).
+    """
+
+    name = "YouTube-VIS"
+
+    def __init__(self, json_path, image_root, *, train: bool, num_frames=6, frame_range=8,
+                 short_side=448, max_size=1333, flip=True, seed=0):
+        self.train, self.num_frames, self.frame_range = train, num_frames, frame_range
+        self.short_side, self.max_size, self.flip, self.seed = short_side, max_size, flip, seed
+        self.json_path = path = Path(json_path)
+        data = _read_json(path, self.name, "the annotation file")
+        self.image_root = _require_dir(Path(image_root), self.name, "image")
+        key = lambda mapping, name, where: _key(mapping, name, path, self.name, where)
+        categories = key(data, "categories", "the top level")
+        names = {int(key(c, "id", f"categories[{k}]")): key(c, "name", f"categories[{k}]")
+                 for k, c in enumerate(categories)}
+        self.label_of = {cat_id: label for label, cat_id in enumerate(sorted(names))}  # -> 0..K-1
+        self.classes = [names[cat_id] for cat_id in sorted(names)]  # (K,) names by label
+        videos, position = [], {}
+        for k, video in enumerate(key(data, "videos", "the top level")):
+            where = f"videos[{k}]"
+            files = key(video, "file_names", where)
+            length = video.get("length", len(files) if isinstance(files, list) else None)
+            if not isinstance(files, list) or not files or length != len(files):
+                raise ValueError(f"{self.name}: {path} {where} should list one file name per frame "
+                                 f"(length {length}), got {str(files)[:80]}")
+            _listed_files(self.image_root, files, self.name, f"{path} {where}")
+            size = (int(key(video, "height", where)), int(key(video, "width", where)))
+            position[key(video, "id", where)] = len(videos)
+            videos.append({"id": int(video["id"]), "name": Path(files[0]).parent.as_posix(),
+                           "file_names": list(files), "size": size})
+        annotations = data.get("annotations") or []  # null in the valid and test files
+        if train and not annotations:
+            raise ValueError(f"{self.name}: training needs annotations, and {path} has none (the "
+                             f"valid and test files have none; see data/README.md)")
+        per_video = [[] for _ in videos]  # per annotation: {id, label, crowd, present (L,), span}
+        blobs, end = [], 0
+        for k, ann in enumerate(annotations):
+            where = f"annotations[{k}]"
+            video_id, cat_id = key(ann, "video_id", where), key(ann, "category_id", where)
+            segmentations = key(ann, "segmentations", where)
+            if video_id not in position:
+                raise KeyError(f"{self.name}: {path} {where} has video_id {video_id!r}, which no "
+                               f"entry of videos has (see data/README.md)")
+            if int(cat_id) not in self.label_of:
+                raise KeyError(f"{self.name}: {path} {where} has category_id {cat_id!r}, which no "
+                               f"entry of categories has (see data/README.md)")
+            length = len(videos[position[video_id]]["file_names"])
+            if not isinstance(segmentations, list) or len(segmentations) != length:
+                got = len(segmentations) if isinstance(segmentations, list) else segmentations
+                raise ValueError(f"{self.name}: {path} {where} should list one segmentation or "
+                                 f"null per frame of video_id {video_id} ({length}), got {got}")
+            # one numpy byte buffer, which DataLoader workers share (see MeViS.__init__)
+            blobs.append(json.dumps(segmentations).encode())
+            end += len(blobs[-1])
+            per_video[position[video_id]].append({
+                "id": int(key(ann, "id", where)), "label": self.label_of[int(cat_id)],
+                "crowd": bool(ann.get("iscrowd", 0)), "span": (end - len(blobs[-1]), end),
+                "present": np.array([bool(s) for s in segmentations], dtype=bool)})  # (L,)
+        self._segmentation_buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        keep = list(range(len(videos)))
+        if train:  # detectron2's filter_empty: a video needs a non-crowd instance in some frame
+            keep = [v for v in keep
+                    if any(not a["crowd"] and a["present"].any() for a in per_video[v])]
+            if len(keep) < len(videos):
+                warnings.warn(f"{self.name}: skipped {len(videos) - len(keep)} training videos "
+                              f"without a non-crowd annotation in {path}", stacklevel=2)
+        self.videos = [videos[v] for v in keep]  # {id, name, file_names, size (H0, W0)}
+        self._annotations = [per_video[v] for v in keep]
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, index):
+        return self._train_item(index) if self.train else self._eval_item(index)
+
+    def _load_frames(self, video, frame_idx) -> torch.Tensor:
+        frames = []
+        for t in frame_idx:
+            path = self.image_root / video["file_names"][t]
+            frames.append(_read_rgb(path))  # (H0, W0, 3)
+            if frames[-1].shape[:2] != video["size"]:
+                raise ValueError(f"{self.name}: {path} is {list(frames[-1].shape[:2])}, but "
+                                 f"{self.json_path} says video {video['id']} is "
+                                 f"{list(video['size'])}")
+        return rearrange(torch.from_numpy(np.stack(frames)), "t h w c -> t c h w")  # (T, 3, H0, W0)
+
+    def _decode(self, segmentation, video, ann, t) -> np.ndarray:
+        h, w = video["size"]
+        where = f"{self.json_path}, annotation {ann['id']}, frame {t} of video {video['id']}"
+        try:
+            if isinstance(segmentation, dict):  # COCO RLE, compressed string or list counts
+                mask = rle_decode(segmentation)
+            elif isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation):
+                mask = polygons_to_mask(segmentation, h, w)
+            else:
+                raise ValueError("expected a COCO RLE dict, a polygon list or null")
+        except ValueError as err:
+            raise ValueError(f"{self.name}: bad segmentation in {where}: {err}") from err
+        if mask.shape != (h, w):
+            raise ValueError(f"{self.name}: segmentation in {where} is {list(mask.shape)}, but the "
+                             f"video is {[h, w]}")
+        return mask.astype(bool)  # (H0, W0)
+
+    def instance_masks(self, index, frame_idx=None) -> dict:
+        """Ground truth of video `index` over `frame_idx` (default: every frame) at the original
+        size: {"masks": (N, T, H0, W0) bool, "labels": (N,) long, "ids": (N,) long} of the
+        non-crowd instances whose segmentation is not null in at least one of those frames."""
+        video = self.videos[index]
+        frame_idx = list(range(len(video["file_names"])) if frame_idx is None else frame_idx)
+        anns = [a for a in self._annotations[index]
+                if not a["crowd"] and a["present"][frame_idx].any()]
+        masks = np.zeros((len(anns), len(frame_idx), *video["size"]), dtype=bool)  # (N, T, H0, W0)
+        for n, ann in enumerate(anns):
+            start, end = ann["span"]
+            segmentations = json.loads(self._segmentation_buffer[start:end].tobytes())
+            for i, t in enumerate(frame_idx):
+                if segmentations[t]:  # null (or empty, which VITA skips too): absent
+                    masks[n, i] = self._decode(segmentations[t], video, ann, t)
+        return {"masks": torch.from_numpy(masks),
+                "labels": torch.tensor([a["label"] for a in anns], dtype=torch.long),  # (N,)
+                "ids": torch.tensor([a["id"] for a in anns], dtype=torch.long)}  # (N,)
+
+    def _train_item(self, index):
+        video, generator = self.videos[index], item_generator(self.seed)
+        frame_idx = sample_clip(len(video["file_names"]), num_frames=self.num_frames,
+                                frame_range=self.frame_range, generator=generator)
+        frames = self._load_frames(video, frame_idx)  # (T, 3, H0, W0)
+        target = self.instance_masks(index, frame_idx)
+        frames, masks = resize_clip(frames, target["masks"], short_side=self.short_side,
+                                    max_size=self.max_size)  # (T, 3, H, W), (N, T, H, W)
+        keep = masks.flatten(1).any(1)  # (N,) VITA drops instances without a pixel in the clip
+        if self.flip and _coin(generator):  # VITA's flip_by_clip
+            frames, masks = frames.flip(-1), masks.flip(-1)
+        return {
+            "frames": normalize(frames),  # (T, 3, H, W)
+            "masks": masks[keep],  # (N, T, H, W)
+            "labels": target["labels"][keep],  # (N,)
+            "ids": target["ids"][keep],  # (N,)
+            "video": video["name"],
+            "video_id": video["id"],
+            "frame_idx": torch.tensor(frame_idx, dtype=torch.long),  # (T,)
+            "index": index,
+            "orig_size": video["size"],
+        }
+
+    def _eval_item(self, index):
+        video, frames = self.videos[index], []
+        for t in range(len(video["file_names"])):  # one full-resolution frame in memory at a time
+            frame = self._load_frames(video, [t])  # (1, 3, H0, W0)
+            frames.append(resize_clip(frame, short_side=self.short_side, max_size=self.max_size)[0])
+        return {
+            "frames": normalize(torch.cat(frames)),  # (T, 3, H, W)
+            "orig_size": video["size"],
+            "file_names": list(video["file_names"]),
+            "video": video["name"],
+            "video_id": video["id"],
+            "index": index,
+        }
+
+
 # ---------------------------------------------------------------- referring image datasets
 
 _SPLIT_BY = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
@@ -721,3 +918,13 @@ def collate_image(samples: list) -> dict:
     """Image items -> {"images": (B, 3, Hp, Wp), "pad_mask": (B, Hp, Wp) True at padding, "image_sizes",
     "targets": [{"masks": (1, Hp, Wp) bool, "labels": (1,) zeros}], and every other key as a list}."""
     return _collate(samples, image_key="image", mask_key="mask", out_key="images")
+
+
+def collate_vis(samples: list) -> dict:
+    """YouTubeVIS items -> `collate_video`'s batch, where each target also carries the item's
+    "labels" (N,) category indices (in place of zeros) and "ids" (N,) annotation ids."""
+    extra = ("labels", "ids")
+    batch = collate_video([{k: v for k, v in s.items() if k not in extra} for s in samples])
+    for target, s in zip(batch.get("targets", []), samples):
+        target.update({k: s[k] for k in extra if k in s})
+    return batch

@@ -12,6 +12,8 @@ Layout written under `out` (the MeViS / RefCOCO readers in common/datasets.py re
   mevis/{train,valid_u}/mask_dict.json                 {anno_id: [COCO RLE or null, one per frame]}
   mevis/{train,valid_u}/motion_only.json               toy only: expressions only motion resolves
   mevis/{train,valid_u}/toy_objects.json               toy only: appearance and motion of each object
+  mevis/{train,valid_u}/instances_vis.json             YouTube-VIS format, for VITA: added by
+                                                       `write_toy_vis` (not by make_toy)
   refcoco/refcoco/refs(unc).p, instances.json          refer-API pickle and COCO-style instances
   refcoco/refcoco/motion_sent_ids.json                 toy only: sentences only the motion cue resolves
   refcoco/refcoco/toy_objects.json                     toy only: appearance and motion of each annotation
@@ -887,6 +889,71 @@ def motion_sentence_keys(root) -> dict:
         return {}
     with open(path) as f:
         return {"motion": {str(i) for i in json.load(f)["sent_ids"]}}
+
+
+VIS_FILE = "instances_vis.json"
+
+
+def write_toy_vis(mevis_root, *, splits=("train", "valid_u"), overwrite: bool = False) -> list:
+    """Write <mevis_root>/<split>/instances_vis.json: a toy video split in the YouTube-VIS format
+    that VITA trains on (common.datasets.YouTubeVIS reads it, with image root <split>/JPEGImages).
+
+    Derived from the split's meta_expressions.json, mask_dict.json and toy_objects.json, so
+    make_toy's own files stay as they are. The class of an instance is its shape (categories =
+    CATEGORY_IDS, as in the toy RefCOCO set): the one attribute a still frame always shows, as
+    the object classes of YouTube-VIS / OVIS. Videos get ids 1, 2, ... in sorted name order and
+    annotations 1, 2, ... in order; each annotation also keeps its toy "obj_id" and "anno_id".
+    A split whose file exists is skipped unless `overwrite`; the file appears atomically (written
+    to a temporary name, then renamed), so a reader never sees half of it. Returns the paths.
+    """
+    paths = []
+    for split in splits:
+        root = Path(mevis_root) / split
+        path = root / VIS_FILE
+        paths.append(path)
+        if path.is_file() and not overwrite:
+            continue
+        for name in ("meta_expressions.json", "mask_dict.json", "toy_objects.json"):
+            if not (root / name).is_file():
+                raise FileNotFoundError(f"write_toy_vis: expected the toy file {root / name} "
+                                        f"(python data/toy.py --out DIR writes it)")
+        read = lambda name: json.loads((root / name).read_text())
+        meta, mask_dict = read("meta_expressions.json")["videos"], read("mask_dict.json")
+        objects = read("toy_objects.json")["videos"]
+        videos, annotations = [], []
+        for video_id, vid in enumerate(sorted(meta), start=1):
+            frames = sorted(meta[vid]["frames"])  # the order of mask_dict's lists
+            with Image.open(root / "JPEGImages" / vid / f"{frames[0]}.jpg") as image:
+                width, height = image.size
+            videos.append({"id": video_id, "file_names": [f"{vid}/{f}.jpg" for f in frames],
+                           "width": width, "height": height, "length": len(frames)})
+            for o in objects[vid]:
+                rles = mask_dict[o["anno_id"]]
+                segmentations, areas, bboxes = [], [], []
+                for rle in rles:
+                    mask = None if rle is None else rle_decode(rle)  # (H, W)
+                    if mask is None or not mask.any():  # absent: null everywhere, as YouTube-VIS
+                        segmentations.append(None)
+                        areas.append(None)
+                        bboxes.append(None)
+                        continue
+                    ys, xs = np.nonzero(mask)
+                    segmentations.append(rle)
+                    areas.append(int(mask.sum()))
+                    bboxes.append([float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                                   float(ys.max() - ys.min() + 1)])  # [x, y, w, h], pycocotools'
+                annotations.append({"id": len(annotations) + 1, "video_id": video_id,
+                                    "category_id": CATEGORY_IDS[o["shape"]],
+                                    "segmentations": segmentations,
+                                    "areas": areas, "bboxes": bboxes, "iscrowd": 0,
+                                    "width": width, "height": height, "length": len(frames),
+                                    "obj_id": o["obj_id"], "anno_id": o["anno_id"]})
+        categories = [{"id": i, "name": name, "supercategory": "shape"}
+                      for name, i in CATEGORY_IDS.items()]
+        tmp = root / f".{VIS_FILE}.partial-{os.getpid()}"
+        _write_json(tmp, {"videos": videos, "annotations": annotations, "categories": categories})
+        os.replace(tmp, path)
+    return paths
 
 
 def make_toy(out, *, seed: int = 0, train_videos: int = 300, valid_videos: int = 40, train_images: int = 400,

@@ -12,8 +12,8 @@ from PIL import Image
 
 from common.coco_mask import polygons_to_mask, rle_decode, rle_encode, rle_has_pixels
 from common.datasets import (
-    IMAGENET_MEAN, IMAGENET_STD, MeViS, RefCOCO, RefDAVIS17, RefYouTubeVOS, collate_image, collate_video,
-    sample_clip, swap_left_right,
+    IMAGENET_MEAN, IMAGENET_STD, MeViS, RefCOCO, RefDAVIS17, RefYouTubeVOS, YouTubeVIS, collate_image,
+    collate_video, collate_vis, sample_clip, swap_left_right,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -649,6 +649,165 @@ def test_refcoco_bad_inputs(tmp_path):
     (images / "COCO_train2014_000000000002.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(str(images / "COCO_train2014_000000000002.jpg"))):
         RefCOCO(root, images, train=False)[3]
+
+
+# ---------------------------------------------------------------- YouTube-VIS / OVIS
+
+def list_counts(mask: np.ndarray) -> list:
+    """Uncompressed COCO RLE counts, written out independently of the codec: column-major runs,
+    the first one of zeros."""
+    flat = mask.T.reshape(-1).astype(bool).tolist()
+    runs, value, run = [], False, 0
+    for pixel in flat:
+        if pixel != value:
+            runs.append(run)
+            value, run = pixel, 0
+        run += 1
+    return runs + [run]
+
+
+VIS_DOG, VIS_CAT = box(8, 16, 16, 32), box(24, 40, 0, 16)
+VIS_BOX = [0, 0, 8, 0, 8, 8, 0, 8]  # polygon of the 8x8 box at the top-left corner
+
+
+def write_vis(root: Path, annotations=True) -> Path:
+    """Video 1 "a": 5 frames of grey level 30t+20; instance 11 (category 7, compressed-string RLE)
+    everywhere but frame 2, 12 (category 12, list counts) only in frame 4, 13 (category 3) an RLE
+    without a pixel in frames 0-1, 14 a crowd; video 2 "b": 3 frames, instance 21 a polygon;
+    video 3 "c": no annotation. Category ids are given out of order: 3 -> label 0, 7 -> 1, 12 -> 2."""
+    for video, length in (("a", 5), ("b", 3), ("c", 2)):
+        for t in range(length):
+            write_jpeg(root / "JPEGImages" / video / f"{t:05d}.jpg", gray_frame(30 * t + 20))
+    videos = [{"id": i, "file_names": [f"{v}/{t:05d}.jpg" for t in range(n)], "height": H0,
+               "width": W0, "length": n} for i, (v, n) in enumerate((("a", 5), ("b", 3), ("c", 2)), 1)]
+    anns = [
+        {"id": 11, "video_id": 1, "category_id": 7, "iscrowd": 0,
+         "segmentations": [None if t == 2 else rle_encode(VIS_DOG) for t in range(5)]},
+        {"id": 12, "video_id": 1, "category_id": 12, "iscrowd": 0,
+         "segmentations": [{"size": [H0, W0], "counts": list_counts(VIS_CAT)} if t == 4 else None
+                           for t in range(5)]},
+        {"id": 13, "video_id": 1, "category_id": 3,
+         "segmentations": [rle_encode(np.zeros((H0, W0))) if t < 2 else None for t in range(5)]},
+        {"id": 14, "video_id": 1, "category_id": 3, "iscrowd": 1,
+         "segmentations": [rle_encode(VIS_CAT)] * 5},
+        {"id": 21, "video_id": 2, "category_id": 3, "iscrowd": 0, "segmentations": [[VIS_BOX]] * 3},
+    ]
+    categories = [{"id": 12, "name": "cat"}, {"id": 3, "name": "box"}, {"id": 7, "name": "dog"}]
+    path = root / "vis.json"
+    path.write_text(json.dumps({"videos": videos, "annotations": anns if annotations else None,
+                                "categories": categories}))
+    return path
+
+
+def vis_masks(frame_idx) -> dict:
+    """The expected masks of video "a" over frame_idx by annotation id (crowd 14 never; 13 has none)."""
+    return {11: [VIS_DOG * (t != 2) for t in frame_idx], 12: [VIS_CAT * (t == 4) for t in frame_idx]}
+
+
+def test_vis_labels_are_contiguous_in_category_id_order(tmp_path):
+    ds = YouTubeVIS(write_vis(tmp_path), tmp_path / "JPEGImages", train=False)
+    assert ds.classes == ["box", "dog", "cat"] and ds.label_of == {3: 0, 7: 1, 12: 2}
+    assert [v["name"] for v in ds.videos] == ["a", "b", "c"]  # evaluation keeps every video
+    truth = ds.instance_masks(0)
+    assert truth["ids"].tolist() == [11, 12, 13] and truth["labels"].tolist() == [1, 2, 0]
+    assert truth["labels"].dtype == torch.long and truth["masks"].shape == (3, 5, H0, W0)
+    # compressed-string counts (11) and uncompressed list counts (12) decode to the masks encoded
+    for t in range(5):
+        assert np.array_equal(truth["masks"][0, t].numpy(), VIS_DOG.astype(bool) * (t != 2)), t
+        assert np.array_equal(truth["masks"][1, t].numpy(), VIS_CAT.astype(bool) * (t == 4)), t
+    assert not truth["masks"][2].any()
+    polygon = ds.instance_masks(1)
+    assert polygon["ids"].tolist() == [21] and polygon["masks"][0].sum() == 3 * 64
+    assert np.array_equal(polygon["masks"][0, 1].numpy(), box(0, 8, 0, 8).astype(bool))
+
+
+def test_vis_train_clips_match_the_segmentations_and_drop_absent_instances(tmp_path):
+    path = write_vis(tmp_path)
+    with pytest.warns(UserWarning, match=r"skipped 1 training videos without a non-crowd annotation"):
+        ds = YouTubeVIS(path, tmp_path / "JPEGImages", train=True, num_frames=2, frame_range=1,
+                        short_side=H0, max_size=W0, flip=False)
+    assert [v["name"] for v in ds.videos] == ["a", "b"]
+    seen = set()
+    for _ in range(40):
+        item = ds[0]
+        clip = item["frame_idx"].tolist()
+        expected = {i: m for i, m in vis_masks(clip).items() if any(x.any() for x in m)}
+        assert item["ids"].tolist() == sorted(expected), clip  # no pixel in the clip: dropped
+        assert item["labels"].tolist() == [{11: 1, 12: 2}[i] for i in sorted(expected)]
+        assert item["masks"].shape == (len(expected), 2, H0, W0) and item["masks"].dtype == torch.bool
+        for k, i in enumerate(sorted(expected)):
+            for j in range(2):
+                assert np.array_equal(item["masks"][k, j].numpy(), expected[i][j].astype(bool)), clip
+        levels = denormalise(item["frames"])[:, :, :, 8:].mean(dim=(1, 2, 3)) * 255
+        assert torch.allclose(levels, torch.tensor([30.0 * t + 20 for t in clip]), atol=2)
+        seen.add(12 in expected)
+    assert seen == {True, False}  # clips with and without the one-frame instance were drawn
+    item = ds[1]
+    assert item["ids"].tolist() == [21] and item["labels"].tolist() == [0]
+    assert item["video"] == "b" and item["video_id"] == 2 and item["orig_size"] == (H0, W0)
+    with pytest.warns(UserWarning):
+        half = YouTubeVIS(path, tmp_path / "JPEGImages", train=True, num_frames=5, frame_range=4,
+                          short_side=24, flip=False)
+    item = half[0]  # every frame: 13 is not null in frames 0-1 but has no pixel, so it is dropped
+    assert item["frame_idx"].tolist() == [0, 1, 2, 3, 4] and item["ids"].tolist() == [11, 12]
+    assert item["frames"].shape == (5, 3, 24, 32) and item["masks"].shape == (2, 5, 24, 32)
+    cat = torch.from_numpy(box(12, 20, 0, 8, size=(24, 32))).bool()  # the box at half resolution
+    assert torch.equal(item["masks"][1, 4], cat) and not item["masks"][1, :4].any()
+
+
+def test_vis_eval_items_and_collate(tmp_path):
+    path = write_vis(tmp_path)
+    ds = YouTubeVIS(path, tmp_path / "JPEGImages", train=False, short_side=24)
+    item = ds[0]
+    assert set(item) == {"frames", "orig_size", "file_names", "video", "video_id", "index"}
+    assert item["frames"].shape == (5, 3, 24, 32) and item["orig_size"] == (H0, W0)
+    assert item["file_names"] == [f"a/{t:05d}.jpg" for t in range(5)]
+    assert collate_vis([item])["frames"].shape == (1, 5, 3, 32, 32)
+    with pytest.warns(UserWarning):
+        train = YouTubeVIS(path, tmp_path / "JPEGImages", train=True, num_frames=3, short_side=24)
+    a, b = train[0], train[1]
+    batch = collate_vis([a, b])
+    assert batch["frames"].shape == (2, 3, 3, 32, 32) and batch["video"] == ["a", "b"]
+    assert "labels" not in batch and "ids" not in batch
+    for target, item in zip(batch["targets"], (a, b)):
+        assert torch.equal(target["labels"], item["labels"]) and torch.equal(target["ids"], item["ids"])
+        assert torch.equal(target["masks"][..., :24, :32], item["masks"])
+        assert not target["masks"][..., 24:, :].any()
+
+
+def test_vis_bad_inputs(tmp_path):
+    missing = tmp_path / "nowhere.json"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"YouTube-VIS: expected the annotation file at "
+                                                          f"{missing} (see data/README.md)")):
+        YouTubeVIS(missing, tmp_path, train=True)
+    path = write_vis(tmp_path)
+    images = tmp_path / "JPEGImages"
+    data = json.loads(path.read_text())
+
+    def expect(bad, error, pattern, train=False):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(error, match=pattern):
+            YouTubeVIS(path, images, train=train)
+
+    expect({k: v for k, v in data.items() if k != "videos"}, KeyError, re.escape(str(path)) + ".*'videos'")
+    bad = json.loads(json.dumps(data))
+    bad["annotations"][1]["segmentations"] = bad["annotations"][1]["segmentations"][:4]
+    expect(bad, ValueError, r"annotations\[1\] should list one segmentation or null per frame of "
+                            r"video_id 1 \(5\), got 4")
+    bad = json.loads(json.dumps(data))
+    bad["annotations"][0]["category_id"] = 99
+    expect(bad, KeyError, r"annotations\[0\] has category_id 99")
+    bad = json.loads(json.dumps(data))
+    bad["videos"][1]["file_names"][2] = "b/00009.jpg"
+    expect(bad, FileNotFoundError, r"1 of the 3 frames .*videos\[1\].*00009\.jpg")
+    expect({**data, "annotations": None}, ValueError, "training needs annotations", train=True)
+    bad = json.loads(json.dumps(data))
+    bad["annotations"][0]["segmentations"][3] = {"size": [H0, W0], "counts": [5, 5]}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"annotation 11, frame 3 of video 1: .*sum to 10"):
+        YouTubeVIS(path, images, train=False).instance_masks(0)
+    path.write_text(json.dumps({**data, "annotations": None}))  # a valid / test file: frames only
+    assert YouTubeVIS(path, images, train=False).instance_masks(0)["masks"].shape == (0, 5, H0, W0)
 
 
 # ---------------------------------------------------------------- collate

@@ -203,7 +203,7 @@ def test_count_params_compares_with_the_lavt_reference():
     assert count(model.fusion.gates) == 2_785_280 - 2 * 1024 ** 2
     assert count(model.decoder) == 20_651_010
     assert count(model.text_encoder) == 108_891_648
-    assert count(model.fuser) == 512 * 256 + 256
+    assert count(model.fuser) == 1024 * 256 + 256
 
 
 # ----------------------------------------------------------- LLM verb phrases (data/extract_verb_phrases.py)

@@ -13,9 +13,9 @@ from PIL import Image
 from scipy import ndimage
 
 from common.coco_mask import polygons_to_mask, rle_decode
-from common.datasets import MeViS, RefCOCO
-from data.toy import (COLOURS, IMAGE_SIZE, NOUNS, SIZE_WORDS, VIDEO_H, VIDEO_W, make_toy, motion_only_keys,
-                      motion_sentence_keys, toy_ready)
+from common.datasets import MeViS, RefCOCO, YouTubeVIS
+from data.toy import (CATEGORY_IDS, COLOURS, IMAGE_SIZE, NOUNS, SIZE_WORDS, VIDEO_H, VIDEO_W, make_toy,
+                      make_toy_video, motion_only_keys, motion_sentence_keys, toy_ready, write_toy_vis)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(train_videos=6, valid_videos=6, train_images=10, val_images=6, test_images=6)
@@ -415,7 +415,7 @@ def test_motion_only_floors_by_hand(tmp_path):
 def test_toy_table_script_writes_the_readme_block_from_the_runs(tmp_path):
     """tests/bench/toy_table.py: the README block is made of the numbers in the runs' eval.json
     files, as mean ± std over the seeds; runs that already have an eval.json are not run again
-    (here every run has one, written by hand, so nothing trains)."""
+    (here every run has one, written by hand, so nothing trains; --jobs 2 keeps the rows' order)."""
     sys.path.insert(0, str(REPO / "tests" / "bench"))
     import toy_table
     runs, values = tmp_path / "runs", {}
@@ -429,7 +429,7 @@ def test_toy_table_script_writes_the_readme_block_from_the_runs(tmp_path):
                 "motion_only_references": floors}))
     readme = tmp_path / "README.md"
     readme.write_text("before\n<!-- toy-table:dshmp -->\nold\n<!-- /toy-table:dshmp -->\nafter\n")
-    toy_table.main(["--variants=,--no-cl", "--runs", str(runs), "--readme", str(readme)])
+    toy_table.main(["--variants=,--no-cl", "--runs", str(runs), "--readme", str(readme), "--jobs", "2"])
     text = readme.read_text()
     for name in ("full", "no-cl"):
         overall = [values[name, s][0] for s in range(3)]
@@ -469,3 +469,93 @@ def test_toy_curve_script_trains_in_resumed_segments(tmp_path, monkeypatch):
     commands.clear()
     toy_curve.main(["--runs", str(tmp_path), "--steps", "500", "--every", "200"])
     assert commands == []  # every point exists
+
+
+# ---------------------------------------------------------------- YouTube-VIS format (for VITA)
+@pytest.fixture(scope="module")
+def toy_vis(tmp_path_factory):
+    """A small video set of its own, so adding instances_vis.json leaves the `toy` fixture as
+    make_toy wrote it (its determinism test compares every file)."""
+    root = tmp_path_factory.mktemp("toy_vis") / "mevis"
+    make_toy_video(root, seed=0, train_videos=3, valid_videos=3, verbose=False)
+    before = _files(root)
+    paths = write_toy_vis(root)
+    return root, before, paths
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_write_toy_vis_round_trips_the_toy_masks(toy_vis, split):
+    root, _, paths = toy_vis
+    assert paths == [root / s / "instances_vis.json" for s in SPLITS]
+    _, meta, mask_dict, _, objects = _load_video_split(root.parent, split)
+    vis = json.loads((root / split / "instances_vis.json").read_text())
+    assert vis["categories"] == [{"id": i, "name": s, "supercategory": "shape"} for s, i in CATEGORY_IDS.items()]
+    assert [v["id"] for v in vis["videos"]] == [1, 2, 3]
+    video_of = {}
+    for v, vid in zip(vis["videos"], sorted(meta)):
+        frames = meta[vid]["frames"]
+        assert v["file_names"] == [f"{vid}/{f}.jpg" for f in frames] and v["length"] == len(frames)
+        assert (v["height"], v["width"]) == (VIDEO_H, VIDEO_W)
+        assert all((root / split / "JPEGImages" / name).is_file() for name in v["file_names"])
+        video_of[v["id"]] = vid
+    shape_of = {o["anno_id"]: o["shape"] for objs in objects.values() for o in objs}
+    assert sorted(a["anno_id"] for a in vis["annotations"]) == sorted(shape_of)  # one per object
+    assert [a["id"] for a in vis["annotations"]] == list(range(1, len(shape_of) + 1))
+    for a in vis["annotations"]:
+        vid = video_of[a["video_id"]]
+        assert objects[vid][a["obj_id"]]["anno_id"] == a["anno_id"]  # the object of its own video
+        assert a["category_id"] == CATEGORY_IDS[shape_of[a["anno_id"]]] and a["iscrowd"] == 0
+        rles = mask_dict[a["anno_id"]]
+        assert len(a["segmentations"]) == len(a["areas"]) == len(a["bboxes"]) == len(rles)
+        for seg, rle, area, bbox in zip(a["segmentations"], rles, a["areas"], a["bboxes"]):
+            assert (seg is None) == (rle is None) == (area is None) == (bbox is None)
+            if seg is None:
+                continue
+            mask = rle_decode(seg)
+            assert np.array_equal(mask, rle_decode(rle)) and mask.sum() == area > 0
+            x, y, w, h = (int(c) for c in bbox)
+            assert mask[y:y + h, x:x + w].sum() == area  # the box holds the mask ...
+            assert mask[y, x:x + w].any() and mask[y + h - 1, x:x + w].any()  # ... and is tight
+            assert mask[y:y + h, x].any() and mask[y:y + h, x + w - 1].any()
+
+
+def test_write_toy_vis_keeps_the_toy_files_and_writes_only_when_asked(toy_vis, tmp_path):
+    root, before, paths = toy_vis
+    after = _files(root)
+    assert {k: v for k, v in after.items() if not k.endswith("instances_vis.json")} == before
+    assert sorted(set(after) - set(before)) == [f"{s}/instances_vis.json" for s in SPLITS]
+    assert not [p for p in root.rglob(".*")]  # no temporary file left behind
+    original = paths[0].read_bytes()
+    paths[0].write_text("{}")
+    write_toy_vis(root)  # the file exists: left alone
+    assert paths[0].read_text() == "{}"
+    write_toy_vis(root, splits=("train",), overwrite=True)
+    assert paths[0].read_bytes() == original  # and rewritten the same, byte for byte
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "train" / "meta_expressions.json"))):
+        write_toy_vis(tmp_path)
+
+
+def test_youtube_vis_reader_reads_the_toy_vis_file(toy_vis):
+    root, _, paths = toy_vis
+    _, meta, mask_dict, _, objects = _load_video_split(root.parent, "train")
+    ds = YouTubeVIS(paths[0], root / "train" / "JPEGImages", train=True, num_frames=4, frame_range=3,
+                    short_side=VIDEO_H, max_size=VIDEO_W, flip=False)
+    assert ds.classes == list(CATEGORY_IDS) and len(ds) == 3
+    vis = json.loads(paths[0].read_text())
+    anno_of = {a["id"]: a["anno_id"] for a in vis["annotations"]}
+    shape_of = {o["anno_id"]: o["shape"] for objs in objects.values() for o in objs}
+    for index in range(3):
+        for _ in range(3):
+            item = ds[index]
+            clip = item["frame_idx"].tolist()
+            vid = item["video"]
+            visible = [o["anno_id"] for o in objects[vid]
+                       if any(mask_dict[o["anno_id"]][t] is not None for t in clip)]
+            assert sorted(anno_of[i] for i in item["ids"].tolist()) == sorted(visible)
+            for k, i in enumerate(item["ids"].tolist()):
+                anno = anno_of[i]
+                assert item["labels"][k] == list(CATEGORY_IDS).index(shape_of[anno])
+                for j, t in enumerate(clip):
+                    rle = mask_dict[anno][t]
+                    expected = np.zeros((VIDEO_H, VIDEO_W), bool) if rle is None else rle_decode(rle)
+                    assert np.array_equal(item["masks"][k, j].numpy(), expected.astype(bool))

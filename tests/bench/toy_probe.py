@@ -10,8 +10,17 @@ video token, kept or not: does any token's mask hold the target without its look
 head can separate them, and the scores pick the wrong tokens), or none (the masks themselves
 cannot)? Writes <checkpoint folder>/probe.json.
 
+With --linear-probe (DsHmp) it also asks whether the video tokens hold what the class head would
+need: a logistic regression on the final video tokens (the class head's input), fitted on the
+train split's motion-only expressions to tell tokens that hold only the target (1) from tokens
+that hold only a look-alike (0), then scored on this split against the class head's own scores
+(AUC over tokens, and per expression whether the best target-only token outranks every
+look-alike-only one). A probe that separates where the class head does not says the tokens know
+which track the words mean and the training signal does not reach the score; a probe that fails
+too says the tokens themselves do not carry the motion.
+
 Run from the repository root:
-    python tests/bench/toy_probe.py --checkpoint runs/dshmp-toy/last.pt
+    python tests/bench/toy_probe.py --checkpoint runs/dshmp-toy/last.pt [--linear-probe]
 """
 import argparse
 import importlib
@@ -32,23 +41,48 @@ def coverage(pred: np.ndarray, obj: np.ndarray) -> float:
     return float((pred & obj).sum() / obj.sum()) if obj.any() else float("nan")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="dshmp")
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data-root", default="data/toy/mevis")
-    parser.add_argument("--split", default="valid_u")
-    args = parser.parse_args(argv)
-    method = importlib.import_module(args.method)
-    model, cfg = load_trained(args.checkpoint, method.Config, method.build_model, torch.device("cpu"))
-    root, split_dir = Path(args.data_root), Path(args.data_root) / args.split
+def auc(positive, negative) -> float:
+    """Probability that a random positive outranks a random negative (ties count half)."""
+    p, n = np.asarray(positive)[:, None], np.asarray(negative)[None]
+    return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size)) if p.size and n.size else float("nan")
+
+
+def fit_logistic(x, y, steps=500, weight_decay=1e-3):
+    """A class-balanced logistic regression (full-batch LBFGS) on standardised features; returns
+    a function from features to logits."""
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    w, b = torch.zeros(x.shape[1], requires_grad=True), torch.zeros(1, requires_grad=True)
+    pos_weight = (1 - y).sum() / y.sum().clamp(min=1)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = ((x - mean) / std) @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+        loss = loss + weight_decay * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return lambda f: (((torch.as_tensor(f, dtype=torch.float32) - mean) / std) @ w + b).detach().numpy()
+
+
+def probe_split(method, model, cfg, root, split, *, features=False, limit=None):
+    """One row per motion-only expression of `split` (the first `limit` videos' when given):
+    coverages of the prediction and, for DsHmp, of every video token (with the token's final
+    feature when `features`)."""
+    split_dir = Path(root) / split
     read = lambda name: json.loads((split_dir / name).read_text())
     masks, objects = read("mask_dict.json"), read("toy_objects.json")["videos"]
     meta, motion_only = read("meta_expressions.json")["videos"], read("motion_only.json")["motion_only"]
-    dataset = method.make_dataset(cfg, root, args.split, train=False)
+    dataset = method.make_dataset(cfg, root, split, train=False)
+    captured = []  # with features: the class head's input, the final video tokens (1, M, C)
+    hook = model.class_head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0])) \
+        if features else None
     index = {(s["video"], s["exp_id"]): i for i, s in enumerate(dataset.samples)}
     rows = []
-    for video, exp_ids in motion_only.items():
+    for video, exp_ids in list(motion_only.items())[:limit]:
         look = {o["obj_id"]: (o["shape"], o["colour"], o["size"]) for o in objects[video]}
         obj_masks = {o["obj_id"]: np.stack([np.zeros(dataset[0]["orig_size"], bool) if r is None else
                                             rle_decode(r).astype(bool) for r in masks[o["anno_id"]]])
@@ -64,12 +98,15 @@ def main(argv=None):
             target_cov, wrong_cov = coverage(pred, target_mask), coverage(pred, wrong_mask)
             tokens = []
             if hasattr(model, "infer"):  # every video token's own mask, kept or not
+                captured.clear()
                 logits, masks_t = model.infer(item["frames"], item["expression"], chunk=cfg.eval_chunk)
+                token_feats = captured[-1][0].numpy() if features else None  # (M, C)
                 H, W = item["frames"].shape[-2:]
                 up = torch.nn.functional.interpolate(masks_t, size=(H + -H % 32, W + -W % 32), mode="bilinear")
                 up = torch.nn.functional.interpolate(up[..., :H, :W], size=tuple(item["orig_size"]), mode="bilinear")
-                for m, score in zip((up > 0).numpy(), logits.softmax(-1)[:, 0].tolist()):
-                    tokens.append({"score": score, "target": coverage(m, target_mask), "look_alikes": coverage(m, wrong_mask)})
+                for k, (m, score) in enumerate(zip((up > 0).numpy(), logits.softmax(-1)[:, 0].tolist())):
+                    tokens.append({"score": score, "target": coverage(m, target_mask), "look_alikes": coverage(m, wrong_mask),
+                                   **({"feature": token_feats[k]} if features else {})})
             kind = {(True, False): "target only", (True, True): "both", (False, True): "look-alike only",
                     (False, False): "neither"}[(target_cov >= 0.5, wrong_cov >= 0.5)]
             separating = [t for t in tokens if t["target"] >= 0.5 and t["look_alikes"] < 0.5]
@@ -77,6 +114,54 @@ def main(argv=None):
                          "look_alikes": wrong_cov, "kind": kind, "separating_tokens": len(separating),
                          "best_separating_score": max((t["score"] for t in separating), default=None),
                          "tokens": tokens})
+    if hook is not None:
+        hook.remove()
+    return rows
+
+
+def token_label(token):
+    """1: holds only the target, 0: holds only a look-alike, None: anything else."""
+    if token["target"] >= 0.5 and token["look_alikes"] < 0.5:
+        return 1
+    if token["look_alikes"] >= 0.5 and token["target"] < 0.5:
+        return 0
+    return None
+
+
+def linear_probe(train_rows, rows):
+    """Fits the probe on train_rows' labelled tokens; compares it with the class head on rows."""
+    train = [(t["feature"], token_label(t)) for r in train_rows for t in r["tokens"] if token_label(t) is not None]
+    probe = fit_logistic(np.stack([f for f, _ in train]), np.array([y for _, y in train]))
+    result = {"train_tokens": len(train), "train_target_only_tokens": int(sum(y for _, y in train))}
+    for name, score in (("class_head", lambda ts: np.array([t["score"] for t in ts])),
+                        ("linear_probe", lambda ts: probe(np.stack([t["feature"] for t in ts])))):
+        pos, neg, wins, ranked = [], [], 0, 0
+        for r in rows:
+            s, labels = score(r["tokens"]), [token_label(t) for t in r["tokens"]]
+            p = [v for v, y in zip(s, labels) if y == 1]
+            n = [v for v, y in zip(s, labels) if y == 0]
+            pos += p
+            neg += n
+            if p and n:
+                ranked += 1
+                wins += int(max(p) > max(n))
+        result[name] = {"auc": auc(pos, neg), "best_target_token_above_every_look_alike_token": wins,
+                        "expressions_with_both_kinds": ranked}
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="dshmp")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data-root", default="data/toy/mevis")
+    parser.add_argument("--split", default="valid_u")
+    parser.add_argument("--linear-probe", action="store_true", help="also fit a probe on the train split's tokens")
+    parser.add_argument("--probe-videos", type=int, default=120, help="train videos the linear probe is fitted on")
+    args = parser.parse_args(argv)
+    method = importlib.import_module(args.method)
+    model, cfg = load_trained(args.checkpoint, method.Config, method.build_model, torch.device("cpu"))
+    rows = probe_split(method, model, cfg, args.data_root, args.split, features=args.linear_probe)
     counts = {k: sum(r["kind"] == k for r in rows) for k in ("target only", "both", "look-alike only", "neither")}
     summary = {"checkpoint": args.checkpoint, "expressions": len(rows), "counts": counts,
                "mean_target_coverage": float(np.nanmean([r["target"] for r in rows])),
@@ -84,6 +169,14 @@ def main(argv=None):
                "expressions_with_a_separating_token": sum(r["separating_tokens"] > 0 for r in rows),
                "separating_tokens_kept": sum(r["best_separating_score"] is not None and
                                              r["best_separating_score"] > cfg.score_threshold for r in rows)}
+    if args.linear_probe:
+        print("train split tokens for the linear probe ...", flush=True)
+        train_rows = probe_split(method, model, cfg, args.data_root, "train", features=True,
+                                 limit=args.probe_videos)
+        summary["linear_probe"] = linear_probe(train_rows, rows)
+        for r in rows:
+            for t in r["tokens"]:
+                t.pop("feature")
     out = Path(args.checkpoint).parent / "probe.json"
     out.write_text(json.dumps({**summary, "per_expression": rows}, indent=1))
     print(json.dumps(summary, indent=1), f"-> {out}")

@@ -10,6 +10,9 @@ numbers are also written to <runs>/table.json. The README block between
 is named after the method unless --block names it). Image methods (vatex, mracl) get mIoU, oIoU,
 Pr@0.5, Oc-IoU and mIoU on the motion-only sentences instead of J&F.
 
+With --jobs N, N runs train at a time, each with (CPU cores / N) threads (OMP_NUM_THREADS); the
+table says so, since a run's wall time then is not the time of a run alone.
+
 Run from the repository root (about 20 minutes a run on 2 CPU cores):
     python tests/bench/toy_table.py --method dshmp --variants=",--no-hmp,--no-cl" --readme README.md
 """
@@ -22,36 +25,42 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_COLUMNS = ["mIoU", "oIoU", "Pr@0.5", "Oc-IoU"]  # the image methods' eval.json keys in the table
 
 
-def run(method, variant, seed, out, extra, train=True):
-    """Train and evaluate one (variant, seed); returns its record (reads the run's eval.json), or
-    None when it has no eval.json and `train` is False."""
+def run(method, variant, seed, out, extra, train=True, threads=None):
+    """Train and evaluate one (variant, seed) with `threads` torch threads (default: all); returns
+    its record (reads the run's eval.json), or None when it has no eval.json and `train` is False."""
     eval_path = out / "eval.json"
-    seconds = None
+    seconds, timing = None, {}
     if not eval_path.is_file() and not train:
         return None
     if not eval_path.is_file():
         command = [sys.executable, f"{method}.py", "--data", "toy", "--train", "--seed", str(seed), "--out", str(out),
                    *variant.split(), *extra]
         print(" ".join(command), flush=True)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         start = time.time()
-        subprocess.run(command, cwd=REPO, check=True)
+        subprocess.run(command, cwd=REPO, check=True, env=env)
         seconds = time.time() - start
-        (out / "wall_time.json").write_text(json.dumps({"seconds": seconds}))
+        timing = {"seconds": seconds, **({"threads": threads} if threads else {})}
+        (out / "wall_time.json").write_text(json.dumps(timing))
     elif (out / "wall_time.json").is_file():
-        seconds = json.loads((out / "wall_time.json").read_text())["seconds"]
+        timing = json.loads((out / "wall_time.json").read_text())
+        seconds = timing["seconds"]
     result = json.loads(eval_path.read_text())
     if "J&F" not in result:  # an image method (vatex.py, mracl.py): RefCOCO metrics, motion sentences
-        return {"variant": variant, "seed": seed, "seconds": seconds, "references": {},
+        return {"variant": variant, "seed": seed, "seconds": seconds, "threads": timing.get("threads"),
+                "references": {},
                 **{k: result[k] for k in IMAGE_COLUMNS if k in result},
                 "motion mIoU": result.get("motion", {}).get("mIoU")}
     return {"variant": variant, "seed": seed, "J&F": result["J&F"], "J": result["J"], "F": result["F"],
             "motion_only": result.get("motion_only", {}).get("J&F"), "seconds": seconds,
+            "threads": timing.get("threads"),
             "references": result.get("motion_only_references", {})}
 
 
@@ -83,9 +92,12 @@ def table(method, records, extra):
     lines.append("")
     seeds = sorted({r["seed"] for r in records})
     import torch  # only to name the build the runs used
+    threads = sorted({r.get("threads") for r in records if r.get("threads")})
+    shared = (f" Runs with {' or '.join(map(str, threads))} thread(s) shared the cores with another run "
+              f"(--jobs), so their wall time is longer than a run's alone.") if threads else ""
     lines.append(f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}, written by "
                  f"`tests/bench/toy_table.py` from the runs' eval.json files; {os.cpu_count()} CPU cores "
-                 f"({platform.machine()}), torch {torch.__version__}.")
+                 f"({platform.machine()}), torch {torch.__version__}.{shared}")
     return "\n".join(lines)
 
 
@@ -109,16 +121,16 @@ def main(argv=None):
     parser.add_argument("--readme", default="", help="replace this file's toy-table block")
     parser.add_argument("--block", default="", help="the README block's name (default: the method)")
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the finished runs")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores / jobs threads")
     args = parser.parse_args(argv)
     runs = Path(args.runs or REPO / "runs" / f"toy-table-{args.method}")
     extra = args.extra.split()
-    records = []
-    for variant in args.variants.split(","):
-        name = variant.replace("--", "").replace(" ", "_") or "full"
-        for seed in args.seeds:
-            record = run(args.method, variant, seed, runs / f"{name}-seed{seed}", extra, train=not args.table_only)
-            if record is not None:
-                records.append(record)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    tasks = [(variant, seed, runs / f"{variant.replace('--', '').replace(' ', '_') or 'full'}-seed{seed}")
+             for variant in args.variants.split(",") for seed in args.seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on the subprocesses
+        records = [r for r in pool.map(lambda t: run(args.method, *t, extra, train=not args.table_only,
+                                                     threads=threads), tasks) if r is not None]
     if not records:
         raise SystemExit(f"no finished runs in {runs}")
     runs.mkdir(parents=True, exist_ok=True)

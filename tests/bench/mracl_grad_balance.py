@@ -1,0 +1,62 @@
+"""How hard each MRaCL training term pulls: the gradient norm (over all parameters) of LAVT's
+cross-entropy and of the contrastive term, each on its own, on the same toy batches, at
+initialisation or for a trained checkpoint. With the toy preset's gradient clipping (total norm
+1) a term whose gradient is 100x the other's leaves the other almost nothing.
+
+Run from the repository root:
+    python tests/bench/mracl_grad_balance.py [--checkpoint runs/mracl-toy/last.pt] [--batches 8]
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import mracl  # noqa: E402
+from common.datasets import collate_image  # noqa: E402
+from common.run import load_trained, parse_config  # noqa: E402
+from common.text import build_vocab  # noqa: E402
+from data.toy import ensure_toy  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="", help="a trained toy run (default: a fresh model, seed 0)")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--loss", default="mracl", help="mracl | infonce | simcse | l2")
+    args = parser.parse_args(argv)
+    ensure_toy()
+    cfg = parse_config(mracl.Config, mracl.PRESETS, ["--data", "toy", "--train", "--loss", args.loss])
+    dataset = mracl.make_dataset(cfg, "data/toy/refcoco", "train", train=True, seed=0)
+    if args.checkpoint:
+        model, _ = load_trained(args.checkpoint, mracl.Config, mracl.build_model, torch.device("cpu"))
+    else:
+        torch.manual_seed(0)
+        vocab = build_vocab([s["expression"] for s in dataset.samples] + list(dataset.phrase.values()))
+        model = mracl.build_model(cfg, vocab=vocab)
+    model.train()
+    g, rows = torch.Generator().manual_seed(0), []
+    while len(rows) < args.batches:  # batches with at least one (sentence, verb phrase) pair
+        batch = collate_image([dataset[i] for i in torch.randint(len(dataset), (cfg.batch_size,), generator=g)])
+        index, texts = mracl.with_partners(cfg, batch)
+        if len(index) == cfg.batch_size:
+            continue
+        terms = mracl.compute_losses(cfg, model(batch["images"][index], texts), batch, index)
+        row = {"pairs": len(index) - cfg.batch_size}
+        for name, value in terms.items():
+            model.zero_grad()
+            value.backward(retain_graph=True)
+            norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in model.parameters() if p.grad is not None))
+            row[name] = {"loss": round(float(value), 4), "grad_norm": round(norm, 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    ratio = sorted(r["mracl"]["grad_norm"] / max(r["ce"]["grad_norm"], 1e-12) for r in rows)
+    print(json.dumps({"checkpoint": args.checkpoint or "init", "loss": args.loss,
+                      "median contrastive / cross-entropy gradient norm": round(ratio[len(ratio) // 2], 1)}))
+
+
+if __name__ == "__main__":
+    main()
