@@ -336,12 +336,14 @@ def set_losses(outputs, targets, *, w_cls, w_bce, w_dice, no_object_weight, num_
 
 def frame_targets(targets):
     """Video targets [{"masks": (N, T, H, W), "labels": (N,)}] -> per-frame targets in (b t) order,
-    each holding the objects visible in that frame (a frame-level Mask2Former loss, DsHmp and VITA)."""
+    each holding the objects visible in that frame (a frame-level Mask2Former loss, DsHmp and VITA)
+    and "objects" (N_t,), their indices among the clip's N (for VITA's similarity loss)."""
     per_frame = []
     for target in targets:
         for t in range(target["masks"].shape[1]):
             masks = target["masks"][:, t]  # (N, H, W)
             visible = masks.flatten(1).any(1)  # (N,)
-            per_frame.append({"masks": masks[visible], "labels": target["labels"][visible]})
+            per_frame.append({"masks": masks[visible], "labels": target["labels"][visible],
+                              "objects": visible.nonzero()[:, 0]})  # (N_t, H, W), (N_t,), (N_t,)
     return per_frame
 

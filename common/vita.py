@@ -10,10 +10,11 @@ query's mask in frame t is its mask embedding dotted with frame t's mask feature
 windows on odd layers at test, as the official code); `ObjectDecoder` is VITA's Object Decoder.
 DsHmp's Motion Decoder is this decoder with a word cross-attention in every layer
 (word_attention=True, as the official DsHmp `cross_test`). `VITA` puts them together with
-Mask2Former and the heads; `similarity_loss` is VITA's third loss (the frame- and video-level set
-losses are common.matching.set_losses). `load_official_vita` loads the official model-zoo
-checkpoints (detectron2 state dicts) into `VITA`, by the explicit table `official_vita_key_map`.
-Still to come with dmvs.py: the training stage.
+Mask2Former and the heads. `vita_losses` is VITA's training objective with the weights of its
+configs (`VITA_LOSS_WEIGHTS`): Mask2Former's set loss on every frame, the set loss of the video
+queries over the whole clip (both common.matching.set_losses) and `similarity_loss`.
+`load_official_vita` loads the official model-zoo checkpoints (detectron2 state dicts) into
+`VITA`, by the explicit table `official_vita_key_map`.
 """
 import math
 import os
@@ -24,7 +25,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
 
+from common.engine import reduce_mean
 from common.mask2former import MLP
+from common.matching import frame_targets, matched_pred_index, set_losses
 
 # Shapes: B clips, T frames, Q frame queries per frame, V video queries, C channels, L words,
 # n windows of K frames.
@@ -248,6 +251,73 @@ def similarity_loss(embeds, object_ids, clip_ids):
     same_clip = (clip_ids[:, None] == clip_ids[None]).float()  # (N, N)
     loss = F.binary_cross_entropy_with_logits(logits, same_object, reduction="none")
     return (loss * same_clip).sum() / (same_clip.sum() + 1e-6)
+
+
+# ---------------------------------------------------------------------------------- VITA's losses
+# The weights of VITA's objective (official vita_model.py `from_config`: weight_dict and
+# vita_weight_dict). Class, mask and dice are MASK_FORMER.CLASS_WEIGHT 2.0, MASK_WEIGHT 5.0 and
+# DICE_WEIGHT 5.0 of every VITA config (e.g. configs/ovis/vita_SWIN_bs8.yaml), used for the
+# frame-level and the video-level terms alike and as the costs of both Hungarian matchers;
+# the similarity weight is VITA.SIM_WEIGHT 0.5 (vita/config.py, repeated in the configs).
+VITA_LOSS_WEIGHTS = {
+    "frame_ce": 2.0, "frame_bce": 5.0, "frame_dice": 5.0,  # MASK_FORMER.CLASS/MASK/DICE_WEIGHT
+    "video_ce": 2.0, "video_bce": 5.0, "video_dice": 5.0,  # the same three (vita_weight_dict)
+    "sim": 0.5,  # VITA.SIM_WEIGHT
+}
+
+
+def vita_losses(outputs, targets, *, w_cls=2.0, w_bce=5.0, w_dice=5.0, frame_no_object_weight=0.1,
+                video_no_object_weight=0.1, num_points=12544) -> dict:
+    """VITA's training objective, the paper's frame-level, video-level and similarity losses (as
+    official vita_model.py `train_model` with Mask2Former's criterion.py and vita_criterion.py),
+    as unweighted terms; the weighted sum is
+    `sum(VITA_LOSS_WEIGHTS[k] * v for k, v in terms.items())`.
+
+    outputs: `VITA.forward`'s dict. targets: B dicts with "masks" (N, T, H, W) bool at the padded
+    frame size and "labels" (N,) long in [0, K) (`YouTubeVIS` / `collate_vis`; other keys unused).
+    Objects without a pixel in the clip are dropped (official `prepare_targets`).
+    Returns {"frame_ce", "frame_bce", "frame_dice", "video_ce", "video_bce", "video_dice", "sim"}:
+      frame_*  Mask2Former's set loss on every frame's Q frame queries against the objects visible
+               in that frame, summed over the frame decoder's predictions (deep supervision);
+      video_*  the set loss of the V video queries against the mask tubes, matched over the whole
+               clip, summed over the Object Decoder's layers;
+      sim      `similarity_loss` on the frame queries matched in the frame decoder's last prediction
+               and the video queries matched in the last Object Decoder layer (official: last layer
+               only), "same object" meaning the same target of the same clip.
+    Both set losses are common.matching.set_losses: Hungarian matching with the costs w_cls,
+    w_bce, w_dice, CE over K + 1 classes with the no-object class weighted (MASK_FORMER and
+    VITA.NO_OBJECT_WEIGHT 0.1), BCE and dice on `num_points` importance-sampled points per mask
+    and frame (MASK_FORMER.TRAIN_NUM_POINTS 112 * 112; None: whole masks), each divided by the
+    number of target masks averaged over the processes, at least 1 (official: frame targets for
+    the frame level, clip objects x L for the video level, with L = 1 frame-query layer here)."""
+    visible = [t["masks"].flatten(2).any(2).any(1) for t in targets]  # (N,) per clip
+    targets = [{"masks": t["masks"][v], "labels": t["labels"][v]} for t, v in zip(targets, visible)]
+    per_frame = frame_targets(targets)  # B*T dicts in (b t) order, as the frame outputs
+
+    def count(ts):  # target masks per process, averaged over the processes
+        return max(float(reduce_mean(torch.tensor(float(sum(len(t["labels"]) for t in ts))))), 1.0)
+
+    costs = dict(w_cls=w_cls, w_bce=w_bce, w_dice=w_dice, num_points=num_points)
+    frame_terms, frame_indices = set_losses(outputs["frame_outputs"], per_frame, **costs,
+                                            no_object_weight=frame_no_object_weight,
+                                            num_masks=count(per_frame))
+    video_terms, video_indices = set_losses(outputs, targets, **costs,
+                                            no_object_weight=video_no_object_weight,
+                                            num_masks=count(targets))
+    # similarity loss: the matched frame queries, then the matched video queries (loss_fg_sim)
+    sim_frame = rearrange(outputs["sim_frame"], "b t q c -> (b t) q c")  # (B*T, Q, C)
+    sim_video, T = outputs["sim_video"], outputs["sim_frame"].shape[1]  # (B, V, C)
+    frame_idx, frame_query = matched_pred_index(frame_indices)  # (M_f,), (M_f,); frame_idx in (b t)
+    video_idx, video_query = matched_pred_index(video_indices)  # (M_v,), (M_v,)
+    device = sim_video.device
+    embeds = torch.cat([sim_frame[frame_idx.to(device), frame_query.to(device)],
+                        sim_video[video_idx.to(device), video_query.to(device)]])  # (M_f + M_v, C)
+    objects = torch.cat([f["objects"].cpu()[tgt] for f, (_, tgt) in zip(per_frame, frame_indices)]
+                        + [tgt for _, tgt in video_indices])  # (M_f + M_v,) index in the clip
+    clips = torch.cat([torch.div(frame_idx, T, rounding_mode="floor"), video_idx])  # (M_f + M_v,)
+    sim = similarity_loss(embeds, objects.to(device), clips.to(device))
+    return {**{f"frame_{k}": v for k, v in frame_terms.items()},
+            **{f"video_{k}": v for k, v in video_terms.items()}, "sim": sim}
 
 
 # ---------------------------------------------------------------------------------- official checkpoints

@@ -113,6 +113,98 @@ def test_similarity_loss_by_hand():
     assert torch.allclose(similarity_loss(embeds, objects, clips), expected, atol=1e-5)
 
 
+# ---------------------------------------------------------------- VITA's losses
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def ce(row, label):  # cross-entropy of one row of logits
+    return math.log(sum(math.exp(v) for v in row)) - row[label]
+
+
+def hand_dice(num_fg, num_pixels, s):  # a mask predicted +-3 at the right places, s = sigmoid(3)
+    pred_sum = num_fg * s + (num_pixels - num_fg) * (1 - s)
+    return 1 - (2 * num_fg * s + 1) / (pred_sum + num_fg + 1)
+
+
+def test_vita_losses_by_hand():
+    """One clip of 2 frames, 4x4: object A (label 1) only in frame 0, object B (label 0) only in
+    frame 1, and an object without pixels; K = 2 classes. In every frame and in the clip one query predicts each object's mask
+    with logits +-3 on the right pixels and another the opposite, and the wrong one has the higher
+    class score, so only the masks make the matcher right. Whole masks (num_points=None)."""
+    from common.matching import frame_targets
+    from common.vita import VITA_LOSS_WEIGHTS, vita_losses
+    a, b = torch.zeros(2, 4, 4, dtype=torch.bool), torch.zeros(2, 4, 4, dtype=torch.bool)
+    a[0, :2, :2] = True  # 4 pixels in frame 0
+    b[1, 2:, 1:] = True  # 6 pixels in frame 1
+    empty = torch.zeros_like(a)  # an object with no pixel in the clip is dropped (prepare_targets)
+    targets = [{"masks": torch.stack([a, b, empty]), "labels": torch.tensor([1, 0, 0]),
+                "ids": torch.tensor([7, 9, 4])}]
+    assert [f["objects"].tolist() for f in frame_targets(targets)] == [[0], [1]]  # B is frame 1's 0th
+    sign = lambda m: 3.0 * (2 * m.float() - 1)  # logits +-3, right everywhere
+    frame_masks = torch.stack([torch.stack([-sign(a[0]), sign(a[0])]),  # frame 0: q1 is right
+                               torch.stack([sign(b[1]), -sign(b[1])])])  # frame 1: q0 is right
+    frame_logits = torch.tensor([[[0.0, 2.0, 0.0], [0.0, 1.0, 0.0]],
+                                 [[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]]])  # (B*T, Q, K+1)
+    video_masks = torch.stack([sign(b), -sign(a), sign(a)])[None]  # (1, V=3, T, 4, 4): B, wrong, A
+    video_logits = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 1.0, 0.0]]])
+    flip = lambda x: x.flip(1)  # the aux layers hold the same queries in reverse order
+    frame_out = {"pred_logits": frame_logits, "pred_masks": frame_masks}
+    video_out = {"pred_logits": video_logits, "pred_masks": video_masks}
+    sim_frame = torch.tensor([[[[3.0, -1.0], [1.0, 0.0]], [[0.0, 1.0], [-2.0, 2.0]]]])  # (1, T, Q, 2)
+    sim_video = torch.tensor([[[0.5, 1.0], [2.0, 2.0], [1.0, -0.5]]])  # (1, V, 2)
+    outputs = {**video_out, "aux_outputs": [{k: flip(v) for k, v in video_out.items()}],
+               "frame_outputs": {**frame_out, "aux_outputs": [{k: flip(v) for k, v in frame_out.items()}]},
+               "sim_frame": sim_frame, "sim_video": sim_video}
+    terms = vita_losses(outputs, targets, num_points=None)
+
+    s = 1 / (1 + math.exp(-3))
+    # no-object weight 0.1: CE = sum w_y CE / sum w_y over all queries of all frames (of the clip)
+    frame_ce = (ce([0, 1, 0], 1) + 0.1 * ce([0, 2, 0], 2) + ce([1, 0, 0], 0) + 0.1 * ce([2, 0, 0], 2)) / 2.2
+    video_ce = (ce([1, 0, 0], 0) + 0.1 * ce([0, 2, 0], 2) + ce([0, 1, 0], 1)) / 2.1
+    expected = {  # two layers each (final + aux); BCE and dice divided by the 2 target masks
+        "frame_ce": 2 * frame_ce, "frame_bce": 2 * softplus(-3),
+        "frame_dice": 2 * (hand_dice(4, 16, s) + hand_dice(6, 16, s)) / 2,
+        "video_ce": 2 * video_ce, "video_bce": 2 * softplus(-3),
+        "video_dice": 2 * (hand_dice(4, 32, s) + hand_dice(6, 32, s)) / 2,  # over the 2-frame tube
+    }
+    # similarity: frame 0's q1 (A), frame 1's q0 (B), video q2 (A), video q0 (B); one clip
+    embeds, objects = [[1.0, 0.0], [0.0, 1.0], [1.0, -0.5], [0.5, 1.0]], [0, 1, 0, 1]
+    pairs = [(sum(x * y for x, y in zip(embeds[i], embeds[j])), objects[i] == objects[j])
+             for i in range(4) for j in range(4)]
+    expected["sim"] = sum(softplus(-x) if same else softplus(x) for x, same in pairs) / 16
+    assert set(terms) == set(expected) == set(VITA_LOSS_WEIGHTS)
+    for key, value in expected.items():
+        assert terms[key].item() == pytest.approx(value, rel=1e-5), key
+    # the weights of VITA's configs (vita_model.py from_config, configs/ovis/vita_SWIN_bs8.yaml)
+    assert VITA_LOSS_WEIGHTS == {"frame_ce": 2.0, "frame_bce": 5.0, "frame_dice": 5.0, "video_ce": 2.0,
+                                 "video_bce": 5.0, "video_dice": 5.0, "sim": 0.5}
+
+
+def test_vita_losses_reach_every_parameter():
+    from common.backbones import PixelLevel
+    from common.mask2former import MaskedAttentionDecoder
+    from common.vita import VITA, VITA_LOSS_WEIGHTS, vita_losses
+    torch.manual_seed(0)
+    pixel_level = PixelLevel.tiny(hidden_dim=32)
+    decoder = MaskedAttentionDecoder(hidden_dim=32, num_queries=5, num_layers=2, num_heads=4, ffn_dim=64,
+                                     num_classes=3, mask_dim=pixel_level.mask_channels)
+    vita = VITA(pixel_level=pixel_level, decoder=decoder, dim=32, heads=4, ffn_dim=64, enc_layers=2, dec_layers=2,
+                window=3, num_video_queries=4, num_classes=3)
+    masks = torch.zeros(3, 3, 64, 64, dtype=torch.bool)  # (N, T, H, W)
+    masks[0, :, 8:30, 8:30] = True
+    masks[1, 1:, 30:60, 20:50] = True  # absent from frame 0
+    targets = [{"masks": masks, "labels": torch.tensor([0, 2, 1]), "ids": torch.tensor([1, 2, 3])},  # 3rd empty
+               {"masks": masks[1:2], "labels": torch.tensor([1]), "ids": torch.tensor([5])}]
+    terms = vita_losses(vita(torch.randn(2, 3, 3, 64, 64)), targets, num_points=64)
+    assert all(torch.isfinite(v) and v > 0 for v in terms.values()), terms
+    sum(VITA_LOSS_WEIGHTS[k] * v for k, v in terms.items()).backward()
+    no_grad = [n for n, p in vita.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    for part in (vita.decoder, vita.encoder, vita.object_decoder, vita.sim_frame, vita.sim_video):
+        assert sum(p.grad.abs().sum() for p in part.parameters()) > 0
+
+
 # ---------------------------------------------------------------- official checkpoints (converter)
 def official_vita_shapes(*, embed_dim, depths, swin_heads, window, conv_dim, mask_dim, pd_layers, pd_heads,
                          hidden, heads, frame_queries, dec_layers, num_classes, enc_layers, vita_dec_layers,
