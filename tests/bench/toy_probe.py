@@ -17,7 +17,9 @@ that hold only a look-alike (0), then scored on this split against the class hea
 (AUC over tokens, and per expression whether the best target-only token outranks every
 look-alike-only one). A probe that separates where the class head does not says the tokens know
 which track the words mean and the training signal does not reach the score; a probe that fails
-too says the tokens themselves do not carry the motion.
+too says the tokens do not carry the match. A second probe asks whether a token knows its own
+object's motion at all: from the token to the left / right direction of the one object its mask
+holds (accuracy against the majority class).
 
 Run from the repository root:
     python tests/bench/toy_probe.py --checkpoint runs/dshmp-toy/last.pt [--linear-probe]
@@ -106,7 +108,8 @@ def probe_split(method, model, cfg, root, split, *, features=False, limit=None):
                 up = torch.nn.functional.interpolate(up[..., :H, :W], size=tuple(item["orig_size"]), mode="bilinear")
                 for k, (m, score) in enumerate(zip((up > 0).numpy(), logits.softmax(-1)[:, 0].tolist())):
                     tokens.append({"score": score, "target": coverage(m, target_mask), "look_alikes": coverage(m, wrong_mask),
-                                   **({"feature": token_feats[k]} if features else {})})
+                                   **({"feature": token_feats[k], "direction": held_direction(m, obj_masks)}
+                                      if features else {})})
             kind = {(True, False): "target only", (True, True): "both", (False, True): "look-alike only",
                     (False, False): "neither"}[(target_cov >= 0.5, wrong_cov >= 0.5)]
             separating = [t for t in tokens if t["target"] >= 0.5 and t["look_alikes"] < 0.5]
@@ -117,6 +120,33 @@ def probe_split(method, model, cfg, root, split, *, features=False, limit=None):
     if hook is not None:
         hook.remove()
     return rows
+
+
+def held_direction(mask, obj_masks, min_shift=3.0):
+    """The horizontal direction of the one object a token's mask holds (coverage >= 0.5 of it,
+    < 0.5 of every other): 1 right, 0 left (its centroid moves > min_shift pixels between its
+    first and last visible frame), None otherwise (no single object, or no clear left/right)."""
+    held = [o for o, m in obj_masks.items() if coverage(mask, m) >= 0.5]
+    if len(held) != 1:
+        return None
+    frames = [np.nonzero(m)[1].mean() for m in obj_masks[held[0]] if m.any()]  # centroid x per frame
+    shift = frames[-1] - frames[0] if len(frames) > 1 else 0.0
+    return None if abs(shift) <= min_shift else int(shift > 0)
+
+
+def direction_probe(train_rows, rows):
+    """Does a video token know which way its own object moves? A logistic regression from the
+    final video token to the direction (left / right) of the one object its mask holds, fitted
+    on train_rows' tokens, accuracy on rows' tokens (every token of the motion-only expressions,
+    kept or not)."""
+    def pairs(rs):
+        return [(t["feature"], t["direction"]) for r in rs for t in r["tokens"] if t["direction"] is not None]
+    train, test = pairs(train_rows), pairs(rows)
+    probe = fit_logistic(np.stack([f for f, _ in train]), np.array([y for _, y in train]))
+    predicted = probe(np.stack([f for f, _ in test])) > 0
+    truth = np.array([y for _, y in test], dtype=bool)
+    return {"train_tokens": len(train), "test_tokens": len(test), "accuracy": float((predicted == truth).mean()),
+            "majority_class": float(max(truth.mean(), 1 - truth.mean()))}
 
 
 def token_label(token):
@@ -174,9 +204,11 @@ def main(argv=None):
         train_rows = probe_split(method, model, cfg, args.data_root, "train", features=True,
                                  limit=args.probe_videos)
         summary["linear_probe"] = linear_probe(train_rows, rows)
+        summary["direction_probe"] = direction_probe(train_rows, rows)
         for r in rows:
             for t in r["tokens"]:
                 t.pop("feature")
+                t.pop("direction")
     out = Path(args.checkpoint).parent / "probe.json"
     out.write_text(json.dumps({**summary, "per_expression": rows}, indent=1))
     print(json.dumps(summary, indent=1), f"-> {out}")
