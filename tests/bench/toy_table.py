@@ -93,8 +93,8 @@ def table(method, records, extra):
     seeds = sorted({r["seed"] for r in records})
     import torch  # only to name the build the runs used
     threads = sorted({r.get("threads") for r in records if r.get("threads")})
-    shared = (f" Runs with {' or '.join(map(str, threads))} thread(s) shared the cores with another run "
-              f"(--jobs), so their wall time is longer than a run's alone.") if threads else ""
+    shared = (f" Runs with {' or '.join(map(str, threads))} thread(s) shared the cores with other runs "
+              f"(--jobs): their wall time is not that of a run alone.") if threads else ""
     lines.append(f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}, written by "
                  f"`tests/bench/toy_table.py` from the runs' eval.json files; {os.cpu_count()} CPU cores "
                  f"({platform.machine()}), torch {torch.__version__}.{shared}")
