@@ -80,7 +80,8 @@ def test_window_masks_by_hand():
     assert unpadded[0, :2, 2:].all() and unpadded[0, 2:, :2].all() and not unpadded[0, :2, :2].any()
 
 
-def test_vita_shapes_and_gradients():
+def tiny_vita():
+    """A tiny VITA: 5 frame queries, 4 video queries, 3 classes, width 32, windows of 3 frames."""
     from common.backbones import PixelLevel
     from common.mask2former import MaskedAttentionDecoder
     from common.vita import VITA
@@ -90,6 +91,11 @@ def test_vita_shapes_and_gradients():
                                      num_classes=3, mask_dim=pixel_level.mask_channels)
     vita = VITA(pixel_level=pixel_level, decoder=decoder, dim=32, heads=4, ffn_dim=64, enc_layers=2, dec_layers=2,
                 window=3, num_video_queries=4, num_classes=3)
+    return vita
+
+
+def test_vita_shapes_and_gradients():
+    vita = tiny_vita()
     out = vita(torch.randn(2, 5, 3, 64, 64))  # 5 frames: windows of 3, one padded frame
     assert out["pred_logits"].shape == (2, 4, 4) and out["pred_masks"].shape == (2, 4, 5, 16, 16)
     assert len(out["aux_outputs"]) == 1 and out["frame_queries"].shape == (2, 5, 5, 32)
@@ -182,15 +188,8 @@ def test_vita_losses_by_hand():
 
 
 def test_vita_losses_reach_every_parameter():
-    from common.backbones import PixelLevel
-    from common.mask2former import MaskedAttentionDecoder
-    from common.vita import VITA, VITA_LOSS_WEIGHTS, vita_losses
-    torch.manual_seed(0)
-    pixel_level = PixelLevel.tiny(hidden_dim=32)
-    decoder = MaskedAttentionDecoder(hidden_dim=32, num_queries=5, num_layers=2, num_heads=4, ffn_dim=64,
-                                     num_classes=3, mask_dim=pixel_level.mask_channels)
-    vita = VITA(pixel_level=pixel_level, decoder=decoder, dim=32, heads=4, ffn_dim=64, enc_layers=2, dec_layers=2,
-                window=3, num_video_queries=4, num_classes=3)
+    from common.vita import VITA_LOSS_WEIGHTS, vita_losses
+    vita = tiny_vita()
     masks = torch.zeros(3, 3, 64, 64, dtype=torch.bool)  # (N, T, H, W)
     masks[0, :, 8:30, 8:30] = True
     masks[1, 1:, 30:60, 20:50] = True  # absent from frame 0
