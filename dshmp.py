@@ -71,8 +71,8 @@ from common.mask2former import (MLP, MaskedAttentionDecoder, decoder_kwargs_from
                                 load_decoder_weights)
 from common.matching import frame_targets, set_losses
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
-                        load_trained, param_groups, parse_config, predict_files, resume, run_dir,
-                        train_batches, wrap_ddp)
+                        load_trained, param_groups, parse_config, predict_files, predict_masks,
+                        resume, run_dir, train_batches, wrap_ddp)
 from common.text import batch_static_motion_token_masks, build_vocab, word_tokenizer
 from common.vita import ObjectDecoder
 from data.toy import ensure_toy, toy_video_evaluation
@@ -590,29 +590,6 @@ def train(cfg, ddp, root, out):
                                 scheduler=scheduler, step=step, config=asdict(cfg),
                                 extra={"vocab": vocab, "memory_bank": bank.centroids.cpu()})
     return unwrap(model), bank
-
-
-# ------------------------------------------------------------------------ Sec. 4.2 inference
-@torch.no_grad()
-def predict_masks(model, frames, expression, orig_size, *, threshold, chunk, top1=False,
-                  probabilities=False):
-    """Sec. 4.2: frames (T, 3, H, W) normalised -> (T, H0, W0): the union of the masks of every
-    video token whose target score exceeds the threshold (empty if none), or with `top1` the best
-    token's mask. Bool, or with `probabilities` float16 mask probabilities (for Ref-DAVIS17's
-    protocol). Upsampled 5 frames at a time (official): memory does not grow beyond the output."""
-    T, (H, W) = len(frames), frames.shape[-2:]
-    padded_size = (H + -H % 32, W + -W % 32)  # (Hp, Wp): infer pads every chunk of frames
-    with autocast(frames.device):
-        logits, masks = model.infer(frames, expression, chunk=chunk)  # (M, 2), (M, T, Hp/4, Wp/4)
-    scores = logits.float().softmax(-1)[:, 0]  # (M,)
-    keep = F.one_hot(scores.argmax(), len(scores)).bool() if top1 else scores > threshold  # (M,)
-    out = torch.zeros(T, *orig_size, dtype=torch.float16 if probabilities else torch.bool,
-                      device=frames.device)
-    for t in range(0, T if keep.any() else 0, 5):
-        part = F.interpolate(masks[keep, t:t + 5].float(), size=padded_size, mode="bilinear")
-        part = F.interpolate(part[..., :H, :W], size=tuple(orig_size), mode="bilinear").amax(0)
-        out[t:t + 5] = part.sigmoid() if probabilities else part > 0  # the union: any logit > 0
-    return out  # (T, H0, W0)
 
 
 def main(argv=None):

@@ -8,7 +8,8 @@
   training     resume, wrap_ddp, train_batches (endless, a data seed per process), check_finite
   checkpoints  load_trained: the model rebuilt from the config (and toy vocabulary) it was saved with
   evaluation   evaluate_video (J, F, J&F or a submission tree + zip), evaluate_image (mIoU, oIoU,
-               Pr@X, Oc-IoU); each takes the method's own inference rule as `predict(item)`
+               Pr@X, Oc-IoU); each takes the method's own inference rule as `predict(item)`;
+               predict_masks: the video-query methods' rule (scores > threshold, union; or top-1)
   prediction   predict_files: a folder of frames or one image -> overlays and a GIF
   errors       cli_errors: a missing file or bad checkpoint ends the command with one line
 
@@ -54,8 +55,8 @@ from tqdm import tqdm
 
 from common.backbones import WeightsNotFoundError
 from common.datasets import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize, resize_clip
-from common.engine import (CheckpointError, all_gather_object, barrier, denormalize, is_main, load_checkpoint,
-                           read_checkpoint, reduce_mean, save_overlays)
+from common.engine import (CheckpointError, all_gather_object, autocast, barrier, denormalize, is_main,
+                           load_checkpoint, read_checkpoint, reduce_mean, save_overlays)
 from common.metrics import ImageMetrics, VideoMetrics, davis_unsupervised, oc_iou
 from common.text import normalize_expression
 
@@ -286,6 +287,31 @@ def load_trained(path, config_cls, build_model, device) -> tuple:
 
 
 # ---------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict_masks(model, frames, expression, orig_size, *, threshold, chunk, top1=False,
+                  probabilities=False):
+    """The inference rule of the video-query methods (DsHmp Sec. 4.2, DMVS Sec. 3.3): frames
+    (T, 3, H, W) normalised -> (T, H0, W0): the union of the masks of every video query whose
+    target score (softmax over target / no object) exceeds `threshold` (empty if none), or with
+    `top1` the best query's mask. Bool, or with `probabilities` float16 mask probabilities (for
+    Ref-DAVIS17's protocol). `model.infer(frames, expression, chunk=...)` gives the logits (M, 2)
+    and masks (M, T, Hp/4, Wp/4) of the whole video, padded to multiples of 32. Upsampled 5 frames
+    at a time (official DsHmp and VITA): memory does not grow beyond the output."""
+    T, (H, W) = len(frames), frames.shape[-2:]
+    padded_size = (H + -H % 32, W + -W % 32)  # (Hp, Wp): infer pads every chunk of frames
+    with autocast(frames.device):
+        logits, masks = model.infer(frames, expression, chunk=chunk)  # (M, 2), (M, T, Hp/4, Wp/4)
+    scores = logits.float().softmax(-1)[:, 0]  # (M,)
+    keep = F.one_hot(scores.argmax(), len(scores)).bool() if top1 else scores > threshold  # (M,)
+    out = torch.zeros(T, *orig_size, dtype=torch.float16 if probabilities else torch.bool,
+                      device=frames.device)
+    for t in range(0, T if keep.any() else 0, 5):
+        part = F.interpolate(masks[keep, t:t + 5].float(), size=padded_size, mode="bilinear")
+        part = F.interpolate(part[..., :H, :W], size=tuple(orig_size), mode="bilinear").amax(0)
+        out[t:t + 5] = part.sigmoid() if probabilities else part > 0  # the union: any logit > 0
+    return out  # (T, H0, W0)
+
+
 SUBMISSION_FOLDER = {"ytvos": "Annotations"}  # Ref-YouTube-VOS's server wants Annotations/<video>/<exp_id>/
 
 

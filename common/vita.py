@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
 
+from common.backbones import PixelLevel, tiny_mask2former_config
 from common.engine import reduce_mean
-from common.mask2former import MLP
+from common.mask2former import MLP, MaskedAttentionDecoder
 from common.matching import frame_targets, matched_pred_index, set_losses
 
 # Shapes: B clips, T frames, Q frame queries per frame, V video queries, C channels, L words,
@@ -187,9 +188,9 @@ class VITA(nn.Module):
       pred_logits (B, V, K+1), pred_masks (B, V, T, h, w) of the last decoder layer, aux_outputs
       (the earlier layers), video_queries (B, V, C) the decoder-normed video queries of the last
       layer, frame_queries (B, T, Q, C) the encoded frame queries, sim_frame (B, T, Q, C) and
-      sim_video (B, V, C) the embeddings of the similarity loss, frame_outputs Mask2Former's
-      per-frame outputs ((B*T, Q, K+1) logits, masks, aux_outputs). Frame queries come from the
-      last Mask2Former layer (official: the last 3 in training, as extra batch entries). VITA's
+      sim_video (B, V, C) the embeddings of the similarity loss, mask_features (B, T, D, h, w),
+      frame_outputs Mask2Former's per-frame outputs ((B*T, Q, K+1) logits, masks, aux_outputs,
+      query_embeds). Frame queries come from the last Mask2Former layer (official: the last 3 in training, as extra batch entries). VITA's
       mask projection reads the pixel decoder's raw stride-4 map (official `clip_mask_features`,
       the input of Mask2Former's own 1x1 `mask_features`; see `pixel_level_with_raw_map`)."""
 
@@ -210,19 +211,58 @@ class VITA(nn.Module):
 
     def forward(self, frames):
         B = frames.shape[0]
-        pixels = pixel_level_with_raw_map(self.pixel_level, rearrange(frames, "b t c h w -> (b t) c h w"))
-        frame_out = self.decoder(pixels["features"], pixels["pos"], pixels["mask_features"])
+        frame_out, mask_feats = self.segment_frames(rearrange(frames, "b t c h w -> (b t) c h w"))
         frame_queries = rearrange(frame_out["query_embeds"][-1], "(b t) q c -> b t q c", b=B)  # (B, T, Q, C)
+        mask_feats = rearrange(mask_feats, "(b t) d h w -> b t d h w", b=B)  # (B, T, D, h, w)
+        return {**self.decode_video(frame_queries, mask_feats), "frame_outputs": frame_out}
+
+    def segment_frames(self, frames):
+        """Mask2Former on every frame, frames (N, 3, H, W) -> its outputs (query_embeds: the frame
+        queries of every layer) and VITA's mask features (N, D, h, w)."""
+        pixels = pixel_level_with_raw_map(self.pixel_level, frames)
+        frame_out = self.decoder(pixels["features"], pixels["pos"], pixels["mask_features"])
+        return frame_out, self.mask_proj(pixels["raw_map"])
+
+    def decode_video(self, frame_queries, mask_feats) -> dict:
+        """The VITA module on Mask2Former's frame queries (B, T, Q, C) and the mask features
+        (B, T, D, h, w): the forward dict without frame_outputs, plus mask_features."""
         frame_queries = self.encoder(self.input_proj(frame_queries))  # (B, T, Q, C)
         video_queries = self.object_decoder(frame_queries)  # layers x (B, V, C)
-        mask_feats = self.mask_proj(pixels["raw_map"])  # (B*T, D, h, w)
-        mask_feats = rearrange(mask_feats, "(b t) d h w -> b t d h w", b=B)  # (B, T, D, h, w)
         preds = [{"pred_logits": self.class_head(v),  # (B, V, K+1)
                   "pred_masks": einsum(self.mask_embed(v), mask_feats, "b v d, b t d h w -> b v t h w")}
                  for v in video_queries]
         return {**preds[-1], "aux_outputs": preds[:-1], "video_queries": video_queries[-1],
                 "frame_queries": frame_queries, "sim_frame": self.sim_frame(frame_queries),
-                "sim_video": self.sim_video(video_queries[-1]), "frame_outputs": frame_out}
+                "sim_video": self.sim_video(video_queries[-1]), "mask_features": mask_feats}
+
+
+# The sizes of an official VITA configuration, in the names of its config files: Swin (EMBED_DIM,
+# DEPTHS, NUM_HEADS, WINDOW_SIZE), pixel decoder (CONVS_DIM, MASK_DIM, its encoder layers, heads and
+# FFN width), Mask2Former (HIDDEN_DIM, NHEADS, DIM_FEEDFORWARD, NUM_OBJECT_QUERIES, DEC_LAYERS - 1,
+# NUM_CLASSES) and the VITA module (ENC_LAYERS, DEC_LAYERS, NUM_OBJECT_QUERIES, ENC_WINDOW_SIZE).
+# DMVS's default (Sec. 4.2): the Swin-L model trained on OVIS (configs/ovis/vita_SWIN_bs8.yaml);
+# its YouTube-VIS 2019/2021 models (Table 7) differ in num_classes (40).
+SWIN_L_OVIS = dict(embed_dim=192, depths=(2, 2, 18, 2), swin_heads=(6, 12, 24, 48), window=12,
+                   conv_dim=256, mask_dim=256, pd_layers=6, pd_heads=8, pd_ffn=1024,
+                   hidden=256, heads=8, ffn=2048, frame_queries=200, dec_layers=9, num_classes=25,
+                   enc_layers=6, vita_dec_layers=3, video_queries=100, enc_window=6)
+
+
+def build_vita(c: dict) -> VITA:
+    """Our VITA with the sizes `c` of an official configuration (the keys of SWIN_L_OVIS; pd_ffn,
+    ffn and enc_window default to 1024, 2048 and 6), random weights (load_official_vita fills them)."""
+    config = tiny_mask2former_config(
+        embed_dim=c["embed_dim"], depths=c["depths"], swin_heads=c["swin_heads"], window_size=c["window"],
+        hidden_dim=c["conv_dim"], encoder_layers=c["pd_layers"], encoder_ffn_dim=c.get("pd_ffn", 1024),
+        num_heads=c["pd_heads"], mask_feature_size=c["mask_dim"])
+    ffn = c.get("ffn", 2048)
+    decoder = MaskedAttentionDecoder(hidden_dim=c["hidden"], num_queries=c["frame_queries"],
+                                     num_layers=c["dec_layers"], num_heads=c["heads"], ffn_dim=ffn,
+                                     num_classes=c["num_classes"], mask_dim=c["mask_dim"])
+    return VITA(pixel_level=PixelLevel(config), decoder=decoder, dim=c["hidden"], heads=c["heads"],
+                ffn_dim=ffn, enc_layers=c["enc_layers"], dec_layers=c["vita_dec_layers"],
+                window=c.get("enc_window", 6), num_video_queries=c["video_queries"],
+                num_classes=c["num_classes"])
 
 
 def pixel_level_with_raw_map(pixel_level, pixel_values, encode=None) -> dict:

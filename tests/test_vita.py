@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.vita import ObjectEncoder, window_bias
+from common.vita import SWIN_L_OVIS, ObjectEncoder, build_vita, window_bias
 
 
 def official_encode(encoder, frame_query, training):
@@ -207,7 +207,7 @@ def test_vita_losses_reach_every_parameter():
 # ---------------------------------------------------------------- official checkpoints (converter)
 def official_vita_shapes(*, embed_dim, depths, swin_heads, window, conv_dim, mask_dim, pd_layers, pd_heads,
                          hidden, heads, frame_queries, dec_layers, num_classes, enc_layers, vita_dec_layers,
-                         video_queries, pd_ffn=1024, ffn=2048, points=4) -> dict:
+                         video_queries, pd_ffn=1024, ffn=2048, points=4, enc_window=6) -> dict:
     """{key: shape} of an official VITA checkpoint, written from the constructors of the official
     modules (github.com/sukjunhwang/VITA @ 59c24ad) for a Swin backbone: D2SwinTransformer (patch 4,
     MLP ratio 4, qkv bias, patch norm, no APE, norm0-3), MSDeformAttnPixelDecoder (res3-res5 in the
@@ -326,28 +326,6 @@ SMALL = dict(embed_dim=16, depths=(2, 1, 2, 1), swin_heads=(1, 2, 2, 4), window=
              conv_dim=32, mask_dim=16, pd_layers=2, pd_heads=4, pd_ffn=64,
              hidden=32, heads=4, ffn=64, frame_queries=5, dec_layers=3, num_classes=3,
              enc_layers=2, vita_dec_layers=2, video_queries=4)
-SWIN_L_OVIS = dict(embed_dim=192, depths=(2, 2, 18, 2), swin_heads=(6, 12, 24, 48), window=12,
-                   conv_dim=256, mask_dim=256, pd_layers=6, pd_heads=8,
-                   hidden=256, heads=8, frame_queries=200, dec_layers=9, num_classes=25,
-                   enc_layers=6, vita_dec_layers=3, video_queries=100)  # configs/ovis/vita_SWIN_bs8.yaml
-
-
-def build_vita(c: dict):
-    """Our VITA with the sizes of an official configuration `c` (the keys of official_vita_shapes)."""
-    from common.backbones import PixelLevel, tiny_mask2former_config
-    from common.mask2former import MaskedAttentionDecoder
-    from common.vita import VITA
-    config = tiny_mask2former_config(
-        embed_dim=c["embed_dim"], depths=c["depths"], swin_heads=c["swin_heads"], window_size=c["window"],
-        hidden_dim=c["conv_dim"], encoder_layers=c["pd_layers"], encoder_ffn_dim=c.get("pd_ffn", 1024),
-        num_heads=c["pd_heads"], mask_feature_size=c["mask_dim"])
-    ffn = c.get("ffn", 2048)
-    decoder = MaskedAttentionDecoder(hidden_dim=c["hidden"], num_queries=c["frame_queries"],
-                                     num_layers=c["dec_layers"], num_heads=c["heads"], ffn_dim=ffn,
-                                     num_classes=c["num_classes"], mask_dim=c["mask_dim"])
-    return VITA(pixel_level=PixelLevel(config), decoder=decoder, dim=c["hidden"], heads=c["heads"],
-                ffn_dim=ffn, enc_layers=c["enc_layers"], dec_layers=c["vita_dec_layers"],
-                window=6, num_video_queries=c["video_queries"], num_classes=c["num_classes"])  # ENC_WINDOW_SIZE 6
 
 
 def random_official_state(c: dict, seed: int = 0) -> dict:

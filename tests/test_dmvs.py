@@ -1,0 +1,311 @@
+"""DMVS (dmvs.py): Eqs. (1)-(4) and (7) by hand, the sigma rule, the frozen VITA, the ablation
+wiring, chunked inference, the toy VITA stage, training, resume, DDP, CLI errors, parameters."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dmvs
+from common.datasets import collate_video
+from common.engine import read_checkpoint, setup_distributed
+from common.run import parse_config, predict_masks
+from common.text import build_vocab
+from data.toy import make_toy_video
+from ddp_launch import run_two_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--num-frames", "4", "--batch-size", "2", "--workers", "0", "--decoder-layers", "2",
+         "--vita-steps", "2", "--num-points", "256"]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy") / "mevis"
+    make_toy_video(root, seed=3, train_videos=6, valid_videos=2, verbose=False)
+    return root
+
+
+def toy_config(root, out, *extra):
+    return parse_config(dmvs.Config, dmvs.PRESETS, ["--data", "toy", "--data-root", str(root), "--out", str(out),
+                                                    "--vita-weights", str(Path(out) / "vita" / "last.pt"),
+                                                    *SMALL, "--train", *extra])
+
+
+def toy_model(cfg, root, **overrides):
+    dataset = dmvs.make_dataset(cfg, root, "train", train=True)
+    torch.manual_seed(0)
+    model = dmvs.build_model(cfg.__class__(**{**cfg.__dict__, **overrides}),
+                             vocab=build_vocab([s["expression"] for s in dataset.samples]))
+    return model, collate_video([dataset[0], dataset[1]])
+
+
+@pytest.fixture(scope="module")
+def toy(toy_root, tmp_path_factory):
+    cfg = toy_config(toy_root, tmp_path_factory.mktemp("run"))
+    return (cfg, *toy_model(cfg, toy_root))
+
+
+# ---------------------------------------------------------------------------------- equations
+def test_residual_attention_is_eqs_1_to_4_by_hand():
+    """With one head and identity projections, the layer is X + softmax(X Y^T / sqrt(C)) Y, then
+    its LayerNorm; padded keys get no weight."""
+    torch.manual_seed(0)
+    C = 8
+    layer = dmvs.ResidualAttention(C, 1)
+    with torch.no_grad():
+        layer.attn.in_proj_weight.copy_(torch.eye(C).repeat(3, 1))
+        layer.attn.in_proj_bias.zero_()
+        layer.attn.out_proj.weight.copy_(torch.eye(C))
+        layer.attn.out_proj.bias.zero_()
+    x, y = torch.randn(2, 3, C), torch.randn(2, 5, C)
+    mask = torch.tensor([[True] * 5, [True, True, False, True, False]])
+    logits = x @ y.transpose(1, 2) / math.sqrt(C)  # (2, 3, 5)
+    attn = logits.masked_fill(~mask[:, None], -math.inf).softmax(-1)
+    expected = F.layer_norm(x + attn @ y, (C,))
+    assert torch.allclose(layer(x, y, mask), expected, atol=1e-5)
+
+
+def test_encoder_order_and_table_4_switches(toy):
+    """Eq. (3) reads Q'_f (after Eq. 1), Eq. (4) reads Q'_v (after Eq. 2); without the cues the
+    raw queries are read, and the Eq. (1)/(2) layers do not exist."""
+    cfg, model, batch = toy
+    torch.manual_seed(0)
+    text = model.encode_text(batch["expression"])
+    fq, vq = torch.randn(2, 12, cfg.dim), torch.randn(2, 10, cfg.dim)
+    enc = model.encoder
+    by_hand = enc.read_videos(enc.read_frames(text.sentence, enc.static(fq, text.cues, text.static_mask)),
+                              enc.motion(vq, text.cues, text.motion_mask))
+    assert torch.allclose(enc(fq, vq, text), by_hand)
+    plain = dmvs.MotionExpressionEncoder(dim=cfg.dim, heads=cfg.heads, static_cues=False, motion_cues=False)
+    plain.load_state_dict(enc.state_dict(), strict=False)
+    assert plain.static is None and plain.motion is None
+    assert torch.allclose(plain(fq, vq, text), enc.read_videos(enc.read_frames(text.sentence, fq), vq))
+
+
+def test_cue_masks_hold_the_sentence_and_split_the_words(toy):
+    _, model, _ = toy
+    text = model.encode_text(["the red circle moving to the left"])
+    static, motion = text.static_mask[0], text.motion_mask[0]
+    assert static[-1] and motion[-1]  # F_se joins both sets, so neither is empty
+    assert torch.equal(text.cues[:, -1:], text.sentence)
+    words = static[:-1] | motion[:-1]
+    assert torch.equal(words, text.word_mask[0]) and not (static[:-1] & motion[:-1]).any()
+    assert motion[:-1].sum() >= 1 and static[:-1].sum() >= 3  # "moving" vs "the red circle ..."
+
+
+def test_topk_initialization_is_eq_7_by_hand():
+    video_queries = torch.arange(2 * 5 * 3, dtype=torch.float).view(2, 5, 3)
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.2], [0.5, 0.4, 0.3, 0.2, 0.95]])
+    picked = dmvs.select_queries(video_queries, scores, 2)
+    assert torch.equal(picked[0], video_queries[0, [1, 3]]) and torch.equal(picked[1], video_queries[1, [4, 0]])
+
+
+def test_s_v_is_the_best_foreground_probability(toy):
+    _, model, batch = toy
+    found = model.find_instances(batch["frames"])
+    logits = model.vita(batch["frames"])["pred_logits"]  # (B, V, K+1), the last class is no object
+    assert torch.allclose(found.scores, logits.softmax(-1)[..., :-1].max(-1).values)
+    decoded = model.decode(found, model.encode_text(batch["expression"]))
+    mqi = model.initial_queries(found, model.encode_text(batch["expression"]))
+    assert torch.equal(mqi, dmvs.select_queries(found.video_queries, found.scores, model.num_motion_queries))
+    assert decoded["pred_logits"].shape == (2, model.num_motion_queries, 2)
+
+
+class FixedQueries:
+    def __init__(self, logits, masks):
+        self.logits, self.masks = logits, masks
+
+    def infer(self, frames, expression, *, chunk):
+        return self.logits, self.masks
+
+
+def test_sigma_rule_keeps_the_union_of_queries_above_0_7():
+    assert dmvs.Config().score_threshold == 0.7 and dmvs.PRESETS["ytvos"]["top1"]
+    masks = torch.full((3, 2, 16, 16), -5.0)
+    masks[0, :, :4] = 5.0  # query 0: the top rows, score 0.75
+    masks[1, :, 8:] = 5.0  # query 1: the bottom half, score 0.69
+    masks[2, :, :, :4] = 5.0  # query 2: the left columns, score 0.9
+    p = torch.tensor([0.75, 0.69, 0.9])
+    model = FixedQueries(torch.stack([p.log(), (1 - p).log()], 1), masks)
+    out = predict_masks(model, torch.zeros(2, 3, 64, 64), "x", (64, 64), threshold=0.7, chunk=8)
+    expected = (F.interpolate(masks[[0, 2]], size=(64, 64), mode="bilinear") > 0).any(0)
+    assert torch.equal(out, expected) and out[:, :8].all() and not out[:, 40:, 20:].any()
+    top1 = predict_masks(model, torch.zeros(2, 3, 64, 64), "x", (64, 64), threshold=0.7, chunk=8, top1=True)
+    assert torch.equal(top1, F.interpolate(masks[2:], size=(64, 64), mode="bilinear")[0] > 0)
+
+
+# ---------------------------------------------------------------------------------- the model
+def test_ablations_wire_the_decoder_memory(toy_root, toy):
+    cfg, model, batch = toy
+    text = model.encode_text(batch["expression"])
+    found = model.find_instances(batch["frames"])
+    seen = []
+    hook = model.layers[0].memory_attn.register_forward_hook(lambda m, args, out: seen.append(args[1].shape[1]))
+    model.decode(found, text)
+    V = found.video_queries.shape[1]
+    for overrides, memory in [(dict(mqi="random"), 1 + V), (dict(mqi="text"), 1 + V), (dict(mee=False), 1),
+                              (dict(mqi="random", mee=False), 1 + V)]:
+        other, _ = toy_model(cfg, toy_root, **overrides)
+        other.layers[0].memory_attn.register_forward_hook(lambda m, args, out: seen.append(args[1].shape[1]))
+        other.decode(found, other.encode_text(batch["expression"]))
+        assert seen[-1] == memory, overrides
+        assert (other.encoder is None) == (not overrides.get("mee", True))
+        assert (other.random_queries is not None) == (overrides.get("mqi") == "random")
+    hook.remove()
+    assert seen[0] == 1  # the full model reads F_me alone
+    text_init, _ = toy_model(cfg, toy_root, mqi="text")
+    t = text_init.encode_text(batch["expression"])
+    assert torch.equal(text_init.initial_queries(found, t), t.sentence.expand(-1, cfg.num_motion_queries, -1))
+    with pytest.raises(ValueError, match="mqi"):
+        toy_model(cfg, toy_root, mqi="best")
+
+
+def test_frozen_vita_gets_no_gradient_and_stays_bit_identical(toy):
+    cfg, model, batch = toy
+    model.train()
+    assert not model.vita.training and model.text_encoder.training
+    before = {k: v.clone() for k, v in model.vita.state_dict().items()}
+    groups = dmvs.param_groups(model, lr=1e-3, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    in_optimizer = {id(p) for g in groups for p in g["params"]}
+    assert not in_optimizer & {id(p) for p in model.vita.parameters()}
+    terms = dmvs.compute_losses(cfg, model(batch["frames"], batch["expression"]), batch["targets"])
+    (terms["ce"] + terms["bce"] + terms["dice"]).backward()
+    assert all(p.grad is None for p in model.vita.parameters())
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == [] and in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in model.vita.state_dict().items())
+    optimizer.zero_grad()
+
+
+def test_chunked_inference_equals_the_whole_clip(toy):
+    _, model, batch = toy
+    model.eval()
+    frames = batch["frames"][:1]  # (1, T, 3, H, W), H and W multiples of 32
+    whole = model(frames, batch["expression"][:1])
+    logits, masks = model.infer(frames[0], batch["expression"][0], chunk=3)
+    assert torch.allclose(logits, whole["pred_logits"][0], atol=1e-4)
+    assert torch.allclose(masks, whole["pred_masks"][0], atol=1e-3)
+    model.train()
+
+
+def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
+    cfg = toy_config(toy_root, tmp_path)
+    model, batch = toy_model(cfg, toy_root)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(25):
+        terms = dmvs.compute_losses(cfg, model(batch["frames"], batch["expression"]), batch["targets"])
+        loss = 2 * terms["ce"] + 5 * terms["bce"] + 5 * terms["dice"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------- running
+def test_toy_vita_stage_trains_then_is_reused(toy_root, tmp_path, capsys):
+    cfg = toy_config(toy_root, tmp_path)
+    ddp = setup_distributed(device="cpu")
+    path = dmvs.train_toy_vita(cfg, ddp, toy_root)
+    saved = read_checkpoint(path)
+    assert saved["step"] == 2 and saved["extra"]["sizes"] == dmvs.vita_sizes(cfg)
+    assert (toy_root / "train" / "instances_vis.json").is_file()
+    assert dmvs.train_toy_vita(cfg, ddp, toy_root) == path
+    assert "reusing the toy VITA" in capsys.readouterr().out
+    assert torch.equal(read_checkpoint(path)["model"]["class_head.weight"], saved["model"]["class_head.weight"])
+    other = toy_config(toy_root, tmp_path, "--vita-video-queries", "8")
+    with pytest.raises(SystemExit, match="other sizes"):
+        dmvs.train_toy_vita(other, ddp, toy_root)
+    assert dmvs.toy_vita_path(parse_config(dmvs.Config, dmvs.PRESETS, ["--data", "toy", "--train"])) == \
+        Path("runs/vita-toy/last.pt")
+
+
+def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys):
+    common = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path)]
+    args = [*common, "--vita-weights", str(tmp_path / "vita" / "last.pt"), *SMALL, "--log-every", "1",
+            "--save-every", "2", "--train"]
+    dmvs.main([*args, "--steps", "2"])
+    vita = read_checkpoint(tmp_path / "vita" / "last.pt")["model"]
+    trained = read_checkpoint(tmp_path / "last.pt")["model"]
+    assert all(torch.equal(trained[f"vita.{k}"], v) for k, v in vita.items())  # the toy VITA, frozen
+    dmvs.main([*args, "--steps", "3", "--resume"])
+    assert "resumed from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and read_checkpoint(tmp_path / "last.pt")["step"] == 3
+    result = json.loads((tmp_path / "eval.json").read_text())
+    n = len(dmvs.MeViS(toy_root, "valid_u", train=False))
+    assert result["n"] == n and 0 <= result["J&F"] <= 1 and result["motion_only"]["n"] > 0
+    (tmp_path / "eval.json").unlink()
+    dmvs.main([*common, "--eval"])  # rebuilt from the checkpoint's config (--decoder-layers 2)
+    assert json.loads((tmp_path / "eval.json").read_text())["per_expression"] == result["per_expression"]
+
+
+DDP_SCRIPT = """
+import sys, torch
+import dmvs
+from common.engine import setup_distributed, cleanup_distributed
+from common.run import parse_config
+from pathlib import Path
+cfg = parse_config(dmvs.Config, dmvs.PRESETS, sys.argv[1:])
+ddp = setup_distributed(device="cpu")
+model = dmvs.train(cfg, ddp, Path(cfg.data_root), Path(cfg.out))
+torch.save(model.state_dict(), f"{cfg.out}/rank{ddp.rank}.pt")
+cleanup_distributed()
+"""
+
+
+def test_ddp_two_cpu_processes(toy_root, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    args = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path),
+            "--vita-weights", str(tmp_path / "vita" / "last.pt"), *SMALL, "--steps", "2", "--train"]
+    run_two_ranks([script, *args], env={"PYTHONPATH": str(REPO)}, cwd=REPO)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # VITA stage and DMVS stage alike
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 2
+    assert read_checkpoint(tmp_path / "vita" / "last.pt")["step"] == 2
+
+
+# ---------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("extra, message", [([], "--vita-weights PATH"),
+                                            (["--vita-weights", "nowhere.pth"], "nowhere.pth")])
+def test_paper_configuration_needs_the_vita_weights(tmp_path, extra, message):
+    cfg = parse_config(dmvs.Config, dmvs.PRESETS, ["--data", "mevis", "--train", *extra])
+    vita = dmvs.build_vita({**dmvs.TOY_VITA, "conv_dim": 32, "mask_dim": 32, "hidden": 32, "heads": 4, "ffn": 64,
+                            "num_classes": 2, "frame_queries": 3, "video_queries": 3})
+    with pytest.raises((SystemExit, FileNotFoundError), match=message):
+        dmvs.load_vita(cfg, setup_distributed(device="cpu"), None, vita)
+
+
+def test_missing_mevis_exits_with_one_clear_message(tmp_path):
+    result = subprocess.run([sys.executable, "dmvs.py", "--data", "mevis", "--data-root", str(tmp_path / "nowhere"),
+                             "--train"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and str(tmp_path / "nowhere") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_count_params_at_the_paper_configuration():
+    """Table 8: 12.7M learnable parameters; VITA (Swin-L, OVIS) and RoBERTa frozen. Built on the
+    meta device (no memory, nothing downloaded)."""
+    cfg = parse_config(dmvs.Config, dmvs.PRESETS, ["--count-params"])
+    with torch.device("meta"):
+        model = dmvs.build_model(cfg, vocab=["a"], pretrained=False)
+    learnable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
+    assert learnable == 12_707_586 and abs(learnable / 12.7e6 - 1) < 0.05
+    # by hand (C = 256, FFN 2048): an attention + LayerNorm is 4C^2 + 4C + 2C = 263,680
+    attention = 4 * 256 * 256 + 4 * 256 + 2 * 256
+    assert counts["encoder"] == 4 * attention  # Eqs. (1)-(4), no FFN
+    assert counts["layers"] == 6 * (3 * attention + 2 * 256 * 2048 + 2048 + 256 + 512)  # Eq. (8)
+    assert counts["word_proj"] == counts["sentence_proj"] == 768 * 256 + 256 + 512
+    assert counts["vita"] == 228_707_752 and counts["text_encoder"] == 124_055_040
+    assert model.vita.decoder.num_queries == 200 and model.vita.class_head.out_features == 26
