@@ -280,7 +280,9 @@ class HMPBlock(nn.Module):
 
 class HierarchicalMotionPerception(nn.Module):
     """HMP (Sec. 3.2): object tokens O (B, T, Q, C) -> motion-aware tokens, in windows of K
-    frames (a length that is not a multiple of K is zero-padded and masked)."""
+    frames (a length that is not a multiple of K is zero-padded and masked). No temporal position
+    (the paper names none, the official code adds none): a clip played backwards gives the same
+    tokens in reverse order, so "moving left" and "moving right" look alike (README toy results)."""
 
     def __init__(self, *, dim, heads, ffn_dim, num_blocks, num_stages, window, hierarchical):
         super().__init__()

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -76,6 +77,12 @@ VIDEO_KIND_WEIGHTS = (1.2, 1.0, 1.0, 0.7, 0.7, 1.0, 0.4, 0.4, 0.4, 0.4, 0.3, 0.3
 PREDICATES = ("left", "right", "up", "down", "still", "moving", "jump", "fast", "slow", "enter",
               "enter_left", "enter_right", "leave", "leave_left", "leave_right", "turn", "turn_lr", "turn_rl")
 OPPOSITE = {"left": "right", "right": "left"}
+# Played backwards, an object of motion kind k shows kind REVERSED_KIND[k] (its speed unchanged): a
+# bounce or a turn there and back stays what it is, "left" becomes "right", "enter" becomes "leave".
+REVERSED_KIND = {"still": "still", "left": "right", "right": "left", "up": "down", "down": "up",
+                 "jump": "jump", "enter_left": "leave_left", "leave_left": "enter_left",
+                 "enter_right": "leave_right", "leave_right": "enter_right", "turn_lr": "turn_lr",
+                 "turn_rl": "turn_rl"}
 
 # predicate tuple -> (participle phrases, relative-clause verb phrases, adjectives before the noun)
 VIDEO_PHRASES = {
@@ -839,14 +846,14 @@ def motion_only_keys(root, split) -> dict:
     return {"motion_only": {f"{video}/{exp_id}" for video, exp_ids in ids.items() for exp_id in exp_ids}}
 
 
-def motion_only_references(root, split) -> dict:
+def motion_only_references(root, split, *, keys=None) -> dict:
     """Where chance is on the motion-only expressions of a toy video split, from its ground truth:
     J, F, J&F (MeViS averaging) of two predictions that use appearance and no motion at all.
       every_look_alike:  every object that looks like a target (shape, colour and size), targets
                          included: what a model that reads the appearance words perfectly and
                          ignores the motion words scores;
       wrong_look_alikes: only the look-alikes that are not targets: the motion words read backwards.
-    {} when the folder has no toy files."""
+    `keys` ("video/exp_id", ...) restricts them to a subset. {} when the folder has no toy files."""
     split_dir = Path(root) / split
     if not (split_dir / "motion_only.json").is_file():
         return {}
@@ -862,6 +869,8 @@ def motion_only_references(root, split) -> dict:
                                             rle_decode(rle).astype(bool) for rle in masks[o["anno_id"]]])
         look = lambda o: (o["shape"], o["colour"], o["size"])
         for exp_id in exp_ids:
+            if keys is not None and f"{video}/{exp_id}" not in keys:
+                continue
             targets = set(meta[video]["expressions"][exp_id]["obj_id"])
             looks = {look(objs[t]) for t in targets}
             alike = [o["obj_id"] for o in objs if look(o) in looks]
@@ -874,11 +883,57 @@ def motion_only_references(root, split) -> dict:
     return {name: metric.summary() for name, metric in scores.items()}
 
 
+def phrase_predicates(text: str) -> tuple:
+    """The motion predicates (a key of VIDEO_PHRASES) that a toy video expression's wording uses:
+    those of the longest VIDEO_PHRASES phrase found in `text` as whole words; () when none is."""
+    best, preds = "", ()
+    for key, (participles, relatives, adjectives) in VIDEO_PHRASES.items():
+        for phrase in [*participles, *relatives, *map(_plural_verb, relatives), *adjectives]:
+            if len(phrase) > len(best) and re.search(rf"\b{re.escape(phrase)}\b", text):
+                best, preds = phrase, key
+    return preds
+
+
+def motion_only_order_keys(root, split) -> dict:
+    """The motion-only expressions of a toy video split (root = the mevis folder), split by whether
+    their answer depends on which way time runs:
+      motion_only_order_dependent: played backwards, the video would make the expression's motion
+          words hold for a look-alike it does not refer to ("moving left" against a look-alike
+          moving right, "entering" against one leaving);
+      motion_only_order_free: the rest ("still" against "moving", "fast" against "slow", "jumping").
+    A model whose output is the same for a clip and for the clip played backwards (DsHmp and VITA:
+    no temporal position anywhere, README "Toy results") can only guess between the look-alikes
+    on the first set. {} when the folder has no toy files."""
+    split_dir = Path(root) / split
+    if not (split_dir / "motion_only.json").is_file():
+        return {}
+    read = lambda name: json.loads((split_dir / name).read_text())
+    meta, objects = read("meta_expressions.json")["videos"], read("toy_objects.json")["videos"]
+    keys = {"motion_only_order_dependent": set(), "motion_only_order_free": set()}
+    for video, exp_ids in read("motion_only.json")["motion_only"].items():
+        objs = objects[video]
+        look = lambda o: (o["shape"], o["colour"], o["size"])
+        for exp_id in exp_ids:
+            expression = meta[video]["expressions"][exp_id]
+            targets = set(expression["obj_id"])
+            looks = {look(objs[t]) for t in targets}
+            preds = phrase_predicates(expression["exp"])
+            backwards = [_truth(video_motion_facts(REVERSED_KIND[o["motion"]], o["speed"]), preds)
+                         for o in objs if look(o) in looks and o["obj_id"] not in targets]
+            name = "dependent" if preds and True in backwards else "free"
+            keys[f"motion_only_order_{name}"].add(f"{video}/{exp_id}")
+    return keys
+
+
 def toy_video_evaluation(root, split) -> dict:
     """Keyword arguments of common.run.evaluate_video for a toy video split: the motion-only
-    expressions as a subset reported on its own, and where chance is on them (the floors)."""
-    return {"subsets": motion_only_keys(root, split),
-            "extra": {"motion_only_references": motion_only_references(root, split)}}
+    expressions as a subset reported on its own (and split by whether the answer depends on the
+    direction of time), and where chance is on them (the floors)."""
+    order = motion_only_order_keys(root, split)
+    return {"subsets": {**motion_only_keys(root, split), **order},
+            "extra": {"motion_only_references": motion_only_references(root, split),
+                      **{f"{name}_references": motion_only_references(root, split, keys=keys)
+                         for name, keys in order.items()}}}
 
 
 def motion_sentence_keys(root) -> dict:

@@ -185,6 +185,27 @@ def test_hmp_handles_lengths_that_are_not_a_window_multiple(toy):
 
 
 # ---------------------------------------------------------------------------------- Sec. 3.3
+def test_a_clip_played_backwards_gets_the_same_scores(toy, monkeypatch):
+    """No temporal position anywhere (paper and official code): a clip and the clip played
+    backwards get the same scores and the same masks in reverse order, so a look-alike moving left
+    cannot be told from one moving right (README "Toy results"). Eq. (3)'s first frame as the
+    reference is the one step that sees the order; it is held at identity (the tracks of a scene
+    whose tokens keep their slots) so that the rest is compared exactly."""
+    _, _, model, batch = toy
+    identity = lambda tokens: torch.arange(tokens.shape[2]).repeat(*tokens.shape[:2], 1)  # (B, T, Q)
+    monkeypatch.setattr(dshmp, "align_tokens", identity)
+    frames, expressions = batch["frames"], batch["expression"]  # (2, 4, 3, H, W)
+    model.eval()
+    with torch.no_grad():
+        forward, backward = model(frames, expressions), model(frames.flip(1), expressions)
+        shuffled = model(frames[:, [0, 2, 1, 3]], expressions)
+    model.train()
+    assert torch.allclose(forward["pred_logits"], backward["pred_logits"], atol=1e-5)
+    assert torch.allclose(forward["pred_masks"], backward["pred_masks"].flip(2), atol=1e-5)
+    # the test can fail: Eq. (6) merges neighbouring frames, so another order changes the scores
+    assert not torch.allclose(forward["pred_logits"], shuffled["pred_logits"], atol=1e-4)
+
+
 def test_memory_bank_update_is_eq8():
     bank = dshmp.MemoryBank(dim=4, target_video=torch.tensor([0, 0, 1]), momentum=0.2)
     before = bank.centroids.clone()

@@ -15,7 +15,8 @@ from scipy import ndimage
 from common.coco_mask import polygons_to_mask, rle_decode
 from common.datasets import MeViS, RefCOCO, YouTubeVIS
 from data.toy import (CATEGORY_IDS, COLOURS, IMAGE_SIZE, NOUNS, SIZE_WORDS, VIDEO_H, VIDEO_W, make_toy,
-                      make_toy_video, motion_only_keys, motion_sentence_keys, toy_ready, write_toy_vis)
+                      make_toy_video, motion_only_keys, motion_only_order_keys, motion_sentence_keys,
+                      phrase_predicates, toy_ready, video_motion_facts, write_toy_vis)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(train_videos=6, valid_videos=6, train_images=10, val_images=6, test_images=6)
@@ -412,6 +413,49 @@ def test_motion_only_floors_by_hand(tmp_path):
     assert motion_only_references(tmp_path / "nowhere", "valid_u") == {}
 
 
+@pytest.mark.parametrize("split", SPLITS)
+def test_phrase_predicates_read_back_what_separates_the_look_alikes(toy, split):
+    """The predicates read off each motion-only expression's wording hold for every target and
+    fail for every look-alike it does not refer to; the order split covers the motion-only set."""
+    _, meta, _, motion_only, objects = _load_video_split(toy, split)
+    for vid, exp_ids in motion_only.items():
+        objs = objects[vid]
+        for exp_id in exp_ids:
+            e = meta[vid]["expressions"][exp_id]
+            preds = phrase_predicates(e["exp"])
+            facts = [video_motion_facts(o["motion"], o["speed"]) for o in objs]
+            holds = [all(facts[j][p] is True for p in preds) for j in range(len(objs))]
+            twins = [j for j in range(len(objs)) if j not in e["obj_id"]
+                     and any(_appearance(objs[j]) == _appearance(objs[t]) for t in e["obj_id"])]
+            assert preds and all(holds[t] for t in e["obj_id"]), e["exp"]
+            assert not any(holds[j] for j in twins), e["exp"]
+    keys = motion_only_order_keys(toy / "mevis", split)
+    dependent, free = keys["motion_only_order_dependent"], keys["motion_only_order_free"]
+    assert not dependent & free
+    assert dependent | free == motion_only_keys(toy / "mevis", split)["motion_only"]
+    assert phrase_predicates("the red circle") == ()
+    assert phrase_predicates("the square moving fast to the left") == ("fast", "left")
+    assert phrase_predicates("both squares that move left") == ("left",)
+
+
+@pytest.mark.parametrize("twin, expected", [("still", "free"), ("right", "dependent"),
+                                            ("leave_right", "dependent"), ("jump", "free")])
+def test_order_split_by_hand(tmp_path, twin, expected):
+    """"the square moving left" against a look-alike that is still (or bouncing) holds backwards
+    too; against one moving right (or leaving to the right) it points at the look-alike."""
+    split = tmp_path / "valid_u"
+    split.mkdir()
+    look = dict(shape="square", colour="blue", size="small", speed="")
+    objects = {"v": [dict(obj_id=0, motion="left", **look), dict(obj_id=1, motion=twin, **look)]}
+    meta = {"videos": {"v": {"expressions": {"0": {"exp": "the square moving left", "obj_id": [0]}}}}}
+    for name, content in (("meta_expressions.json", meta), ("toy_objects.json", {"videos": objects}),
+                          ("motion_only.json", {"motion_only": {"v": ["0"]}})):
+        (split / name).write_text(json.dumps(content))
+    keys = motion_only_order_keys(tmp_path, "valid_u")
+    assert keys[f"motion_only_order_{expected}"] == {"v/0"}
+    assert motion_only_order_keys(tmp_path / "nowhere", "valid_u") == {}
+
+
 def test_toy_table_script_writes_the_readme_block_from_the_runs(tmp_path):
     """tests/bench/toy_table.py: the README block is made of the numbers in the runs' eval.json
     files, as mean ± std over the seeds; runs that already have an eval.json are not run again
@@ -441,6 +485,29 @@ def test_toy_table_script_writes_the_readme_block_from_the_runs(tmp_path):
     assert "| floor: segment every look-alike of the target (no motion) | | | 0.556 | |" in text
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert len(json.loads((runs / "table.json").read_text())) == 6
+
+
+def test_toy_table_splits_motion_only_by_time_order_when_the_runs_have_it(tmp_path):
+    """Runs evaluated with the order split get two more columns and their floors; the floor of a
+    column is the one eval.json gives for that subset."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    import toy_table
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        (runs / f"full-seed{seed}").mkdir(parents=True)
+        (runs / f"full-seed{seed}" / "eval.json").write_text(json.dumps({
+            "J&F": 0.6, "J": 0.0, "F": 0.0, "motion_only": {"J&F": 0.5},
+            "motion_only_order_free": {"J&F": 0.52 + 0.02 * seed}, "motion_only_order_dependent": {"J&F": 0.3},
+            "motion_only_references": {"every_look_alike": {"J&F": 0.556}, "wrong_look_alikes": {"J&F": 0.0}},
+            "motion_only_order_free_references": {"every_look_alike": {"J&F": 0.561}, "wrong_look_alikes": {"J&F": 0.0}},
+            "motion_only_order_dependent_references": {"every_look_alike": {"J&F": 0.518},
+                                                       "wrong_look_alikes": {"J&F": 0.0}}}))
+    toy_table.main(["--seeds", "0", "1", "--runs", str(runs)])
+    records = json.loads((runs / "table.json").read_text())
+    text = toy_table.table("dshmp", records, [])
+    assert "| J&F | J&F, motion-only | motion-only, order-free | motion-only, order-dependent |" in text
+    assert "| 2 | 0.600 ± 0.000 | 0.500 ± 0.000 | 0.530 ± 0.014 | 0.300 ± 0.000 |" in text
+    assert "| floor: segment every look-alike of the target (no motion) | | | 0.556 | 0.561 | 0.518 | |" in text
 
 
 def test_toy_curve_script_trains_in_resumed_segments(tmp_path, monkeypatch):

@@ -30,6 +30,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_COLUMNS = ["mIoU", "oIoU", "Pr@0.5", "Oc-IoU"]  # the image methods' eval.json keys in the table
+# the motion-only expressions split by whether the answer depends on which way time runs
+# (data.toy.motion_only_order_keys); runs evaluated before that split have no such columns
+ORDER_SUBSETS = {"order_free": "motion_only_order_free", "order_dependent": "motion_only_order_dependent"}
+FLOORS = {"every_look_alike": "floor: segment every look-alike of the target (no motion)",
+          "wrong_look_alikes": "floor: only the wrong look-alike(s)"}
 
 
 def run(method, variant, seed, out, extra, train=True, threads=None):
@@ -59,9 +64,11 @@ def run(method, variant, seed, out, extra, train=True, threads=None):
                 **{k: result[k] for k in IMAGE_COLUMNS if k in result},
                 "motion mIoU": result.get("motion", {}).get("mIoU")}
     return {"variant": variant, "seed": seed, "J&F": result["J&F"], "J": result["J"], "F": result["F"],
-            "motion_only": result.get("motion_only", {}).get("J&F"), "seconds": seconds,
-            "threads": timing.get("threads"),
-            "references": result.get("motion_only_references", {})}
+            "motion_only": result.get("motion_only", {}).get("J&F"),
+            **{column: result.get(subset, {}).get("J&F") for column, subset in ORDER_SUBSETS.items()},
+            "seconds": seconds, "threads": timing.get("threads"),
+            "references": {column: result.get(f"{subset}_references", {})
+                           for column, subset in {"motion_only": "motion_only", **ORDER_SUBSETS}.items()}}
 
 
 def mean_std(values):
@@ -73,8 +80,11 @@ def mean_std(values):
 
 def table(method, records, extra):
     """The markdown block: one row per variant, then the floors and how the numbers were made."""
-    columns = ["J&F", "motion_only"] if "J&F" in records[0] else [*IMAGE_COLUMNS, "motion mIoU"]
-    names = {"motion_only": "J&F, motion-only", "motion mIoU": "mIoU, motion-only"}
+    video = "J&F" in records[0]
+    columns = ["J&F", "motion_only", *(c for c in ORDER_SUBSETS if any(r.get(c) is not None for r in records))] \
+        if video else [*IMAGE_COLUMNS, "motion mIoU"]
+    names = {"motion_only": "J&F, motion-only", "motion mIoU": "mIoU, motion-only",
+             "order_free": "motion-only, order-free", "order_dependent": "motion-only, order-dependent"}
     lines = ["| command | seeds | " + " | ".join(names.get(c, c) for c in columns) + " | wall time per run |",
              "|---|---|" + "---|" * len(columns) + "---|"]
     for variant in dict.fromkeys(r["variant"] for r in records):
@@ -85,10 +95,11 @@ def table(method, records, extra):
         values = " | ".join(mean_std([r.get(c) for r in mine]) for c in columns)
         lines.append(f"| `{command}` | {len(mine)} | {values} | {wall} |")
     references = records[0]["references"]
-    if references and len(columns) == 2:
-        lines.append(f"| floor: segment every look-alike of the target (no motion) | | | "
-                     f"{references['every_look_alike']['J&F']:.3f} | |")
-        lines.append(f"| floor: only the wrong look-alike(s) | | | {references['wrong_look_alikes']['J&F']:.3f} | |")
+    if video and references.get("motion_only"):  # the same for every run: from the ground truth
+        for floor, label in FLOORS.items():
+            cells = [label, "", *(f"{references[c][floor]['J&F']:.3f}" if references.get(c) else ""
+                                  for c in columns), ""]
+            lines.append("|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|")
     lines.append("")
     seeds = sorted({r["seed"] for r in records})
     import torch  # only to name the build the runs used
