@@ -17,9 +17,9 @@ that hold only a look-alike (0), then scored on this split against the class hea
 (AUC over tokens, and per expression whether the best target-only token outranks every
 look-alike-only one). A probe that separates where the class head does not says the tokens know
 which track the words mean and the training signal does not reach the score; a probe that fails
-too says the tokens do not carry the match. A second probe asks whether a token knows its own
+too says the tokens do not carry the match. Two more probes ask whether a token knows its own
 object's motion at all: from the token to the left / right direction of the one object its mask
-holds (accuracy against the majority class).
+holds, and to whether that object moves (accuracy against the majority class).
 
 Run from the repository root:
     python tests/bench/toy_probe.py --checkpoint runs/dshmp-toy/last.pt [--linear-probe]
@@ -108,8 +108,8 @@ def probe_split(method, model, cfg, root, split, *, features=False, limit=None):
                 up = torch.nn.functional.interpolate(up[..., :H, :W], size=tuple(item["orig_size"]), mode="bilinear")
                 for k, (m, score) in enumerate(zip((up > 0).numpy(), logits.softmax(-1)[:, 0].tolist())):
                     tokens.append({"score": score, "target": coverage(m, target_mask), "look_alikes": coverage(m, wrong_mask),
-                                   **({"feature": token_feats[k], "direction": held_direction(m, obj_masks)}
-                                      if features else {})})
+                                   **({"feature": token_feats[k], "direction": held_direction(m, obj_masks),
+                                       "moving": held_moving(m, obj_masks)} if features else {})})
             kind = {(True, False): "target only", (True, True): "both", (False, True): "look-alike only",
                     (False, False): "neither"}[(target_cov >= 0.5, wrong_cov >= 0.5)]
             separating = [t for t in tokens if t["target"] >= 0.5 and t["look_alikes"] < 0.5]
@@ -134,19 +134,32 @@ def held_direction(mask, obj_masks, min_shift=3.0):
     return None if abs(shift) <= min_shift else int(shift > 0)
 
 
-def direction_probe(train_rows, rows):
+def held_moving(mask, obj_masks, min_shift=3.0):
+    """Whether the one object a token's mask holds moves: 1 when its centroid gets more than
+    min_shift pixels away from where it first shows, 0 when it never leaves by half a pixel (a
+    still toy object), None otherwise. Unlike left / right, this does not depend on time's order."""
+    held = [o for o, m in obj_masks.items() if coverage(mask, m) >= 0.5]
+    if len(held) != 1:
+        return None
+    centroids = np.array([[np.nonzero(m)[1].mean(), np.nonzero(m)[0].mean()] for m in obj_masks[held[0]] if m.any()])
+    reach = np.linalg.norm(centroids - centroids[0], axis=1).max()
+    return 1 if reach > min_shift else 0 if reach < 0.5 else None
+
+
+def direction_probe(train_rows, rows, key="direction"):
     """Does a video token know which way its own object moves? A logistic regression from the
     final video token to the direction (left / right) of the one object its mask holds, fitted
     on train_rows' tokens, accuracy on rows' tokens (every token of the motion-only expressions,
-    kept or not)."""
+    kept or not). key="moving": to whether that object moves at all."""
     def pairs(rs):
-        return [(t["feature"], t["direction"]) for r in rs for t in r["tokens"] if t["direction"] is not None]
+        return [(t["feature"], t[key]) for r in rs for t in r["tokens"] if t[key] is not None]
     train, test = pairs(train_rows), pairs(rows)
     probe = fit_logistic(np.stack([f for f, _ in train]), np.array([y for _, y in train]))
-    predicted = probe(np.stack([f for f, _ in test])) > 0
+    logits = probe(np.stack([f for f, _ in test]))
     truth = np.array([y for _, y in test], dtype=bool)
-    return {"train_tokens": len(train), "test_tokens": len(test), "accuracy": float((predicted == truth).mean()),
-            "majority_class": float(max(truth.mean(), 1 - truth.mean()))}
+    return {"train_tokens": len(train), "test_tokens": len(test), "accuracy": float(((logits > 0) == truth).mean()),
+            "majority_class": float(max(truth.mean(), 1 - truth.mean())),
+            "auc": auc(logits[truth], logits[~truth])}  # the probe is class-balanced: AUC 0.5 = chance
 
 
 def token_label(token):
@@ -205,10 +218,11 @@ def main(argv=None):
                                  limit=args.probe_videos)
         summary["linear_probe"] = linear_probe(train_rows, rows)
         summary["direction_probe"] = direction_probe(train_rows, rows)
+        summary["moving_probe"] = direction_probe(train_rows, rows, key="moving")
         for r in rows:
             for t in r["tokens"]:
-                t.pop("feature")
-                t.pop("direction")
+                for key in ("feature", "direction", "moving"):
+                    t.pop(key)
     out = Path(args.checkpoint).parent / "probe.json"
     out.write_text(json.dumps({**summary, "per_expression": rows}, indent=1))
     print(json.dumps(summary, indent=1), f"-> {out}")

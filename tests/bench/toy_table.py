@@ -1,6 +1,7 @@
 """Train and evaluate a method on the toy set for several seeds and variants (the full model and
 each ablation flag), and write the README's toy table from the eval.json files the runs produced:
-J&F overall and on the motion-only expressions as mean ± std over the seeds, the floors on those
+J&F overall and on the motion-only expressions as mean ± std over the seeds (and on their
+order-free and order-dependent parts, for runs whose eval.json has them), the floors on those
 expressions (the same for every run: they come from the ground truth), and the wall time per run.
 
 Each run is `python <method>.py --data toy --train --seed S --out <runs>/<variant>-seed<S> <flags>`;
