@@ -122,14 +122,21 @@ def probe_split(method, model, cfg, root, split, *, features=False, limit=None):
     return rows
 
 
-def held_direction(mask, obj_masks, min_shift=3.0):
-    """The horizontal direction of the one object a token's mask holds (coverage >= 0.5 of it,
-    < 0.5 of every other): 1 right, 0 left (its centroid moves > min_shift pixels between its
-    first and last visible frame), None otherwise (no single object, or no clear left/right)."""
+def held_object(mask, obj_masks):
+    """The masks (T, H, W) of the one object a token's mask holds (coverage >= 0.5 of it, < 0.5 of
+    every other), or None."""
     held = [o for o, m in obj_masks.items() if coverage(mask, m) >= 0.5]
-    if len(held) != 1:
+    return obj_masks[held[0]] if len(held) == 1 else None
+
+
+def held_direction(mask, obj_masks, min_shift=3.0):
+    """The horizontal direction of the one object a token's mask holds: 1 right, 0 left (its
+    centroid moves > min_shift pixels between its first and last visible frame), None otherwise
+    (no single object, or no clear left/right)."""
+    held = held_object(mask, obj_masks)
+    if held is None:
         return None
-    frames = [np.nonzero(m)[1].mean() for m in obj_masks[held[0]] if m.any()]  # centroid x per frame
+    frames = [np.nonzero(m)[1].mean() for m in held if m.any()]  # centroid x per frame
     shift = frames[-1] - frames[0] if len(frames) > 1 else 0.0
     return None if abs(shift) <= min_shift else int(shift > 0)
 
@@ -138,19 +145,19 @@ def held_moving(mask, obj_masks, min_shift=3.0):
     """Whether the one object a token's mask holds moves: 1 when its centroid gets more than
     min_shift pixels away from where it first shows, 0 when it never leaves by half a pixel (a
     still toy object), None otherwise. Unlike left / right, this does not depend on time's order."""
-    held = [o for o, m in obj_masks.items() if coverage(mask, m) >= 0.5]
-    if len(held) != 1:
+    held = held_object(mask, obj_masks)
+    if held is None:
         return None
-    centroids = np.array([[np.nonzero(m)[1].mean(), np.nonzero(m)[0].mean()] for m in obj_masks[held[0]] if m.any()])
+    centroids = np.array([[np.nonzero(m)[1].mean(), np.nonzero(m)[0].mean()] for m in held if m.any()])
     reach = np.linalg.norm(centroids - centroids[0], axis=1).max()
     return 1 if reach > min_shift else 0 if reach < 0.5 else None
 
 
-def direction_probe(train_rows, rows, key="direction"):
-    """Does a video token know which way its own object moves? A logistic regression from the
-    final video token to the direction (left / right) of the one object its mask holds, fitted
-    on train_rows' tokens, accuracy on rows' tokens (every token of the motion-only expressions,
-    kept or not). key="moving": to whether that object moves at all."""
+def motion_probe(train_rows, rows, key):
+    """Does a video token know its own object's motion? A logistic regression from the final video
+    token to `key` of the one object its mask holds ("direction": left / right, "moving": moves at
+    all), fitted on train_rows' tokens, accuracy and AUC on rows' tokens (every token of the
+    motion-only expressions, kept or not)."""
     def pairs(rs):
         return [(t["feature"], t[key]) for r in rs for t in r["tokens"] if t[key] is not None]
     train, test = pairs(train_rows), pairs(rows)
@@ -217,8 +224,8 @@ def main(argv=None):
         train_rows = probe_split(method, model, cfg, args.data_root, "train", features=True,
                                  limit=args.probe_videos)
         summary["linear_probe"] = linear_probe(train_rows, rows)
-        summary["direction_probe"] = direction_probe(train_rows, rows)
-        summary["moving_probe"] = direction_probe(train_rows, rows, key="moving")
+        summary["direction_probe"] = motion_probe(train_rows, rows, "direction")
+        summary["moving_probe"] = motion_probe(train_rows, rows, "moving")
         for r in rows:
             for t in r["tokens"]:
                 for key in ("feature", "direction", "moving"):
