@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -471,3 +472,31 @@ def test_count_params_builds_the_paper_configuration():
     assert model.decoder.query_feat.weight.shape == (20, 256)
     assert model.motion_decoder.query_feat.weight.shape == (10, 256)
     assert len(model.motion_perception.blocks) == 6 and len(model.motion_decoder.layers) == 3
+
+
+def test_stage_probe_reads_the_stages_of_the_inference_path(toy):
+    """tests/bench/toy_stage_probe.py: its video tokens are those DsHmp.infer scores, one feature
+    and one mask tube per trajectory and per video token, and a clip whose frames are all the same
+    (nothing moves) changes neither the frame tokens nor HMP's output over time."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    import toy_stage_probe
+    cfg, _, model, batch = toy
+    frames, expression = batch["frames"][0], batch["expression"][0]  # (4, 3, H, W)
+    size = tuple(frames.shape[-2:])
+    model.eval()
+    with torch.no_grad():
+        inputs, stages = toy_stage_probe.stage_features(model, frames, expression, size)
+        logits, masks = model.infer(frames, expression, chunk=cfg.eval_chunk)
+        _, still = toy_stage_probe.stage_features(model, frames[:1].expand(4, -1, -1, -1), expression, size)
+    model.train()
+    Q, M, T = cfg.num_static_queries, cfg.num_motion_queries, len(frames)
+    assert all(len(stages[s]) == Q for s in toy_stage_probe.STAGES[:4]) and len(stages["video_tokens"]) == M
+    assert inputs["tokens"].shape == (T, Q, cfg.dim)  # what HMP receives, in trajectory order
+    assert all(tube.shape == (T, *size) for _, tube in stages["frame_tokens_mean"] + stages["video_tokens"])
+    features = torch.stack([f for f, _ in stages["video_tokens"]])  # (M, C)
+    assert torch.allclose(model.class_head(features), logits, atol=1e-5)
+    expected = F.interpolate(masks, size=size, mode="bilinear") > 0  # (M, T, H, W)
+    assert np.array_equal(np.stack([tube for _, tube in stages["video_tokens"]]), expected.numpy())
+    for stage in ("frame_tokens_std", "hmp_std"):
+        assert max(float(f.abs().max()) for f, _ in still[stage]) < 1e-4
+        assert max(float(f.abs().max()) for f, _ in stages[stage]) > 1e-3  # real frames do change them

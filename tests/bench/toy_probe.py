@@ -86,9 +86,7 @@ def probe_split(method, model, cfg, root, split, *, features=False, limit=None):
     rows = []
     for video, exp_ids in list(motion_only.items())[:limit]:
         look = {o["obj_id"]: (o["shape"], o["colour"], o["size"]) for o in objects[video]}
-        obj_masks = {o["obj_id"]: np.stack([np.zeros(dataset[0]["orig_size"], bool) if r is None else
-                                            rle_decode(r).astype(bool) for r in masks[o["anno_id"]]])
-                     for o in objects[video]}
+        obj_masks = object_masks(masks, objects[video], dataset[0]["orig_size"])
         for exp_id in exp_ids:
             item = dataset[index[video, exp_id]]
             pred = method.predict_masks(model, item["frames"], item["expression"], item["orig_size"],
@@ -120,6 +118,13 @@ def probe_split(method, model, cfg, root, split, *, features=False, limit=None):
     if hook is not None:
         hook.remove()
     return rows
+
+
+def object_masks(rles, objects, size):
+    """{obj_id: (T, H, W) bool} the ground-truth masks of a toy video's objects (mask_dict.json's
+    RLEs; an empty frame where an object is not in view)."""
+    return {o["obj_id"]: np.stack([np.zeros(size, bool) if r is None else rle_decode(r).astype(bool)
+                                   for r in rles[o["anno_id"]]]) for o in objects}
 
 
 def held_object(mask, obj_masks):
