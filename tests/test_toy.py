@@ -468,6 +468,7 @@ def test_toy_table_script_writes_the_readme_block_from_the_runs(tmp_path):
         for seed in (0, 1, 2):
             values[name, seed] = (base + 0.01 * seed, base - 0.1 + 0.02 * seed)
             (runs / f"{name}-seed{seed}").mkdir(parents=True)
+            (runs / f"{name}-seed{seed}" / "log.jsonl").write_text('{"step": 10}\n{"step": 1500}\n')
             (runs / f"{name}-seed{seed}" / "eval.json").write_text(json.dumps({
                 "J&F": values[name, seed][0], "J": 0.0, "F": 0.0, "motion_only": {"J&F": values[name, seed][1]},
                 "motion_only_references": floors}))
@@ -483,6 +484,7 @@ def test_toy_table_script_writes_the_readme_block_from_the_runs(tmp_path):
         assert f"{np.mean(overall):.3f} ± {np.std(overall, ddof=1):.3f}" in row
         assert f"{np.mean(motion):.3f} ± {np.std(motion, ddof=1):.3f}" in row
     assert "| floor: segment every look-alike of the target (no motion) | | | 0.556 | |" in text
+    assert "eval.json files; 1,500 training steps per run (log.jsonl); " in text
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert len(json.loads((runs / "table.json").read_text())) == 6
 

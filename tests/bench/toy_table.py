@@ -2,7 +2,8 @@
 each ablation flag), and write the README's toy table from the eval.json files the runs produced:
 J&F overall and on the motion-only expressions as mean ± std over the seeds (and on their
 order-free and order-dependent parts, for runs whose eval.json has them), the floors on those
-expressions (the same for every run: they come from the ground truth), and the wall time per run.
+expressions (the same for every run: they come from the ground truth), the wall time per run, and
+the training steps (the last step of each run's log.jsonl).
 
 Each run is `python <method>.py --data toy --train --seed S --out <runs>/<variant>-seed<S> <flags>`;
 a run whose eval.json exists is not run again, so an interrupted table resumes. All runs and their
@@ -59,12 +60,14 @@ def run(method, variant, seed, out, extra, train=True, threads=None):
         timing = json.loads((out / "wall_time.json").read_text())
         seconds = timing["seconds"]
     result = json.loads(eval_path.read_text())
+    log = out / "log.jsonl"  # the run's training log: its last line is its last step
+    steps = json.loads(log.read_text().splitlines()[-1]).get("step") if log.is_file() else None
     if "J&F" not in result:  # an image method (vatex.py, mracl.py): RefCOCO metrics, motion sentences
-        return {"variant": variant, "seed": seed, "seconds": seconds, "threads": timing.get("threads"),
+        return {"variant": variant, "seed": seed, "steps": steps, "seconds": seconds, "threads": timing.get("threads"),
                 "references": {},
                 **{k: result[k] for k in IMAGE_COLUMNS if k in result},
                 "motion mIoU": result.get("motion", {}).get("mIoU")}
-    return {"variant": variant, "seed": seed, "J&F": result["J&F"], "J": result["J"], "F": result["F"],
+    return {"variant": variant, "seed": seed, "steps": steps, "J&F": result["J&F"], "J": result["J"], "F": result["F"],
             "motion_only": result.get("motion_only", {}).get("J&F"),
             **{column: result.get(subset, {}).get("J&F") for column, subset in ORDER_SUBSETS.items()},
             "seconds": seconds, "threads": timing.get("threads"),
@@ -107,8 +110,10 @@ def table(method, records, extra):
     threads = sorted({r.get("threads") for r in records if r.get("threads")})
     shared = (f" Runs with {' or '.join(map(str, threads))} thread(s) shared the cores with other runs "
               f"(--jobs): their wall time is not that of a run alone.") if threads else ""
+    steps = sorted({r["steps"] for r in records if r.get("steps")})
+    trained = f"{' or '.join(f'{s:,}' for s in steps)} training steps per run (log.jsonl); " if steps else ""
     lines.append(f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}, written by "
-                 f"`tests/bench/toy_table.py` from the runs' eval.json files; {os.cpu_count()} CPU cores "
+                 f"`tests/bench/toy_table.py` from the runs' eval.json files; {trained}{os.cpu_count()} CPU cores "
                  f"({platform.machine()}), torch {torch.__version__}.{shared}")
     return "\n".join(lines)
 
