@@ -185,7 +185,6 @@ def test_hmp_handles_lengths_that_are_not_a_window_multiple(toy):
     model.train()
 
 
-# ---------------------------------------------------------------------------------- Sec. 3.3
 def test_a_clip_played_backwards_gets_the_same_scores(toy, monkeypatch):
     """No temporal position anywhere (paper and official code): a clip and the clip played
     backwards get the same scores and the same masks in reverse order, so a look-alike moving left
@@ -207,6 +206,7 @@ def test_a_clip_played_backwards_gets_the_same_scores(toy, monkeypatch):
     assert not torch.allclose(forward["pred_logits"], shuffled["pred_logits"], atol=1e-4)
 
 
+# ---------------------------------------------------------------------------------- Sec. 3.3
 def test_memory_bank_update_is_eq8():
     bank = dshmp.MemoryBank(dim=4, target_video=torch.tensor([0, 0, 1]), momentum=0.2)
     before = bank.centroids.clone()

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dshmp  # noqa: E402
-from common.coco_mask import rle_decode  # noqa: E402
 from common.datasets import MeViS  # noqa: E402
 from common.run import load_trained  # noqa: E402
+from toy_probe import object_masks  # noqa: E402
 
 
 def frame_shares(model, frames, expression, targets, look_alikes):
@@ -75,10 +76,9 @@ def main(argv=None):
             expression = meta[video]["expressions"][exp_id]
             item = dataset[index[(video, exp_id)]]
             size = tuple(item["frames"].shape[-2:])
+            masks = object_masks(rles, objects[video], item["orig_size"])  # {obj_id: (T, H0, W0)}
             def gt(i):  # (T, h, w) bool at the model's input size
-                m = np.stack([np.zeros(item["orig_size"], bool) if r is None else rle_decode(r).astype(bool)
-                              for r in rles[objs[i]["anno_id"]]])
-                return F.interpolate(torch.as_tensor(m)[:, None].float(), size=size)[:, 0] > 0.5
+                return F.interpolate(torch.as_tensor(masks[i])[:, None].float(), size=size)[:, 0] > 0.5
             targets = set(expression["obj_id"])
             looks = {look(objs[t]) for t in targets}
             alike = [i for i, o in objs.items() if look(o) in looks and i not in targets]
