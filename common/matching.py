@@ -111,19 +111,22 @@ def _as_tubes(masks, name):
     raise ValueError(f"{name} must be (N, H, W) or (N, T, H, W), got shape {tuple(masks.shape)}")
 
 
-def _shared_point_masks(pred, tgt, num_points, generator):
-    # (Q, T, h, w), (N, T, H, W) -> (Q, T*P), (N, T*P): every mask and frame on the same points.
-    num_frames = pred.shape[1]
+def _shared_point_masks(pred, tgt, tgt_batch, num_points, generator):
+    # (B, Q, T, h, w), (N, T, H, W) -> (B, Q, T*P), (N, T*P): the predictions and targets of batch
+    # element b on the same points, for every mask and frame; tgt_batch (N,) is each target's b.
+    num_frames = pred.shape[2]
     if num_points is None:
-        pred = F.interpolate(pred, tgt.shape[-2:], mode="bilinear", align_corners=False)  # (Q, T, H, W)
-        return rearrange(pred, "q t h w -> q (t h w)"), rearrange(tgt, "n t h w -> n (t h w)")
-    coords = _rand((1, num_points, 2), device=pred.device, generator=generator)  # (1, P, 2)
-    # Shared points let all masks be sampled as the channels of one image.
-    pred_pts = point_sample(rearrange(pred, "q t h w -> 1 (q t) h w"), coords)  # (1, Q*T, P)
-    tgt_pts = point_sample(rearrange(tgt, "n t h w -> 1 (n t) h w"), coords)  # (1, N*T, P)
-    pred_pts = rearrange(pred_pts, "1 (q t) p -> q (t p)", t=num_frames)  # (Q, T*P)
-    tgt_pts = rearrange(tgt_pts, "1 (n t) p -> n (t p)", t=num_frames)  # (N, T*P)
-    return pred_pts, tgt_pts
+        pred = F.interpolate(pred.flatten(1, 2), tgt.shape[-2:], mode="bilinear", align_corners=False)
+        pred = rearrange(pred, "b (q t) h w -> b q (t h w)", t=num_frames)  # (B, Q, T*H*W)
+        return pred, rearrange(tgt, "n t h w -> n (t h w)")
+    # One draw per batch element, in order: a batched call equals per-sample calls (same generator).
+    coords = torch.cat([_rand((1, num_points, 2), device=pred.device, generator=generator)
+                        for _ in range(len(pred))])  # (B, P, 2)
+    # Every mask and frame of an element is a channel of one image, sampled on its element's points.
+    pred_pts = point_sample(rearrange(pred, "b q t h w -> b (q t) h w"), coords)  # (B, Q*T, P)
+    tgt_pts = point_sample(tgt, coords[tgt_batch])  # (N, T, P)
+    pred_pts = rearrange(pred_pts, "b (q t) p -> b q (t p)", t=num_frames)  # (B, Q, T*P)
+    return pred_pts, rearrange(tgt_pts, "n t p -> n (t p)")  # (N, T*P)
 
 
 def _check_target(b, target, pred_logits, pred_masks):
@@ -153,7 +156,8 @@ def hungarian_match(
         pred_masks: (B, Q, h, w) image or (B, Q, T, h, w) video mask logits.
         targets: list of B dicts with
             "labels": (N,) long, class ids in [0, C - 1) (N may be 0),
-            "masks": (N, H, W) or (N, T, H, W), bool or float in [0, 1]; H, W may differ from h, w.
+            "masks": (N, H, W) or (N, T, H, W), bool or float in [0, 1]; H, W may differ from h, w
+            but are the same for all B (pad them in the collate function).
         w_cls, w_bce, w_dice: weights of the class, sigmoid-BCE and dice costs.
         num_points: masks are compared on this many random points, the same points for all
             predictions and targets of a batch element and, for video, for all frames
@@ -183,23 +187,37 @@ def hungarian_match(
         )
     if len(targets) != batch_size:
         raise ValueError(f"expected {batch_size} targets (one per batch element), got {len(targets)}")
-    indices = []
     for b, target in enumerate(targets):
         _check_target(b, target, pred_logits, pred_masks)
-        if len(target["labels"]) == 0:
-            indices.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)))
-            continue
-        with torch.autocast(device_type=pred_masks.device.type, enabled=False):
-            pred = _as_tubes(pred_masks[b], "pred_masks[b]").float()  # (Q, T, h, w)
-            tgt = _as_tubes(target["masks"], "masks").to(pred.device, torch.float32)  # (N, T, H, W)
-            pred, tgt = _shared_point_masks(pred, tgt, num_points, generator)  # (Q, T*P), (N, T*P)
-            prob = pred_logits[b].float().softmax(-1)  # (Q, C)
-            cost_cls = -prob[:, target["labels"].to(prob.device)]  # (Q, N)
-            cost = w_cls * cost_cls + w_bce * batch_sigmoid_bce_cost(pred, tgt) + w_dice * batch_dice_cost(pred, tgt)
-        if not torch.isfinite(cost).all():
+        if target["masks"].shape[-2:] != targets[0]["masks"].shape[-2:]:
+            raise ValueError(f"targets[{b}]['masks'] is {tuple(target['masks'].shape[-2:])} in H, W and targets[0]'s "
+                             f"{tuple(targets[0]['masks'].shape[-2:])}: pad them to one size in the collate function")
+    sizes = [len(t["labels"]) for t in targets]
+    indices = [(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))] * batch_size
+    has = [b for b, n in enumerate(sizes) if n]  # elements without targets draw no points
+    if not has:
+        return indices
+    # DETR's batched matcher: one cost matrix between the queries of every element and the targets
+    # of all elements, cut into each element's block; the other blocks are never used.
+    with torch.autocast(device_type=pred_masks.device.type, enabled=False):
+        pred = pred_masks[has].float()
+        pred = pred if pred.dim() == 5 else rearrange(pred, "b q h w -> b q 1 h w")  # (B', Q, T, h, w)
+        tgt = torch.cat([_as_tubes(targets[b]["masks"], "masks") for b in has])  # (N, T, H, W)
+        tgt = tgt.to(pred.device, torch.float32)
+        tgt_batch = torch.cat([torch.full((sizes[b],), i) for i, b in enumerate(has)]).to(pred.device)  # (N,)
+        pred, tgt = _shared_point_masks(pred, tgt, tgt_batch, num_points, generator)  # (B', Q, T*P), (N, T*P)
+        pred = rearrange(pred, "b q p -> (b q) p")  # (B'*Q, T*P)
+        prob = pred_logits[has].float().softmax(-1).flatten(0, 1)  # (B'*Q, C)
+        labels = torch.cat([targets[b]["labels"] for b in has]).to(prob.device)  # (N,)
+        cost_cls = -prob[:, labels]  # (B'*Q, N)
+        cost = w_cls * cost_cls + w_bce * batch_sigmoid_bce_cost(pred, tgt) + w_dice * batch_dice_cost(pred, tgt)
+    cost = rearrange(cost, "(b q) n -> b q n", q=num_queries).cpu()  # (B', Q, N)
+    for i, (b, c) in enumerate(zip(has, cost.split([sizes[b] for b in has], -1))):
+        c = c[i]  # (Q, N_b): element b's queries against its own targets
+        if not torch.isfinite(c).all():
             raise ValueError(f"matching cost of batch element {b} is not finite: the predictions hold NaN or inf")
-        pred_idx, tgt_idx = linear_sum_assignment(cost.cpu().numpy())  # pred_idx comes back sorted
-        indices.append((torch.from_numpy(pred_idx).long(), torch.from_numpy(tgt_idx).long()))
+        pred_idx, tgt_idx = linear_sum_assignment(c.numpy())  # pred_idx comes back sorted
+        indices[b] = (torch.from_numpy(pred_idx).long(), torch.from_numpy(tgt_idx).long())
     return indices
 
 

@@ -204,6 +204,10 @@ def test_bad_target_shapes_raise_clear_errors():
     no_object_label = [{"labels": torch.tensor([0, 3]), "masks": targets[0]["masks"]}]
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
         hungarian_match(pred_logits, pred_masks, no_object_label, **WEIGHTS)
+    pred_logits, pred_masks, targets = random_batch(torch.Generator().manual_seed(8), num_targets=(2, 1))
+    targets[1]["masks"] = torch.zeros(1, 12, 16, dtype=torch.bool)  # the batch's targets share H, W
+    with pytest.raises(ValueError, match=r"targets\[1\]\['masks'\] is \(12, 16\).*\(16, 16\)"):
+        hungarian_match(pred_logits, pred_masks, targets, **WEIGHTS)
 
 
 # ------------------------------------------------------------------------------- losses

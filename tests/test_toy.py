@@ -513,30 +513,43 @@ def test_toy_table_splits_motion_only_by_time_order_when_the_runs_have_it(tmp_pa
 
 
 def test_toy_curve_script_trains_in_resumed_segments(tmp_path, monkeypatch):
-    """tests/bench/toy_curve.py: one run continued to each step with --resume, every evaluation kept;
-    points that exist are not trained again (the training command is faked here)."""
+    """tests/bench/toy_curve.py: each seed's run continued to each step with --resume, every
+    evaluation kept, mean ± std over the seeds per step in the README block; points that exist are
+    not trained again (the training command is faked here)."""
     sys.path.insert(0, str(REPO / "tests" / "bench"))
     import toy_curve
     commands = []
 
-    def fake_run(command, cwd, check):
+    def fake_run(command, cwd, check, env):
         commands.append(command)
         out = Path(command[command.index("--out") + 1])
         out.mkdir(parents=True, exist_ok=True)
         (out / "last.pt").write_text("")
         step = int(command[command.index("--steps") + 1])
-        (out / "eval.json").write_text(json.dumps({"J&F": step / 1000, "motion_only": {"J&F": step / 2000},
-                                                   "motion_only_references": {"every_look_alike": {"J&F": 0.556}}}))
+        seed = int(command[command.index("--seed") + 1])
+        (out / "eval.json").write_text(json.dumps({
+            "J&F": step / 1000, "motion_only": {"J&F": step / 2000 + seed / 10},
+            "motion_only_references": {"every_look_alike": {"J&F": 0.556}}}))
 
     monkeypatch.setattr(toy_curve.subprocess, "run", fake_run)
-    toy_curve.main(["--runs", str(tmp_path), "--steps", "500", "--every", "200", "--variants=,--no-hmp"])
-    steps = [(c[c.index("--steps") + 1], "--resume" in c, "--no-hmp" in c) for c in commands]
-    assert steps == [("200", False, False), ("400", True, False), ("500", True, False),
-                     ("200", False, True), ("400", True, True), ("500", True, True)]
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- toy-curve:dshmp -->\nold\n<!-- /toy-curve:dshmp -->\nb\n")
+    toy_curve.main(["--runs", str(tmp_path), "--steps", "500", "--every", "200", "--variants=,--no-hmp",
+                    "--seeds", "0", "1", "--readme", str(readme)])
+    steps = [(c[c.index("--steps") + 1], "--resume" in c, "--no-hmp" in c, c[c.index("--seed") + 1])
+             for c in commands]
+    assert steps == [("200", False, False, "0"), ("400", True, False, "0"), ("500", True, False, "0"),
+                     ("200", False, True, "0"), ("400", True, True, "0"), ("500", True, True, "0"),
+                     ("200", False, False, "1"), ("400", True, False, "1"), ("500", True, False, "1"),
+                     ("200", False, True, "1"), ("400", True, True, "1"), ("500", True, True, "1")]
     curves = json.loads((tmp_path / "curves.json").read_text())
-    assert [p["motion_only"] for p in curves[""]] == [0.1, 0.2, 0.25]
+    assert [p["motion_only"] for p in curves[""]["1"]] == [0.2, 0.30000000000000004, 0.35]
+    text = readme.read_text()
+    assert "| step | `full model` J&F | `full model` motion-only | `--no-hmp` J&F | `--no-hmp` motion-only |" in text
+    assert "| 400 | 0.400 ± 0.000 | 0.250 ± 0.071 | 0.400 ± 0.000 | 0.250 ± 0.071 |" in text
+    assert "over seeds 0, 1 at each step" in text and "old" not in text and text.endswith("b\n")
     commands.clear()
-    toy_curve.main(["--runs", str(tmp_path), "--steps", "500", "--every", "200"])
+    toy_curve.main(["--runs", str(tmp_path), "--steps", "500", "--every", "200", "--seeds", "0", "1"])
     assert commands == []  # every point exists
 
 

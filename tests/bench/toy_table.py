@@ -118,9 +118,10 @@ def table(method, records, extra):
     return "\n".join(lines)
 
 
-def write_readme(readme: Path, method: str, block: str) -> None:
+def write_readme(readme: Path, method: str, block: str, tag: str = "toy-table") -> None:
+    """Replace the text between <!-- tag:method --> and <!-- /tag:method --> with `block`."""
     text = readme.read_text()
-    start, end = f"<!-- toy-table:{method} -->", f"<!-- /toy-table:{method} -->"
+    start, end = f"<!-- {tag}:{method} -->", f"<!-- /{tag}:{method} -->"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
         raise SystemExit(f"{readme} has no {start} ... {end} block to replace")
