@@ -24,7 +24,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from toy_table import mean_std, write_readme
+from toy_table import mean_std, threads_per_job, write_readme
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def curve(method, variant, seed, out, steps, every, extra, threads=None):
     return points
 
 
-def table(method, curves, extra, threads):
+def table(curves, extra, threads):
     """Markdown: one row per step, J&F and motion-only J&F (mean ± std over seeds) per variant."""
     variants = list(curves)
     names = [" ".join(f"{v or 'full model'} {' '.join(extra)}".split()) for v in variants]
@@ -85,7 +85,7 @@ def main(argv=None):
     parser.add_argument("--readme", default="", help="replace this file's toy-curve block")
     args = parser.parse_args(argv)
     runs = Path(args.runs or REPO / "runs" / f"toy-curve-{args.method}")
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    threads = threads_per_job(args.jobs)
     tasks = [(variant, seed) for seed in args.seeds for variant in args.variants.split(",")]  # seed 0 first
 
     def one(task):
@@ -101,7 +101,7 @@ def main(argv=None):
         curves[variant][str(seed)] = points
     runs.mkdir(parents=True, exist_ok=True)
     (runs / "curves.json").write_text(json.dumps(curves, indent=1))
-    block = table(args.method, curves, args.extra.split(), threads)
+    block = table(curves, args.extra.split(), threads)
     print(block)
     if args.readme:
         write_readme(Path(args.readme), args.method, block, tag="toy-curve")

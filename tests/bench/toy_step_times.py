@@ -7,6 +7,7 @@ Run from the repository root, alone on the machine (about 2 minutes, the evaluat
 """
 import argparse
 import collections
+import json
 import sys
 import tempfile
 import time
@@ -41,9 +42,9 @@ def main(argv=None):
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         dshmp.main(["--data", "toy", "--train", "--steps", str(args.steps), "--out", out])
-        seconds = [float(line.split('"s/it": ')[1].split(",")[0]) for line in (Path(out) / "log.jsonl").open()]
+        last = json.loads((Path(out) / "log.jsonl").read_text().splitlines()[-1])  # the last logged step
     print(f"{args.steps} steps, {torch.get_num_threads()} threads; whole command {time.perf_counter() - start:.1f} s "
-          f"(the evaluation included); s/it at the last log line {seconds[-1]:.2f}")
+          f"(the evaluation included); s/it at step {last['step']} {last['s/it']:.2f}")
     for name, total in SECONDS.most_common():
         print(f"{name:28s} {total:7.2f} s  {total / args.steps:.3f} s/step")
 

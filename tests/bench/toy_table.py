@@ -75,6 +75,11 @@ def run(method, variant, seed, out, extra, train=True, threads=None):
                            for column, subset in {"motion_only": "motion_only", **ORDER_SUBSETS}.items()}}
 
 
+def threads_per_job(jobs):
+    """Torch threads of each of `jobs` runs sharing the CPU cores (None: one run, all threads)."""
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
 def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -143,7 +148,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runs = Path(args.runs or REPO / "runs" / f"toy-table-{args.method}")
     extra = args.extra.split()
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    threads = threads_per_job(args.jobs)
     tasks = [(variant, seed, runs / f"{variant.replace('--', '').replace(' ', '_') or 'full'}-seed{seed}")
              for variant in args.variants.split(",") for seed in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on the subprocesses
