@@ -28,11 +28,6 @@ def _rand(shape, *, device, generator=None):
     return torch.rand(shape, generator=generator, device=source).to(device)
 
 
-def _randperm(n, *, device, generator=None):
-    source = generator.device if generator is not None else device
-    return torch.randperm(n, generator=generator, device=source).to(device)
-
-
 def point_sample(masks, coords):
     """Bilinearly sample `masks` (N, c, H, W) at `coords` (N, P, 2), given as (x, y) in [0, 1]^2.
 
@@ -52,11 +47,12 @@ def get_uncertain_point_coords_with_randomness(
 ):
     """PointRend's importance sampling of training points: (N, 1, h, w) logits -> (N, P, 2) coords.
 
-    Draws S = num_points * oversample_ratio uniform candidates per mask, keeps the
+    Draws S = num_points * oversample_ratio uniform candidates per mask and keeps the
     importance_ratio * num_points most uncertain ones (uncertainty = -|logit| at the candidate,
-    i.e. closest to the decision boundary), and fills the rest with a random subset of the other
-    candidates. Coordinates are (x, y) in [0, 1]^2. As detectron2 point_features.py
-    `get_uncertain_point_coords_with_randomness` with Mask2Former's `calculate_uncertainty`.
+    i.e. closest to the decision boundary); the other points are drawn uniformly anew, so a fixed
+    share of the points covers the whole mask. Coordinates are (x, y) in [0, 1]^2. As detectron2
+    point_features.py `get_uncertain_point_coords_with_randomness` with Mask2Former's
+    `calculate_uncertainty` (both Mask2Former's and VITA's criterion call it).
     """
     if oversample_ratio < 1:
         raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
@@ -65,17 +61,14 @@ def get_uncertain_point_coords_with_randomness(
     n = logits.shape[0]
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_ratio * num_points)
-    num_random = num_points - num_uncertain
     coords = _rand((n, num_sampled, 2), device=logits.device, generator=generator)  # (N, S, 2)
     # Uncertainty of the interpolated logit at each candidate, not interpolated uncertainty of the
     # pixels around it: between logits -1 and 1 the point sits on the boundary (point_features.py).
     uncertainty = -point_sample(logits, coords)[:, 0].abs()  # (N, S)
-    order = uncertainty.argsort(dim=1, descending=True)  # (N, S)
-    # One permutation for all masks is enough, the candidates themselves are random (point_features.py).
-    perm = _randperm(num_sampled - num_uncertain, device=logits.device, generator=generator)  # (S - P_u,)
-    random_idx = order[:, num_uncertain:][:, perm[:num_random]]  # (N, P - P_u)
-    idx = torch.cat([order[:, :num_uncertain], random_idx], dim=1)  # (N, P)
-    return torch.gather(coords, 1, repeat(idx, "n p -> n p xy", xy=2))  # (N, P, 2)
+    idx = uncertainty.topk(num_uncertain, dim=1).indices  # (N, P_u)
+    uncertain = torch.gather(coords, 1, repeat(idx, "n p -> n p xy", xy=2))  # (N, P_u, 2)
+    uniform = _rand((n, num_points - num_uncertain, 2), device=logits.device, generator=generator)
+    return torch.cat([uncertain, uniform], dim=1)  # (N, P, 2)
 
 
 # ------------------------------------------------------------------------------- matching costs

@@ -105,7 +105,8 @@ def probe_split(method, model, cfg, root, split, *, features=False, limit=None):
                 up = torch.nn.functional.interpolate(masks_t, size=(H + -H % 32, W + -W % 32), mode="bilinear")
                 up = torch.nn.functional.interpolate(up[..., :H, :W], size=tuple(item["orig_size"]), mode="bilinear")
                 for k, (m, score) in enumerate(zip((up > 0).numpy(), logits.softmax(-1)[:, 0].tolist())):
-                    tokens.append({"score": score, "target": coverage(m, target_mask), "look_alikes": coverage(m, wrong_mask),
+                    tokens.append({"score": score, "target": coverage(m, target_mask),
+                                   "look_alikes": coverage(m, wrong_mask),
                                    **({"feature": token_feats[k], "direction": held_direction(m, obj_masks),
                                        "moving": held_moving(m, obj_masks)} if features else {})})
             kind = {(True, False): "target only", (True, True): "both", (False, True): "look-alike only",
