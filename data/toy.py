@@ -846,6 +846,14 @@ def motion_only_keys(root, split) -> dict:
     return {"motion_only": {f"{video}/{exp_id}" for video, exp_ids in ids.items() for exp_id in exp_ids}}
 
 
+def look_alikes(objects, targets) -> list:
+    """The objects of one toy video (its toy_objects.json entries) that look exactly like one of
+    `targets` (obj_ids): same shape, colour and size, the targets themselves included."""
+    look = lambda o: (o["shape"], o["colour"], o["size"])  # noqa: E731
+    looks = {look(o) for o in objects if o["obj_id"] in targets}
+    return [o for o in objects if look(o) in looks]
+
+
 def motion_only_references(root, split, *, keys=None) -> dict:
     """Where chance is on the motion-only expressions of a toy video split, from its ground truth:
     J, F, J&F (MeViS averaging) of two predictions that use appearance and no motion at all.
@@ -867,13 +875,11 @@ def motion_only_references(root, split, *, keys=None) -> dict:
         for o in objs:  # (T, H, W) bool per object
             frames[o["obj_id"]] = np.stack([np.zeros((VIDEO_H, VIDEO_W), bool) if rle is None else
                                             rle_decode(rle).astype(bool) for rle in masks[o["anno_id"]]])
-        look = lambda o: (o["shape"], o["colour"], o["size"])
         for exp_id in exp_ids:
             if keys is not None and f"{video}/{exp_id}" not in keys:
                 continue
             targets = set(meta[video]["expressions"][exp_id]["obj_id"])
-            looks = {look(objs[t]) for t in targets}
-            alike = [o["obj_id"] for o in objs if look(o) in looks]
+            alike = [o["obj_id"] for o in look_alikes(objs, targets)]
             gt = np.any([frames[t] for t in targets], axis=0)  # (T, H, W)
             empty = np.zeros_like(gt)
             wrong = [a for a in alike if a not in targets]
@@ -911,15 +917,12 @@ def motion_only_order_keys(root, split) -> dict:
     meta, objects = read("meta_expressions.json")["videos"], read("toy_objects.json")["videos"]
     keys = {"motion_only_order_dependent": set(), "motion_only_order_free": set()}
     for video, exp_ids in read("motion_only.json")["motion_only"].items():
-        objs = objects[video]
-        look = lambda o: (o["shape"], o["colour"], o["size"])
         for exp_id in exp_ids:
             expression = meta[video]["expressions"][exp_id]
             targets = set(expression["obj_id"])
-            looks = {look(objs[t]) for t in targets}
             preds = phrase_predicates(expression["exp"])
             backwards = [_truth(video_motion_facts(REVERSED_KIND[o["motion"]], o["speed"]), preds)
-                         for o in objs if look(o) in looks and o["obj_id"] not in targets]
+                         for o in look_alikes(objects[video], targets) if o["obj_id"] not in targets]
             name = "dependent" if preds and True in backwards else "free"
             keys[f"motion_only_order_{name}"].add(f"{video}/{exp_id}")
     return keys

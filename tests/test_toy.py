@@ -413,6 +413,18 @@ def test_motion_only_floors_by_hand(tmp_path):
     assert motion_only_references(tmp_path / "nowhere", "valid_u") == {}
 
 
+def test_look_alikes_share_shape_colour_and_size():
+    """One differing attribute (size, colour or shape) is enough to tell two objects apart."""
+    from data.toy import look_alikes
+    square = dict(shape="square", colour="blue", size="small")
+    objects = [dict(obj_id=0, **square), dict(obj_id=1, **square), dict(obj_id=2, **{**square, "size": "big"}),
+               dict(obj_id=3, **{**square, "colour": "red"}), dict(obj_id=4, **{**square, "shape": "circle"})]
+    ids = lambda targets: [o["obj_id"] for o in look_alikes(objects, targets)]  # noqa: E731
+    assert ids({0}) == ids({1}) == [0, 1]
+    assert ids({2}) == [2] and ids({3}) == [3] and ids({4}) == [4]
+    assert ids({0, 4}) == [0, 1, 4]
+
+
 @pytest.mark.parametrize("split", SPLITS)
 def test_phrase_predicates_read_back_what_separates_the_look_alikes(toy, split):
     """The predicates read off each motion-only expression's wording hold for every target and

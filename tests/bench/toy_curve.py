@@ -11,8 +11,9 @@ puts between <!-- toy-curve:<method> --> and <!-- /toy-curve:<method> -->.
 
 With --jobs N, N runs train at a time, each with (CPU cores / N) threads (OMP_NUM_THREADS).
 
-Run from the repository root (about 40 minutes a curve, two at a time on 2 CPU cores):
-    python tests/bench/toy_curve.py --method dshmp --variants=",--no-hmp" --seeds 0 1 --jobs 2
+Run from the repository root (about 40 minutes for three curves at a time on 2 CPU cores, so about
+80 for these six):
+    python tests/bench/toy_curve.py --method dshmp --variants=",--no-hmp" --seeds 0 1 2 --jobs 3 --every 300
 """
 import argparse
 import json

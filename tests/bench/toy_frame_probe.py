@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dshmp  # noqa: E402
 from common.datasets import MeViS  # noqa: E402
 from common.run import load_trained  # noqa: E402
+from data.toy import look_alikes  # noqa: E402
 from toy_probe import object_masks  # noqa: E402
 
 
@@ -68,10 +69,8 @@ def main(argv=None):
         read("mask_dict.json")
     dataset = MeViS(args.data_root, args.split, train=False, short_side=cfg.short_side, max_size=cfg.max_size)
     index = {(s["video"], s["exp_id"]): i for i, s in enumerate(dataset.samples)}
-    look = lambda o: (o["shape"], o["colour"], o["size"])
     shares = []
     for video, exp_ids in read("motion_only.json")["motion_only"].items():
-        objs = {o["obj_id"]: o for o in objects[video]}
         for exp_id in exp_ids:
             expression = meta[video]["expressions"][exp_id]
             item = dataset[index[(video, exp_id)]]
@@ -80,8 +79,7 @@ def main(argv=None):
             def gt(i):  # (T, h, w) bool at the model's input size
                 return F.interpolate(torch.as_tensor(masks[i])[:, None].float(), size=size)[:, 0] > 0.5
             targets = set(expression["obj_id"])
-            looks = {look(objs[t]) for t in targets}
-            alike = [i for i, o in objs.items() if look(o) in looks and i not in targets]
+            alike = [o["obj_id"] for o in look_alikes(objects[video], targets) if o["obj_id"] not in targets]
             share = frame_shares(model, item["frames"], expression["exp"], {t: gt(t) for t in targets},
                                  {a: gt(a) for a in alike})
             if share is not None:

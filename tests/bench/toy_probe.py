@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from common.coco_mask import rle_decode  # noqa: E402
 from common.run import load_trained  # noqa: E402
+from data.toy import look_alikes  # noqa: E402
 
 
 def coverage(pred: np.ndarray, obj: np.ndarray) -> float:
@@ -85,14 +86,13 @@ def probe_split(method, model, cfg, root, split, *, features=False, limit=None):
     index = {(s["video"], s["exp_id"]): i for i, s in enumerate(dataset.samples)}
     rows = []
     for video, exp_ids in list(motion_only.items())[:limit]:
-        look = {o["obj_id"]: (o["shape"], o["colour"], o["size"]) for o in objects[video]}
         obj_masks = object_masks(masks, objects[video], dataset[0]["orig_size"])
         for exp_id in exp_ids:
             item = dataset[index[video, exp_id]]
             pred = method.predict_masks(model, item["frames"], item["expression"], item["orig_size"],
                                         threshold=cfg.score_threshold, chunk=cfg.eval_chunk).numpy()
             targets = set(meta[video]["expressions"][exp_id]["obj_id"])
-            wrong = [o for o in look if o not in targets and look[o] in {look[t] for t in targets}]
+            wrong = [o["obj_id"] for o in look_alikes(objects[video], targets) if o["obj_id"] not in targets]
             target_mask = np.any([obj_masks[t] for t in targets], axis=0)  # (T, H0, W0)
             wrong_mask = np.any([obj_masks[o] for o in wrong], axis=0)
             target_cov, wrong_cov = coverage(pred, target_mask), coverage(pred, wrong_mask)
