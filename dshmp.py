@@ -613,14 +613,14 @@ def main(argv=None):
         else:
             model, trained = load_trained(checkpoint, Config, build_model, ddp.device)
         if cfg.predict:
-            predict_files(cfg.predict, cfg.text, rule, out=out / "vis" / "predict",
+            predict_files(cfg.predict, cfg.text, rule, model=model, out=out / "vis" / "predict",
                           short_side=trained.short_side, max_size=trained.max_size)
         else:
             toy = toy_video_evaluation(root, cfg.eval_split) if cfg.data == "toy" else {}
             evaluate_video(make_dataset(cfg, root, cfg.eval_split, train=False),
                            lambda item: rule(item["frames"], item["expression"], item["orig_size"]),
-                           out=out, data=cfg.data, split=cfg.eval_split, checkpoint=checkpoint,
-                           **toy)  # toy: the motion-only expressions and the floors on them
+                           model=model, out=out, data=cfg.data, split=cfg.eval_split,
+                           checkpoint=checkpoint, **toy)  # toy: motion-only expressions, floors
     cleanup_distributed()
 
 

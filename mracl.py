@@ -418,11 +418,10 @@ def main(argv=None):
             model, trained = train(cfg, ddp, root, out), cfg
         else:
             model, trained = load_trained(checkpoint, Config, build_model, ddp.device)
-        model.eval()
         if cfg.predict:
             return predict_files(cfg.predict, cfg.text, lambda f, e, s: rule(f, e, s)[None],
-                                 out=out / "vis" / "predict", short_side=trained.short_side,
-                                 max_size=trained.max_size)
+                                 model=model, out=out / "vis" / "predict",
+                                 short_side=trained.short_side, max_size=trained.max_size)
         dataset = make_dataset(cfg, root, cfg.eval_split, train=False)
         subsets = motion_split(dataset.samples)
         if cfg.data == "toy":  # on toy, the motion split is the sentences only motion resolves
@@ -430,7 +429,8 @@ def main(argv=None):
             subsets = {"motion": motion, "static": (subsets["motion"] | subsets["static"]) - motion}
         evaluate_image(dataset, lambda item: rule(item["image"][None], item["expression"],
                                                   item["orig_size"]),
-                       out=out, split=cfg.eval_split, checkpoint=checkpoint, subsets=subsets)
+                       model=model, out=out, split=cfg.eval_split, checkpoint=checkpoint,
+                       subsets=subsets)
     cleanup_distributed()
 
 

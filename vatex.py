@@ -629,17 +629,17 @@ def main(argv=None):
             model, trained = train(cfg, ddp, root, out), cfg
         else:
             model, trained = load_trained(checkpoint, Config, build_model, ddp.device)
-        model.eval()
         if cfg.predict:
-            predict_files(cfg.predict, cfg.text, lambda f, e, s: rule(f, e, s)[None],
+            predict_files(cfg.predict, cfg.text, lambda f, e, s: rule(f, e, s)[None], model=model,
                           out=out / "vis" / "predict", short_side=trained.short_side,
                           max_size=trained.max_size)
         else:
+            subsets = motion_sentence_keys(root) if cfg.data == "toy" else None
             evaluate_image(make_dataset(cfg, root, cfg.eval_split, train=False),
                            lambda item: rule(item["image"][None], item["expression"],
                                              item["orig_size"]),
-                           out=out, split=cfg.eval_split, checkpoint=checkpoint, strict_pr=True,
-                           subsets=motion_sentence_keys(root) if cfg.data == "toy" else None)
+                           model=model, out=out, split=cfg.eval_split, checkpoint=checkpoint,
+                           strict_pr=True, subsets=subsets)
     cleanup_distributed()
 
 

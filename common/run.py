@@ -8,7 +8,8 @@
   training     resume, wrap_ddp, train_batches (endless, a data seed per process), check_finite
   checkpoints  load_trained: the model rebuilt from the config (and toy vocabulary) it was saved with
   evaluation   evaluate_video (J, F, J&F or a submission tree + zip), evaluate_image (mIoU, oIoU,
-               Pr@X, Oc-IoU); each takes the method's own inference rule as `predict(item)`;
+               Pr@X, Oc-IoU); each takes the method's own inference rule as `predict(item)` and
+               the model it runs, which it puts in eval mode first (as DETR's `evaluate`);
                predict_masks: the video-query methods' rule (scores > threshold, union; or top-1)
   prediction   predict_files: a folder of frames or one image -> overlays and a GIF
   errors       cli_errors: a missing file or bad checkpoint ends the command with one line
@@ -296,7 +297,9 @@ def predict_masks(model, frames, expression, orig_size, *, threshold, chunk, top
     `top1` the best query's mask. Bool, or with `probabilities` float16 mask probabilities (for
     Ref-DAVIS17's protocol). `model.infer(frames, expression, chunk=...)` gives the logits (M, 2)
     and masks (M, T, Hp/4, Wp/4) of the whole video, padded to multiples of 32. Upsampled 5 frames
-    at a time (official DsHmp and VITA): memory does not grow beyond the output."""
+    at a time (official DsHmp and VITA): memory does not grow beyond the output. Puts `model` in
+    eval mode (dropout and drop path off, VITA's test-time windows)."""
+    model.eval()
     T, (H, W) = len(frames), frames.shape[-2:]
     padded_size = (H + -H % 32, W + -W % 32)  # (Hp, Wp): infer pads every chunk of frames
     with autocast(frames.device):
@@ -338,10 +341,11 @@ def _summaries(make_metrics, records, subsets) -> dict:
 
 
 @torch.no_grad()
-def evaluate_video(dataset, predict, *, out: Path, data: str, split: str, checkpoint: str = "", subsets=None,
-                   extra=None, show: int = 4):
+def evaluate_video(dataset, predict, *, model: nn.Module, out: Path, data: str, split: str, checkpoint: str = "",
+                   subsets=None, extra=None, show: int = 4):
     """Score a method's inference rule on every expression of a video split (shared out over the
-    processes). `predict(item) -> (T, H0, W0) bool` masks at the original size.
+    processes). `predict(item) -> (T, H0, W0) bool` masks at the original size; `model`, the model
+    it runs, is put in eval mode first (dropout and drop path off), whatever mode it came in.
 
     A split with masks: J, F and J&F (MeViS averaging) into <out>/eval.json with per-expression
     records, also for each named subset of "video/exp_id" keys (`subsets`, e.g. the toy's
@@ -353,6 +357,7 @@ def evaluate_video(dataset, predict, *, out: Path, data: str, split: str, checkp
     protocol, where `predict` returns mask probabilities: see `_evaluate_davis`. Returns the eval
     dict on the main process, else None.
     """
+    model.eval()
     if data == "davis":
         return _evaluate_davis(dataset, predict, out=Path(out), split=split, checkpoint=checkpoint)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -461,12 +466,14 @@ def _evaluate_davis(dataset, predict, *, out: Path, split: str, checkpoint: str 
 
 
 @torch.no_grad()
-def evaluate_image(dataset, predict, *, out: Path, split: str, checkpoint: str = "", strict_pr: bool = False,
-                   subsets=None, show: int = 8):
+def evaluate_image(dataset, predict, *, model: nn.Module, out: Path, split: str, checkpoint: str = "",
+                   strict_pr: bool = False, subsets=None, show: int = 8):
     """Score a method's inference rule on a RefCOCO-layout split: mIoU, oIoU, Pr@0.5-0.9 (LAVT's
     IoU >= X, or VATEX's IoU > X with strict_pr) and Oc-IoU (VATEX Eqs. 9-10) into <out>/eval.json,
-    also for each named subset of sent_id keys (`subsets`). `predict(item) -> (H0, W0) bool`. The
-    expressions of one object (ann_id) are scored together, on one process, for Oc-IoU."""
+    also for each named subset of sent_id keys (`subsets`). `predict(item) -> (H0, W0) bool`;
+    `model`, the model it runs, is put in eval mode first. The expressions of one object (ann_id)
+    are scored together, on one process, for Oc-IoU."""
+    model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     by_object = {}
     for i, sample in enumerate(dataset.samples):
@@ -510,12 +517,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @torch.no_grad()
-def predict_files(source, text: str, predict, *, out: Path, short_side: int, max_size: int, mean=IMAGENET_MEAN,
-                  std=IMAGENET_STD) -> list:
+def predict_files(source, text: str, predict, *, model: nn.Module, out: Path, short_side: int, max_size: int,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list:
     """--predict: segment `text` in a folder of frames (sorted by name) or one image. Frames are
     resized as in evaluation and normalised; `predict(frames (T, 3, H, W), expression, (H0, W0))
-    -> (T, H0, W0) bool` is the method's inference rule. Writes overlays (and a GIF for several
-    frames) to `out`; returns their paths."""
+    -> (T, H0, W0) bool` is the method's inference rule and `model` the model it runs (put in eval
+    mode first). Writes overlays (and a GIF for several frames) to `out`; returns their paths."""
+    model.eval()
     source = Path(source)
     paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
     if not paths or not paths[0].is_file() or paths[0].suffix.lower() not in IMAGE_SUFFIXES:

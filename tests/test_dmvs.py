@@ -117,8 +117,9 @@ def test_s_v_is_the_best_foreground_probability(toy):
     assert decoded["pred_logits"].shape == (2, model.num_motion_queries, 2)
 
 
-class FixedQueries:
+class FixedQueries(torch.nn.Module):
     def __init__(self, logits, masks):
+        super().__init__()
         self.logits, self.masks = logits, masks
 
     def infer(self, frames, expression, *, chunk):
@@ -229,11 +230,16 @@ def test_toy_vita_stage_trains_then_is_reused(toy_root, tmp_path, capsys):
         Path("runs/vita-toy/last.pt")
 
 
-def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys):
-    common = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path)]
+def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys, monkeypatch):
+    # threshold 0 keeps every motion query (a 3-step model scores every query under 0.7)
+    common = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path), "--score-threshold", "0"]
+    modes = []  # the model's mode each time the inference rule is called
+    rule = dmvs.predict_masks
+    monkeypatch.setattr(dmvs, "predict_masks", lambda model, *a, **k: modes.append(model.training) or rule(model, *a, **k))
     args = [*common, "--vita-weights", str(tmp_path / "vita" / "last.pt"), *SMALL, "--log-every", "1",
             "--save-every", "2", "--train"]
     dmvs.main([*args, "--steps", "2"])
+    assert modes and not any(modes)  # --train scores the model it trained in eval mode
     vita = read_checkpoint(tmp_path / "vita" / "last.pt")["model"]
     trained = read_checkpoint(tmp_path / "last.pt")["model"]
     assert all(torch.equal(trained[f"vita.{k}"], v) for k, v in vita.items())  # the toy VITA, frozen
@@ -245,7 +251,7 @@ def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys):
     n = len(dmvs.MeViS(toy_root, "valid_u", train=False))
     assert result["n"] == n and 0 <= result["J&F"] <= 1 and result["motion_only"]["n"] > 0
     (tmp_path / "eval.json").unlink()
-    dmvs.main([*common, "--eval"])  # rebuilt from the checkpoint's config (--decoder-layers 2)
+    dmvs.main([*common, "--eval"])  # rebuilt from the checkpoint's config (--decoder-layers 2), eval mode
     assert json.loads((tmp_path / "eval.json").read_text())["per_expression"] == result["per_expression"]
 
 

@@ -300,11 +300,16 @@ def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys):
-    common = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path)]
+def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys, monkeypatch):
+    # threshold 0 keeps every video token (a 3-step model scores every token under 0.5)
+    common = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path), "--score-threshold", "0"]
+    modes = []  # the model's mode each time the inference rule is called
+    rule = dshmp.predict_masks
+    monkeypatch.setattr(dshmp, "predict_masks", lambda model, *a, **k: modes.append(model.training) or rule(model, *a, **k))
     args = [*common, "--num-frames", "4", "--batch-size", "2", "--workers", "0", "--log-every", "1",
             "--save-every", "2", "--hmp-blocks", "1", "--cl-start", "0", "--train"]
     dshmp.main([*args, "--steps", "2"])
+    assert modes and not any(modes)  # --train scores the model it trained in eval mode
     first = json.loads((tmp_path / "eval.json").read_text())
     bank_at_2 = read_checkpoint(tmp_path / "last.pt")["extra"]["memory_bank"]
     dshmp.main([*args, "--steps", "3", "--resume"])
@@ -317,7 +322,8 @@ def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys):
     assert result["n"] == first["n"] == n and len(result["per_expression"]) == n
     assert 0 <= result["J&F"] <= 1 and result["motion_only"]["n"] > 0
     assert list((tmp_path / "vis").glob("*/*.gif"))
-    # --eval rebuilds the model with the settings it was trained with (--hmp-blocks 1), not the defaults
+    # --eval rebuilds the model with the settings it was trained with (--hmp-blocks 1), not the defaults,
+    # and scores it as the end of --train did: both in eval mode (dropout off)
     (tmp_path / "eval.json").unlink()
     dshmp.main([*common, "--eval"])
     again = json.loads((tmp_path / "eval.json").read_text())
@@ -374,6 +380,7 @@ class FixedVideoTokens(torch.nn.Module):
         self.logits, self.masks = logits, masks
 
     def infer(self, frames, expression, *, chunk):
+        self.inferred_in_training_mode = self.training
         return self.logits, self.masks
 
 
@@ -384,9 +391,10 @@ def test_predict_masks_is_the_union_of_kept_tokens_cropped_and_resized():
     masks[1, 1, 8:10, 12:14] = 5.0  # token 1: a block in frame 1 only
     masks[2] = 5.0  # token 2: everything, but its score is low
     logits = torch.tensor([[3.0, 0.0], [1.0, 0.0], [-2.0, 0.0]])  # target scores 0.95, 0.73, 0.12
-    model = FixedVideoTokens(logits, masks)
+    model = FixedVideoTokens(logits, masks).train()
     frames = torch.zeros(T, 3, H, W)
     out = dshmp.predict_masks(model, frames, "x", (80, 120), threshold=0.5, chunk=8)
+    assert model.inferred_in_training_mode is False  # the rule puts the model in eval mode
     # by hand: upsample the kept tokens to the padded 64x64, crop to 40x60, resize to 80x120, logit > 0, union
     kept = F.interpolate(masks[:2], size=(64, 64), mode="bilinear")[..., :40, :60]
     expected = (F.interpolate(kept, size=(80, 120), mode="bilinear") > 0).any(0)

@@ -163,16 +163,25 @@ def test_one_step_reaches_every_parameter_and_the_partners_get_no_segmentation_l
     torch.testing.assert_close(terms["ce"], ce)
 
 
-def test_train_resume_eval_and_ddp(toy_root, tmp_path, capsys):
+def test_train_resume_eval_and_ddp(toy_root, tmp_path, capsys, monkeypatch):
     common = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path / "run"), *SMALL]
     args = [*common, "--log-every", "1", "--save-every", "2", "--train"]
+    modes = []  # the model's mode each time the inference rule is called
+    rule = mracl.predict_masks
+    monkeypatch.setattr(mracl, "predict_masks", lambda model, *a: modes.append(model.training) or rule(model, *a))
     mracl.main([*args, "--steps", "2"])
+    assert modes and not any(modes)  # --train scores the model it trained in eval mode
     mracl.main([*args, "--steps", "3", "--resume"])
     assert "resumed from" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3] and read_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["motion"]["n"] + result["static"]["n"] == result["n"] > 0 and "Oc-IoU" in result
+    # --eval of the checkpoint scores what the end of --train scored (both in eval mode: BatchNorm's
+    # running statistics, dropout off)
+    (tmp_path / "run" / "eval.json").unlink()
+    mracl.main([*common, "--eval"])
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["per_expression"] == result["per_expression"]
     # two processes
     script = tmp_path / "ddp.py"
     script.write_text("import sys, mracl\nmracl.main(sys.argv[1:])\n")

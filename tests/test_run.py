@@ -198,7 +198,7 @@ def test_evaluate_video_scores_and_subsets(tmp_path):
         key = f"{item['video']}/{item['exp_id']}"
         return item["gt"].clone() if key in perfect else torch.zeros_like(item["gt"])
 
-    result = evaluate_video(dataset, predict, out=tmp_path, data="toy", split="valid_u", checkpoint="c.pt",
+    result = evaluate_video(dataset, predict, model=torch.nn.Identity(), out=tmp_path, data="toy", split="valid_u", checkpoint="c.pt",
                             subsets={"motion_only": {"v1/0", "v2/0"}}, show=1)
     assert (result["J"], result["F"], result["n"]) == (pytest.approx(1 / 3), pytest.approx(1 / 3), 3)
     assert result["motion_only"] == {"J": 0.5, "F": 0.5, "J&F": 0.5, "n": 2}
@@ -208,11 +208,36 @@ def test_evaluate_video_scores_and_subsets(tmp_path):
     assert overlay.size == (12 * 32, 8 * 32)  # small frames enlarged to a short side of 256
 
 
+@pytest.mark.parametrize("kind", ["video", "image", "files"])
+def test_scoring_runs_the_model_in_eval_mode(tmp_path, kind):
+    """evaluate_video / evaluate_image / predict_files put the model in eval mode, as DETR's
+    evaluate() starts, however it comes in (a model straight from train() is in train mode)."""
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5)).train()
+    modes = []
+
+    def record(result):
+        modes.append(model.training)
+        return result
+
+    if kind == "video":
+        evaluate_video(Videos(), lambda item: record(item["gt"].clone()), model=model, out=tmp_path, data="toy",
+                       split="valid_u", show=0)
+    elif kind == "image":
+        dataset = Sentences()
+        evaluate_image(dataset, lambda item: record(dataset.gt[1].clone()), model=model, out=tmp_path, split="val",
+                       show=0)
+    else:
+        Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(tmp_path / "00000.jpg")
+        predict_files(tmp_path / "00000.jpg", "a ball", lambda f, e, size: record(torch.zeros(1, *size, dtype=torch.bool)),
+                      model=model, out=tmp_path / "out", short_side=10, max_size=100)
+    assert modes and not any(modes)
+
+
 @pytest.mark.parametrize("data, folder", [("mevis", ""), ("ytvos", "Annotations/")])
 def test_evaluate_video_writes_a_submission_without_masks(tmp_path, data, folder):
     dataset = Videos(with_masks=False)
-    assert evaluate_video(dataset, lambda item: torch.ones(3, 8, 12, dtype=torch.bool), out=tmp_path, data=data,
-                          split="valid", show=0) is None
+    assert evaluate_video(dataset, lambda item: torch.ones(3, 8, 12, dtype=torch.bool), model=torch.nn.Identity(),
+                          out=tmp_path, data=data, split="valid", show=0) is None
     with zipfile.ZipFile(tmp_path / "submission-valid.zip") as archive:
         names = sorted(archive.namelist())
     pngs = [n for n in names if n.endswith(".png")]
@@ -246,7 +271,7 @@ def test_evaluate_image_with_oc_iou(tmp_path):
     preds = {10: dataset.gt[1].clone(), 11: dataset.gt[1].clone(), 20: dataset.gt[2].clone()}
     preds[11][0, 0] = False  # 3 of the 4 pixels: IoU 0.75
     preds[20][0, 0] = True  # 4 pixels and one false positive: IoU 0.8
-    result = evaluate_image(dataset, lambda item: preds[item["sent_id"]], out=tmp_path, split="val",
+    result = evaluate_image(dataset, lambda item: preds[item["sent_id"]], model=torch.nn.Identity(), out=tmp_path, split="val",
                             subsets={"motion": {"20"}}, show=0)
     assert result["mIoU"] == pytest.approx((1 + 0.75 + 0.8) / 3)
     assert result["oIoU"] == pytest.approx((4 + 3 + 4) / (4 + 4 + 5))
@@ -254,7 +279,7 @@ def test_evaluate_image_with_oc_iou(tmp_path):
     # Oc-IoU (VATEX Eqs. 9-10): object 1: |GT ∩ P10 ∩ P11| / |GT ∪ P10 ∪ P11| = 3 / 4; object 2: 4 / 5
     assert result["Oc-IoU"] == pytest.approx((0.75 + 0.8) / 2)
     assert result["motion"]["mIoU"] == pytest.approx(0.8) and result["motion"]["n"] == 1
-    strict = evaluate_image(dataset, lambda item: preds[item["sent_id"]], out=tmp_path, split="val", strict_pr=True,
+    strict = evaluate_image(dataset, lambda item: preds[item["sent_id"]], model=torch.nn.Identity(), out=tmp_path, split="val", strict_pr=True,
                             show=0)
     assert strict["Pr@0.8"] == pytest.approx(1 / 3)
 
@@ -272,15 +297,15 @@ def test_predict_files_on_a_folder_and_one_image(tmp_path):
         masks[:, 5:10, 5:10] = True
         return masks
 
-    files = predict_files(tmp_path, "  The Red  BALL ", predict, out=tmp_path / "out", short_side=10, max_size=100)
+    files = predict_files(tmp_path, "  The Red  BALL ", predict, model=torch.nn.Identity(), out=tmp_path / "out", short_side=10, max_size=100)
     assert seen == {"shape": (3, 3, 10, 15), "expression": "the red ball", "orig_size": (20, 30)}
     assert [f.name for f in files] == ["overlay_0000.png", "overlay_0001.png", "overlay_0002.png", "overlay.gif"]
-    one = predict_files(tmp_path / "00001.jpg", "a ball", predict, out=tmp_path / "one", short_side=10, max_size=100)
+    one = predict_files(tmp_path / "00001.jpg", "a ball", predict, model=torch.nn.Identity(), out=tmp_path / "one", short_side=10, max_size=100)
     assert [f.name for f in one] == ["overlay.png"]
     with pytest.raises(SystemExit, match="folder of .jpg/.png frames"):
-        predict_files(tmp_path / "notes.txt", "x", predict, out=tmp_path, short_side=10, max_size=100)
+        predict_files(tmp_path / "notes.txt", "x", predict, model=torch.nn.Identity(), out=tmp_path, short_side=10, max_size=100)
     with pytest.raises(SystemExit, match="needs an expression"):
-        predict_files(tmp_path, "   ", predict, out=tmp_path, short_side=10, max_size=100)
+        predict_files(tmp_path, "   ", predict, model=torch.nn.Identity(), out=tmp_path, short_side=10, max_size=100)
 
 
 def test_cli_errors_end_with_one_line(tmp_path):
@@ -344,7 +369,7 @@ def test_ref_davis17_protocol_by_hand(tmp_path):
         i = item["index"]
         return scores[(i % 4, i // 4)]  # expression i = 4 x object + annotator
 
-    result = evaluate_video(DavisExpressions(tmp_path), predict, out=tmp_path / "run", data="davis", split="valid")
+    result = evaluate_video(DavisExpressions(tmp_path), predict, model=torch.nn.Identity(), out=tmp_path / "run", data="davis", split="valid")
     from common.metrics import reference_boundary_f, reference_jaccard
     label = np.ones((2, 4, 4), dtype=bool) & (gt != 2)  # annotator 3's proposal 1
     j3 = (reference_jaccard(label, gt == 1).mean() + 1.0) / 2
@@ -362,7 +387,7 @@ def test_ref_davis17_protocol_by_hand(tmp_path):
 
 def test_ref_davis17_protocol_needs_the_davis_annotations(tmp_path):
     with pytest.raises(FileNotFoundError, match="Annotations_unsupervised"):
-        evaluate_video(DavisExpressions(tmp_path), lambda item: None, out=tmp_path, data="davis", split="valid")
+        evaluate_video(DavisExpressions(tmp_path), lambda item: None, model=torch.nn.Identity(), out=tmp_path, data="davis", split="valid")
 
 
 

@@ -228,10 +228,14 @@ def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_train_resume_and_eval_with_oc_iou(toy_root, tmp_path, capsys):
+def test_train_resume_and_eval_with_oc_iou(toy_root, tmp_path, capsys, monkeypatch):
     common = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path / "run")]
     args = [*common, *SMALL, "--log-every", "1", "--save-every", "2", "--train"]
+    modes = []  # the model's mode each time the inference rule is called
+    rule = vatex.predict_masks
+    monkeypatch.setattr(vatex, "predict_masks", lambda model, *a: modes.append(model.training) or rule(model, *a))
     vatex.main([*args, "--steps", "2"])
+    assert modes and not any(modes)  # --train scores the model it trained in eval mode
     assert (tmp_path / "clip-toy" / "seed0.pt").is_file()  # the toy CLIP stage, beside the run
     vatex.main([*args, "--steps", "3", "--resume"])
     out = capsys.readouterr().out
@@ -251,6 +255,10 @@ def test_train_resume_and_eval_with_oc_iou(toy_root, tmp_path, capsys):
         groups.setdefault(item["ann_id"], (item["gt"], []))[1].append(pred)
     expected = oc_iou([(gt, torch.stack(preds)) for gt, preds in groups.values()])
     assert math.isclose(result["Oc-IoU"], expected, abs_tol=1e-9)
+    # --eval of the checkpoint scores what the end of --train scored (both in eval mode)
+    (tmp_path / "run" / "eval.json").unlink()
+    vatex.main([*common, "--eval"])
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["per_expression"] == result["per_expression"]
 
 
 def test_ddp_two_cpu_processes(toy_root, tmp_path):

@@ -22,10 +22,11 @@ from common.run import load_trained, predict_masks  # noqa: E402
 from data.toy import motion_only_keys  # noqa: E402
 
 
-class Selected:
+class Selected(torch.nn.Module):
     """`predict_masks`'s model: the given video queries' masks, the chosen ones scored 1."""
 
     def __init__(self, masks, chosen):
+        super().__init__()
         self.masks, self.chosen = masks, chosen
 
     def infer(self, frames, expression, *, chunk):
