@@ -67,7 +67,7 @@ from common.datasets import MeViS, RefDAVIS17, RefYouTubeVOS, YouTubeVIS, collat
 from common.engine import (Progress, autocast, barrier, cleanup_distributed, is_main,
                            read_checkpoint, reduce_dict, reduce_mean, save_checkpoint,
                            seed_everything, setup_distributed, to_device, unwrap)
-from common.mask2former import MLP
+from common.mask2former import MLP, xavier_init_
 from common.matching import set_losses
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
                         load_trained, param_groups, parse_config, predict_files, predict_masks,
@@ -177,12 +177,13 @@ def resizer(width, dim):
 # ------------------------------------------------------------- Sec. 3.2 Motion Expression Encoder
 class ResidualAttention(nn.Module):
     """X' = X + softmax(X Y^T / sqrt(C)) Y (Eqs. 1-4), as multi-head attention with learned
-    projections, then a LayerNorm (VITA's CrossAttentionLayer, post-norm)."""
+    projections, then a LayerNorm (VITA's CrossAttentionLayer: post-norm, xavier init)."""
 
     def __init__(self, dim, heads):
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm = nn.LayerNorm(dim)
+        xavier_init_(self)
 
     def forward(self, x, y, y_mask=None):
         # x (B, N, C) queries, y (B, K, C) keys and values, y_mask (B, K) True = attend
@@ -215,7 +216,7 @@ class MotionExpressionEncoder(nn.Module):
 class DecoderLayer(nn.Module):
     """Eq. (8), one layer (Sec. 3.2: "two cross-attention layers, a self-attention layer and a ffn
     layer"): cross-attention to the words F_w, to the motion expression F_me, self-attention, FFN;
-    post-norm residuals, query positions added to the queries (VITA)."""
+    post-norm residuals, query positions added to the queries, xavier init (VITA)."""
 
     def __init__(self, *, dim, heads, ffn_dim):
         super().__init__()
@@ -224,6 +225,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
+        xavier_init_(self)
 
     def forward(self, queries, query_pos, words, word_mask, memory):
         # queries, query_pos (B, M, C); words (B, L, C), word_mask (B, L); memory (B, K, C)

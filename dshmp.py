@@ -27,18 +27,22 @@ Deviations from the paper (and from the official code, which the paper does not 
     10,000, momentum 0.2 (official: QDTrack's multi-positive loss without temperature plus an L2
     term, 100 samples in all, weight ramped over 2,000 iterations, momentum 0.1); the loss reads
     the bank before this step's update (official: after).
-  - Text in the pixels and the decoder layers (official code; the paper is silent): LAVT's
-    language-aware Swin (PWAM after every stage's blocks, a tanh-gated copy fed into the next
-    stage, common.lavt); word cross-attention in every Mask2Former layer (static cues) and
-    Motion-Decoder layer (motion cues, query positions added to the queries; official: all
-    words, no positions) and no BiAttention block. Without PWAM our toy models segmented every
-    object whatever the sentence.
+  - Text in the pixels and the decoder layers (official code; the paper is silent): LAVT's PWAM
+    after every Swin stage's blocks, its output the stage's feature map (common.lavt). The
+    official code also builds LAVT's tanh gate that would feed it into the next stage, but
+    zero-initialises both of its layers, so the gate's gradient is zero and it stays shut: we
+    build no gate (--language-gate: LAVT's live one). Word cross-attention in every Mask2Former
+    layer (static cues) and Motion-Decoder layer (motion cues, query positions added to the
+    queries; official: all words, no positions) and no BiAttention block. Without PWAM our toy
+    models segmented every object whatever the sentence.
   - No VITA similarity loss (official, weight 1.0); object tokens from the last Mask2Former layer
     only (official: the last 3 as extra batch entries in training); the same non-shifted windows
     in training and test (official: odd blocks shifted at test, from VITA).
   - Frames resized to short side 360 / long side <= 640 in training and test (Sec. 4.2; official:
     multi-scale crops, 448 at test); a flip swaps "left"/"right" in the expression (official: no
-    swap). The frozen RoBERTa runs in eval mode (official: dropout on).
+    swap). The frozen RoBERTa runs in eval mode (official: dropout on). Mixed precision on CUDA:
+    bf16 autocast without a gradient scaler (official: fp16 AMP), the pixel decoder in fp32 (as
+    official).
   - Ref-YouTube-VOS trains from the COCO Mask2Former; the paper first pre-trains 300,000
     iterations on RefCOCO/+/g (Sec. 4.2), which is not implemented here.
 
@@ -67,8 +71,8 @@ from common.engine import (Progress, all_gather_cat, autocast, cleanup_distribut
                            reduce_dict, reduce_mean, save_checkpoint, seed_everything,
                            setup_distributed, to_device, unwrap)
 from common.lavt import LanguageAwareSwin
-from common.mask2former import (MLP, MaskedAttentionDecoder, decoder_kwargs_from_hf,
-                                load_decoder_weights)
+from common.mask2former import (MLP, MaskedAttentionDecoder, c2_xavier_fill_,
+                                decoder_kwargs_from_hf, load_decoder_weights, xavier_init_)
 from common.matching import frame_targets, set_losses
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
                         load_trained, param_groups, parse_config, predict_files, predict_masks,
@@ -93,6 +97,10 @@ class Config(RunConfig):
     ds: bool = True  # Sec. 3.1 decoupling; --no-ds feeds the whole sentence to both injections
     hmp: bool = True  # Sec. 3.2; --no-hmp keeps the temporal self-attention only
     cl: bool = True  # Sec. 3.3; --no-cl drops the contrastive loss
+    # official in effect: PWAM on every Swin stage's output, nothing fed back into the next stage
+    # (the official gate is zero-initialised in both its layers, so it never opens; common.lavt);
+    # --language-gate: LAVT's live gate feeding stages 1-3 back (ours, for comparison)
+    language_gate: bool = False
     # model
     weights: str = "facebook/mask2former-swin-tiny-coco-instance"  # Sec. 4.4 Swin-T; COCO: official
     text_weights: str = "FacebookAI/roberta-base"  # paper Sec. 4.2
@@ -151,7 +159,7 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
     "ytvos": dict(eval_split="valid", top1=True),  # one target, always there: official codes' top-1
     "davis": dict(eval_split="valid", top1=True),
 }
-ABLATIONS = ("ds", "hmp", "cl")  # named in the run folder: runs/dshmp-<data>-no-hmp, ...
+ABLATIONS = ("ds", "hmp", "cl", "language_gate")  # named in the run folder: runs/dshmp-toy-no-hmp
 
 
 # ------------------------------------------------------------------------ Sec. 3.1 decoupling
@@ -166,13 +174,15 @@ class Text(NamedTuple):
 
 class CueInjection(nn.Module):
     """Eqs. (1)-(2): inject language cues into learnable queries by cross-attention,
-    Q = Q_0 + scale * LN(Q_0 + MHA(Q_0, F, F)) (post-norm and scale from the official code)."""
+    Q = Q_0 + scale * LN(Q_0 + MHA(Q_0, F, F)) (post-norm, scale, dropout and xavier
+    initialisation from the official code's CrossAttentionLayer)."""
 
     def __init__(self, *, dim, heads, scale, dropout=0.1):
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.scale = scale
+        xavier_init_(self)
 
     def forward(self, queries, words, word_mask):
         # queries (B, Q, C), words (B, L, C), word_mask (B, L) True = attend
@@ -252,15 +262,18 @@ class HierarchicalCrossAttention(nn.Module):
 
 class HMPBlock(nn.Module):
     """One HMP block (Sec. 3.2, Fig. 3): temporal self-attention over all object tokens of a
-    window, hierarchical cross-attention with the motion cues, FFN; post-norm residuals."""
+    window, hierarchical cross-attention with the motion cues, FFN; post-norm residuals. The
+    self-attention and FFN are xavier-initialised, the hierarchical cross-attention keeps
+    PyTorch's default (official)."""
 
     def __init__(self, *, dim, heads, ffn_dim, num_stages, hierarchical):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.self_attn = xavier_init_(nn.MultiheadAttention(dim, heads, batch_first=True))
         self.norm1 = nn.LayerNorm(dim)
         self.cross = HierarchicalCrossAttention(dim=dim, num_stages=num_stages) if hierarchical \
             else None
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
+        self.ffn = xavier_init_(nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(),
+                                              nn.Linear(ffn_dim, dim)))
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x, valid, words, word_mask):
@@ -314,7 +327,7 @@ class DsHmp(nn.Module):
 
     def __init__(self, *, pixel_level, decoder, text_encoder, dim, heads, ffn_dim,
                  num_motion_queries, hmp_blocks, hmp_stages, window, decoder_layers, inject_scale,
-                 cl_dim, decouple=True, hierarchical=True, contrastive=True):
+                 cl_dim, decouple=True, hierarchical=True, contrastive=True, language_gate=False):
         super().__init__()
         self.decouple = decouple
         self.pixel_level = pixel_level  # Swin + multi-scale deformable pixel decoder (transformers)
@@ -323,7 +336,8 @@ class DsHmp(nn.Module):
         width = text_encoder.hidden_size
         self.text_proj = nn.Sequential(  # official FeatureResizer: words and sentence share it
             nn.Linear(width, dim), nn.LayerNorm(dim, eps=1e-12), nn.Dropout(0.1))
-        self.fusion = LanguageAwareSwin(channels=pixel_level.backbone.channels, word_dim=width)
+        self.fusion = LanguageAwareSwin(channels=pixel_level.backbone.channels, word_dim=width,
+                                        feedback=language_gate)
         self.static_injection = CueInjection(dim=dim, heads=heads, scale=inject_scale)  # Eq. (1)
         self.motion_injection = CueInjection(dim=dim, heads=heads, scale=inject_scale)  # Eq. (2)
         self.motion_perception = HierarchicalMotionPerception(
@@ -332,7 +346,8 @@ class DsHmp(nn.Module):
         self.motion_decoder = ObjectDecoder(  # Sec. 3.2 Motion Decoder: VITA's, with word attention
             dim=dim, heads=heads, ffn_dim=ffn_dim, num_layers=decoder_layers, word_attention=True,
             num_queries=num_motion_queries, num_frame_queries=decoder.num_queries)
-        self.motion_mask_proj = nn.Conv2d(pixel_level.mask_channels, dim, 1)  # vita_mask_features
+        self.motion_mask_proj = c2_xavier_fill_(  # official vita_mask_features
+            nn.Conv2d(pixel_level.mask_channels, dim, 1))
         self.class_head = nn.Linear(dim, 2)
         self.mask_embed = MLP(dim, dim, dim, num_layers=3)
         self.contrastive_head = MLP(dim, dim, cl_dim, num_layers=3) if contrastive else None
@@ -432,7 +447,8 @@ class MemoryBank:
         """Eq. (8): M[g] <- m * M[g] + (1 - m) * anchor, in order (a target may occur twice)."""
         m = self.momentum
         for anchor, g in zip(F.normalize(anchors.float(), dim=-1), targets.tolist()):
-            self.centroids[g] = F.normalize(m * self.centroids[g] + (1 - m) * anchor, dim=-1)
+            centroid = m * self.centroids[g] + (1 - m) * anchor  # Eq. (8)
+            self.centroids[g] = F.normalize(centroid, dim=-1)
 
     def negatives(self, target, count, generator=None):
         """Up to `count` negative target indices for `target`: other targets of the same video
@@ -464,7 +480,7 @@ def contrastive_loss(anchors, bank, targets, *, num_negatives, temperature, gene
     for anchor, g in zip(anchors, targets.tolist()):
         negatives = bank.centroids[bank.negatives(g, num_negatives, generator)]  # (E, D)
         samples = torch.cat([bank.centroids[g : g + 1], negatives])  # (1+E, D), the positive first
-        losses.append(-(samples @ anchor / temperature).log_softmax(0)[0])
+        losses.append(-(samples @ anchor / temperature).log_softmax(0)[0])  # Eq. (9)
     return torch.stack(losses).mean()
 
 
@@ -534,7 +550,8 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> DsHmp:
                  heads=cfg.heads, ffn_dim=cfg.ffn_dim, num_motion_queries=cfg.num_motion_queries,
                  hmp_blocks=cfg.hmp_blocks, hmp_stages=cfg.hmp_stages, window=cfg.window,
                  decoder_layers=cfg.decoder_layers, inject_scale=cfg.inject_scale,
-                 cl_dim=cfg.cl_dim, decouple=cfg.ds, hierarchical=cfg.hmp, contrastive=cfg.cl)
+                 cl_dim=cfg.cl_dim, decouple=cfg.ds, hierarchical=cfg.hmp, contrastive=cfg.cl,
+                 language_gate=cfg.language_gate)
 
 
 # ---------------------------------------------------------------------------------- training

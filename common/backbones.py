@@ -115,7 +115,8 @@ class PixelLevel(nn.Module):
 
     forward(pixel_values (B, 3, H, W), ImageNet-normalised, H and W multiples of 32, encode=None)
     returns a dict (`encode(backbone, pixel_values)`, when given, replaces the backbone's own
-    forward and returns its 4 stage maps, e.g. LAVT's language-aware encoding in common.lavt):
+    forward and returns its 4 stage maps, e.g. LAVT's language-aware encoding in common.lavt).
+    Under autocast the backbone runs in low precision and the pixel decoder in fp32 (official):
       features: [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)], the order in which
         the decoder layers visit them (round robin, coarse first);
       pos: their sine position embeddings, same shapes (as transformers' decoder computes them);
@@ -142,7 +143,10 @@ class PixelLevel(nn.Module):
             stages = self.backbone(pixel_values).feature_maps  # 4 x (B, C_s, H/s, W/s), s = 4, 8, 16, 32
         else:
             stages = encode(self.backbone, pixel_values)
-        out = self.pixel_decoder(stages)
+        # official (Mask2Former's msdeformattn.py, as VITA and DsHmp use it): the pixel decoder runs
+        # in fp32 under mixed precision, `@autocast(enabled=False)` and the features cast to float
+        with torch.autocast(device_type=pixel_values.device.type, enabled=False):
+            out = self.pixel_decoder([s.float() for s in stages])
         features = list(out.multi_scale_features)  # [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)]
         pos = [sine_position_embedding(f, self.out_channels) for f in features]  # same shapes
         return {"features": features, "pos": pos, "mask_features": out.mask_features}  # mask: (B, C_mask, H/4, W/4)

@@ -8,7 +8,12 @@ visual stream. `LanguageAwareSwin` is LAVT's language-aware visual encoder built
 transformers' SwinBackbone without rewriting it: the Swin stages run one at a time, and after each
 stage's blocks (before its patch merging) the PWAM output F_i is gated and added to the stage's
 features, which feed the next stage; the encoder's outputs are the F_i (through the backbone's
-per-stage LayerNorms). DsHmp's official code and LAVT both encode images this way.
+per-stage LayerNorms). LAVT encodes images this way (`feedback=True`, its gate live from the
+start). DsHmp's official code (mask2former/modeling/backbone/swin.py, `MMBasicLayer`) builds the
+same gate but zero-initialises both of its bias-free Linear layers and never re-initialises them:
+with W_1 = W_2 = 0 the gate's output and both weights' gradients are exactly zero, so it never
+opens and nothing is fed back; the stage outputs are still the F_i. `feedback=False` is that
+encoder in effect: PWAM on each stage's output, no gate, the Swin stages untouched by the words.
 """
 import math
 
@@ -60,16 +65,17 @@ class LanguageAwareSwin(nn.Module):
 
     forward(backbone, pixel_values (B, 3, H, W), words (B, L, C_w), word_mask (B, L) True on real
     words) -> four maps (B, C_i, H/s, W/s), s = 4, 8, 16, 32: LayerNorm_i(F_i), F_i = PWAM_i(V_i,
-    words) the multimodal feature of stage i (Eqs. 1-4); V_i + S_i * F_i goes on into stage i + 1
-    (Eq. 6). The backbone is passed in, not held, so its weights stay where a checkpoint loader
-    expects them (e.g. inside Mask2Former's pixel-level module). The last stage has no gate: its
-    gated features would feed nothing (LAVT builds one there and never uses it).
+    words) the multimodal feature of stage i (Eqs. 1-4); with `feedback`, V_i + S_i * F_i goes on
+    into stage i + 1 (Eq. 6), without it V_i (no gates are built). The backbone is passed in, not
+    held, so its weights stay where a checkpoint loader expects them (e.g. inside Mask2Former's
+    pixel-level module). The last stage has no gate: its gated features would feed nothing (LAVT
+    builds one there and never uses it).
     """
 
-    def __init__(self, *, channels, word_dim: int):
+    def __init__(self, *, channels, word_dim: int, feedback: bool = True):
         super().__init__()
         self.pwams = nn.ModuleList(PixelWordAttention(dim=c, word_dim=word_dim) for c in channels)
-        self.gates = nn.ModuleList(LanguageGate(c) for c in channels[:-1])
+        self.gates = nn.ModuleList(LanguageGate(c) for c in channels[:-1]) if feedback else None
 
     def forward(self, backbone, pixel_values, words, word_mask):
         swin = backbone.swin
@@ -84,7 +90,8 @@ class LanguageAwareSwin(nn.Module):
             outputs.append(rearrange(norm(rearrange(fused, "b c h w -> b h w c")), "b h w c -> b c h w"))
             if stage.downsample is None:
                 break
-            x = x + self.gates[i](fused) * fused  # LAVT Eq. (6): V_i + S_i * F_i, into stage i + 1
+            if self.gates is not None:
+                x = x + self.gates[i](fused) * fused  # LAVT Eq. (6): V_i + S_i * F_i, into stage i + 1
             hidden = stage.downsample(rearrange(x, "b c h w -> b (h w) c"), (h, w))  # (B, h*w/4, C_{i+1})
             h, w = (h + 1) // 2, (w + 1) // 2
         return outputs

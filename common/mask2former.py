@@ -28,6 +28,25 @@ from torch import nn
 # features (1/4 of the input), D mask_dim.
 
 
+def xavier_init_(module: nn.Module) -> nn.Module:
+    """The `_reset_parameters` of every attention and FFN layer of the official Mask2Former, VITA
+    and DsHmp decoders (SelfAttentionLayer, CrossAttentionLayer, FFNLayer): xavier_uniform on each
+    parameter of more than one dimension; biases and norms keep PyTorch's initialisation."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    return module
+
+
+def c2_xavier_fill_(layer: nn.Module) -> nn.Module:
+    """detectron2's `c2_xavier_fill` (fvcore weight_init), which the official Mask2Former and VITA
+    code apply to their 1x1 projections: kaiming_uniform_ with a = 1 on the weight, zero bias."""
+    nn.init.kaiming_uniform_(layer.weight, a=1)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
 class MLP(nn.Module):
     """Linear layers with ReLU between them (no activation after the last one)."""
 
@@ -151,14 +170,12 @@ class MaskedAttentionDecoder(nn.Module):
 
     def _reset_parameters(self):
         # official: mask2former_transformer_decoder.py, every attention/FFN layer `_reset_parameters`
+        # and `weight_init.c2_xavier_fill` on each input projection
         for layer in self.layers:
-            for p in layer.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+            xavier_init_(layer)
         for proj in self.input_proj:
             if isinstance(proj, nn.Conv2d):
-                nn.init.xavier_uniform_(proj.weight)
-                nn.init.zeros_(proj.bias)
+                c2_xavier_fill_(proj)
 
     def predict(self, queries, mask_features, attn_size):
         """The prediction heads on decoder_norm(queries), queries (B, Q, C). Returns class logits

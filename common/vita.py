@@ -27,7 +27,7 @@ from torch import nn
 
 from common.backbones import PixelLevel, tiny_mask2former_config
 from common.engine import reduce_mean
-from common.mask2former import MLP, MaskedAttentionDecoder
+from common.mask2former import MLP, MaskedAttentionDecoder, c2_xavier_fill_, xavier_init_
 from common.matching import frame_targets, matched_pred_index, set_losses
 
 # Shapes: B clips, T frames, Q frame queries per frame, V video queries, C channels, L words,
@@ -37,7 +37,7 @@ from common.matching import frame_targets, matched_pred_index, set_losses
 # ---------------------------------------------------------------------------------- Object Encoder
 class ObjectEncoderLayer(nn.Module):
     """Self-attention among the frame queries of a window of frames, then an FFN; post-norm,
-    no positions (VITA `SelfAttentionLayer` + `FFNLayer`, dropout 0)."""
+    no positions (VITA `SelfAttentionLayer` + `FFNLayer`, dropout 0, xavier-initialised as they)."""
 
     def __init__(self, *, dim: int, heads: int, ffn_dim: int):
         super().__init__()
@@ -46,6 +46,7 @@ class ObjectEncoderLayer(nn.Module):
         self.self_norm = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
         self.ffn_norm = nn.LayerNorm(dim)
+        xavier_init_(self)  # official `_reset_parameters`
 
     def forward(self, tokens, attn_bias):
         # tokens (B*n, K*Q, C): the frame queries of one window per row; attn_bias (B*n, K*Q, K*Q)
@@ -117,7 +118,8 @@ class ObjectEncoder(nn.Module):
 class ObjectDecoderLayer(nn.Module):
     """Cross-attention from the video queries to all frame queries of the clip, [cross-attention
     to the words], self-attention, FFN; each with a residual and a LayerNorm after it (post-norm),
-    positions added to queries and keys only (VITA `CrossAttentionLayer` / `SelfAttentionLayer`)."""
+    positions added to queries and keys only (VITA `CrossAttentionLayer` / `SelfAttentionLayer`,
+    xavier-initialised as they; DsHmp's word attention `cross_test` is one of them too)."""
 
     def __init__(self, *, dim: int, heads: int, ffn_dim: int, word_attention: bool = False):
         super().__init__()
@@ -126,6 +128,7 @@ class ObjectDecoderLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4 if word_attention else 3))
+        xavier_init_(self)  # official `_reset_parameters`
 
     def forward(self, queries, query_pos, memory, memory_pos, words=None, word_mask=None):
         # queries, query_pos (B, V, C); memory, memory_pos (B, T*Q, C); words (B, L, C), word_mask (B, L)
@@ -206,7 +209,7 @@ class VITA(nn.Module):
         self.class_head = nn.Linear(dim, num_classes + 1)
         self.mask_embed = MLP(dim, dim, pixel_level.mask_channels, num_layers=3)
         # official vita_mask_features: Conv2d(CONVS_DIM, MASK_DIM) on the raw pixel-decoder map
-        self.mask_proj = nn.Conv2d(pixel_level.out_channels, pixel_level.mask_channels, 1)
+        self.mask_proj = c2_xavier_fill_(nn.Conv2d(pixel_level.out_channels, pixel_level.mask_channels, 1))
         self.sim_frame, self.sim_video = nn.Linear(dim, dim), nn.Linear(dim, dim)  # sim_embed_frame / _clip
 
     def forward(self, frames):

@@ -54,6 +54,22 @@ def test_pixel_level_shapes_order_and_positions():
         pixel_level(torch.randn(1, 3, 64, 80))
 
 
+def test_pixel_level_runs_its_pixel_decoder_in_fp32_under_autocast():
+    """Mixed precision as the official Mask2Former / VITA / DsHmp: the backbone in low precision,
+    the deformable pixel decoder in fp32 (`@autocast(enabled=False)`). Checked with CPU bf16 autocast,
+    which casts Linear layers as CUDA's does."""
+    torch.manual_seed(0)
+    pixel_level = PixelLevel.tiny(hidden_dim=64).eval()
+    dtypes = {}
+    for name, module in (("backbone", pixel_level.backbone.swin.encoder.layers[0].blocks[0].mlp.fc2),
+                         ("pixel decoder", pixel_level.pixel_decoder.encoder.layers[0].self_attn.value_proj)):
+        module.register_forward_hook(lambda m, args, out, name=name: dtypes.update({name: out.dtype}))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pixel_level(torch.randn(1, 3, 64, 96))
+    assert dtypes == {"backbone": torch.bfloat16, "pixel decoder": torch.float32}
+    assert out["mask_features"].dtype == torch.float32 and all(f.dtype == torch.float32 for f in out["features"])
+
+
 def test_pixel_level_encode_replaces_the_backbone_forward():
     torch.manual_seed(0)
     pixel_level = PixelLevel.tiny(hidden_dim=64).eval()

@@ -52,6 +52,16 @@ def toy(toy_root, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------- equations
+def test_dmvs_layers_are_initialised_as_vitas(toy):
+    """No official DMVS code: its attention and FFN layers take VITA's xavier_uniform_ initialisation."""
+    from test_vita import assert_xavier
+    _, model, _ = toy
+    matrices = [p for part in (model.encoder, model.layers) for p in part.parameters() if p.dim() > 1]
+    assert len(matrices) > 10
+    for p in matrices:
+        assert_xavier(p)
+
+
 def test_residual_attention_is_eqs_1_to_4_by_hand():
     """With one head and identity projections, the layer is X + softmax(X Y^T / sqrt(C)) Y, then
     its LayerNorm; padded keys get no weight."""

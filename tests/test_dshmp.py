@@ -1,6 +1,7 @@
 """DsHmp (dshmp.py): each stage's shapes and equations, the losses, training, resume, inference, DDP, CLI."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,48 @@ def toy(toy_root, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------- shapes
+def test_layers_are_initialised_as_the_official_code(toy):
+    """Official DsHmp: the cue injections (CrossAttentionLayer), HMP's self-attention and FFN and the
+    Motion Decoder's layers are xavier_uniform_ed, vita_mask_features gets c2_xavier_fill; the
+    hierarchical cross-attention keeps PyTorch's default."""
+    from test_vita import assert_xavier
+    _, _, model, _ = toy
+    blocks = model.motion_perception.blocks
+    parts = [model.static_injection, model.motion_injection, *model.motion_decoder.layers,
+             *(b.self_attn for b in blocks), *(b.ffn for b in blocks)]
+    matrices = [p for part in parts for p in part.parameters() if p.dim() > 1]
+    assert len(matrices) > 10
+    for p in matrices:
+        assert_xavier(p)
+    weight = model.motion_mask_proj.weight  # kaiming_uniform_(a=1): bound sqrt(3 / fan_in)
+    assert not model.motion_mask_proj.bias.any()
+    assert 0.9 < weight.abs().max().item() / math.sqrt(3 / weight[0].numel()) <= 1
+
+
+def test_the_swin_stages_get_no_language_feedback_by_default(toy, toy_root, tmp_path):
+    """The official gate is zero-initialised and never opens (common.lavt): by default no gate is
+    built and what enters each Swin stage does not depend on the sentence; --language-gate builds
+    LAVT's live gate, and then it does."""
+    cfg, dataset, model, batch = toy
+    assert not cfg.language_gate and model.fusion.gates is None
+    gated = dshmp.build_model(toy_config(toy_root, tmp_path, "--language-gate"), vocab=toy_vocab(dataset))
+    assert len(gated.fusion.gates) == 3
+
+    def stage_inputs(m, expressions):
+        seen = []
+        block = m.pixel_level.backbone.swin.encoder.layers[2].blocks[0]
+        hook = block.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+        with torch.no_grad():
+            m.eval()(batch["frames"], expressions)
+        hook.remove()
+        return seen[0]
+
+    one, other = ["the red circle"] * 2, ["the blue square moving left"] * 2
+    torch.testing.assert_close(stage_inputs(model, one), stage_inputs(model, other))
+    assert not torch.allclose(stage_inputs(gated, one), stage_inputs(gated, other))
+    model.train()
+
+
 def test_shapes_of_every_stage(toy):
     cfg, _, model, batch = toy
     frames, expressions = batch["frames"], batch["expression"]  # (2, 4, 3, 64, 96)
@@ -473,10 +516,13 @@ def test_count_params_builds_the_paper_configuration():
     assert frozen == counts["text_encoder"] + 1_536  # + the Swin's unused final LayerNorm
     assert counts["pixel_level"] == 27_522_234 + 5_421_504  # transformers' Swin-T + MSDeformAttn pixel decoder
     # PWAM on the Swin-T stages (96, 192, 384, 768 channels) over the 768-d words: four 1x1 convs
-    # C -> C and the key and value projections 768 -> C, with biases; LAVT's language gates (two
-    # C x C maps without bias) on stages 1-3
-    assert counts["fusion"] == (sum(4 * (c * c + c) + 2 * (768 * c + c) for c in (96, 192, 384, 768))
-                                + sum(2 * c * c for c in (96, 192, 384)))
+    # C -> C and the key and value projections 768 -> C, with biases; no language gate (the official
+    # one never opens); with --language-gate LAVT's gates (two C x C maps without bias) on stages 1-3
+    pwams = sum(4 * (c * c + c) + 2 * (768 * c + c) for c in (96, 192, 384, 768))
+    assert counts["fusion"] == pwams == 5_353_920
+    gated = dshmp.build_model(parse_config(dshmp.Config, dshmp.PRESETS, ["--count-params", "--language-gate"]),
+                              vocab=["a"], pretrained=False)
+    assert sum(p.numel() for p in gated.fusion.parameters()) == pwams + sum(2 * c * c for c in (96, 192, 384))
     assert model.decoder.query_feat.weight.shape == (20, 256)
     assert model.motion_decoder.query_feat.weight.shape == (10, 256)
     assert len(model.motion_perception.blocks) == 6 and len(model.motion_decoder.layers) == 3

@@ -87,3 +87,47 @@ def test_language_aware_swin_feeds_the_gated_words_into_the_next_stage():
     encoder.train()
     sum(o.sum() for o in encoder(backbone, x, words, mask)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+
+
+def test_a_zero_initialised_gate_never_opens():
+    """DsHmp's official code zero-initialises both Linear layers of its gate (swin.py, MMBasicLayer):
+    then its output and the gradients of both weights are exactly zero, so no optimiser step moves
+    it and nothing is ever fed back. `feedback=False` is that encoder."""
+    torch.manual_seed(0)
+    gate = LanguageGate(8)
+    for layer in (gate.mlp[0], gate.mlp[2]):
+        torch.nn.init.zeros_(layer.weight)
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=1e-3, weight_decay=0.05)
+    for _ in range(3):
+        f = torch.randn(2, 8, 3, 5)
+        out = gate(f)
+        optimizer.zero_grad()
+        (out * f).sum().backward()
+        assert not out.any() and all(not p.grad.any() for p in gate.parameters())
+        optimizer.step()
+    assert all(not p.any() for p in gate.parameters())
+
+
+def test_without_feedback_the_swin_stages_never_see_the_words():
+    """feedback=False: no gates; each stage's output is LayerNorm(PWAM(V_i)) with V_i SwinBackbone's
+    own stage features, whatever the words (checked by replacing PWAM with the identity)."""
+    torch.manual_seed(0)
+    backbone = _tiny_swin()
+    encoder = LanguageAwareSwin(channels=backbone.channels, word_dim=6, feedback=False).eval()
+    assert encoder.gates is None
+    x, mask = torch.randn(2, 3, 64, 96), torch.ones(2, 4, dtype=torch.bool)
+    inputs = []  # what enters the last stage's first block
+    hook = backbone.swin.encoder.layers[3].blocks[0].register_forward_pre_hook(
+        lambda module, args: inputs.append(args[0].clone()))
+    with torch.no_grad():
+        first = encoder(backbone, x, torch.randn(2, 4, 6), mask)
+        second = encoder(backbone, x, torch.randn(2, 4, 6), mask)
+    hook.remove()
+    torch.testing.assert_close(inputs[0], inputs[1])  # the words changed, the Swin stages did not
+    assert not torch.allclose(first[3], second[3])  # the outputs, read through PWAM, did
+    for pwam in encoder.pwams:
+        pwam.forward = lambda v, w, m: v
+    with torch.no_grad():
+        ours, theirs = encoder(backbone, x, torch.randn(2, 4, 6), mask), backbone(x).feature_maps
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

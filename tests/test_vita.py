@@ -467,3 +467,27 @@ def test_swin_large_ovis_key_map_covers_the_official_checkpoint():
                 assert part.numel() == buffers[name].numel(), name
     vita_module = sum(math.prod(s) for k, s in shapes.items() if k.startswith("vita_module."))
     assert round(vita_module / 1e6, 1) == 13.2  # ../notes/dmvs_vita.md section 3
+
+
+# ---------------------------------------------------------------------------------- initialisation
+def assert_xavier(weight):
+    """A weight drawn by xavier_uniform_: inside, and reaching close to, sqrt(6 / (fan_in + fan_out))."""
+    fan_out, fan_in = weight.shape[0], weight[0].numel()
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    top = weight.abs().max().item()
+    assert 0.9 * bound < top <= bound, (tuple(weight.shape), top, bound)
+
+
+def test_vita_is_initialised_as_the_official_code():
+    """Official VITA: every SelfAttentionLayer / CrossAttentionLayer / FFNLayer xavier_uniform_s its
+    matrices (`_reset_parameters`), `vita_mask_features` gets detectron2's c2_xavier_fill. PyTorch's
+    defaults differ on the FFN and the attention's output projection (kaiming, bound 1/sqrt(fan_in))."""
+    torch.manual_seed(0)
+    model = build_vita(SMALL)
+    layers = [*model.encoder.layers, *model.object_decoder.layers, *model.decoder.layers]
+    matrices = [p for layer in layers for p in layer.parameters() if p.dim() > 1]
+    assert len(matrices) > 20
+    for p in matrices:
+        assert_xavier(p)
+    weight, bias = model.mask_proj.weight, model.mask_proj.bias  # kaiming_uniform_(a=1): sqrt(3 / fan_in)
+    assert not bias.any() and 0.9 < weight.abs().max().item() / math.sqrt(3 / weight[0].numel()) <= 1
