@@ -1,5 +1,5 @@
-"""DMVS: Decoupling Motion Expression Video Segmentation.
-Hao Fang, Runmin Cong, Xiankai Lu, Zhiyang Chen, Wei Zhang, CVPR 2025. No official code is public.
+"""DMVS: "Decoupled Motion Expression Video Segmentation". Hao Fang, Runmin Cong, Xiankai Lu,
+Xiaofei Zhou, Sam Kwong, Wei Zhang, CVPR 2025. No official code is public.
 
 DMVS splits referring video segmentation in two: a frozen video instance segmenter finds, segments
 and tracks every object (VITA, Sec. 3.1, common/vita.py), and a small trainable part picks the
@@ -23,7 +23,9 @@ sibling code whose choice is taken, "(ours)" our own):
     12.7M of Table 8). The sentence embedding joins both cue sets, so neither is empty (DsHmp).
   - Q_f in Eqs. (1) and (3) are Mask2Former's frame queries as Sec. 3.1 defines them (before
     VITA's Object Encoder); Q_v are the decoder-normed video queries of VITA's last layer. S_v of
-    Eq. (7) is a query's best foreground-class probability (VITA's test-time score).
+    Eq. (7) is a query's largest class probability other than no-object (ours; VITA itself ranks
+    (query, class) pairs at test time and multiplies them by a mask score). TopK returns the N_m
+    queries best first, so motion query i (and its learnable position) is VITA's i-th best.
   - F_se pools the RoBERTa words (masked mean, common.backbones.TextEncoder); words and sentence
     have their own Linear + LayerNorm resizer (LMPM); with two, the count matches Table 8.
   - Table 3's Baseline and Table 5's random / text rows "interact with text features and video
@@ -32,14 +34,18 @@ sibling code whose choice is taken, "(ours)" our own):
     position, added to queries and keys as VITA does.
   - Loss (VITA/LMPM): Hungarian matching of the motion queries to the referred objects (one target
     per object), CE over target / no object (no-object weight 0.1), BCE and dice on 12,544
-    sampled points, weights 2 / 5 / 5 (Eq. (11)'s lambda_cls = 2 is the 2), every decoder layer
-    supervised. Optimiser (LMPM): AdamW, weight decay 0.05, gradient clip 0.01, 8 clips a step.
+    sampled points, every decoder layer supervised. Weights: Eq. (11) gives lambda_cls = 2 and
+    L_mask = BCE + dice, whose plain reading is 2 : 1 : 1; we take LMPM's 2 / 5 / 5 over it.
+    Optimiser (LMPM): AdamW, weight decay 0.05, gradient clip 0.01, 8 clips a step. Attention and
+    FFN layers xavier-initialised (VITA).
 
 Deviations from the paper:
   - N_f: the OVIS Swin-L VITA checkpoint has 200 frame queries (Sec. 4.2 says 100); we follow the
     weights. VITA's frame queries come from Mask2Former's last layer (official VITA: the last 3 in
     training); frozen, VITA runs as at test (shifted windows on odd encoder layers).
-  - The static/motion split is the rule-based common.text (the paper names a scene-graph parser).
+  - Static and motion cues (Sec. 3.2, `decoupled_cues`): the paper's word classes read off the
+    rule-based tagger of common.text (the paper names a scene-graph parser [37]); where its rule
+    and its example disagree (a preposition after a verb), the example is followed.
   - Ref-YouTube-VOS trains without the RefCOCO pseudo-videos of Sec. 4.2 (not implemented yet).
   - Toy (ours): a tiny VITA is first trained on the toy videos (YouTube-VIS format, classes =
     shapes) with VITA's losses, then frozen; the tiny text encoder is trained (nothing is
@@ -72,7 +78,7 @@ from common.matching import set_losses
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
                         load_trained, param_groups, parse_config, predict_files, predict_masks,
                         resume, run_dir, train_batches, wrap_ddp)
-from common.text import batch_static_motion_token_masks, build_vocab, word_tokenizer
+from common.text import batch_static_motion_token_masks, build_vocab, tag_words, word_tokenizer
 from common.vita import (SWIN_L_OVIS, VITA_LOSS_WEIGHTS, build_vita, load_official_vita_checkpoint,
                          vita_losses)
 from data.toy import VIS_FILE, ensure_toy, toy_video_evaluation, write_toy_vis
@@ -105,7 +111,8 @@ class Config(RunConfig):
     num_motion_queries: int = 20  # N_m, paper Sec. 4.2 / Table 6
     decoder_layers: int = 6  # Motion Query Decoder, paper Sec. 4.2
     toy_text_dim: int = 64  # toy only: width of the tiny RoBERTa (ours)
-    # loss, Eq. (11) (lambda_cls = 2, paper; mask terms and matching: VITA / LMPM)
+    # loss, Eq. (11): lambda_cls = 2 (paper); L_mask = BCE + dice, each weighted 5 (LMPM's choice
+    # over the paper's plain 2 : 1 : 1), matching as VITA / LMPM
     w_cls: float = 2.0
     w_bce: float = 5.0
     w_dice: float = 5.0
@@ -167,6 +174,26 @@ class Text(NamedTuple):
     cues: torch.Tensor  # (B, L+1, C) the words and F_se: the keys of Eqs. (1)-(2)
     static_mask: torch.Tensor  # (B, L+1) True on the static cues F_s and F_se
     motion_mask: torch.Tensor  # (B, L+1) True on the motion cues F_m and F_se
+
+
+def decoupled_cues(expression):
+    """Sec. 3.2's text decoupler: [(start, end, "static" | "motion" | None)] for each word (tags:
+    common.text.tag_words). Adjectives, prepositions and nouns are static cues, adverbs and verbs
+    motion cues; a preposition or particle attached to a verb (right after it, or after it and
+    its adverbs) joins the motion cue, as in the paper's example "Cat turning around and playing
+    with toy": static {cat, toy}, motion {turning around, playing with}. Determiners,
+    conjunctions, auxiliaries, pronouns, numbers, particles and punctuation are in neither set."""
+    cues, previous = [], None
+    for _, start, end, pos, _ in tag_words(expression):
+        if pos in ("VERB", "ADV"):
+            kind = "motion"
+        elif pos == "ADP":
+            kind = "motion" if previous == "motion" else "static"
+        else:
+            kind = "static" if pos in ("NOUN", "ADJ") else None
+        cues.append((start, end, kind))
+        previous = kind
+    return cues
 
 
 def resizer(width, dim):
@@ -243,12 +270,13 @@ class Instances(NamedTuple):
     """What the frozen VITA hands DMVS (Sec. 3.1)."""
     frame_queries: torch.Tensor  # (B, T, F, C) Q_f, Mask2Former's last layer
     video_queries: torch.Tensor  # (B, V, C) Q_v
-    scores: torch.Tensor  # (B, V) S_v: the best foreground-class probability
+    scores: torch.Tensor  # (B, V) S_v: the largest class probability other than no-object
     mask_features: torch.Tensor  # (B, T, D, h, w) F_mask, VITA's own projection
 
 
 def select_queries(video_queries, scores, k):
-    """Eq. (7): TopK(Q_v, S_v, N_m), the k video queries (B, V, C) scoring highest (B, V)."""
+    """Eq. (7): TopK(Q_v, S_v, N_m), the k video queries (B, V, C) scoring highest (B, V), best
+    first (motion query i is the i-th best)."""
     index = scores.topk(k, dim=1).indices  # (B, k)
     return torch.gather(video_queries, 1, repeat(index, "b k -> b k c", c=video_queries.shape[-1]))
 
@@ -308,7 +336,8 @@ class DMVS(nn.Module):
         encoded = self.text_encoder(expressions)
         words = self.word_proj(encoded["word_feats"])  # (B, L, C)
         sentence = self.sentence_proj(encoded["sentence"])[:, None]  # (B, 1, C)
-        static, motion = batch_static_motion_token_masks(expressions, encoded["offsets"])  # (B, L)
+        static, motion = batch_static_motion_token_masks(expressions, encoded["offsets"],
+                                                         cues=decoupled_cues)  # (B, L)
         with_sentence = torch.ones_like(static[:, :1])  # (B, 1): F_se joins both sets (DsHmp)
         word_mask = encoded["word_mask"].to(words.device)
         return Text(words=words, word_mask=word_mask, sentence=sentence,

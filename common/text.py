@@ -3,10 +3,11 @@
 - `word_tokenizer` / `build_vocab`: a word-level tokenizer for the toy models (no download).
 - `normalize_expression`: the lower-cased, whitespace-normalised sentence MeViS loaders feed the
   model (dshmp/data/datasets/mevis.py).
-- `tag_words` / `split_static_motion` / `static_motion_token_masks`: DsHmp's expression
-  decoupling. The official code (dshmp_model.py `proceesing_text_decoupling`) runs spaCy
+- `tag_words` / `split_static_motion` / `verb_adverb_cues` / `static_motion_token_masks`: DsHmp's
+  expression decoupling. The official code (dshmp_model.py `proceesing_text_decoupling`) runs spaCy
   `en_core_web_sm` and puts a word in the motion set when its POS is VERB or ADV, and every
   other word in the static set; each RoBERTa subword takes the set of the word that contains it.
+  A method with another rule passes its own word sets (`cues=`; DMVS's is in dmvs.py).
 - `main_noun_phrase`: the object phrase of VATEX's CLIP prior prompt "a photo of {}"
   (vatex/utils/noun_phrase.py: the spaCy noun chunk that holds the dependency root).
 - `verb_phrase`: the motion-centric verb phrase of MRaCL's augmentation (the paper uses an LLM).
@@ -514,26 +515,29 @@ def split_static_motion(expression: str) -> tuple[list[str], list[str]]:
     return static, motion
 
 
-def _word_sets(expression: str) -> tuple[list[tuple[int, int]], list[bool]]:
-    tagged = tag_words(expression)
-    return [(s, e) for _, s, e, _, _ in tagged], [_is_motion_pos(pos) for _, _, _, pos, _ in tagged]
+def verb_adverb_cues(expression: str) -> list[tuple[int, int, str]]:
+    """(start, end, "static" | "motion") of every word of `expression`: the words tagged VERB or ADV
+    are motion cues, every other word is a static cue (DsHmp's rule, `split_static_motion`)."""
+    return [(s, e, "motion" if _is_motion_pos(pos) else "static") for _, s, e, pos, _ in tag_words(expression)]
 
 
-def static_motion_token_masks(expression: str, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def static_motion_token_masks(expression: str, offsets: torch.Tensor, cues=verb_adverb_cues
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static and motion masks over the tokens of `expression` (DsHmp's static_map / motion_map).
 
     offsets: (L, 2) character spans from a fast tokenizer called on `expression` with
-    `return_offsets_mapping=True` (tensor, array or nested list). A token is in the set of the word
-    whose span contains the token's span after leading/trailing spaces are trimmed (byte-level
-    BPE without offset trimming counts the space before a word in the token). Specials and
-    padding (empty spans) are in neither set, as in the official code; so are tokens that straddle
-    two words (the official code finds no spaCy word containing them). Returns two (L,) bool
-    tensors on the device of `offsets` (CPU for lists).
+    `return_offsets_mapping=True` (tensor, array or nested list). `cues(expression)` gives each
+    word's span and set ("static", "motion", or None for neither; default: `verb_adverb_cues`). A
+    token is in the set of the word whose span contains the token's span after leading/trailing
+    spaces are trimmed (byte-level BPE without offset trimming counts the space before a word in
+    the token). Specials and padding (empty spans) are in neither set, as in the official code; so
+    are tokens that straddle two words (the official code finds no spaCy word containing them).
+    Returns two (L,) bool tensors on the device of `offsets` (CPU for lists).
     """
     offsets = torch.as_tensor(offsets)  # (L, 2)
     if offsets.ndim != 2 or offsets.shape[-1] != 2:
         raise ValueError(f"offsets must have shape (L, 2), got {tuple(offsets.shape)}")
-    spans, motion_word = _word_sets(expression)
+    words = cues(expression)
     static = torch.zeros(offsets.shape[0], dtype=torch.bool)  # (L,)
     motion = torch.zeros(offsets.shape[0], dtype=torch.bool)  # (L,)
     for i, (start, end) in enumerate(offsets.tolist()):
@@ -541,21 +545,22 @@ def static_motion_token_masks(expression: str, offsets: torch.Tensor) -> tuple[t
         start, end = start + len(piece) - len(piece.lstrip()), end - (len(piece) - len(piece.rstrip()))
         if end <= start:
             continue
-        for (word_start, word_end), is_motion in zip(spans, motion_word):
+        for word_start, word_end, kind in words:
             if word_start <= start and end <= word_end:
-                (motion if is_motion else static)[i] = True
+                if kind is not None:
+                    (motion if kind == "motion" else static)[i] = True
                 break
     return static.to(offsets.device), motion.to(offsets.device)
 
 
 def batch_static_motion_token_masks(
-    expressions: list[str], offsets: torch.Tensor
+    expressions: list[str], offsets: torch.Tensor, cues=verb_adverb_cues
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`static_motion_token_masks` for a batch: offsets (B, L, 2) -> two (B, L) bool tensors."""
     offsets = torch.as_tensor(offsets)  # (B, L, 2)
     if offsets.ndim != 3 or offsets.shape[-1] != 2 or offsets.shape[0] != len(expressions):
         raise ValueError(f"offsets must have shape (B={len(expressions)}, L, 2), got {tuple(offsets.shape)}")
-    masks = [static_motion_token_masks(text, off) for text, off in zip(expressions, offsets)]
+    masks = [static_motion_token_masks(text, off, cues) for text, off in zip(expressions, offsets)]
     static = torch.stack([m[0] for m in masks])  # (B, L)
     motion = torch.stack([m[1] for m in masks])  # (B, L)
     return static, motion

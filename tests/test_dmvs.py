@@ -52,6 +52,26 @@ def toy(toy_root, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------- equations
+def test_static_and_motion_cues_follow_the_papers_example(toy):
+    """Sec. 3.2: adjectives, prepositions and nouns are static cues, adverbs and verbs motion cues; its
+    example "Cat turning around and playing with toy" gives static {cat, toy} and motion {turning
+    around, playing with}: a preposition attached to a verb is motion; "and" is in neither set."""
+    e = "Cat turning around and playing with toy"
+    split = {kind: [e[s:t] for s, t, k in dmvs.decoupled_cues(e) if k == kind] for kind in ("static", "motion", None)}
+    assert split == {"static": ["Cat", "toy"], "motion": ["turning", "around", "playing", "with"], None: ["and"]}
+    e = "the man on the left walking slowly towards the car"
+    split = {kind: [e[s:t] for s, t, k in dmvs.decoupled_cues(e) if k == kind] for kind in ("static", "motion")}
+    assert split == {"static": ["man", "on", "left", "car"], "motion": ["walking", "slowly", "towards"]}
+    # the model's token masks (the sentence embedding, last, joins both sets)
+    _, model, _ = toy
+    e = e.lower()
+    text, offsets = model.encode_text([e]), model.text_encoder([e])["offsets"][0].tolist()
+    def tokens(mask):
+        return [e[s:t] for (s, t), keep in zip(offsets, mask[0, :-1].tolist()) if keep]
+    assert tokens(text.static_mask) == ["man", "on", "left", "car"] and text.static_mask[0, -1]
+    assert tokens(text.motion_mask) == ["walking", "slowly", "towards"] and text.motion_mask[0, -1]
+
+
 def test_dmvs_layers_are_initialised_as_vitas(toy):
     """No official DMVS code: its attention and FFN layers take VITA's xavier_uniform_ initialisation."""
     from test_vita import assert_xavier

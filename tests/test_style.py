@@ -36,6 +36,34 @@ def test_method_file_cover_page_and_size(path):
     assert not long, f"{path.name}: lines over 100 characters: {long}"
 
 
+# Each paper as its text names it (title, authors in order, venue); VATEX's text is the earlier
+# arXiv version of the WACV 2025 paper, whose title differs; MRaCL's page BibTeX says 2025, its
+# arXiv version is of March 2026; DsHmp's text has no author block: its authors as the official
+# repository and DMVS's reference [18] give them.
+PAPERS = {
+    "dshmp": ("Decoupling Static and Hierarchical Motion Perception for Referring Video Segmentation",
+              ["Shuting He", "Henghui Ding"], "CVPR 2024"),
+    "dmvs": ("Decoupled Motion Expression Video Segmentation",
+             ["Hao Fang", "Runmin Cong", "Xiankai Lu", "Xiaofei Zhou", "Sam Kwong", "Wei Zhang"], "CVPR 2025"),
+    "vatex": ("Improving Referring Image Segmentation using Vision-Aware Text Features",
+              ["Hai Nguyen-Truong", "E-Ro Nguyen", "Tuan-Anh Vu", "Minh-Triet Tran", "Binh-Son Hua",
+               "Sai-Kit Yeung"], "WACV 2025"),
+    "mracl": ("Towards Motion-aware Referring Image Segmentation",
+              ["Chaeyun Kim", "Seunghoon Yi", "Yejin Kim", "Yohan Jo", "Joonseok Lee"], "2603.17413"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPERS))
+def test_method_file_names_its_paper(name):
+    """The docstring gives the paper's title, its authors in order, and the venue."""
+    title, authors, venue = PAPERS[name]
+    docstring = " ".join((ast.get_docstring(ast.parse((REPO / f"{name}.py").read_text())) or "").split())
+    assert title in docstring, f"{name}.py does not name its paper {title!r}"
+    where = [docstring.find(a) for a in authors]
+    assert -1 not in where and where == sorted(where), f"{name}.py: the authors {authors} in this order"
+    assert venue in docstring
+
+
 @pytest.mark.parametrize("path", METHODS, ids=lambda p: p.name)
 def test_method_files_do_not_import_each_other(path):
     others = METHOD_NAMES - {path.stem}
