@@ -1,36 +1,50 @@
-"""MRaCL: Towards Motion-aware Referring Image Segmentation. Chaeyun Kim, Seunghoon Yi, Yejin
-Kim, Yohan Jo, Joonseok Lee (SNU / AIM Intelligence), 2026 (arXiv 2603.17413; PMLR v300). The paper
-body and its code are not public: what is known is the project page (tables, figure, captions) and
-the signature and defaults of the author's loss. MRaCL is a training recipe for an existing
-referring image segmentation model; here the base is LAVT (Yang et al., CVPR 2022; reference code
-yz93/LAVT-RIS), one of the page's five bases.
+"""MRaCL: "Towards Motion-aware Referring Image Segmentation". Chaeyun Kim, Seunghoon Yi, Yejin
+Kim, Yohan Jo, Joonseok Lee (SNU / AIM Intelligence); arXiv 2603.17413, March 2026 (PMLR v300);
+the project page's BibTeX: 2025. The paper body and its code are not public: what is known is the
+project page (tables, figure, captions) and the signature and defaults of the author's loss,
+UniAngularLogitContrastLoss(total_fq, rows_to_filter, cols_to_filter, alpha=0.5, verbonly=True,
+m=0.5, tau=0.05). MRaCL is a training recipe for an existing referring image segmentation model;
+here the base is LAVT (Yang et al., CVPR 2022; reference code yz93/LAVT-RIS), one of the page's
+five bases.
 
 Implements the LAVT base (BERT-base fine-tuned; LAVT's language-aware Swin-B, common.lavt; LAVT's
 lightweight mask decoder and its weighted cross-entropy) and MRaCL's two parts: verb-phrase
 augmentation (each training sentence with a motion-centric verb phrase gives one more sample of
-the same target, common.text.verb_phrase or an LLM's phrases from --verb-phrases) and the MRaCL
-loss on fused image-text embeddings (angular distance, an additive angular margin on the positive,
-false negatives masked), with the page's Table 3 objectives as --loss; the motion-centric split of
-G-Ref (the page's M-Ref) as an evaluation subset.
+the same target; the phrase from common.text.verb_phrase in the figure's form, subject head noun
++ verb + object, or an LLM's from --verb-phrases) and the MRaCL loss on fused image-text
+embeddings (angular distance, an additive angular margin on the positive, false negatives
+masked), with the page's Table 3 objectives as --loss; the motion-centric split of G-Ref (the
+page's M-Ref) as an evaluation subset.
 
 The MRaCL paper's equations are not public, so lines cite the page's figure ("Fig. 2") and LAVT's
 sections instead of equation numbers. Reconstructed (each "(reconstructed)" in Config, with a flag):
-  - the fused embedding: global average pooling of the language-aware encoder's last fused map
-    (the author's code pools the fused map before the mask head; in LAVT the mask head is the
-    SimpleDecoding decoder, and the page's figure sends only original captions through it),
-    then a linear projection ("Fuser", page caption);
-  - the loss: for a sentence and its verb phrase (the positive pair) on the same image, angles
-    theta = arccos(cos) between all fused embeddings of the batch, angular similarity
+  - the fused embedding: the mean of the language-aware encoder's last fused map over the image's
+    valid (unpadded) pixels (the author's code pools the fused map before the mask head; in LAVT
+    the mask head is the SimpleDecoding decoder), then a linear projection ("Fuser", page caption);
+  - the loss: angles theta = arccos(cos) between fused embeddings, angular similarity
     s = 1 - 2 theta / pi, the positive's angle plus the margin m, then -log of the positive's share
-    of exp(s / tau) over the positive and the unmasked negatives, both members of a pair anchors;
+    of exp(s / tau) over the positive and the unmasked negatives. verbonly (the author's default):
+    the B' x B' block of the original captions (rows) against their verb phrases (columns), the
+    positive on its diagonal (the author's return_mask): an original's candidates are the batch's
+    verb phrases, a phrase's the originals; alpha weights the rows' term against the columns'.
+    --no-verbonly: the figure's 2B x 2B matrix of every sample and partner, both members of a pair
+    anchors, alpha weighting the original anchors against the phrase anchors;
   - false negatives: other samples of the same target, or of the same image and category;
-  - the verb phrase's partner forward pass has no segmentation loss (the figure: only original
-    captions reach the mask decoder); with --vp the phrases are also samples of their own.
+  - the partners (a sentence's verb phrase, a phrase's sentence) are not decoded (the figure:
+    only original captions reach the mask decoder), so they have no segmentation loss and stay out
+    of its BatchNorm statistics; with --vp the phrases are also samples of their own.
+
+Deviations from the page: the rule's phrases keep trailing location and direction phrases (the
+figure's "Cat stretching its paw" drops "in the air"; a direction such as "to the left" carries the
+motion). The author's code averages every cell of the fused map (on LAVT's squashed images there
+is no padding); ours leaves out the padding of a batch, a third of the canvas for a 3:2 image.
 
 Deviations from LAVT (the base, reference code yz93/LAVT-RIS @ 1da0af9):
   - Images keep their aspect ratio (short side and long side <= 480; LAVT: squashed to 480 x 480);
     pixels padded in a batch are ignored by the loss; predictions are scored at the original
     size (LAVT: at 480 x 480 against the ground truth resized to it).
+  - An epoch draws every sentence (and, with --vp, every phrase) once, so a ref with more sentences
+    is seen more often (LAVT: one random sentence per ref and epoch); the step count is LAVT's.
   - All of BERT is fine-tuned, as the LAVT paper says (reference code: only layers 1-10 are in the
     optimizer; the embeddings and layers 11-12 keep their pretrained values), with dropout on
     (reference: BERT stays in eval mode). Sentences are cut to 20 tokens keeping [SEP]
@@ -84,11 +98,25 @@ class Config(RunConfig):
     filter: str = "once"  # page: phrases only if the target's category is once in the image; none
     loss: str = "mracl"  # mracl | infonce | simcse | l2: the page's Table 3 objectives
     verb_phrases: str = ""  # JSON {sent_id: phrase}, data/extract_verb_phrases.py; default: rule
+    # page Fig. 2 ("Cat stretching its paw"; the prompt of data/extract_verb_phrases.py too): the
+    # rule's phrase starts with the subject's head noun (--no-phrase-subject: the verb onwards);
+    # trailing location and direction phrases stay (the figure drops "in the air"; ours keeps
+    # them, since a direction such as "to the left" carries the motion)
+    phrase_subject: bool = True
     margin: float = 0.5  # m in radians, the author's loss default
     temperature: float = 0.05  # tau, the author's loss default
-    # (reconstructed) the weight is not given; on toy at 1 the term's gradient is ~100x the
-    # cross-entropy's at init (tests/bench/mracl_grad_balance.py), 0.01 about equal
-    w_mracl: float = 1.0
+    # (reconstructed) the author's default verbonly=True. Its return_mask takes the diagonal of a
+    # B' x B' matrix as the positives, which we read as original captions (rows) x their verb
+    # phrases (columns): the contrast stays in that block. The other reading: only the samples
+    # that have a phrase take part. --no-verbonly: the page figure's 2B x 2B matrix of every
+    # sample and partner (two originals are negatives too, subject to the false-negative filter)
+    verbonly: bool = True
+    # (reconstructed) the author's default alpha=0.5, read as the weight of the two directions:
+    # alpha x the loss of the originals as anchors (the block's rows) + (1 - alpha) x that of the
+    # phrases (its columns); the same split of the anchors with --no-verbonly. The other
+    # reading: a weight between two loss terms.
+    alpha: float = 0.5
+    w_mracl: float = 1.0  # (reconstructed) the page gives no weight
     proj_dim: int = 256  # (reconstructed) width of the Fuser's projection
     # LAVT base
     weights: str = "microsoft/swin-base-patch4-window12-384-in22k"  # LAVT: Swin-B, ImageNet-22k
@@ -99,8 +127,9 @@ class Config(RunConfig):
     w_target: float = 1.1  # LAVT
     toy_swin_dim: int = 32  # toy only (ours)
     toy_text_dim: int = 64  # toy only (ours)
-    # optimisation, LAVT (40 epochs of batch 32 on G-Ref umd are ~100,000 steps)
-    steps: int = 100_000
+    # LAVT: 40 epochs of batch 32, an epoch one random sentence per ref of G-Ref umd's 42,226
+    # training refs (its dataset_refer_bert.py), 1,319 batches (DistributedSampler, drop_last)
+    steps: int = 52_760
     lr: float = 5e-5  # LAVT
     weight_decay: float = 0.01  # LAVT
     grad_clip: float = 0.0  # LAVT: none
@@ -110,14 +139,15 @@ class Config(RunConfig):
 
 
 PRESETS = {  # per-dataset deltas from the paper configuration above
-    # toy (ours): a tiny model for 2 CPU cores, random init
+    # toy (ours): a tiny model for 2 CPU cores, random init; grad_clip 1.0 (ours, toy): the
+    # paper configuration (LAVT) clips nothing
     "toy": dict(split_by="unc", decoder_dim=64, proj_dim=64, steps=1500, lr=5e-4, grad_clip=1.0,
                 batch_size=8, short_side=96, max_size=96, workers=0, log_every=10, save_every=250),
     "refcoco": dict(split_by="unc"),
     "refcoco+": dict(split_by="unc"),
     "refcocog": dict(),
 }
-ABLATIONS = ("vp", "mracl", "fn_filter", "filter", "loss")
+ABLATIONS = ("vp", "mracl", "fn_filter", "filter", "loss", "verbonly", "alpha", "phrase_subject")
 
 
 # ----------------------------------------------------------------------- LAVT's mask decoder
@@ -146,8 +176,10 @@ class SimpleDecoding(nn.Module):
 
 
 class LAVT(nn.Module):
-    """images (B, 3, H, W) ImageNet-normalised + B expressions -> dict(logits (B, 2, H, W) at
-    the input size, embeds (B, D) the fused embedding z (reconstructed Fuser; with proj_dim))."""
+    """images (M, 3, H, W) ImageNet-normalised + M expressions -> dict(logits (B, 2, H, W) at
+    the input size of the first B = `samples` pairs (default all), embeds (M, D) the fused
+    embedding z of every pair (reconstructed Fuser; with proj_dim). pad_mask (M, H, W) True on
+    padding (default none): the embedding averages the valid pixels only."""
 
     def __init__(self, *, backbone, text_encoder, decoder_dim, proj_dim):
         super().__init__()
@@ -158,15 +190,30 @@ class LAVT(nn.Module):
         # (reconstructed) the projection after pooling; none without the MRaCL loss
         self.fuser = nn.Linear(backbone.channels[3], proj_dim) if proj_dim else None
 
-    def forward(self, images, expressions):
+    def forward(self, images, expressions, *, pad_mask=None, samples=None):
         text = self.text_encoder(expressions)
         stages = self.fusion(self.backbone, images, text["word_feats"], text["attn_mask"])
-        logits = self.decoder(stages)  # (B, 2, H/4, W/4)
+        # Fig. 2: only the samples reach the mask decoder; the partners would also enter its
+        # BatchNorm statistics in training and change the samples' predictions
+        logits = self.decoder([x[:samples] for x in stages])  # (B, 2, H/4, W/4)
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
         if self.fuser is None:
             return {"logits": logits}
-        # z, Fig. 2 "Fuser": the last fused map (B, C_4, H/32, W/32), pooled, projected
-        return {"logits": logits, "embeds": self.fuser(stages[3].mean((2, 3)))}
+        # z, Fig. 2 "Fuser": the last fused map (M, C_4, H/32, W/32), pooled, projected
+        return {"logits": logits, "embeds": self.fuser(valid_mean(stages[3], pad_mask))}
+
+
+def valid_mean(x, pad_mask=None):
+    """The mean of a stride-32 map over the valid input pixels, each cell weighted by its share of
+    them, so that a batch's padding (a third of the canvas for a 3:2 image on a square one) does
+    not enter the embedding. x (M, C, h, w); pad_mask (M, H, W) True on padding, or None ->
+    (M, C)."""
+    if pad_mask is None:
+        return x.mean((2, 3))
+    H, W = pad_mask.shape[-2:]
+    valid = F.pad((~pad_mask)[:, None].float(), (0, -W % 32, 0, -H % 32))  # (M, 1, 32 h, 32 w)
+    weight = F.avg_pool2d(valid, 32)  # (M, 1, h, w)
+    return (x.float() * weight).sum((2, 3)) / weight.sum((2, 3))  # (M, C)
 
 
 # ------------------------------------------------------------ verb phrases and the MRaCL loss
@@ -174,7 +221,8 @@ class VerbPhraseSamples(torch.utils.data.Dataset):
     """RefCOCO training items, each with its partner: a sentence's verb phrase (None when it has
     none, or when --filter once and its target's category appears more than once in the image),
     and with vp=True one more item per phrase, the phrase as the expression of the same target,
-    whose partner is the sentence. phrases: {sent_id: phrase}."""
+    whose partner is the sentence. "is_phrase" says which of the two an item is. phrases:
+    {sent_id: phrase}."""
 
     def __init__(self, base: RefCOCO, phrases: dict, *, vp: bool, once: bool):
         self.base, self.samples = base, base.samples
@@ -195,29 +243,39 @@ class VerbPhraseSamples(torch.utils.data.Dataset):
     def __getitem__(self, index):
         if index < len(self.base):
             item = self.base[index]
-            item["partner"] = self.phrase.get(index)
+            item["partner"], item["is_phrase"] = self.phrase.get(index), False
         else:  # a verb-phrase sample: the same image and target mask
             item = self.base[self.extra[index - len(self.base)]]
             item["partner"], item["expression"] = item["expression"], self.phrase[item["index"]]
+            item["is_phrase"] = True
         return item
 
 
 def load_phrases(cfg, samples) -> dict:
-    """{sent_id: motion-centric verb phrase}: from --verb-phrases, else common.text.verb_phrase."""
+    """{sent_id: motion-centric verb phrase}: from --verb-phrases, else common.text.verb_phrase,
+    by default in the page figure's form, subject head noun + verb + object ("a black and white
+    cat stretching its paw in the air" -> "cat stretching its paw in the air"); trailing location
+    and direction phrases are kept (the figure drops "in the air"; "to the left" is motion)."""
     if cfg.verb_phrases:
         with open(cfg.verb_phrases) as f:
             return {str(k): v for k, v in json.load(f).items()}
-    return {str(s["sent_id"]): verb_phrase(s["expression"]) for s in samples}
+    return {str(s["sent_id"]): verb_phrase(s["expression"], with_subject=cfg.phrase_subject)
+            for s in samples}
 
 
-def pair_masks(ann_ids, image_ids, categories, positives, fn_filter):
+def pair_masks(ann_ids, image_ids, categories, positives, fn_filter, phrase=None):
     """(M, M) bool masks of the positives and the negatives. positives: (P, 2) index pairs. Self
     pairs are neither; with fn_filter, other samples of the same target or of the same image and
-    category are no negatives (reconstructed false-negative filtering)."""
+    category are no negatives (reconstructed false-negative filtering). phrase (M,) bool, True
+    on a verb phrase's embedding, given for verbonly: the negatives are only an original and a
+    phrase of two pairs (the B' x B' block of originals x phrases, its diagonal the positives)."""
     m = len(ann_ids)
     positive = torch.zeros(m, m, dtype=torch.bool)
     positive[positives[:, 0], positives[:, 1]] = positive[positives[:, 1], positives[:, 0]] = True
     negative = ~positive & ~torch.eye(m, dtype=torch.bool)
+    if phrase is not None:
+        paired = positive.any(1)  # (M,)
+        negative &= (phrase[:, None] != phrase) & paired[:, None] & paired
     if fn_filter:
         ann, img, cat = (torch.tensor(v) for v in (ann_ids, image_ids, categories))
         same = (ann[:, None] == ann) | ((img[:, None] == img) & (cat[:, None] == cat))
@@ -225,41 +283,54 @@ def pair_masks(ann_ids, image_ids, categories, positives, fn_filter):
     return positive, negative
 
 
-def angular_contrastive_loss(embeds, positive, negative, *, margin, temperature, eps=1e-6):
+def angular_contrastive_loss(embeds, positive, negative, *, margin, temperature, phrase=None,
+                             alpha=0.5, eps=1e-6):
     """MRaCL (reconstructed): theta = arccos(cos) with cos clamped to [-1 + eps, 1 - eps], since
     arccos has an unbounded gradient at +-1; s = 1 - 2 theta / pi; for every anchor with a
     positive, -log(exp(s_pos' / tau) / (exp(s_pos' / tau) + sum_neg exp(s / tau))) with
-    s_pos' = 1 - 2 (theta_pos + m) / pi. embeds (M, D); positive, negative (M, M) bool."""
+    s_pos' = 1 - 2 (theta_pos + m) / pi. embeds (M, D); positive, negative (M, M) bool. The mean
+    over the anchors; with phrase (M,) bool, alpha x the originals' mean + (1 - alpha) x the
+    phrases' (equal to the plain mean at alpha 0.5: every pair gives one of each)."""
     z = F.normalize(embeds.float(), dim=-1)
     theta = torch.arccos((z @ z.T).clamp(-1 + eps, 1 - eps))  # (M, M)
     similarity = 1 - 2 * theta / math.pi  # angular similarity (page Fig. 2: Theta in [-1, 1])
     margined = 1 - 2 * (theta + margin) / math.pi  # margin m on the positive's angle (page)
-    return _contrastive(similarity, margined, positive, negative, temperature)
+    return _contrastive(similarity, margined, positive, negative, temperature, phrase, alpha)
 
 
-def _contrastive(similarity, positive_logit, positive, negative, temperature):
-    """Mean over the (anchor, positive) pairs of -log softmax over [positive, negatives]."""
+def _contrastive(similarity, positive_logit, positive, negative, temperature, phrase=None,
+                 alpha=0.5):
+    """-log softmax over [positive, negatives] for each (anchor, positive) pair; the mean, or
+    with phrase the alpha-weighted means of the original and the phrase anchors."""
     anchors, partners = positive.nonzero(as_tuple=True)
     if len(anchors) == 0:
         return similarity.sum() * 0
     negatives = (similarity / temperature).masked_fill(~negative, -math.inf)[anchors]  # (A, M)
     logits = torch.cat([(positive_logit[anchors, partners] / temperature)[:, None], negatives], 1)
-    return -logits.log_softmax(1)[:, 0].mean()
+    losses = -logits.log_softmax(1)[:, 0]  # (A,)
+    if phrase is None:
+        return losses.mean()
+    is_phrase = phrase.to(losses.device)[anchors]  # (A,)
+    weight = torch.where(is_phrase, (1 - alpha) / is_phrase.sum().clamp(min=1),
+                         alpha / (~is_phrase).sum().clamp(min=1))  # (A,)
+    return (weight * losses).sum()
 
 
-def contrastive_terms(cfg, embeds, positive, negative):
-    """The page's Table 3 objectives on the fused embeddings: mracl (above); infonce (VATEX's
-    MCC: cosine / 0.1); simcse (cosine / 0.05, in-batch negatives); l2 (squared distance of the
-    normalised positives, no negatives)."""
+def contrastive_terms(cfg, embeds, positive, negative, phrase=None):
+    """The page's Table 3 objectives on the fused embeddings, on the same pairs (verbonly) and
+    anchor weights (alpha): mracl (above); infonce (VATEX's MCC: cosine / 0.1); simcse (cosine /
+    0.05, in-batch negatives); l2 (squared distance of the normalised positives, no negatives)."""
     if cfg.loss == "mracl":
         return angular_contrastive_loss(embeds, positive, negative, margin=cfg.margin,
-                                        temperature=cfg.temperature)
+                                        temperature=cfg.temperature, phrase=phrase,
+                                        alpha=cfg.alpha)
     z = F.normalize(embeds.float(), dim=-1)
     cosine = z @ z.T  # (M, M)
     if cfg.loss == "l2":
         a, b = positive.nonzero(as_tuple=True)
         return ((z[a] - z[b]) ** 2).sum(-1).mean() if len(a) else z.sum() * 0
-    return _contrastive(cosine, cosine, positive, negative, 0.1 if cfg.loss == "infonce" else 0.05)
+    tau = 0.1 if cfg.loss == "infonce" else 0.05
+    return _contrastive(cosine, cosine, positive, negative, tau, phrase, cfg.alpha)
 
 
 def segmentation_loss(cfg, logits, targets, pad_mask):
@@ -281,7 +352,8 @@ def with_partners(cfg, batch):
 def compute_losses(cfg, outputs, batch, index):
     """The unweighted terms: LAVT's cross-entropy on the B samples (not on the partners: the page's
     figure sends only the original captions to the mask decoder) and the contrastive term over
-    the M fused embeddings, each partner the positive of its sample. index: the sample of each."""
+    the M fused embeddings (verbonly: their originals x phrases block), each partner the positive
+    of its sample. index: the sample of each."""
     b = len(batch["expression"])
     terms = {"ce": segmentation_loss(cfg, outputs["logits"][:b], batch["targets"],
                                      batch["pad_mask"].to(outputs["logits"].device))}
@@ -290,11 +362,13 @@ def compute_losses(cfg, outputs, batch, index):
             return [batch[key][i] for i in index]
         positives = torch.tensor([[i, k] for k, i in enumerate(index) if k >= b],
                                  dtype=torch.long).reshape(-1, 2)
+        # a verb phrase's embedding: a phrase sample's, or the partner of a sentence sample
+        phrase = torch.tensor([p != (k >= b) for k, p in enumerate(pick("is_phrase"))])  # (M,)
         positive, negative = pair_masks(pick("ann_id"), pick("image_id"), pick("category_id"),
-                                        positives, cfg.fn_filter)
+                                        positives, cfg.fn_filter, phrase if cfg.verbonly else None)
         device = outputs["embeds"].device
         terms["mracl"] = contrastive_terms(cfg, outputs["embeds"], positive.to(device),
-                                           negative.to(device))
+                                           negative.to(device), phrase.to(device))
     return terms
 
 
@@ -358,8 +432,10 @@ def train(cfg, ddp, root, out):
             batch = next(batches)
             images, batch["targets"] = to_device((batch["images"], batch["targets"]), ddp.device)
             index, texts = with_partners(cfg, batch)
-            with autocast(ddp.device):
-                outputs = model(images[index], texts)  # the samples, then their partners
+            pad_mask = batch["pad_mask"].to(ddp.device)[index]  # (M, H, W)
+            with autocast(ddp.device):  # the B samples, then their partners (not decoded)
+                outputs = model(images[index], texts, pad_mask=pad_mask,
+                                samples=len(batch["expression"]))
             terms = compute_losses(cfg, outputs, batch, index)
             loss = terms["ce"] + cfg.w_mracl * terms.get("mracl", 0)  # L_CE + w * L_MRaCL
             check_finite(loss, terms, step)

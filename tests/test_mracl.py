@@ -1,5 +1,6 @@
-"""MRaCL on LAVT (mracl.py): the reconstructed loss, false negatives, the ambiguity filter, verb-phrase
-samples, the LAVT parameter count, training, resume, DDP, CLI."""
+"""MRaCL on LAVT (mracl.py): the reconstructed loss (verbonly, alpha), false negatives, the ambiguity
+filter, verb-phrase samples, the fused embedding, the partners kept out of the mask decoder, the LAVT
+schedule and parameter count, training, resume, DDP, CLI."""
 
 import json
 import math
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import mracl
@@ -35,7 +37,67 @@ def toy_config(root, out, *extra):
                                                       *SMALL, "--train", *extra])
 
 
+def tiny_model(*texts):
+    cfg = parse_config(mracl.Config, mracl.PRESETS, ["--data", "toy", *SMALL, "--count-params"])
+    torch.manual_seed(0)
+    return mracl.build_model(cfg, vocab=build_vocab(list(texts)))
+
+
+def hand_loss(embeds, anchor, positive, negatives, m=0.5, tau=0.05):
+    """-log of the margined positive's share against the listed negatives (angular similarity)."""
+    z = F.normalize(embeds, dim=-1)
+    theta = torch.arccos((z @ z.T).clamp(-1 + 1e-6, 1 - 1e-6))
+    pos = (1 - 2 * (theta[anchor, positive] + m) / math.pi) / tau
+    negs = [(1 - 2 * theta[anchor, k] / math.pi) / tau for k in negatives]
+    return -(pos - torch.logsumexp(torch.stack([pos, *negs]), 0))
+
+
+def loss_batch():
+    """Four samples: 0 a sentence with its verb phrase; 1 a verb-phrase sample (its partner: its
+    sentence); 2 a sentence without a phrase; 3 a sentence with its phrase, another target of sample
+    0's image and category (a false negative of 0)."""
+    return {"expression": ["s0", "p1", "s2", "s3"], "partner": ["p0", "s1", None, "p3"],
+            "is_phrase": [False, True, False, False], "ann_id": [10, 11, 12, 13], "image_id": [1, 2, 3, 1],
+            "category_id": [5, 5, 5, 5], "pad_mask": torch.zeros(4, 8, 8, dtype=torch.bool),
+            "targets": [{"masks": torch.zeros(1, 8, 8, dtype=torch.bool)} for _ in range(4)]}
+
+
+def batch_loss(*flags):
+    cfg = parse_config(mracl.Config, mracl.PRESETS, ["--count-params", *flags])
+    batch = loss_batch()
+    index, _ = mracl.with_partners(cfg, batch)
+    assert index == [0, 1, 2, 3, 0, 1, 3]
+    embeds = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    outputs = {"logits": torch.zeros(4, 2, 8, 8), "embeds": embeds}
+    return mracl.compute_losses(cfg, outputs, batch, index)["mracl"], embeds
+
+
 # ------------------------------------------------------------------------------ the MRaCL loss
+def test_verbonly_loss_is_the_block_of_originals_and_phrases_weighted_by_alpha():
+    """Embeddings 0-3 the samples, 4-6 the partners of samples 0, 1, 3. Originals: 0, 5 (sample 1's
+    sentence), 3; their phrases: 4, 1, 6. In the 3 x 3 block (rows originals, columns phrases, the
+    diagonal positive) the pairs of 0 and 3 are false negatives (same image and category); sample 2
+    (no phrase) takes no part."""
+    got, embeds = batch_loss("--alpha", "0.3")
+    rows = [hand_loss(embeds, 0, 4, [1]), hand_loss(embeds, 5, 1, [4, 6]), hand_loss(embeds, 3, 6, [1])]
+    cols = [hand_loss(embeds, 4, 0, [5]), hand_loss(embeds, 1, 5, [0, 3]), hand_loss(embeds, 6, 3, [5])]
+    torch.testing.assert_close(got, 0.3 * torch.stack(rows).mean() + 0.7 * torch.stack(cols).mean())
+
+
+def test_full_matrix_loss_weights_original_and_phrase_anchors_by_alpha():
+    """--no-verbonly: every embedding of the batch; negatives all but self, the positive, the same
+    target and the same image and category (0, 3, 4, 6 all show image 1, category 5)."""
+    got, embeds = batch_loss("--no-verbonly", "--alpha", "0.3")
+    originals = [hand_loss(embeds, 0, 4, [1, 2, 5]), hand_loss(embeds, 5, 1, [0, 2, 3, 4, 6]),
+                 hand_loss(embeds, 3, 6, [1, 2, 5])]
+    phrases = [hand_loss(embeds, 4, 0, [1, 2, 5]), hand_loss(embeds, 1, 5, [0, 2, 3, 4, 6]),
+               hand_loss(embeds, 6, 3, [1, 2, 5])]
+    torch.testing.assert_close(got, 0.3 * torch.stack(originals).mean() + 0.7 * torch.stack(phrases).mean())
+    # at alpha 0.5 the plain mean over every anchor, the loss before alpha and verbonly existed
+    half, _ = batch_loss("--no-verbonly")
+    torch.testing.assert_close(half, torch.stack(originals + phrases).mean())
+
+
 def test_angular_margin_loss_equals_hand_computation():
     embeds = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.1]])
     positive = torch.zeros(4, 4, dtype=torch.bool)
@@ -119,8 +181,19 @@ def test_ambiguity_filter_and_verb_phrase_samples(toy_root, tmp_path):
     assert item["expression"] == once.phrase[once.extra[0]] and item["partner"] == source["expression"]
     assert torch.equal(item["mask"], source["mask"]) and item["ann_id"] == source["ann_id"]
     assert source["partner"] == item["expression"]
+    assert item["is_phrase"] and not source["is_phrase"]
     no_vp = mracl.make_dataset(toy_config(toy_root, tmp_path, "--no-vp"), toy_root, "train", train=True)
     assert len(no_vp) == len(no_vp.base) and no_vp.phrase == once.phrase  # phrases stay positives
+
+
+def test_default_phrase_keeps_the_subject_as_the_page_figure():
+    """The page's figure: "A black and white cat stretching its paw in the air" -> "Cat stretching its
+    paw" (the subject's head noun kept; our rule also keeps the trailing "in the air")."""
+    caption = [{"sent_id": 1, "expression": "a black and white cat stretching its paw in the air"}]
+    cfg = parse_config(mracl.Config, mracl.PRESETS, ["--count-params"])
+    assert mracl.load_phrases(cfg, caption)["1"] == "cat stretching its paw in the air"
+    cfg = parse_config(mracl.Config, mracl.PRESETS, ["--count-params", "--no-phrase-subject"])
+    assert mracl.load_phrases(cfg, caption)["1"] == "stretching its paw in the air"
 
 
 def test_verb_phrases_file_replaces_the_rule(toy_root, tmp_path):
@@ -140,6 +213,70 @@ def test_motion_split_uses_the_verb_rule():
     assert mracl.motion_split(samples) == {"motion": {"1", "3"}, "static": {"2"}}
 
 
+# ------------------------------------------------------------------- the model: embedding, decoder
+def test_fused_embedding_averages_the_valid_pixels_only():
+    """A 80 x 96 image on a 128 x 96 canvas: of the stage-4 map's rows (32 pixels each) 0-1 are valid,
+    2 half valid, 3 padding. Large values written into row 3 leave the embedding as it was."""
+    texts = ["the red circle moving left", "the blue square"]
+    model = tiny_model(*texts).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = collate_image([{"image": torch.randn(3, h, 96, generator=g), "mask": torch.zeros(h, 96, dtype=torch.bool)}
+                           for h in (80, 128)])
+    assert batch["images"].shape[-2:] == (128, 96)
+    seen = []
+
+    def fill(value):
+        def hook(module, inputs, outputs):
+            x = outputs[3].clone()  # (2, C, 4, 3)
+            x[0, :, 3] = value
+            seen.append(x)
+            return [*outputs[:3], x]
+        return hook
+
+    embeds = []
+    for value in (0.0, 1e3):
+        handle = model.fusion.register_forward_hook(fill(value))
+        with torch.no_grad():
+            embeds.append(model(batch["images"], texts, pad_mask=batch["pad_mask"])["embeds"])
+        handle.remove()
+    torch.testing.assert_close(embeds[0], embeds[1])
+    x = seen[1]
+    valid_mean = (x[0, :, :2].sum((1, 2)) + 0.5 * x[0, :, 2].sum(1)) / (2 * 3 + 0.5 * 3)
+    with torch.no_grad():
+        torch.testing.assert_close(embeds[1][0], model.fuser(valid_mean))
+        torch.testing.assert_close(embeds[1][1], model.fuser(x[1].mean((1, 2))))  # no padding: every cell
+
+
+def test_the_partners_stay_out_of_the_mask_decoder():
+    """In training the decoder's BatchNorm normalises with the statistics of what it decodes: the
+    samples' logits and the running statistics are the same with and without the partners in the pass."""
+    texts = ["the red circle moving left", "the blue square", "circle moving left"]
+    model = tiny_model(*texts).train()
+    model.text_encoder.eval()  # its dropout would draw differently in the two passes
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    norms = [m for m in model.decoder.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def run(index):
+        for norm in norms:
+            norm.reset_running_stats()
+        with torch.no_grad():
+            outputs = model(images[index], texts[:len(index)], samples=2)
+        return outputs, [torch.cat([n.running_mean, n.running_var]) for n in norms]
+
+    (alone, stats_alone), (paired, stats_paired) = run([0, 1]), run([0, 1, 0])
+    assert paired["logits"].shape == (2, 2, 96, 96) and paired["embeds"].shape[0] == 3
+    torch.testing.assert_close(paired["logits"], alone["logits"])
+    torch.testing.assert_close(stats_paired, stats_alone)
+
+
+def test_the_schedule_is_lavts_40_epochs_on_gref_umd():
+    """LAVT-RIS: an epoch is one random sentence per ref (data/dataset_refer_bert.py, len = refs);
+    G-Ref umd has 42,226 training refs; DistributedSampler gives each of 8 processes ceil(n / 8),
+    DataLoader(batch_size=4, drop_last=True); 40 epochs."""
+    cfg = parse_config(mracl.Config, mracl.PRESETS, ["--count-params"])
+    assert cfg.steps == 40 * (math.ceil(42_226 / 8) // 4) == 52_760
+
+
 # ---------------------------------------------------------------------------------- training
 def test_one_step_reaches_every_parameter_and_the_partners_get_no_segmentation_loss(toy_root, tmp_path):
     cfg = toy_config(toy_root, tmp_path, "--filter", "none")
@@ -152,7 +289,8 @@ def test_one_step_reaches_every_parameter_and_the_partners_get_no_segmentation_l
     batch = collate_image([dataset[i] for i in with_phrase + without])
     index, texts = mracl.with_partners(cfg, batch)
     assert index == [0, 1, 2, 3, 0, 1] and texts[4:] == [dataset.phrase[i] for i in with_phrase]
-    outputs = model(batch["images"][index], texts)
+    outputs = model(batch["images"][index], texts, pad_mask=batch["pad_mask"][index], samples=4)
+    assert outputs["logits"].shape[0] == 4 and outputs["embeds"].shape[0] == 6
     terms = mracl.compute_losses(cfg, outputs, batch, index)
     model.zero_grad()
     (terms["ce"] + terms["mracl"]).backward()
