@@ -206,7 +206,7 @@ def align_tokens(tokens):
         for t in range(1, T):
             previous = unit[b, t - 1, perm[b, t - 1]]  # (Q, C), aligned
             cost = 1 - previous @ unit[b, t].T  # (Q, Q): rows trajectories, columns this frame
-            rows, cols = linear_sum_assignment(cost.numpy())
+            rows, cols = linear_sum_assignment(cost.float().numpy())  # float: under autocast too
             perm[b, t, torch.as_tensor(rows)] = torch.as_tensor(cols)
     return perm.to(tokens.device)
 
