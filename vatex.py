@@ -1,41 +1,56 @@
-"""VATEX: Vision-Aware Text Features in Referring Image Segmentation. Hai Nguyen-Truong, E-Ro
-Nguyen, Tuan-Anh Vu, Minh-Triet Tran, Binh-Son Hua, Sai-Kit Yeung, WACV 2025 (arXiv 2404.08590;
-the papers folder holds the earlier version with its supplementary). Official code:
-nero1342/VATEX @ 80af16a.
+"""VATEX. Hai Nguyen-Truong, E-Ro Nguyen, Tuan-Anh Vu, Minh-Triet Tran, Binh-Son Hua, Sai-Kit
+Yeung, "Vision-Aware Text Features in Referring Image Segmentation: From Object Understanding to
+Context Understanding", WACV 2025 (arXiv 2404.08590). The section, equation and table numbers
+below are those of its earlier arXiv version, "Improving Referring Image Segmentation using
+Vision-Aware Text Features" (same authors), and its supplementary. Official code:
+nero1342/VATEX @ 80af16a (the files named below are under its vatex/).
 
 Implements Sec. 3.1 (CLIP Prior: the main noun phrase in "a photo of {}", Eq. 1's normalised
 cosine heatmap of frozen CLIP ViT-B/16 patch tokens, projected to C and added to the N = 5
-queries), Sec. 3.2 (Contextual Multimodal Decoder: early BATs on res5/res4/res3, the multi-scale
-deformable encoder, four FPN levels each with a BAT that updates the words, Eq. 2, then the pixels,
-Eq. 3, and the Conv2d fusion, Eq. 4), Sec. 3.3 (vision-aware sentence feature, Eq. 5; Meaning
-Consistency Constraint, Eq. 6, on triplets of expressions), Sec. 3.4 (masked-attention decoder on
-the CMD's levels 1-3, masks from level 4, Eq. 7; Hungarian matching; Eq. 8's loss; top-1 query at
-inference) and the Oc-IoU of Sec. 4.3 (Eqs. 9-10, in common.run.evaluate_image).
+queries), Sec. 3.2 (Contextual Multimodal Decoder: four FPN levels each with a BAT that updates
+the words, Eq. 2, then the pixels, Eq. 3, and the Conv2d fusion, Eq. 4), Sec. 3.3 (vision-aware
+sentence feature, Eq. 5; Meaning Consistency Constraint, Eq. 6, on triplets of expressions),
+Sec. 3.4 (masked-attention decoder on the CMD's levels 1-3, masks from level 4, Eq. 7; Hungarian
+matching; Eq. 8's loss; top-1 query at inference) and the Oc-IoU of Sec. 4.3 (Eqs. 9-10, in
+common.run.evaluate_image).
 
 Deviations from the paper (and from the official code, which the paper does not describe):
   - Eq. (1) as the paper: cosine similarities, the map L2-normalised (official: a plain dot
     product, no normalisation). Each caption meets its own image (official: caption k meets image
-    k mod B when a GPU holds several images). Patch tokens projected without CLIP's post-LayerNorm
-    and the image resized to 224 and centre-cropped, as the official code does (paper silent).
+    k mod B when a GPU holds several images). As the official code (vatex_model.py): the image
+    resized to 224 and centre-cropped, patch tokens without CLIP's post-LayerNorm (paper silent),
+    and the CLS score dropped before the projection to C (Sec. 3.1's HW/256 + 1 tokens hold it).
+  - Before the four CMD levels, as the official code (modeling/pixel_decoder/cmd.py), not
+    Sec. 3.2: three early BATs on res5/res4/res3 that update only the pixels, and Mask2Former's
+    deformable encoder. The CMD runs in fp32 under autocast and is initialised as there.
   - Eq. (4) at level 1 as the paper: Conv2d(V_1') (official: no conv at the first level).
   - BAT key-padding masks are bool (official: float, which PyTorch adds to the logits, so pads are
     attended).
+  - The text resizer applies its dropout once (official: twice in training; in FFNLayer,
+    modeling/attention/attention_layer.py, the 512 -> 256 residual add fails and its except
+    branch drops out the output again).
   - Eq. (5) is a per-sample mean over the sentence's real tokens (official: a sum over pads too,
     divided by the batch's token count).
   - Eq. (6) as the paper writes it (`--mcc-loss paper`); the official symmetric InfoNCE, tau 0.1,
     is `--mcc-loss infonce`, with negatives from this process's batch (official: all-gathered).
   - A triplet whose image has no other referred object has no negative: the official code then
     trains the caption "None" towards an empty mask; we leave the negative out.
+  - Eq. (8)'s class loss, "BCE" in Sec. 3.4, is a 2-way cross-entropy (target, no object) with
+    no-object weight 0.1, as the official code (modeling/criterion.py).
   - Top-1 by the target probability, as the paper (official: by the raw target logit).
   - No photometric jitter or +-15 degree rotation in training (official), no AMP on CPU.
-  - --no-cmd keeps the FPN (lateral, Conv2d fusion) and drops every BAT, the baseline of Table 4.
 
 Run (every option: --help):
   python vatex.py --data toy --train                     # toy data and a tiny CLIP made if missing
   torchrun --nproc_per_node 2 vatex.py --data refcoco --train    # paper configuration, data/refer
   python vatex.py --data refcoco --eval --eval-split testA --checkpoint runs/vatex-refcoco/last.pt
   python vatex.py --data toy --predict IMAGE --text "the red circle on the left"
-  ablations (paper Table 4): --no-clip-prior, --no-cmd, --no-mcc
+  ablations, the rows of Table 4 (the supplementary's Table 8 has all 8 combinations):
+    Baseline: --no-clip-prior --no-cmd --no-mcc    +CLIP Prior: --no-cmd --no-mcc
+    +CMD: --no-clip-prior --no-mcc    +CMD +MCC: --no-clip-prior    all three: the defaults
+  --no-cmd keeps the baseline's "text-guided vision features" (every BAT's Eq. 3, on the text
+  encoder's words) and drops the "vision-aware text features" (no Eq. 2: the decoder's word
+  attention and the queries read the text encoder's words).
 """
 
 import math
@@ -58,7 +73,8 @@ from common.datasets import (CLIP_MEAN, CLIP_STD, RefCOCO, collate_image, item_g
 from common.engine import (Progress, autocast, barrier, cleanup_distributed, is_main,
                            read_checkpoint, reduce_dict, save_checkpoint, seed_everything,
                            setup_distributed, to_device, unwrap)
-from common.mask2former import MaskedAttentionDecoder, MaskedAttentionLayer
+from common.mask2former import (MaskedAttentionDecoder, MaskedAttentionLayer, c2_xavier_fill_,
+                                xavier_init_)
 from common.matching import set_losses
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_image,
                         load_trained, param_groups, parse_config, predict_files, resume, run_dir,
@@ -78,13 +94,17 @@ class Config(RunConfig):
     eval_split: str = "val"  # unc: val / testA / testB; umd: val / test
     split_by: str = "unc"  # refer API split scheme (refcocog: umd, official; google also read)
     image_root: str = "data/coco/train2014"  # COCO train2014 images (data/README.md)
-    # ablations, paper Table 4
-    clip_prior: bool = True  # Sec. 3.1
-    cmd: bool = True  # Sec. 3.2; --no-cmd: the FPN without BATs
+    # ablations, the rows of paper Table 4: Baseline --no-clip-prior --no-cmd --no-mcc;
+    # +CLIP Prior --no-cmd --no-mcc; +CMD --no-clip-prior --no-mcc; +CMD +MCC --no-clip-prior;
+    # all three: the defaults
+    clip_prior: bool = True  # Sec. 3.1; off: the queries are the sentence feature alone
+    cmd: bool = True  # Sec. 3.2; off: the BATs keep Eq. (3) on the encoder's words, no Eq. (2)
     mcc: bool = True  # Sec. 3.3
     mcc_loss: str = "paper"  # paper: Eq. (6); infonce: the official symmetric InfoNCE
     # model
-    weights: str = "microsoft/swin-base-patch4-window12-384-in22k"  # Swin-B 22k, supp. Sec. 1
+    # official configs/refcoco/swin/swin_base.yaml: swin_base_patch4_window12_384_22k (the paper
+    # says only "pre-trained on ImageNet", supplementary Sec. 2.5); here transformers' copy
+    weights: str = "microsoft/swin-base-patch4-window12-384-in22k"  # Swin-B ImageNet-22k, official
     clip_weights: str = "openai/clip-vit-base-patch16"  # official (ViT-B/16 both towers)
     dim: int = 256  # C, paper Sec. 4.1
     heads: int = 8  # official
@@ -154,18 +174,23 @@ def clip_heatmap(patch_tokens, text_embeds):
 class BAT(nn.Module):
     """Eqs. (2)-(3), the official "bi-directional attention transfer": the words attend to the
     pixels and are gated by themselves, F_w = MHA(F_w, V, V) * F_w; then the pixels attend to
-    the updated words, V' = MHA(V, F_w, F_w) * V. No norm, residual or FFN (official)."""
+    the updated words, V' = MHA(V, F_w, F_w) * V. No norm, residual or FFN (official).
+    update_words=False (--no-cmd): Eq. (3) alone, on the words as given."""
 
-    def __init__(self, *, dim, heads):
+    def __init__(self, *, dim, heads, update_words=True):
         super().__init__()
-        self.text_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        # not built when unused (--no-cmd): DDP would wait for its gradients
+        self.text_attn = (nn.MultiheadAttention(dim, heads, batch_first=True) if update_words
+                          else None)
         self.visual_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        xavier_init_(self)  # official (cmd.py)
 
     def forward(self, visual, words, word_pos, word_mask):
         """visual (N, HW, C); words, word_pos (N, L, C); word_mask (N, L) True on real tokens.
         Returns (V' (N, HW, C), F_w (N, L, C))."""
-        attended = self.text_attn(words + word_pos, visual, visual, need_weights=False)[0]
-        words = attended * words  # Eq. (2)
+        if self.text_attn is not None:
+            attended = self.text_attn(words + word_pos, visual, visual, need_weights=False)[0]
+            words = attended * words  # Eq. (2)
         attended = self.visual_attn(visual, words + word_pos, words, key_padding_mask=~word_mask,
                                     need_weights=False)[0]  # (N, HW, C)
         return attended * visual, words  # Eq. (3)
@@ -177,20 +202,44 @@ def conv_gn(in_channels, out_channels, kernel_size, *, bias=True, relu=False):
     return nn.Sequential(*layers, *[nn.ReLU()] * relu)
 
 
+def init_deformable_encoder(encoder):
+    """Deformable DETR's initialisation as the official code runs it (modeling/pixel_decoder/:
+    msdeformattn.py, MSDeformAttnTransformerEncoderOnly, and ops/, MSDeformAttn); built alone,
+    transformers' encoder never meets transformers' _init_weights."""
+    xavier_init_(encoder)
+    for attn in (layer.self_attn for layer in encoder.layers):
+        angle = torch.arange(attn.n_heads) * (2 * math.pi / attn.n_heads)  # (heads,)
+        direction = torch.stack([angle.cos(), angle.sin()], -1)  # (heads, 2): x, y
+        direction = direction / direction.abs().amax(-1, keepdim=True)  # largest coordinate 1
+        # point k of each head starts k + 1 cells out along the head's direction, on every level
+        grid = einsum(direction, torch.arange(1.0, attn.n_points + 1), "h xy, p -> h p xy")
+        nn.init.zeros_(attn.sampling_offsets.weight)
+        with torch.no_grad():
+            attn.sampling_offsets.bias.copy_(repeat(grid, "h p xy -> (h l p xy)", l=attn.n_levels))
+        nn.init.zeros_(attn.attention_weights.weight)  # zero logits: uniform over the points
+        nn.init.zeros_(attn.attention_weights.bias)
+        for linear in (attn.value_proj, attn.output_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+
 class ContextualMultimodalDecoder(nn.Module):
-    """Sec. 3.2 and the supplementary's figure: the pixel decoder of VATEX.
+    """Sec. 3.2 and the supplementary's figure: the pixel decoder of VATEX, with the official
+    code's early BATs and deformable encoder before its four levels; fp32 under autocast.
 
     forward(stages, words, word_pos, word_mask): stages = the backbone's 4 maps (N, C_s, H/s, W/s),
     s = 4, 8, 16, 32; words (N, L, C) -> dict(features: levels 1-3 [(N, C, H/32, W/32), (N, C,
     H/16, W/16), (N, C, H/8, W/8)], the decoder's keys, pos: their sine positions, mask_features
-    (N, C, H/4, W/4) from level 4, words: F_4^w (N, L, C), the vision-aware words)."""
+    (N, C, H/4, W/4) from level 4, words: F_4^w (N, L, C), the vision-aware words, or the
+    words as given when the BATs do not update them (update_words=False, --no-cmd))."""
 
-    def __init__(self, *, in_channels, dim, heads, encoder_layers, encoder_ffn_dim, fusion=True):
+    def __init__(self, *, in_channels, dim, heads, encoder_layers, encoder_ffn_dim,
+                 update_words=True):
         super().__init__()
-        self.fusion = fusion
         # res5, res4, res3 -> C, then an early BAT on each that updates the pixels (official)
         self.input_proj = nn.ModuleList(conv_gn(c, dim, 1) for c in in_channels[:0:-1])
-        self.early_bats = nn.ModuleList(BAT(dim=dim, heads=heads) for _ in range(3 * fusion))
+        self.early_bats = nn.ModuleList(BAT(dim=dim, heads=heads, update_words=update_words)
+                                        for _ in range(3))
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
         config = Mask2FormerConfig(feature_size=dim, encoder_layers=encoder_layers, dropout=0.0,
                                    encoder_feedforward_dim=encoder_ffn_dim,
@@ -200,9 +249,18 @@ class ContextualMultimodalDecoder(nn.Module):
         # encoder's 1/16 and 1/8 maps and of the backbone's 1/4 map (FPN)
         self.lateral = nn.ModuleList(conv_gn(c, dim, 1, bias=False)
                                      for c in (dim, dim, in_channels[0]))
-        self.bats = nn.ModuleList(BAT(dim=dim, heads=heads) for _ in range(4 * fusion))
+        self.bats = nn.ModuleList(BAT(dim=dim, heads=heads, update_words=update_words)
+                                  for _ in range(4))
         self.fuse = nn.ModuleList(conv_gn(dim, dim, 3, bias=False, relu=True) for _ in range(4))
         self.mask_proj = nn.Conv2d(dim, dim, 1)
+        # official (cmd.py): xavier input projections with zero bias, detectron2's c2_xavier_fill
+        # for the lateral, fusion and mask convs
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight)
+            nn.init.zeros_(proj[0].bias)
+        for conv in [m[0] for m in (*self.lateral, *self.fuse)] + [self.mask_proj]:
+            c2_xavier_fill_(conv)
+        init_deformable_encoder(self.encoder)
         nn.init.normal_(self.level_embed)
 
     def deformable_encoder(self, maps):
@@ -221,35 +279,36 @@ class ContextualMultimodalDecoder(nn.Module):
         return [rearrange(p, "n (h w) c -> n c h w", h=h, w=w) for p, (h, w) in zip(parts, shapes)]
 
     def bat(self, module, feature, words, word_pos, word_mask):
-        """A BAT on a map (N, C, h, w); without fusion (--no-cmd) nothing changes."""
-        if not self.fusion:
-            return feature, words
+        """A BAT on a map (N, C, h, w) -> (the map, the words)."""
         h, w = feature.shape[-2:]
         visual = rearrange(feature, "n c h w -> n (h w) c")  # (N, hw, C)
         visual, words = module(visual, words, word_pos, word_mask)
         return rearrange(visual, "n (h w) c -> n c h w", h=h, w=w), words
 
     def forward(self, stages, words, word_pos, word_mask):
-        maps = []
-        for i, stage in enumerate(stages[:0:-1]):  # res5, res4, res3: early fusion, pixels only
-            feature = self.input_proj[i](stage)  # (N, C, h_l, w_l)
-            maps.append(self.bat(self.early_bats[i] if self.fusion else None, feature, words,
-                                 word_pos, word_mask)[0])
-        encoded = self.deformable_encoder(maps)  # [1/32, 1/16, 1/8]
-        levels, previous = [], None
-        for i, feature in enumerate([encoded[0], encoded[1], encoded[2], stages[0]]):
-            if i > 0:
-                feature = self.lateral[i - 1](feature)  # (N, C, h_i, w_i): V_i
-            visual, words = self.bat(self.bats[i] if self.fusion else None, feature, words,
-                                     word_pos, word_mask)  # Eqs. (2)-(3)
-            if previous is not None:
-                visual = visual + F.interpolate(previous, size=visual.shape[-2:], mode="bilinear",
-                                                align_corners=False)  # Ups(F_{i-1}^v)
-            previous = self.fuse[i](visual)  # Eq. (4): F_i^v
-            levels.append(previous)
-        pos = [sine_position_embedding(f, f.shape[1]) for f in levels[:3]]
-        return {"features": levels[:3], "pos": pos, "mask_features": self.mask_proj(levels[3]),
-                "words": words}
+        # official (cmd.py): the CMD in fp32 under mixed precision, `autocast(enabled=False)`
+        with torch.autocast(device_type=words.device.type, enabled=False):
+            stages = [s.float() for s in stages]  # (N, C_s, H/s, W/s)
+            words, word_pos = words.float(), word_pos.float()  # (N, L, C)
+            maps = []
+            for i, stage in enumerate(stages[:0:-1]):  # res5, res4, res3: early BATs, pixels only
+                feature = self.input_proj[i](stage)  # (N, C, h_l, w_l)
+                maps.append(self.bat(self.early_bats[i], feature, words, word_pos, word_mask)[0])
+            encoded = self.deformable_encoder(maps)  # [1/32, 1/16, 1/8]
+            levels, previous = [], None
+            for i, feature in enumerate([encoded[0], encoded[1], encoded[2], stages[0]]):
+                if i > 0:
+                    feature = self.lateral[i - 1](feature)  # (N, C, h_i, w_i): V_i
+                visual, words = self.bat(self.bats[i], feature, words, word_pos,
+                                         word_mask)  # Eqs. (2)-(3)
+                if previous is not None:  # + Ups(F_{i-1}^v)
+                    visual = visual + F.interpolate(previous, size=visual.shape[-2:],
+                                                    mode="bilinear", align_corners=False)
+                previous = self.fuse[i](visual)  # Eq. (4): F_i^v
+                levels.append(previous)
+            pos = [sine_position_embedding(f, f.shape[1]) for f in levels[:3]]
+            return {"features": levels[:3], "pos": pos, "mask_features": self.mask_proj(levels[3]),
+                    "words": words}
 
 
 # -------------------------------------------------------- Sec. 3.4 masked-attention decoder
@@ -315,16 +374,20 @@ class VATEX(nn.Module):
                  decoder_layers, num_queries, clip_image_size, clip_prior=True, cmd=True):
         super().__init__()
         self.backbone, self.clip, self.clip_image_size = backbone, clip, clip_image_size
-        # official "resizer": CLIP's words (512) -> C, 2-layer MLP with dropout, then LayerNorm
-        self.text_proj = nn.Sequential(nn.Linear(clip.text_hidden_size, dim), nn.ReLU(),
-                                       nn.Dropout(0.1), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        # official "resizer" (an FFNLayer, xavier-initialised): CLIP's words (512) -> C, 2-layer
+        # MLP with dropout, then LayerNorm
+        self.text_proj = xavier_init_(nn.Sequential(
+            nn.Linear(clip.text_hidden_size, dim), nn.ReLU(), nn.Dropout(0.1), nn.Linear(dim, dim),
+            nn.LayerNorm(dim)))
         self.cmd = ContextualMultimodalDecoder(
             in_channels=backbone.channels, dim=dim, heads=heads, encoder_layers=encoder_layers,
-            encoder_ffn_dim=encoder_ffn_dim, fusion=cmd)
+            encoder_ffn_dim=encoder_ffn_dim, update_words=cmd)
         num_patches = (clip_image_size // clip.patch_size) ** 2  # P = HW/256 at 224 (CLS dropped)
-        # Sec. 3.1 "changing the dimension of the similarity map to C" (official: MLP + LayerNorm)
-        self.prior_proj = nn.Sequential(nn.Linear(num_patches, dim), nn.ReLU(), nn.Linear(dim, dim),
-                                        nn.LayerNorm(dim)) if clip_prior else None
+        # Sec. 3.1 "changing the dimension of the similarity map to C" (official: MLP + LayerNorm,
+        # an FFNLayer, xavier-initialised)
+        self.prior_proj = xavier_init_(nn.Sequential(
+            nn.Linear(num_patches, dim), nn.ReLU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        ) if clip_prior else None
         self.decoder = VatexDecoder(hidden_dim=dim, num_queries=num_queries,
                                     num_layers=decoder_layers, num_heads=heads, ffn_dim=ffn_dim)
 
@@ -335,7 +398,7 @@ class VATEX(nn.Module):
         word_pos = sine_positions_1d(word_mask, words.shape[-1])  # (N, L, C)
         stages = [s[image_index] for s in self.backbone(images).feature_maps]  # (N, C_s, h_s, w_s)
         pixels = self.cmd(stages, words, word_pos, word_mask)
-        words = pixels["words"]  # F_4^w (N, L, C)
+        words = pixels["words"]  # F_4^w (N, L, C); f_w as it came with --no-cmd
         weights = word_mask.to(words.dtype)  # (N, L)
         sentence = einsum(words, weights, "n l c, n l -> n c") / weights.sum(1, keepdim=True)
         # ^ Eq. (5): F_s, (N, C)

@@ -431,17 +431,25 @@ class CLIPEncoder(_Encoder):
 
 
 def clip_view(images, sizes, size: int):
-    """CLIP's image processor on a batch the other encoders see: each unpadded image resized to a
-    short side of `size` (bicubic) and centre-cropped to size x size, CLIP-normalised (VATEX's
-    CLIP prior). images (B, 3, Hp, Wp) ImageNet-normalised, sizes [(h, w)] -> (B, 3, size, size)."""
+    """transformers' CLIPImageProcessor as openai/clip-vit-base-patch16 configures it (short side
+    `size`, bicubic, centre crop size x size, CLIP mean/std; VATEX's CLIP prior feeds it), on a
+    batch the other encoders see. As the processor: the long side becomes int(size * long /
+    short) (truncated, transformers' get_resize_output_image_size), the bicubic is antialiased
+    (torchvision's and PIL's are), the crop starts at ((h' - size) // 2, (w' - size) // 2), and
+    the resized image is clamped to [0, 1] (the processor resizes uint8). It differs from the
+    processor's pixel_values only where the processor rounds and clips to uint8, after each of its
+    two resize passes (tests/test_backbones.py measures it).
+    images (B, 3, Hp, Wp) ImageNet-normalised, sizes [(h, w)] unpadded -> (B, 3, size, size)."""
     def stats(values):
         return torch.tensor(values, device=images.device)[:, None, None]  # (3, 1, 1)
 
     views = []
     for image, (h, w) in zip(images, sizes):
         rgb = image[:, :h, :w] * stats(IMAGENET_STD) + stats(IMAGENET_MEAN)  # (3, h, w) in [0, 1]
-        rh, rw = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
-        rgb = nn.functional.interpolate(rgb[None], size=(rh, rw), mode="bicubic", align_corners=False)[0]
+        long = int(size * max(h, w) / min(h, w))  # truncated, as transformers
+        rh, rw = (size, long) if h <= w else (long, size)
+        rgb = nn.functional.interpolate(rgb[None], size=(rh, rw), mode="bicubic", align_corners=False,
+                                        antialias=True)[0]  # (3, rh, rw)
         top, left = (rh - size) // 2, (rw - size) // 2
         crop = rgb[:, top:top + size, left:left + size].clamp(0, 1)  # (3, size, size)
         views.append((crop - stats(CLIP_MEAN)) / stats(CLIP_STD))

@@ -1,4 +1,4 @@
-"""common/backbones.py: pixel-level outputs, text and CLIP encoders, offline errors, parameter counts."""
+"""common/backbones.py: pixel-level outputs, text and CLIP encoders, CLIP's image view, offline errors, parameter counts."""
 import math
 
 import numpy as np
@@ -215,3 +215,55 @@ def test_text_encoders_load_from_a_local_directory(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "clip")
     loaded = CLIPEncoder.from_pretrained(str(tmp_path / "clip"), max_length=12, local_files_only=True)
     torch.testing.assert_close(loaded.encode_text(SENTENCES), clip.encode_text(SENTENCES))
+
+
+# openai/clip-vit-base-patch16's preprocessor_config.json (what VATEX's AutoProcessor loads), as
+# the arguments of transformers' CLIP image processor; nothing is downloaded
+CLIP_B16_PREPROCESSOR = dict(do_resize=True, size={"shortest_edge": 224}, resample=3,
+                             do_center_crop=True, crop_size={"height": 224, "width": 224},
+                             do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                             image_mean=[0.48145466, 0.4578275, 0.40821073],
+                             image_std=[0.26862954, 0.26130258, 0.27577711])
+
+
+@pytest.mark.parametrize("name", ["CLIPImageProcessor", "CLIPImageProcessorPil"])
+def test_clip_view_equals_transformers_clip_image_processor(name):
+    """`clip_view` against transformers' CLIP image processor on uint8 RGB images, the input the
+    official VATEX code gives it: a smooth 480x720 image and a noisy 517x389 one (long side
+    int(224 * 517 / 389) = 297, where rounding gives 298 and shifts the crop by a row).
+    In transformers 5 (5.25.0 when measured) `CLIPImageProcessor` is the torchvision-backed
+    processor and `CLIPImageProcessorPil` the PIL one, which is transformers 4's
+    `CLIPImageProcessor` (the official code's); both gave the same numbers.
+    Tolerance, measured, in CLIP-normalised units (x ~0.27, CLIP's std, for [0, 1] units): the
+    processor resizes uint8 in two passes, rounding and clipping after each (PIL's way), and we
+    resize floats once: on the smooth image at most 0.013 (0.0034 in [0, 1], under 1/255; 0.02
+    allowed); on the noisy one, where bicubic overshoots are clipped between the passes, 0.0043
+    on average (0.01 allowed) and 0.12 at most (0.033 in [0, 1]; 0.15 allowed). With float input
+    (torchvision backend only: no rounding, and nothing to clip on the smooth image) the two
+    agree to 1.2e-6 (1e-4 allowed). On the noisy image a rounded long side (298) gives a mean of
+    0.31, a bicubic without antialiasing 0.49, and both together 0.67."""
+    import transformers
+    from common.backbones import clip_view
+    from common.datasets import IMAGENET_MEAN, IMAGENET_STD
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    processor = getattr(transformers, name)(**CLIP_B16_PREPROCESSOR)
+    y, x = torch.meshgrid(torch.linspace(0, 1, 480), torch.linspace(0, 1, 720), indexing="ij")
+    smooth = torch.stack([0.5 + 0.4 * torch.sin(6 * x + 2 * y), 0.5 + 0.4 * torch.cos(5 * y),
+                          0.1 + 0.8 * x * y])  # (3, 480, 720) in [0.1, 0.9]
+    smooth = (smooth * 255).round().to(torch.uint8)
+    noisy = torch.randint(0, 256, (3, 517, 389), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.uint8)
+    mean, std = (torch.tensor(v)[:, None, None] for v in (IMAGENET_MEAN, IMAGENET_STD))
+    batch = torch.full((2, 3, 544, 736), 4.0)  # padded as a batch of the other encoders
+    for b, image in enumerate((smooth, noisy)):
+        batch[b, :, :image.shape[1], :image.shape[2]] = (image / 255 - mean) / std
+    ours = clip_view(batch, [(480, 720), (517, 389)], 224)  # (2, 3, 224, 224)
+    theirs = [processor(images=image, return_tensors="pt")["pixel_values"][0]
+              for image in (smooth, noisy)]  # (3, 224, 224) each
+    assert ours.shape == (2, 3, 224, 224) and theirs[0].shape == theirs[1].shape == (3, 224, 224)
+    assert (ours[0] - theirs[0]).abs().max() < 0.02
+    assert (ours[1] - theirs[1]).abs().mean() < 0.01 and (ours[1] - theirs[1]).abs().max() < 0.15
+    if getattr(processor, "backend", None) == "torchvision":
+        exact = processor(images=smooth.float(), return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(ours[0], exact, rtol=0, atol=1e-4)

@@ -1,5 +1,7 @@
-"""VATEX (vatex.py): BAT, the CLIP prior's pairing, Eqs. (5)-(6), inference, training, resume, DDP, CLI."""
+"""VATEX (vatex.py): BAT, the CMD (--no-cmd, initialisation, fp32), the CLIP prior's pairing, Eqs. (5)-(6), inference,
+training, resume, DDP, CLI."""
 
+import itertools
 import json
 import math
 import os
@@ -75,6 +77,101 @@ def test_bat_equals_hand_computation_and_ignores_padded_words():
     changed = words.clone()
     changed[0, 3] = 100.0
     torch.testing.assert_close(bat(visual, changed, pos, mask)[0], out_visual)
+
+
+# ------------------------------------------------------------------------ Sec. 3.2 CMD
+def small_cmd(heads=4):
+    torch.manual_seed(0)
+    return vatex.ContextualMultimodalDecoder(in_channels=[32, 64, 128, 256], dim=64, heads=heads,
+                                             encoder_layers=2, encoder_ffn_dim=128)
+
+
+def test_no_cmd_keeps_text_guided_pixels_and_drops_only_the_word_update(toy, toy_root, tmp_path):
+    """Table 4's baseline uses "only text-guided vision features" and no vision-aware text features:
+    with --no-cmd every BAT (3 early, 4 CMD levels) still updates the pixels from the words, Eq. (3),
+    with f_w as the resizer gives it (no Eq. 2), so the pixels depend on the sentence while the
+    decoder's word attention and the queries (the mean, Eq. 5) read f_w itself. With the CMD the
+    words reaching the decoder are updated. The unused word attention is not built (DDP waits for
+    every parameter's gradient) and every parameter that is built gets one."""
+    cfg, dataset, model, batch = toy
+    vocab = build_vocab([s["expression"] for s in dataset.samples] + ["a photo of ."])
+    plain_cfg = toy_config(toy_root, tmp_path, "--no-cmd")
+    torch.manual_seed(0)
+    plain = vatex.build_model(plain_cfg, vocab=vocab)
+    bats = [*plain.cmd.early_bats, *plain.cmd.bats]
+    assert len(bats) == 7 and all(b.text_attn is None for b in bats)
+    assert all(b.text_attn is not None for b in [*model.cmd.early_bats, *model.cmd.bats])
+    texts = ["the red circle", "the small blue square on the left that is moving up"]
+    image, size = batch["images"][:1], batch["image_sizes"][:1]
+    for m, updates_words in ((plain, False), (model, True)):
+        seen, training = {}, m.training
+        hooks = [m.text_proj.register_forward_hook(lambda mod, a, out: seen.update(f_w=out)),
+                 m.cmd.register_forward_hook(lambda mod, a, out: seen.update(pixels=out)),
+                 m.decoder.register_forward_pre_hook(
+                     lambda mod, args: seen.update(sentence=args[3], words=args[5]))]
+        m.eval()
+        with torch.no_grad():
+            m(image, size, texts, torch.zeros(2, dtype=torch.long))  # two sentences, one image
+        for hook in hooks:
+            hook.remove()
+        m.train(training)
+        pixels = seen["pixels"]["mask_features"]  # (2, C, h, w): the same image for both
+        assert not torch.allclose(pixels[0], pixels[1], atol=1e-4)  # text-guided vision features
+        if updates_words:
+            assert not torch.allclose(seen["words"], seen["f_w"], atol=1e-4)  # F_4^w
+        else:
+            torch.testing.assert_close(seen["words"], seen["f_w"], rtol=0, atol=0)
+            mask = model.clip.encode_words(texts)["attn_mask"]
+            for n in range(2):
+                torch.testing.assert_close(seen["sentence"][n], seen["f_w"][n][mask[n]].mean(0))
+    plain.train()
+    texts, index, targets, triplets = vatex.captions_of(batch)
+    outputs = plain(batch["images"], batch["image_sizes"], texts, index)
+    sum(vatex.compute_losses(plain_cfg, outputs, targets, triplets).values()).backward()
+    assert_gradients_reach_every_trainable_parameter(plain)
+
+
+def test_deformable_encoder_and_cmd_start_as_the_official_code():
+    """Deformable DETR's initialisation (MSDeformAttn._reset_parameters, as the official
+    Mask2Former encoder runs it): zero offset weights and a bias that puts point k of head h k + 1
+    cells out along the direction 2 pi h / heads, scaled so that its largest coordinate is 1, on
+    every level; a zero attention-weight projection, so every query starts attending uniformly
+    over its points; zero value / output biases. The official cmd.py zeroes the biases of the
+    input projections and of the mask projection."""
+    cmd = small_cmd(heads=8)
+    directions = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]])
+    for layer in cmd.encoder.layers:
+        attn = layer.self_attn
+        assert (attn.n_heads, attn.n_levels, attn.n_points) == (8, 3, 4)
+        assert not attn.sampling_offsets.weight.any()
+        bias = attn.sampling_offsets.bias.detach().view(8, 3, 4, 2)  # heads, levels, points, xy
+        for h, level, k in itertools.product(range(8), range(3), range(4)):
+            torch.testing.assert_close(bias[h, level, k], directions[h].float() * (k + 1),
+                                       rtol=0, atol=1e-5)
+        assert not attn.attention_weights.weight.any() and not attn.attention_weights.bias.any()
+        weights = attn.attention_weights(torch.randn(5, 64)).view(5, 8, 3 * 4).softmax(-1)
+        torch.testing.assert_close(weights, torch.full_like(weights, 1 / 12))
+        assert not attn.value_proj.bias.any() and not attn.output_proj.bias.any()
+    assert not any(proj[0].bias.any() for proj in cmd.input_proj) and not cmd.mask_proj.bias.any()
+
+
+def test_cmd_runs_in_fp32_under_autocast():
+    """As the official cmd.py (`autocast(enabled=False)`, inputs cast to float): under bf16 autocast
+    (CPU here; CUDA's autocast casts Linear and Conv2d alike) and with bf16 inputs, the CMD's inner
+    layers and its outputs are float32."""
+    cmd = small_cmd().eval()
+    stages = [torch.randn(2, c, 64 // s, 96 // s).bfloat16()
+              for c, s in zip([32, 64, 128, 256], [4, 8, 16, 32])]  # (2, C_s, 64/s, 96/s)
+    words, pos = torch.randn(2, 5, 64).bfloat16(), torch.randn(2, 5, 64)  # (2, L, C)
+    dtypes = {}
+    for name, module in (("deformable value_proj", cmd.encoder.layers[0].self_attn.value_proj),
+                         ("lateral conv", cmd.lateral[2][0]), ("fusion conv", cmd.fuse[3][0])):
+        module.register_forward_hook(lambda m, a, out, name=name: dtypes.update({name: out.dtype}))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cmd(stages, words, pos, torch.ones(2, 5, dtype=torch.bool))
+    assert set(dtypes.values()) == {torch.float32} and len(dtypes) == 3, dtypes
+    tensors = [*out["features"], *out["pos"], out["mask_features"], out["words"]]
+    assert all(t.dtype == torch.float32 for t in tensors), [t.dtype for t in tensors]
 
 
 # ------------------------------------------------------------------------------- Sec. 3.1 prior
@@ -196,6 +293,16 @@ def test_predict_and_shapes(toy):
 
 
 # ---------------------------------------------------------------------------------- training
+def assert_gradients_reach_every_trainable_parameter(model):
+    """A gradient for every trainable parameter (DDP waits for each), non-zero except the level
+    embedding's: it reaches the loss only through the deformable encoder's offset and
+    attention-weight projections, which start at zero (Deformable DETR's initialisation)."""
+    starts_at_zero = {"cmd.level_embed"}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (
+        p.grad is None or (n not in starts_at_zero and not p.grad.any()))]
+    assert not missing, missing
+
+
 def test_gradients_reach_every_trainable_parameter_and_not_clip(toy):
     cfg, _, model, batch = toy
     model.train()
@@ -203,8 +310,7 @@ def test_gradients_reach_every_trainable_parameter_and_not_clip(toy):
     terms = vatex.compute_losses(cfg, model(batch["images"], batch["image_sizes"], texts, index), targets, triplets)
     model.zero_grad()
     sum(terms.values()).backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
-    assert not missing, missing
+    assert_gradients_reach_every_trainable_parameter(model)
     assert not any(p.requires_grad for p in model.clip.parameters()) and not model.clip.model.training
 
 

@@ -1,7 +1,8 @@
 """How hard each MRaCL training term pulls: the gradient norm (over all parameters) of LAVT's
-cross-entropy and of the contrastive term, each on its own, on the same toy batches, at
-initialisation or for a trained checkpoint. With the toy preset's gradient clipping (total norm
-1) a term whose gradient is 100x the other's leaves the other almost nothing.
+cross-entropy and of the contrastive term, each on its own, on the same toy batches (as train()
+runs them: the partners through the encoder only), at initialisation or for a trained checkpoint.
+The norms say how the two terms compare in the gradient the optimiser receives, not how far a step
+moves: AdamW scales each parameter's step by its own gradient history.
 
 Run from the repository root:
     python tests/bench/mracl_grad_balance.py [--checkpoint runs/mracl-toy/last.pt] [--batches 8]
@@ -44,7 +45,9 @@ def main(argv=None):
         index, texts = mracl.with_partners(cfg, batch)
         if len(index) == cfg.batch_size:
             continue
-        terms = mracl.compute_losses(cfg, model(batch["images"][index], texts), batch, index)
+        outputs = model(batch["images"][index], texts, pad_mask=batch["pad_mask"][index],
+                        samples=len(batch["expression"]))
+        terms = mracl.compute_losses(cfg, outputs, batch, index)
         row = {"pairs": len(index) - cfg.batch_size}
         for name, value in terms.items():
             model.zero_grad()
