@@ -30,8 +30,9 @@ Deviations from the paper (and from the official code, which the paper does not 
   - Text in the pixels and the decoder layers (official code; the paper is silent): LAVT's PWAM
     after every Swin stage's blocks, its output the stage's feature map (common.lavt). The
     official code also builds LAVT's tanh gate that would feed it into the next stage, but
-    zero-initialises both of its layers, so the gate's gradient is zero and it stays shut: we
-    build no gate (--language-gate: LAVT's live one). Word cross-attention in every Mask2Former
+    zero-initialises both of its layers (mask2former/modeling/backbone/swin.py, MMBasicLayer), so
+    the gate's gradient is zero and it stays shut: we build no gate (--language-gate: LAVT's
+    live one). Word cross-attention in every Mask2Former
     layer (static cues) and Motion-Decoder layer (motion cues, query positions added to the
     queries; official: all words, no positions) and no BiAttention block. Without PWAM our toy
     models segmented every object whatever the sentence.

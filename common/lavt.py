@@ -9,11 +9,10 @@ transformers' SwinBackbone without rewriting it: the Swin stages run one at a ti
 stage's blocks (before its patch merging) the PWAM output F_i is gated and added to the stage's
 features, which feed the next stage; the encoder's outputs are the F_i (through the backbone's
 per-stage LayerNorms). LAVT encodes images this way (`feedback=True`, its gate live from the
-start). DsHmp's official code (mask2former/modeling/backbone/swin.py, `MMBasicLayer`) builds the
-same gate but zero-initialises both of its bias-free Linear layers and never re-initialises them:
-with W_1 = W_2 = 0 the gate's output and both weights' gradients are exactly zero, so it never
-opens and nothing is fed back; the stage outputs are still the F_i. `feedback=False` is that
-encoder in effect: PWAM on each stage's output, no gate, the Swin stages untouched by the words.
+start). `feedback=False` builds no gate: PWAM on each stage's output, the Swin stages untouched by
+the words. It is what a gate whose two bias-free Linear layers are both zero-initialised amounts
+to: with W_1 = W_2 = 0 the gate's output and both weights' gradients are exactly zero, so no
+optimiser step ever opens it.
 """
 import math
 

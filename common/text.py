@@ -7,7 +7,7 @@
   expression decoupling. The official code (dshmp_model.py `proceesing_text_decoupling`) runs spaCy
   `en_core_web_sm` and puts a word in the motion set when its POS is VERB or ADV, and every
   other word in the static set; each RoBERTa subword takes the set of the word that contains it.
-  A method with another rule passes its own word sets (`cues=`; DMVS's is in dmvs.py).
+  A method with another rule passes its own word sets (`cues=`).
 - `main_noun_phrase`: the object phrase of VATEX's CLIP prior prompt "a photo of {}"
   (vatex/utils/noun_phrase.py: the spaCy noun chunk that holds the dependency root).
 - `verb_phrase`: the motion-centric verb phrase of MRaCL's augmentation (the paper uses an LLM).
