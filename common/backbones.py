@@ -41,7 +41,8 @@ MASK2FORMER_SWIN_TINY = "facebook/mask2former-swin-tiny-coco-instance"
 MASK2FORMER_SWIN_BASE = "facebook/mask2former-swin-base-IN21k-coco-instance"
 ROBERTA_BASE = "FacebookAI/roberta-base"
 CLIP_B16 = "openai/clip-vit-base-patch16"
-SWIN_BASE_22K = "microsoft/swin-base-patch4-window12-384-in22k"  # VATEX's swin_base_patch4_window12_384_22k
+# VATEX's swin_base_patch4_window12_384_22k
+SWIN_BASE_22K = "microsoft/swin-base-patch4-window12-384-in22k"
 SWIN_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 
@@ -65,7 +66,8 @@ def hub_cache_dir() -> str:
 
 
 def _pretrained(load, name_or_path: str, *, cache_dir=None, local_files_only=None, **kwargs):
-    """Call a transformers `from_pretrained` and turn its failure into one clear WeightsNotFoundError."""
+    """Call a transformers `from_pretrained` and turn its failure into one clear
+    WeightsNotFoundError."""
     cache_dir = str(cache_dir) if cache_dir is not None else hub_cache_dir()
     if local_files_only is None:
         local_files_only = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
@@ -75,12 +77,14 @@ def _pretrained(load, name_or_path: str, *, cache_dir=None, local_files_only=Non
         mode = "offline (local files only)" if local_files_only else "online"
         raise WeightsNotFoundError(
             f"Could not load the pretrained weights {name_or_path!r} ({mode}).\n"
-            f"Looked for: a local directory named {name_or_path!r}, then the Hugging Face cache at {cache_dir} "
+            f"Looked for: a local directory named {name_or_path!r}, then the Hugging Face cache at "
+            f"{cache_dir} "
             f"(set with HF_HUB_CACHE or HF_HOME)"
             + ("" if local_files_only else ", then the Hugging Face Hub")
             + ".\n"
-            f"Fix: on a machine with internet run `hf download {name_or_path}` (or any from_pretrained call) "
-            f"and copy the cache here, or pass a local directory written by save_pretrained (config.json, "
+            f"Fix: on a machine with internet run `hf download {name_or_path}` (or any "
+            f"from_pretrained call) and copy the cache here, or pass a local directory written by "
+            f"save_pretrained (config.json, "
             f"model.safetensors, tokenizer files for text models) in place of {name_or_path!r}. "
             f"Random weights are never used instead.\n"
             f"Cause: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
@@ -90,8 +94,10 @@ def _pretrained(load, name_or_path: str, *, cache_dir=None, local_files_only=Non
 # ----------------------------------------------------------------- Mask2Former pixel-level module
 def sine_position_embedding(feature: torch.Tensor, num_channels: int) -> torch.Tensor:
     """The normalised 2-D sine position embedding Mask2Former's decoder adds to its keys:
-    (B, C_any, H, W) -> (B, num_channels, H, W), equal to transformers' `Mask2FormerSinePositionEmbedding`."""
-    embed = Mask2FormerSinePositionEmbedding(num_position_features=num_channels // 2, normalize=True)
+    (B, C_any, H, W) -> (B, num_channels, H, W), equal to transformers'
+    `Mask2FormerSinePositionEmbedding`."""
+    embed = Mask2FormerSinePositionEmbedding(num_position_features=num_channels // 2,
+                                             normalize=True)
     return embed(feature.shape, feature.device, feature.dtype)  # (B, num_channels, H, W)
 
 
@@ -101,10 +107,12 @@ def swin_tiny_coco_config(**overrides) -> Mask2FormerConfig:
     100 queries, 80 classes, otherwise Mask2FormerConfig's defaults (256 channels, 6 pixel-decoder
     layers, 9 decoder layers). For building the architecture without downloading."""
     swin = SwinConfig(
-        embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, drop_path_rate=0.3,
+        embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+        drop_path_rate=0.3,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
-    return Mask2FormerConfig(**{"backbone_config": swin, "num_queries": 100, "num_labels": 80, **overrides})
+    return Mask2FormerConfig(**{"backbone_config": swin, "num_queries": 100,
+                                "num_labels": 80, **overrides})
 
 
 class PixelLevel(nn.Module):
@@ -138,18 +146,22 @@ class PixelLevel(nn.Module):
 
     def forward(self, pixel_values, encode=None):
         if pixel_values.shape[-1] % 32 or pixel_values.shape[-2] % 32:
-            raise ValueError(f"H and W must be multiples of 32, got pixel_values {tuple(pixel_values.shape)}")
+            raise ValueError(f"H and W must be multiples of 32, got pixel_values "
+                             f"{tuple(pixel_values.shape)}")
         if encode is None:
-            stages = self.backbone(pixel_values).feature_maps  # 4 x (B, C_s, H/s, W/s), s = 4, 8, 16, 32
+            # 4 x (B, C_s, H/s, W/s), s = 4, 8, 16, 32
+            stages = self.backbone(pixel_values).feature_maps
         else:
             stages = encode(self.backbone, pixel_values)
         # official (Mask2Former's msdeformattn.py, as VITA and DsHmp use it): the pixel decoder runs
         # in fp32 under mixed precision, `@autocast(enabled=False)` and the features cast to float
         with torch.autocast(device_type=pixel_values.device.type, enabled=False):
             out = self.pixel_decoder([s.float() for s in stages])
-        features = list(out.multi_scale_features)  # [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)]
+        # [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)]
+        features = list(out.multi_scale_features)
         pos = [sine_position_embedding(f, self.out_channels) for f in features]  # same shapes
-        return {"features": features, "pos": pos, "mask_features": out.mask_features}  # mask: (B, C_mask, H/4, W/4)
+        # mask: (B, C_mask, H/4, W/4)
+        return {"features": features, "pos": pos, "mask_features": out.mask_features}
 
     @classmethod
     def tiny(cls, **config) -> "PixelLevel":
@@ -158,7 +170,8 @@ class PixelLevel(nn.Module):
         return cls(tiny_mask2former_config(**config))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = MASK2FORMER_SWIN_TINY, **hub_kwargs) -> "PixelLevel":
+    def from_pretrained(cls, name_or_path: str = MASK2FORMER_SWIN_TINY,
+                        **hub_kwargs) -> "PixelLevel":
         """The pixel-level module of a Mask2Former checkpoint (see `load_mask2former`)."""
         return load_mask2former(name_or_path, **hub_kwargs)[0]
 
@@ -167,8 +180,9 @@ class PixelLevel(nn.Module):
 def swin_base_22k_config(**overrides) -> SwinConfig:
     """Swin-B at 384 px (embed 128, depths 2-2-18-2, heads 4-8-16-32, window 12) with VATEX's
     drop-path 0.3 and all four stages as outputs: the architecture of SWIN_BASE_22K."""
-    return SwinConfig(**{"image_size": 384, "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32],
-                         "window_size": 12, "drop_path_rate": 0.3, "out_features": SWIN_STAGES, **overrides})
+    return SwinConfig(**{"image_size": 384, "embed_dim": 128, "depths": [2, 2, 18, 2],
+                         "num_heads": [4, 8, 16, 32], "window_size": 12, "drop_path_rate": 0.3,
+                         "out_features": SWIN_STAGES, **overrides})
 
 
 def swin_backbone(config: SwinConfig) -> SwinBackbone:
@@ -180,7 +194,8 @@ def swin_backbone(config: SwinConfig) -> SwinBackbone:
     return backbone
 
 
-def load_swin_backbone(name_or_path: str = SWIN_BASE_22K, *, drop_path_rate: float = 0.3, **hub_kwargs) -> SwinBackbone:
+def load_swin_backbone(name_or_path: str = SWIN_BASE_22K, *, drop_path_rate: float = 0.3,
+                       **hub_kwargs) -> SwinBackbone:
     """ImageNet weights of a Swin classifier checkpoint in a SwinBackbone (the four per-stage
     LayerNorms are new, as in detectron2's Swin); WeightsNotFoundError when unavailable."""
     backbone = _pretrained(SwinBackbone.from_pretrained, name_or_path, out_features=SWIN_STAGES,
@@ -193,9 +208,11 @@ def clip_b16_config() -> CLIPConfig:
     """The configuration of `openai/clip-vit-base-patch16` (text 512 wide, 12 layers, 49,408 tokens;
     vision ViT-B/16 at 224 px; 512-d joint space), for building it without downloading."""
     return CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+        text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
+                         num_hidden_layers=12,
                          num_attention_heads=8, max_position_embeddings=77),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                           num_attention_heads=12,
                            image_size=224, patch_size=16),
         projection_dim=512,
     )
@@ -204,7 +221,8 @@ def clip_b16_config() -> CLIPConfig:
 def roberta_base_config() -> RobertaConfig:
     """The configuration of `FacebookAI/roberta-base` (12 layers, 768 wide, 50,265 tokens), for
     building the architecture without downloading (parameter counts, tests)."""
-    return RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+    return RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                         pad_token_id=1,
                          bos_token_id=0, eos_token_id=2)
 
 
@@ -226,18 +244,22 @@ def tiny_mask2former_config(
     num_heads is the pixel decoder's deformable-attention head count; `overrides` go to
     Mask2FormerConfig (e.g. num_queries, decoder_layers, num_labels)."""
     swin = SwinConfig(
-        embed_dim=embed_dim, depths=list(depths), num_heads=list(swin_heads), window_size=window_size,
+        embed_dim=embed_dim, depths=list(depths), num_heads=list(swin_heads),
+        window_size=window_size,
         drop_path_rate=drop_path, out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     return Mask2FormerConfig(**{
         "backbone_config": swin, "feature_size": hidden_dim, "mask_feature_size": hidden_dim,
-        "hidden_dim": hidden_dim, "encoder_layers": encoder_layers, "encoder_feedforward_dim": encoder_ffn_dim,
+        "hidden_dim": hidden_dim, "encoder_layers": encoder_layers,
+        "encoder_feedforward_dim": encoder_ffn_dim,
         "num_attention_heads": num_heads, **overrides,
     })
 
 
-def load_mask2former(name_or_path: str = MASK2FORMER_SWIN_TINY, *, cache_dir=None, local_files_only=None):
-    """Load a Mask2Former checkpoint with transformers' `Mask2FormerForUniversalSegmentation.from_pretrained`.
+def load_mask2former(name_or_path: str = MASK2FORMER_SWIN_TINY, *, cache_dir=None,
+                     local_files_only=None):
+    """Load a Mask2Former checkpoint with transformers'
+    `Mask2FormerForUniversalSegmentation.from_pretrained`.
 
     Returns (pixel_level, decoder_state_dict, config): the loaded `PixelLevel`; the state dict of
     the transformer decoder and class head (keys `model.transformer_module.*` and
@@ -250,8 +272,10 @@ def load_mask2former(name_or_path: str = MASK2FORMER_SWIN_TINY, *, cache_dir=Non
         Mask2FormerForUniversalSegmentation.from_pretrained, name_or_path, cache_dir=cache_dir,
         local_files_only=local_files_only,
     )
-    decoder_state = {k: v for k, v in model.state_dict().items() if k.startswith(HF_DECODER_PREFIXES)}
-    return PixelLevel(model.config, pixel_level_module=model.model.pixel_level_module), decoder_state, model.config
+    decoder_state = {k: v for k, v in model.state_dict().items()
+                     if k.startswith(HF_DECODER_PREFIXES)}
+    return PixelLevel(model.config, pixel_level_module=model.model.pixel_level_module), \
+        decoder_state, model.config
 
 
 # ----------------------------------------------------------------------------- text encoders
@@ -279,7 +303,8 @@ class _Encoder(nn.Module):
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, got a single string")
         enc = self.tokenizer(
-            list(texts), padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt",
+            list(texts), padding=padding, truncation=True, max_length=self.max_length,
+            return_tensors="pt",
             return_offsets_mapping=True, return_special_tokens_mask=True,
         )
         return {k: v.to(self._device()) for k, v in enc.items()}
@@ -295,7 +320,8 @@ class TextEncoder(_Encoder):
       attn_mask (B, L) bool: True on real tokens (specials included), False on padding;
       word_mask (B, L) bool: True on real tokens that are not <s>/</s>;
       sentence (B, C): mean of word_feats over word_mask (zeros for an empty sentence);
-      offsets (B, L, 2) long: character span of each token in its sentence, (0, 0) for specials/padding;
+      offsets (B, L, 2) long: character span of each token in its sentence, (0, 0) for
+      specials/padding;
       input_ids (B, L) long.
     The sentence feature is a masked mean, not RoBERTa's pooler: the roberta-base checkpoint has no
     trained pooler (the official DsHmp uses a random frozen one, DsHmp issue #13), and `<s>` was
@@ -303,7 +329,8 @@ class TextEncoder(_Encoder):
     the usual substitute (Reimers & Gurevych, Sentence-BERT, EMNLP 2019).
     """
 
-    def __init__(self, model: RobertaModel, tokenizer, *, max_length: int = 40, freeze: bool = True):
+    def __init__(self, model: RobertaModel, tokenizer, *, max_length: int = 40,
+                 freeze: bool = True):
         super().__init__()
         if not tokenizer.is_fast:
             raise ValueError("TextEncoder needs a fast tokenizer (for offsets)")
@@ -322,32 +349,38 @@ class TextEncoder(_Encoder):
         summed = einops.einsum(word_feats, weights, "b l c, b l -> b c")  # (B, C)
         sentence = summed / weights.sum(1, keepdim=True).clamp(min=1)  # (B, C)
         return {
-            "word_feats": word_feats, "attn_mask": attn_mask, "word_mask": word_mask, "sentence": sentence,
+            "word_feats": word_feats, "attn_mask": attn_mask, "word_mask": word_mask,
+            "sentence": sentence,
             "offsets": enc["offset_mapping"].long(), "input_ids": enc["input_ids"],
         }
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = ROBERTA_BASE, *, freeze: bool = True, max_length: int = 40,
+    def from_pretrained(cls, name_or_path: str = ROBERTA_BASE, *, freeze: bool = True,
+                        max_length: int = 40,
                         model_class=RobertaModel, **hub_kwargs) -> "TextEncoder":
         """RoBERTa-base (or, with model_class=BertModel, BERT, which LAVT fine-tunes) and its fast
         tokenizer via transformers; WeightsNotFoundError when unavailable. The pooler is not built
         (roberta-base has no trained one, and only the word features are used)."""
         tokenizer = _pretrained(AutoTokenizer.from_pretrained, name_or_path, **hub_kwargs)
-        model = _pretrained(model_class.from_pretrained, name_or_path, add_pooling_layer=False, **hub_kwargs)
+        model = _pretrained(model_class.from_pretrained, name_or_path, add_pooling_layer=False,
+                            **hub_kwargs)
         return cls(model, tokenizer, max_length=max_length, freeze=freeze)
 
     @classmethod
-    def tiny(cls, tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 2, max_length: int = 40,
+    def tiny(cls, tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 2,
+             max_length: int = 40,
              freeze: bool = False) -> "TextEncoder":
         """A random RoBERTa around any fast tokenizer (e.g. `common.text.word_tokenizer`)."""
         config = RobertaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=heads,
             intermediate_size=4 * hidden, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             # RoBERTa numbers positions from pad_token_id + 1
             max_position_embeddings=max_length + tokenizer.pad_token_id + 1,
         )
-        return cls(RobertaModel(config, add_pooling_layer=False), tokenizer, max_length=max_length, freeze=freeze)
+        return cls(RobertaModel(config, add_pooling_layer=False), tokenizer, max_length=max_length,
+                   freeze=freeze)
 
 
 class CLIPEncoder(_Encoder):
@@ -378,7 +411,8 @@ class CLIPEncoder(_Encoder):
     def encode_words(self, texts):
         enc = self._tokenize(texts, padding="longest")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            out = self.model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            out = self.model.text_model(input_ids=enc["input_ids"],
+                                        attention_mask=enc["attention_mask"])
             word_feats = out.last_hidden_state  # (B, L, C_text)
             # The end-of-text token is the last real token (right padding). transformers finds it by
             # argmax(input_ids) for the OpenAI configs (eos_token_id == 2), which picks the same
@@ -386,7 +420,8 @@ class CLIPEncoder(_Encoder):
             last = enc["attention_mask"].sum(1) - 1  # (B,)
             eos_feats = word_feats[torch.arange(len(last), device=last.device), last]  # (B, C_text)
             text_embeds = self.model.text_projection(eos_feats)  # (B, D)
-        return {"word_feats": word_feats, "attn_mask": enc["attention_mask"].bool(), "text_embeds": text_embeds,
+        return {"word_feats": word_feats, "attn_mask": enc["attention_mask"].bool(),
+                "text_embeds": text_embeds,
                 "input_ids": enc["input_ids"]}
 
     def encode_text(self, texts):
@@ -398,13 +433,16 @@ class CLIPEncoder(_Encoder):
             out = vision(pixel_values=pixel_values, interpolate_pos_encoding=True)
             tokens = out.last_hidden_state  # (B, 1+N, C_vis), before CLIP's post-LayerNorm
             cls = self.model.visual_projection(vision.post_layernorm(tokens[:, 0]))  # (B, D)
-            patches = vision.post_layernorm(tokens[:, 1:]) if patch_layernorm else tokens[:, 1:]  # (B, N, C_vis)
+            # (B, N, C_vis)
+            patches = vision.post_layernorm(tokens[:, 1:]) if patch_layernorm else tokens[:, 1:]
             patch_tokens = self.model.visual_projection(patches)  # (B, N, D)
-        grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
+        grid = (pixel_values.shape[-2] // self.patch_size,
+                pixel_values.shape[-1] // self.patch_size)
         return {"patch_tokens": patch_tokens, "cls": cls, "grid": grid}
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = CLIP_B16, *, freeze: bool = True, max_length: int = 77,
+    def from_pretrained(cls, name_or_path: str = CLIP_B16, *, freeze: bool = True,
+                        max_length: int = 77,
                         **hub_kwargs) -> "CLIPEncoder":
         """CLIP and its fast tokenizer via transformers; WeightsNotFoundError when unavailable."""
         tokenizer = _pretrained(AutoTokenizer.from_pretrained, name_or_path, **hub_kwargs)
@@ -421,7 +459,8 @@ class CLIPEncoder(_Encoder):
                      num_attention_heads=heads)
         config = CLIPConfig(
             text_config=dict(
-                vocab_size=len(tokenizer), max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id,
+                vocab_size=len(tokenizer), max_position_embeddings=max_length,
+                pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **tower,
             ),
             vision_config=dict(image_size=image_size, patch_size=patch_size, **tower),
@@ -448,7 +487,8 @@ def clip_view(images, sizes, size: int):
         rgb = image[:, :h, :w] * stats(IMAGENET_STD) + stats(IMAGENET_MEAN)  # (3, h, w) in [0, 1]
         long = int(size * max(h, w) / min(h, w))  # truncated, as transformers
         rh, rw = (size, long) if h <= w else (long, size)
-        rgb = nn.functional.interpolate(rgb[None], size=(rh, rw), mode="bicubic", align_corners=False,
+        rgb = nn.functional.interpolate(rgb[None], size=(rh, rw), mode="bicubic",
+                                        align_corners=False,
                                         antialias=True)[0]  # (3, rh, rw)
         top, left = (rh - size) // 2, (rw - size) // 2
         crop = rgb[:, top:top + size, left:left + size].clamp(0, 1)  # (3, size, size)
@@ -490,7 +530,8 @@ def count_parameters(model: nn.Module, *, depth: int = 1) -> dict:
 
 
 def parameter_report(model: nn.Module, *, depth: int = 1) -> str:
-    """A table of trainable and frozen parameter counts per module (see `count_parameters`) and totals."""
+    """A table of trainable and frozen parameter counts per module (see `count_parameters`) and
+    totals."""
     counts = count_parameters(model, depth=depth)
     width = max([len(name) for name in counts] + [len("total")])
     lines = [f"{'module':<{width}}  {'trainable':>13}  {'frozen':>13}"]

@@ -14,16 +14,18 @@ import numpy as np
 # follow" and 0x10 = sign bit on the last group, each group offset by 48 to be printable ASCII.
 
 def _counts_from_string(counts: str) -> np.ndarray:
-    codes = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48  # (n_chars,)
+    # (n_chars,)
+    codes = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
     if codes.size == 0 or codes.min() < 0 or codes.max() > 63 or codes[-1] & 0x20:
-        raise ValueError(f"malformed COCO RLE counts string {counts[:40]!r}: expected pycocotools' compressed ASCII")
-    last = (codes & 0x20) == 0                                   # (n_chars,) the group ends a number
-    number = np.concatenate([[0], np.cumsum(last)[:-1]])          # (n_chars,) which number each group belongs to
+        raise ValueError(f"malformed COCO RLE counts string {counts[:40]!r}: expected pycocotools' "
+                         f"compressed ASCII")
+    last = (codes & 0x20) == 0  # (n_chars,) the group ends a number
+    number = np.concatenate([[0], np.cumsum(last)[:-1]])  # (n_chars,) the number of each group
     starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))  # (n_numbers,)
     shift = 5 * (np.arange(codes.size) - starts[number])          # (n_chars,)
     values = np.zeros(int(last.sum()), dtype=np.int64)            # (n_numbers,)
     np.add.at(values, number, (codes & 0x1F) << shift)
-    width = 5 * (np.flatnonzero(last) - starts + 1)               # (n_numbers,) bits read per number
+    width = 5 * (np.flatnonzero(last) - starts + 1)               # (n_numbers,) bits per number
     negative = (codes[last] & 0x10) != 0
     values[negative] -= np.left_shift(1, width[negative])
     # undo the delta: x[i] += x[i-2] for i > 2, i.e. a running sum over each parity from index 2 / 1
@@ -55,26 +57,30 @@ def rle_decode(rle: dict) -> np.ndarray:
     (iscrowd annotations in COCO json) are both accepted. Raises ValueError on a malformed RLE.
     """
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ValueError(f"malformed COCO RLE {str(rle)[:80]}: expected a dict with 'size' and 'counts'")
+        raise ValueError(f"malformed COCO RLE {str(rle)[:80]}: expected a dict with 'size' and "
+                         f"'counts'")
     h, w = (int(s) for s in rle["size"])
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
-    runs = _counts_from_string(counts) if isinstance(counts, str) else np.asarray(counts, dtype=np.int64)
+    runs = _counts_from_string(counts) if isinstance(counts, str) \
+        else np.asarray(counts, dtype=np.int64)
     if runs.ndim != 1 or (runs < 0).any() or runs.sum() != h * w:
-        raise ValueError(f"malformed COCO RLE: run lengths sum to {int(runs.sum())}, expected h*w = {h}*{w} = {h * w}")
+        raise ValueError(f"malformed COCO RLE: run lengths sum to {int(runs.sum())}, expected h*w "
+                         f"= {h}*{w} = {h * w}")
     flat = np.repeat((np.arange(runs.size) % 2).astype(np.uint8), runs)  # (h*w,) column-major
     return flat.reshape(w, h).T.copy()
 
 
 def rle_encode(mask: np.ndarray) -> dict:
-    """(h, w) bool/uint8 mask -> {"size": [h, w], "counts": str}, exactly as pycocotools' mask.encode writes it."""
+    """(h, w) bool/uint8 mask -> {"size": [h, w], "counts": str}, exactly as pycocotools'
+    mask.encode writes it."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"rle_encode expects a 2-D (h, w) mask, got shape {mask.shape}")
     h, w = mask.shape
     flat = (mask != 0).T.reshape(-1)                                   # (h*w,) column-major
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1                 # positions where a new run starts
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1                 # where a new run starts
     bounds = np.concatenate([[0], change, [flat.size]])
     runs = np.diff(bounds).tolist()
     if flat.size and flat[0]:
@@ -97,10 +103,12 @@ def rle_has_pixels(rle) -> bool:
         for position, char in enumerate(counts):
             if not (ord(char) - 48) & 0x20:  # last 5-bit group of the first number
                 return position < len(counts) - 1
-        raise ValueError(f"malformed COCO RLE counts string {counts[:40]!r}: it never ends its first number")
+        raise ValueError(f"malformed COCO RLE counts string {counts[:40]!r}: it never ends its "
+                         f"first number")
     if isinstance(counts, list):
         return any(run > 0 for run in counts[1::2])
-    raise ValueError(f"malformed COCO RLE {str(rle)[:80]}: expected a dict with 'size' and 'counts' (str or list)")
+    raise ValueError(f"malformed COCO RLE {str(rle)[:80]}: expected a dict with 'size' and "
+                     f"'counts' (str or list)")
 
 
 def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
@@ -120,7 +128,8 @@ def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:
 def _polygon_runs(xy: np.ndarray, h: int, w: int) -> list:
     scale = 5.0
     if xy.ndim != 1 or xy.size % 2:
-        raise ValueError(f"malformed COCO polygon with {xy.size} numbers: expected [x0, y0, x1, y1, ...]")
+        raise ValueError(f"malformed COCO polygon with {xy.size} numbers: expected [x0, y0, x1, "
+                         f"y1, ...]")
     if xy.size == 0:
         return [h * w]
     x = np.trunc(scale * xy[0::2] + 0.5).astype(np.int64)   # C's (int) cast truncates toward zero
@@ -136,7 +145,8 @@ def _polygon_runs(xy: np.ndarray, h: int, w: int) -> list:
         d = np.arange(max(dx, dy) + 1)
         t = max(dx, dy) - d if flip else d
         if dx >= dy:
-            s = (ye - ys) / dx if dx else 0.0  # a repeated vertex; C divides 0 by 0 here, its point is never used
+            # a repeated vertex; C divides 0 by 0 here, its point is never used
+            s = (ye - ys) / dx if dx else 0.0
             us.append(t + xs)
             vs.append(np.trunc(ys + s * t + 0.5).astype(np.int64))
         else:

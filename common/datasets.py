@@ -22,7 +22,8 @@ from PIL import Image
 from common.coco_mask import polygons_to_mask, rle_decode, rle_has_pixels
 from common.text import normalize_expression
 
-# Shapes: B batch, T frames, N target objects, H W resized size, H0 W0 original size, Hp Wp padded size
+# Shapes: B batch, T frames, N target objects, H W resized size, H0 W0 original size, Hp Wp padded
+# size
 
 # Input normalisation the pretrained models were trained with (RGB, [0, 1] scale): ImageNet's for
 # Swin / Mask2Former (their preprocessor_config.json), CLIP's own for the CLIP towers.
@@ -39,7 +40,8 @@ def _read_json(path: Path, dataset: str, what: str):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{dataset}: {what} {path} is not valid JSON (truncated or corrupt download?): {err}") from None
+        raise ValueError(f"{dataset}: {what} {path} is not valid JSON (truncated or corrupt "
+                         f"download?): {err}") from None
 
 
 def _read_pickle(path: Path, dataset: str, what: str):
@@ -49,16 +51,20 @@ def _read_pickle(path: Path, dataset: str, what: str):
     try:
         with open(path, "rb") as f:
             return pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
-        raise ValueError(f"{dataset}: {what} {path} is not a readable pickle (truncated or corrupt download?): "
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            AttributeError, ImportError) as err:
+        raise ValueError(f"{dataset}: {what} {path} is not a readable pickle (truncated or corrupt "
+                         f"download?): "
                          f"{type(err).__name__}: {err}") from None
 
 
 def _expression(exp, path: Path, dataset: str, where: str, key: str = "exp") -> str:
-    """The normalised expression text of a meta entry; an empty, blank or non-string one is an error."""
+    """The normalised expression text of a meta entry; an empty, blank or non-string one is an
+    error."""
     text = _key(exp, key, path, dataset, where)
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{dataset}: {path} {where} has an empty expression ({text!r}); every expression needs "
+        raise ValueError(f"{dataset}: {path} {where} has an empty expression ({text!r}); every "
+                         f"expression needs "
                          f"text (see data/README.md)")
     return normalize_expression(text)
 
@@ -74,8 +80,9 @@ def _frame_files(image_dir: Path, video: str, frames: list, dataset: str) -> Non
     present = {p.stem for p in folder.iterdir() if p.suffix == ".jpg"}
     missing = [f for f in frames if f not in present]
     if missing:
-        raise FileNotFoundError(f"{dataset}: {len(missing)} of the {len(frames)} frames the metadata lists for video "
-                                f"{video!r} are not in {folder}, e.g. {missing[0]}.jpg (see data/README.md)")
+        raise FileNotFoundError(f"{dataset}: {len(missing)} of the {len(frames)} frames the "
+                                f"metadata lists for video {video!r} are not in {folder}, e.g. "
+                                f"{missing[0]}.jpg (see data/README.md)")
 
 
 def _key(mapping, key, path: Path, dataset: str, where: str):
@@ -120,14 +127,17 @@ def resize_clip(frames: torch.Tensor, masks=None, *, short_side: int, max_size: 
     with the frames; plain "nearest" shifts them by up to a pixel). Resizing uint8 on the CPU is
     several times faster than float."""
     size = resized_size(*frames.shape[-2:], short_side=short_side, max_size=max_size)
-    frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)  # (T, 3, H, W)
+    frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False,
+                           antialias=True)  # (T, 3, H, W)
     if masks is not None:
-        masks = F.interpolate(masks.view(torch.uint8), size=size, mode="nearest-exact").bool()  # (N, T, H, W)
+        masks = F.interpolate(masks.view(torch.uint8), size=size,
+                              mode="nearest-exact").bool()  # (N, T, H, W)
     return frames, masks
 
 
 def normalize(frames: torch.Tensor, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """(..., 3, H, W) uint8 RGB -> contiguous float32, mean/std normalised (ImageNet's by default)."""
+    """(..., 3, H, W) uint8 RGB -> contiguous float32, mean/std normalised
+    (ImageNet's by default)."""
     mean = torch.tensor(mean)[:, None, None] * 255  # (3, 1, 1)
     std = torch.tensor(std)[:, None, None] * 255
     return frames.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).div_(std)
@@ -147,7 +157,8 @@ def swap_left_right(expression: str) -> str:
     def swap(match):
         word = match.group(1)
         other = _SWAPPED[word.lower()]
-        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() \
+            else other
 
     return _LEFT_RIGHT.sub(swap, expression)
 
@@ -163,21 +174,26 @@ def hflip_clip(frames: torch.Tensor, masks, expression: str):
 
 # ---------------------------------------------------------------- clip sampling
 
-def sample_clip(num_video_frames: int, *, num_frames: int, frame_range: int, generator: torch.Generator) -> list:
+def sample_clip(num_video_frames: int, *, num_frames: int, frame_range: int,
+                generator: torch.Generator) -> list:
     """DsHmp's training clip (dshmp/data/dataset_mapper.py): a random reference frame plus
     num_frames-1 frames drawn from within +-frame_range of it (reference excluded), without
     replacement when enough are available, else with replacement; returned sorted.
-    DsHmp switches to replacement when the window holds <= num_frames-1 frames; we only when it holds fewer.
+    DsHmp switches to replacement when the window holds <= num_frames-1 frames; we only when it
+    holds fewer.
     """
     ref = int(torch.randint(num_video_frames, (), generator=generator))
-    window = [i for i in range(max(0, ref - frame_range), min(num_video_frames, ref + frame_range + 1)) if i != ref]
+    window = [i for i in range(max(0, ref - frame_range),
+                               min(num_video_frames, ref + frame_range + 1)) if i != ref]
     need = num_frames - 1
     if not window:
         picked = [ref] * need  # a one-frame video
     elif len(window) >= need:
-        picked = [window[i] for i in torch.randperm(len(window), generator=generator)[:need].tolist()]
+        picked = [window[i] for i in torch.randperm(len(window),
+                                                    generator=generator)[:need].tolist()]
     else:
-        picked = [window[i] for i in torch.randint(len(window), (need,), generator=generator).tolist()]
+        picked = [window[i] for i in torch.randint(len(window), (need,),
+                                                   generator=generator).tolist()]
     return sorted([ref] + picked)
 
 
@@ -208,7 +224,8 @@ class _ReferringVideo(torch.utils.data.Dataset):
     """
 
     name = "video dataset"
-    max_tries = 100  # clip draws before giving up on an expression whose target is hardly ever visible
+    # clip draws before giving up on an expression whose target is hardly ever visible
+    max_tries = 100
 
     def __init__(self, *, train, num_frames, frame_range, short_side, max_size, flip, seed):
         self.train, self.num_frames, self.frame_range = train, num_frames, frame_range
@@ -224,7 +241,8 @@ class _ReferringVideo(torch.utils.data.Dataset):
                                  (one_frame, "of videos with a single frame")):
                 if skipped:
                     video, exp_id = skipped[0]
-                    warnings.warn(f"{self.name}: skipped {len(skipped)} training expressions {why} (e.g. video "
+                    warnings.warn(f"{self.name}: skipped {len(skipped)} training expressions {why} "
+                                  f"(e.g. video "
                                   f"{video!r}, exp_id {exp_id!r})", stacklevel=3)
             skip = set(empty) | set(one_frame)
             samples = [s for s in samples if (s["video"], s["exp_id"]) not in skip]
@@ -234,10 +252,12 @@ class _ReferringVideo(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _load_frames(self, sample, frame_idx) -> torch.Tensor:
-        frames = [_read_rgb(self.image_dir / sample["video"] / f"{sample['frames'][t]}.jpg") for t in frame_idx]
+        frames = [_read_rgb(self.image_dir / sample["video"] / f"{sample['frames'][t]}.jpg")
+                  for t in frame_idx]
         if len({f.shape for f in frames}) > 1:
-            raise ValueError(f"{self.name}: frames of video {self.image_dir / sample['video']} differ in size: "
-                             f"{sorted({f.shape[:2] for f in frames})}; expected one size per video")
+            raise ValueError(f"{self.name}: frames of video {self.image_dir / sample['video']} "
+                             f"differ in size: {sorted({f.shape[:2] for f in frames})}; expected "
+                             f"one size per video")
         frames = torch.from_numpy(np.stack(frames))  # (T, H0, W0, 3) uint8
         return rearrange(frames, "t h w c -> t c h w")  # (T, 3, H0, W0), a channels-last view
 
@@ -248,21 +268,26 @@ class _ReferringVideo(torch.utils.data.Dataset):
     def _train_item(self, index, sample):
         generator = item_generator(self.seed)
         visible = self._visible(sample)  # (L,)
-        for _ in range(self.max_tries):  # redraw the whole clip until a target pixel survives the resize
+        # redraw the whole clip until a target pixel survives the resize
+        for _ in range(self.max_tries):
             frame_idx = sample_clip(len(sample["frames"]), num_frames=self.num_frames,
                                     frame_range=self.frame_range, generator=generator)
             if not visible[frame_idx].any():
                 continue
             frames = self._load_frames(sample, frame_idx)  # (T, 3, H0, W0)
             orig_size = tuple(frames.shape[-2:])
-            masks = torch.from_numpy(self._load_masks(sample, frame_idx, orig_size))  # (N, T, H0, W0)
-            # official: visibility is checked after resizing, where a target of a few pixels can vanish
-            frames, masks = resize_clip(frames, masks, short_side=self.short_side, max_size=self.max_size)
+            # (N, T, H0, W0)
+            masks = torch.from_numpy(self._load_masks(sample, frame_idx, orig_size))
+            # official: visibility is checked after resizing, where a target of a few pixels can
+            # vanish
+            frames, masks = resize_clip(frames, masks, short_side=self.short_side,
+                                        max_size=self.max_size)
             if masks.any():
                 break
         else:
-            raise RuntimeError(f"{self.name}: no target pixel left after resizing in {self.max_tries} sampled clips "
-                               f"of video {sample['video']!r}, exp_id {sample['exp_id']!r} (visible at full size in "
+            raise RuntimeError(f"{self.name}: no target pixel left after resizing in "
+                               f"{self.max_tries} sampled clips of video {sample['video']!r}, "
+                               f"exp_id {sample['exp_id']!r} (visible at full size in "
                                f"{int(visible.sum())} of {len(visible)} frames)")
         expression = sample["expression"]
         if self.flip and _coin(generator):  # flipping after the resize touches fewer pixels
@@ -287,8 +312,10 @@ class _ReferringVideo(torch.utils.data.Dataset):
             orig_size = tuple(frame.shape[-2:])
             frames.append(resize_clip(frame, short_side=self.short_side, max_size=self.max_size)[0])
         gt = None
-        if self.has_masks:  # the union of the targets, 16 frames at a time to bound memory on long videos
-            gt = torch.cat([torch.from_numpy(self._load_masks(sample, frame_idx[i:i + 16], orig_size).any(0))
+        # the union of the targets, 16 frames at a time to bound memory on long videos
+        if self.has_masks:
+            gt = torch.cat([torch.from_numpy(self._load_masks(sample, frame_idx[i:i + 16],
+                                                              orig_size).any(0))
                             for i in range(0, len(frame_idx), 16)])  # (T, H0, W0)
         return {
             "frames": normalize(torch.cat(frames)),  # (T, 3, H, W)
@@ -323,9 +350,11 @@ class MeViS(_ReferringVideo):
     name = "MeViS"
     maskless_splits = ("valid", "test")  # scored by the challenge server
 
-    def __init__(self, root, split, *, train: bool, num_frames=8, frame_range=10, short_side=360, max_size=640,
+    def __init__(self, root, split, *, train: bool, num_frames=8, frame_range=10, short_side=360,
+                 max_size=640,
                  flip=True, seed=0):
-        super().__init__(train=train, num_frames=num_frames, frame_range=frame_range, short_side=short_side,
+        super().__init__(train=train, num_frames=num_frames, frame_range=frame_range,
+                         short_side=short_side,
                          max_size=max_size, flip=flip, seed=seed)
         split_dir = _split_dir(root, split, "MeViS")
         meta_path = split_dir / "meta_expressions.json"
@@ -334,8 +363,9 @@ class MeViS(_ReferringVideo):
         self.mask_path = split_dir / "mask_dict.json"
         self.has_masks = self.mask_path.is_file()
         if not self.has_masks and (train or split not in self.maskless_splits):
-            raise FileNotFoundError(f"MeViS: {'training' if train else f'split {split!r}'} needs masks, expected "
-                                    f"{self.mask_path} (only the online splits {'/'.join(self.maskless_splits)} come "
+            raise FileNotFoundError(f"MeViS: {'training' if train else f'split {split!r}'} needs "
+                                    f"masks, expected {self.mask_path} (only the online splits "
+                                    f"{'/'.join(self.maskless_splits)} come "
                                     f"without them; see data/README.md)")
         mask_dict = _read_json(self.mask_path, "MeViS", "the mask file") if self.has_masks else {}
         self.image_dir = _require_dir(split_dir / "JPEGImages", "MeViS", "frame")
@@ -359,20 +389,25 @@ class MeViS(_ReferringVideo):
                     "frames": frames,
                 }
                 for anno_id in sample["anno_ids"] if self.has_masks else []:
-                    rles = _key(mask_dict, anno_id, self.mask_path, "MeViS", f"the top level (anno_id of {where_exp})")
+                    rles = _key(mask_dict, anno_id, self.mask_path, "MeViS",
+                                f"the top level (anno_id of {where_exp})")
                     if not isinstance(rles, list) or len(rles) != len(frames):
-                        raise ValueError(f"MeViS: {self.mask_path}[{anno_id!r}] should list one RLE or null per frame "
-                                         f"of video {video!r} ({len(frames)}), got "
-                                         f"{len(rles) if isinstance(rles, list) else type(rles).__name__}")
+                        raise ValueError(
+                            f"MeViS: {self.mask_path}[{anno_id!r}] should list one RLE or null per "
+                            f"frame of video {video!r} ({len(frames)}), got "
+                            f"{len(rles) if isinstance(rles, list) else type(rles).__name__}")
                 if train and not any(self._has_pixels(mask_dict[a], a, t)
-                                              for a in sample["anno_ids"] for t in range(len(frames))):
+                                              for a in sample["anno_ids"]
+                                              for t in range(len(frames))):
                     empty.append((video, str(exp_id)))
                 samples.append(sample)
         self._finish(samples, empty)
-        # One numpy byte buffer instead of ~10^5 Python strings, so DataLoader workers share it instead
-        # of copying it page by page through reference counts (detectron2's DatasetFromList(serialize=True)
+        # One numpy byte buffer instead of ~10^5 Python strings, so DataLoader workers share it
+        # instead of copying it page by page through reference counts
+        # (detectron2's DatasetFromList(serialize=True)
         # does the same for DsHmp).
-        blobs = {a: json.dumps(mask_dict[a]).encode() for s in samples for a in s["anno_ids"] if self.has_masks}
+        blobs = {a: json.dumps(mask_dict[a]).encode() for s in samples for a in s["anno_ids"]
+                 if self.has_masks}
         ends = np.cumsum([len(b) for b in blobs.values()]).tolist()
         self._rle_spans = {a: (end - len(b), end) for (a, b), end in zip(blobs.items(), ends)}
         self._rle_buffer = np.frombuffer(b"".join(blobs.values()), dtype=np.uint8)
@@ -385,7 +420,8 @@ class MeViS(_ReferringVideo):
         try:
             return rle_has_pixels(rles[t])
         except (ValueError, TypeError) as err:
-            raise ValueError(f"MeViS: bad RLE in {self.mask_path}[{anno_id!r}][{t}]: {err}") from err
+            raise ValueError(f"MeViS: bad RLE in "
+                             f"{self.mask_path}[{anno_id!r}][{t}]: {err}") from err
 
     def _visible(self, sample) -> np.ndarray:
         rles = {a: self._rles(a) for a in sample["anno_ids"]}
@@ -393,7 +429,8 @@ class MeViS(_ReferringVideo):
                          for t in range(len(sample["frames"]))], dtype=bool)
 
     def _load_masks(self, sample, frame_idx, size) -> np.ndarray:
-        masks = np.zeros((len(sample["anno_ids"]), len(frame_idx), *size), dtype=bool)  # (N, T, H0, W0)
+        # (N, T, H0, W0)
+        masks = np.zeros((len(sample["anno_ids"]), len(frame_idx), *size), dtype=bool)
         for k, anno_id in enumerate(sample["anno_ids"]):
             rles = self._rles(anno_id)
             for i, t in enumerate(frame_idx):
@@ -403,10 +440,12 @@ class MeViS(_ReferringVideo):
                     mask = rle_decode(rles[t])
                 except ValueError as err:
                     raise ValueError(f"MeViS: bad RLE in {self.mask_path}[{anno_id!r}][{t}] (video "
-                                     f"{sample['video']!r}, frame {sample['frames'][t]!r}): {err}") from err
+                                     f"{sample['video']!r}, frame "
+                                     f"{sample['frames'][t]!r}): {err}") from err
                 if mask.shape != size:
                     frame_path = self.image_dir / sample["video"] / f"{sample['frames'][t]}.jpg"
-                    raise ValueError(f"MeViS: RLE {self.mask_path}[{anno_id!r}][{t}] has size {list(mask.shape)}, "
+                    raise ValueError(f"MeViS: RLE {self.mask_path}[{anno_id!r}][{t}] has size "
+                                     f"{list(mask.shape)}, "
                                      f"but frame {frame_path} is {list(size)}")
                 masks[k, i] = mask.astype(bool)
         return masks
@@ -414,19 +453,23 @@ class MeViS(_ReferringVideo):
 
 class _PaletteVideo(_ReferringVideo):
     """The Ref-YouTube-VOS layout (also ReferFormer's conversion of Ref-DAVIS17):
-    <root>/meta_expressions/<split>/meta_expressions.json, <root>/<split>/JPEGImages/<video>/<frame>.jpg,
-    <root>/<split>/Annotations/<video>/<frame>.png (palette PNG, pixel value = obj_id; absent for splits
+    <root>/meta_expressions/<split>/meta_expressions.json,
+    <root>/<split>/JPEGImages/<video>/<frame>.jpg, <root>/<split>/Annotations/<video>/<frame>.png
+    (palette PNG, pixel value = obj_id; absent for splits
     without public masks -> eval items get gt None) and an optional <root>/<split>/meta.json whose
     per-object "frames" lists say where each object is visible (used to skip and redraw cheaply;
     without it, training reads every annotation PNG once at init to find them).
     """
 
-    def __init__(self, root, split, *, train, num_frames, frame_range, short_side, max_size, flip, seed):
-        super().__init__(train=train, num_frames=num_frames, frame_range=frame_range, short_side=short_side,
+    def __init__(self, root, split, *, train, num_frames, frame_range, short_side,
+                 max_size, flip, seed):
+        super().__init__(train=train, num_frames=num_frames, frame_range=frame_range,
+                         short_side=short_side,
                          max_size=max_size, flip=flip, seed=seed)
         self.root = root = _require_dir(Path(root), self.name, "dataset root")
         meta_path = root / "meta_expressions" / split / "meta_expressions.json"
-        videos = _key(_read_json(meta_path, self.name, "the expression file"), "videos", meta_path, self.name,
+        videos = _key(_read_json(meta_path, self.name, "the expression file"), "videos", meta_path,
+                      self.name,
                       "the top level")
         videos = self._select_videos(root, split, videos)
         split_dir = _require_dir(root / split, self.name, f"split {split!r}")
@@ -434,22 +477,26 @@ class _PaletteVideo(_ReferringVideo):
         self.annotation_dir = split_dir / "Annotations"
         self.has_masks = self.annotation_dir.is_dir()
         if train and not self.has_masks:
-            raise FileNotFoundError(f"{self.name}: training needs masks, expected folder {self.annotation_dir} "
+            raise FileNotFoundError(f"{self.name}: training needs masks, expected folder "
+                                    f"{self.annotation_dir} "
                                     "(see data/README.md)")
         objects_path = split_dir / "meta.json"
         objects = {}
         if objects_path.is_file():
-            objects = _key(_read_json(objects_path, self.name, "the object file"), "videos", objects_path, self.name,
+            objects = _key(_read_json(objects_path, self.name, "the object file"), "videos",
+                           objects_path, self.name,
                            "the top level")
         samples, empty, scanned = [], [], set()
-        self._object_frames = {}  # (video, obj_id) -> set of frame names where the object is visible
+        # (video, obj_id) -> set of frame names where the object is visible
+        self._object_frames = {}
         for video, entry in videos.items():
             where = f"videos[{video!r}]"
             frames = sorted(_key(entry, "frames", meta_path, self.name, where))
             _frame_files(self.image_dir, video, frames, self.name)
             for exp_id, exp in _key(entry, "expressions", meta_path, self.name, where).items():
                 where_exp = f"{where}['expressions'][{exp_id!r}]"
-                obj_id = _key(exp, "obj_id", meta_path, self.name, where_exp) if self.has_masks else exp.get("obj_id")
+                obj_id = _key(exp, "obj_id", meta_path, self.name, where_exp) if self.has_masks \
+                    else exp.get("obj_id")
                 obj_ids = [] if obj_id is None else [int(o) for o in _as_list(obj_id)]
                 sample = {
                     "video": video,
@@ -461,7 +508,8 @@ class _PaletteVideo(_ReferringVideo):
                 }
                 if train:
                     for o in obj_ids:
-                        listed = objects.get(video, {}).get("objects", {}).get(str(o), {}).get("frames")
+                        listed = objects.get(video, {}).get("objects", {}).get(str(o), {}) \
+                            .get("frames")
                         if listed is None and video not in scanned:
                             self._object_frames.update(self._scan_video(video, frames))
                             scanned.add(video)
@@ -487,21 +535,25 @@ class _PaletteVideo(_ReferringVideo):
             raise FileNotFoundError(f"{self.name}: expected annotation {path} (see data/README.md)")
         with Image.open(path) as png:
             if png.mode not in ("P", "L"):
-                raise ValueError(f"{self.name}: {path} is a {png.mode} image; expected a palette (P) PNG whose "
+                raise ValueError(f"{self.name}: {path} is a {png.mode} image; expected a palette "
+                                 f"(P) PNG whose "
                                  "pixel values are object ids")
             return np.asarray(png)
 
     def _visible(self, sample) -> np.ndarray:
-        names = set().union(*[self._object_frames.get((sample["video"], o), set()) for o in sample["obj_ids"]])
+        names = set().union(*[self._object_frames.get((sample["video"], o), set())
+                              for o in sample["obj_ids"]])
         return np.array([name in names for name in sample["frames"]], dtype=bool)
 
     def _load_masks(self, sample, frame_idx, size) -> np.ndarray:
-        masks = np.zeros((len(sample["obj_ids"]), len(frame_idx), *size), dtype=bool)  # (N, T, H0, W0)
+        # (N, T, H0, W0)
+        masks = np.zeros((len(sample["obj_ids"]), len(frame_idx), *size), dtype=bool)
         for i, t in enumerate(frame_idx):
             ids = self._read_png(sample["video"], sample["frames"][t])  # (H0, W0)
             if ids.shape != size:
-                raise ValueError(f"{self.name}: {self.annotation_dir / sample['video'] / sample['frames'][t]}.png is "
-                                 f"{list(ids.shape)}, but its frame is {list(size)}")
+                raise ValueError(
+                    f"{self.name}: {self.annotation_dir / sample['video'] / sample['frames'][t]}"
+                    f".png is {list(ids.shape)}, but its frame is {list(size)}")
             for k, obj_id in enumerate(sample["obj_ids"]):
                 masks[k, i] = ids == obj_id
         return masks
@@ -521,26 +573,32 @@ class RefYouTubeVOS(_PaletteVideo):
         if split != "valid":
             return videos
         test_path = root / "meta_expressions" / "test" / "meta_expressions.json"
-        test = _key(_read_json(test_path, self.name, "the test expression file (it names the test videos that "
-                               "valid's expression file also lists)"), "videos", test_path, self.name, "the top level")
+        test = _key(_read_json(test_path, self.name,
+                               "the test expression file (it names the test videos that "
+                               "valid's expression file also lists)"), "videos", test_path,
+                    self.name, "the top level")
         kept = {video: entry for video, entry in videos.items() if video not in test}
-        print(f"{self.name}: valid keeps {len(kept)} of the {len(videos)} videos its expression file lists "
-              f"(the other {len(videos) - len(kept)} are the test videos of {test_path}; the release has 202)")
+        print(f"{self.name}: valid keeps {len(kept)} of the {len(videos)} videos its expression "
+              f"file lists (the other {len(videos) - len(kept)} are the test videos of "
+              f"{test_path}; the release has 202)")
         return kept
 
-    def __init__(self, root, split, *, train: bool, num_frames=8, frame_range=10, short_side=360, max_size=640,
+    def __init__(self, root, split, *, train: bool, num_frames=8, frame_range=10, short_side=360,
+                 max_size=640,
                  flip=True, seed=0):
         super().__init__(root, split, train=train, num_frames=num_frames, frame_range=frame_range,
                          short_side=short_side, max_size=max_size, flip=flip, seed=seed)
 
 
 class RefDAVIS17(_PaletteVideo):
-    """Ref-DAVIS17 (Khoreva et al., ACCV'18) after ReferFormer's tools/data/convert_davis_to_ytvos.py,
-    which writes the Ref-YouTube-VOS layout (its meta.json has no frame lists); see data/README.md."""
+    """Ref-DAVIS17 (Khoreva et al., ACCV'18) after ReferFormer's
+    tools/data/convert_davis_to_ytvos.py, which writes the Ref-YouTube-VOS layout (its meta.json has
+    no frame lists); see data/README.md."""
 
     name = "Ref-DAVIS17"
 
-    def __init__(self, root, split="valid", *, train: bool, num_frames=8, frame_range=10, short_side=360,
+    def __init__(self, root, split="valid", *, train: bool, num_frames=8, frame_range=10,
+                 short_side=360,
                  max_size=640, flip=True, seed=0):
         super().__init__(root, split, train=train, num_frames=num_frames, frame_range=frame_range,
                          short_side=short_side, max_size=max_size, flip=flip, seed=seed)
@@ -748,7 +806,8 @@ _SPLIT_BY = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("u
 
 
 def _in_split(ref_split: str, split: str) -> bool:
-    """The refer API's split rule (lichengunc/refer refer.py getRefIds): testA also takes testAB refs."""
+    """The refer API's split rule (lichengunc/refer refer.py getRefIds): testA also takes testAB
+    refs."""
     if split in ("testA", "testB", "testC"):
         return ref_split.startswith("test") and split[-1] in ref_split
     if split == "test":
@@ -757,9 +816,10 @@ def _in_split(ref_split: str, split: str) -> bool:
 
 
 class RefCOCO(torch.utils.data.Dataset):
-    """RefCOCO / RefCOCO+ / RefCOCOg in the refer API layout (lichengunc/refer): <root>/<dataset>/refs(<split_by>).p
-    (a pickle, as the refer API loads it: only load files you trust) and <root>/<dataset>/instances.json,
-    images at <image_root>/<file_name> (COCO train2014). One sample per sentence of the refs in `split`.
+    """RefCOCO / RefCOCO+ / RefCOCOg in the refer API layout (lichengunc/refer):
+    <root>/<dataset>/refs(<split_by>).p (a pickle, as the refer API loads it: only load files you
+    trust) and <root>/<dataset>/instances.json, images at <image_root>/<file_name> (COCO train2014).
+    One sample per sentence of the refs in `split`.
 
     Training items may be flipped horizontally ("left"/"right" swapped in the expression; "flipped"
     says so). `sentences` {ref_id: [sentence, ...]}, `image_refs` {image_id: [ref_id, ...]} and
@@ -770,37 +830,46 @@ class RefCOCO(torch.utils.data.Dataset):
 
     name = "RefCOCO"
 
-    def __init__(self, root, image_root, *, dataset="refcoco", split_by="unc", split="train", train: bool,
+    def __init__(self, root, image_root, *, dataset="refcoco", split_by="unc", split="train",
+                 train: bool,
                  short_side=480, max_size=1333, flip=True, seed=0):
         if split_by not in _SPLIT_BY.get(dataset, ()):
             pairs = ", ".join(f"{d} ({'/'.join(s)})" for d, s in _SPLIT_BY.items())
-            raise ValueError(f"RefCOCO: no split scheme {split_by!r} for dataset {dataset!r}; valid pairs: {pairs}")
-        self.train, self.short_side, self.max_size, self.flip, self.seed = train, short_side, max_size, flip, seed
+            raise ValueError(f"RefCOCO: no split scheme {split_by!r} for dataset {dataset!r}; "
+                             f"valid pairs: {pairs}")
+        self.train, self.short_side, self.max_size, self.flip, self.seed = train, short_side, \
+            max_size, flip, seed
         data_dir = _require_dir(Path(root), "RefCOCO", "dataset root") / dataset
         self.image_root = _require_dir(Path(image_root), "RefCOCO", "image (COCO train2014)")
         refs_path = data_dir / f"refs({split_by}).p"
         refs = _read_pickle(refs_path, "RefCOCO", "the refs pickle")
         self.instances_path = data_dir / "instances.json"
         instances = _read_json(self.instances_path, "RefCOCO", "the COCO instances file")
-        images = {img["id"]: img for img in _key(instances, "images", self.instances_path, "RefCOCO", "the top level")}
-        self.annotations = {a["id"]: a for a in _key(instances, "annotations", self.instances_path, "RefCOCO",
+        images = {img["id"]: img for img in _key(instances, "images", self.instances_path,
+                                                 "RefCOCO", "the top level")}
+        self.annotations = {a["id"]: a for a in _key(instances, "annotations", self.instances_path,
+                                                     "RefCOCO",
                                                      "the top level")}
         ref_keys = ("ref_id", "ann_id", "image_id", "split", "sentences", "category_id")
-        selected = [r for r in refs if _in_split(_key(r, "split", refs_path, "RefCOCO", "a ref"), split)]
+        selected = [r for r in refs
+                    if _in_split(_key(r, "split", refs_path, "RefCOCO", "a ref"), split)]
         if not selected:
             raise ValueError(f"RefCOCO: no refs with split {split!r} in {refs_path}; it has splits "
                              f"{sorted({r['split'] for r in refs})}")
         self.sentences, self.ref_ann, self.image_refs, self.samples = {}, {}, {}, []
         no_sentences = [r.get("ref_id") for r in selected if not r.get("sentences")]
         if no_sentences:
-            warnings.warn(f"RefCOCO: skipped {len(no_sentences)} refs of split {split!r} with no sentences in "
+            warnings.warn(f"RefCOCO: skipped {len(no_sentences)} refs of split {split!r} with no "
+                          f"sentences in "
                           f"{refs_path} (e.g. ref_id {no_sentences[0]})", stacklevel=2)
         for ref in (r for r in selected if r.get("sentences")):
             for k in ref_keys:
                 _key(ref, k, refs_path, "RefCOCO", f"ref {ref.get('ref_id')}")
-            ann = _key(self.annotations, ref["ann_id"], self.instances_path, "RefCOCO", "annotations (ids)")
+            ann = _key(self.annotations, ref["ann_id"], self.instances_path, "RefCOCO",
+                       "annotations (ids)")
             image = _key(images, ref["image_id"], self.instances_path, "RefCOCO", "images (ids)")
-            self.sentences[ref["ref_id"]] = [_expression(s, refs_path, "RefCOCO", f"ref {ref['ref_id']} sentences",
+            self.sentences[ref["ref_id"]] = [_expression(s, refs_path, "RefCOCO",
+                                                         f"ref {ref['ref_id']} sentences",
                                                          key="sent") for s in ref["sentences"]]
             self.ref_ann[ref["ref_id"]] = ann["id"]
             self.image_refs.setdefault(ref["image_id"], []).append(ref["ref_id"])
@@ -809,7 +878,8 @@ class RefCOCO(torch.utils.data.Dataset):
                     "sent_id": sent["sent_id"], "ref_id": ref["ref_id"], "ann_id": ann["id"],
                     "image_id": ref["image_id"], "category_id": int(ref["category_id"]),
                     "expression": self.sentences[ref["ref_id"]][position], "position": position,
-                    "file_name": _key(image, "file_name", self.instances_path, "RefCOCO", f"image {image['id']}"),
+                    "file_name": _key(image, "file_name", self.instances_path, "RefCOCO",
+                                      f"image {image['id']}"),
                     "size": (int(image["height"]), int(image["width"])),
                 })
 
@@ -823,16 +893,19 @@ class RefCOCO(torch.utils.data.Dataset):
         try:
             if isinstance(segmentation, dict):  # RLE (iscrowd), compressed or with list counts
                 mask = rle_decode(segmentation)
-            elif isinstance(segmentation, list) and segmentation and all(isinstance(p, list) for p in segmentation):
+            elif isinstance(segmentation, list) and segmentation \
+                    and all(isinstance(p, list) for p in segmentation):
                 mask = polygons_to_mask(segmentation, h, w)
-            elif isinstance(segmentation, list) and segmentation and all(isinstance(p, dict) for p in segmentation):
+            elif isinstance(segmentation, list) and segmentation \
+                    and all(isinstance(p, dict) for p in segmentation):
                 mask = np.any([rle_decode(p) for p in segmentation], axis=0).astype(np.uint8)
             else:
                 raise ValueError("expected a polygon list or a COCO RLE dict")
         except ValueError as err:
             raise ValueError(f"RefCOCO: bad segmentation in {where}: {err}") from err
         if mask.shape != (h, w):
-            raise ValueError(f"RefCOCO: segmentation in {where} is {list(mask.shape)}, expected the image's {[h, w]}")
+            raise ValueError(f"RefCOCO: segmentation in {where} is {list(mask.shape)}, expected "
+                             f"the image's {[h, w]}")
         return mask.astype(bool)
 
     def __getitem__(self, index):
@@ -840,11 +913,13 @@ class RefCOCO(torch.utils.data.Dataset):
         path = self.image_root / sample["file_name"]
         image = load_rgb(path)  # (3, H0, W0) uint8
         if tuple(image.shape[-2:]) != sample["size"]:
-            raise ValueError(f"RefCOCO: {path} is {list(image.shape[-2:])}, but {self.instances_path} says "
+            raise ValueError(f"RefCOCO: {path} is {list(image.shape[-2:])}, but "
+                             f"{self.instances_path} says "
                              f"{list(sample['size'])}")
         mask = torch.from_numpy(self._mask(sample))  # (H0, W0)
         expression = sample["expression"]
-        frames, masks = resize_clip(image[None], mask[None, None], short_side=self.short_side, max_size=self.max_size)
+        frames, masks = resize_clip(image[None], mask[None, None], short_side=self.short_side,
+                                    max_size=self.max_size)
         flipped = self.train and self.flip and _coin(item_generator(self.seed))
         if flipped:
             frames, masks, expression = hflip_clip(frames, masks, expression)
@@ -882,14 +957,16 @@ def _pad_to(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def _collate(samples, *, image_key, mask_key, out_key):
     keys = set(samples[0])
     if any(set(s) != keys for s in samples):
-        raise ValueError(f"collate: samples in a batch have different keys: {[sorted(s) for s in samples]}")
+        raise ValueError(f"collate: samples in a batch have different keys: "
+                         f"{[sorted(s) for s in samples]}")
     sizes = [tuple(s[image_key].shape[-2:]) for s in samples]
     height, width = _padded_size(sizes)
     pad_mask = torch.ones(len(samples), height, width, dtype=torch.bool)  # (B, Hp, Wp)
     for i, (h, w) in enumerate(sizes):
         pad_mask[i, :h, :w] = False
     batch = {
-        out_key: torch.stack([_pad_to(s[image_key], height, width) for s in samples]),  # (B, [T,] 3, Hp, Wp)
+        # (B, [T,] 3, Hp, Wp)
+        out_key: torch.stack([_pad_to(s[image_key], height, width) for s in samples]),
         "pad_mask": pad_mask,
         "image_sizes": sizes,
     }
@@ -906,17 +983,20 @@ def _collate(samples, *, image_key, mask_key, out_key):
 
 def collate_video(samples: list) -> dict:
     """Video items -> {"frames": (B, T, 3, Hp, Wp), "pad_mask": (B, Hp, Wp) True at padding,
-    "image_sizes": [(h, w)], "targets": [{"masks": (N, T, Hp, Wp) bool, "labels": (N,) zeros}] (when the
-    items have "masks"), and every other key as a list}. Hp, Wp: the largest size rounded up to a multiple of 32."""
+    "image_sizes": [(h, w)], "targets": [{"masks": (N, T, Hp, Wp) bool, "labels": (N,) zeros}]
+    (when the items have "masks"), and every other key as a list}. Hp, Wp: the largest size rounded
+    up to a multiple of 32."""
     lengths = [s["frames"].shape[0] for s in samples]
     if len(set(lengths)) > 1:
-        raise ValueError(f"collate_video: all clips in a batch need the same number of frames, got {lengths}")
+        raise ValueError(f"collate_video: all clips in a batch need the same number of frames, got "
+                         f"{lengths}")
     return _collate(samples, image_key="frames", mask_key="masks", out_key="frames")
 
 
 def collate_image(samples: list) -> dict:
-    """Image items -> {"images": (B, 3, Hp, Wp), "pad_mask": (B, Hp, Wp) True at padding, "image_sizes",
-    "targets": [{"masks": (1, Hp, Wp) bool, "labels": (1,) zeros}], and every other key as a list}."""
+    """Image items -> {"images": (B, 3, Hp, Wp), "pad_mask": (B, Hp, Wp) True at padding,
+    "image_sizes", "targets": [{"masks": (1, Hp, Wp) bool, "labels": (1,) zeros}], and every other
+    key as a list}."""
     return _collate(samples, image_key="image", mask_key="mask", out_key="images")
 
 

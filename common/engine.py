@@ -67,26 +67,33 @@ def setup_distributed(*, device: str | torch.device | None = None) -> Dist:
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"setup_distributed: device must be 'cuda' or 'cpu', got {device!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("setup_distributed: device 'cuda' was asked for but torch.cuda.is_available() is False")
+        raise RuntimeError("setup_distributed: device 'cuda' was asked for but "
+                           "torch.cuda.is_available() is False")
 
     if "RANK" not in os.environ:
         single = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
         return Dist(rank=0, world_size=1, local_rank=0, device=single, distributed=False)
 
-    missing = [k for k in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    missing = [k for k in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               if k not in os.environ]
     if missing:
         raise RuntimeError(f"RANK is set but {', '.join(missing)} is not; launch with torchrun "
                            f"(python -m torch.distributed.run), which sets all of them")
-    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), \
+        int(os.environ["LOCAL_RANK"])
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
-                               f"visible; use torchrun --nproc_per_node <= {torch.cuda.device_count()}")
-        torch.cuda.set_device(local_rank)  # NCCL collectives and all_gather_object use the current device
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA "
+                               f"device(s) are visible; use torchrun --nproc_per_node <= "
+                               f"{torch.cuda.device_count()}")
+        # NCCL collectives and all_gather_object use the current device
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", rank=rank,
+                                world_size=world_size)
     device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device, distributed=True)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                distributed=True)
 
 
 def cleanup_distributed() -> None:
@@ -108,7 +115,8 @@ def barrier() -> None:
     if not dist.is_initialized():
         return
     if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])  # without it NCCL guesses the GPU and warns
+        # without it NCCL guesses the GPU and warns
+        dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
 
@@ -142,7 +150,8 @@ def reduce_dict(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     names = sorted(values)  # the same order on every rank, however each built its dict
     for name in names:
         if isinstance(values[name], torch.Tensor) and values[name].numel() != 1:
-            raise ValueError(f"reduce_dict: {name!r} has shape {tuple(values[name].shape)}, expected a scalar")
+            raise ValueError(f"reduce_dict: {name!r} has shape {tuple(values[name].shape)}, "
+                             f"expected a scalar")
     device = _comm_device() if dist.is_initialized() else torch.device("cpu")
     stacked = torch.stack([torch.as_tensor(values[n]).detach().to(device, torch.float32).reshape(())
                            for n in names])  # (K,) K names
@@ -165,7 +174,8 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_object(obj) -> list:
-    """List of `obj` from every rank, in rank order (pickled; for small things like eval records)."""
+    """List of `obj` from every rank, in rank order (pickled; for small things like eval
+    records)."""
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
@@ -209,7 +219,8 @@ def autocast(device: str | torch.device, *, enabled: bool = True):
 
 # ---------------------------------------------------------------------------------- checkpoints
 class CheckpointError(RuntimeError):
-    """A checkpoint file exists but cannot be used: truncated, corrupt, or not from save_checkpoint."""
+    """A checkpoint file exists but cannot be used: truncated, corrupt, or not from
+    save_checkpoint."""
 
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "config", "extra", "rng")
@@ -222,18 +233,21 @@ def _check_weights_only(value, where: str) -> None:
     if type(value) is dict:
         for k, v in value.items():
             if type(k) not in (str, int):
-                raise TypeError(f"{where} has a key of type {type(k).__name__} ({k!r}); use str or int keys")
+                raise TypeError(f"{where} has a key of type {type(k).__name__} ({k!r}); use str or "
+                                f"int keys")
             _check_weights_only(v, f"{where}[{k!r}]")
         return
     if type(value) in (list, tuple):
         for i, v in enumerate(value):
             _check_weights_only(v, f"{where}[{i}]")
         return
-    # numpy scalars subclass float but are refused by weights_only, hence type() instead of isinstance
+    # numpy scalars subclass float but are refused by weights_only, hence type() instead of
+    # isinstance
     kind = f"{type(value).__module__}.{type(value).__name__}"
     raise TypeError(f"{where} is a {kind} ({value!r}); a checkpoint holds only "
                     f"tensors, str, int, float, bool, None and dict/list/tuple of them, so that "
-                    f"torch.load(weights_only=True) can read it back (convert it, e.g. str(path) or float(x))")
+                    f"torch.load(weights_only=True) can read it back (convert it, e.g. str(path) "
+                    f"or float(x))")
 
 
 def _rng_state() -> dict:
@@ -242,12 +256,15 @@ def _rng_state() -> dict:
     np_name, np_keys, np_pos, np_has_gauss, np_cached_gaussian = np.random.get_state()
     state = {
         "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss_next},
-        "numpy": {"bit_generator": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)),  # (624,)
-                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached_gaussian)},
+        "numpy": {"bit_generator": np_name,
+                  "keys": torch.from_numpy(np_keys.astype(np.int64)),  # (624,)
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                  "cached_gaussian": float(np_cached_gaussian)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # the current device: each process drives one GPU
+        # the current device: each process drives one GPU
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -255,14 +272,16 @@ def _set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
     npy = state["numpy"]
-    np.random.set_state((npy["bit_generator"], npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"],
+    np.random.set_state((npy["bit_generator"], npy["keys"].cpu().numpy().astype(np.uint32),
+                         npy["pos"],
                          npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
-def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+def save_checkpoint(path: str | Path, *, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, step: int, config: dict, extra: dict | None = None) -> Path:
     """Write a resumable checkpoint atomically: a crash mid-write leaves the previous file intact.
 
@@ -294,7 +313,8 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     try:
         torch.save(checkpoint, tmp)
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+            # the bytes are on disk before the rename makes them the checkpoint
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -313,21 +333,26 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
-        raise CheckpointError(f"checkpoint file {path} holds objects that torch.load(weights_only=True) refuses "
-                              f"(it was not written by save_checkpoint, or is corrupt): {reason}") from None
+        reason = next((line for line in lines if "WeightsUnpickler error" in line),
+                      lines[0] if lines else "")
+        raise CheckpointError(f"checkpoint file {path} holds objects that "
+                              f"torch.load(weights_only=True) refuses (it was not written by "
+                              f"save_checkpoint, or is corrupt): {reason}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:  # OSError: an empty file
         raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {error}") from None
     if not isinstance(checkpoint, dict) or not set(_CHECKPOINT_KEYS) <= checkpoint.keys():
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(f"{path} is not a checkpoint written by save_checkpoint: expected keys "
+        raise CheckpointError(f"{path} is not a checkpoint written by save_checkpoint: expected "
+                              f"keys "
                               f"{list(_CHECKPOINT_KEYS)}, found {found}")
     return checkpoint
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+def load_checkpoint(path: str | Path, *, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, restore_rng: bool = True, map_location="cpu") -> dict:
-    """Restore a checkpoint from save_checkpoint into `model` (and optimizer, scheduler, RNG states).
+    """Restore a checkpoint from save_checkpoint into `model` (and optimizer, scheduler, RNG
+    states).
 
     `model` may be DDP-wrapped; its state dict is loaded strictly. Pass the optimizer and scheduler
     to resume training, leave them out to evaluate. With `restore_rng` the python, numpy, torch CPU
@@ -346,12 +371,14 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
         if target is None:
             continue
         if checkpoint[name] is None:
-            raise CheckpointError(f"checkpoint file {path} holds no {name} state (saved without one); "
+            raise CheckpointError(f"checkpoint file {path} holds no {name} state (saved without "
+                                  f"one); "
                                   f"load it without {name}= to evaluate")
         target.load_state_dict(checkpoint[name])
     if restore_rng:
         _set_rng_state(checkpoint["rng"])
-    return {"step": checkpoint["step"], "config": checkpoint["config"], "extra": checkpoint["extra"]}
+    return {"step": checkpoint["step"], "config": checkpoint["config"],
+            "extra": checkpoint["extra"]}
 
 
 # ---------------------------------------------------------------------------------- progress
@@ -390,7 +417,8 @@ class Progress:
             return
         reserved = {"step", "lr", "s/it", "time"} & scalars.keys()
         if reserved:
-            raise ValueError(f"Progress.log: scalar names {sorted(reserved)} clash with the log's own fields")
+            raise ValueError(f"Progress.log: scalar names {sorted(reserved)} clash with the log's "
+                             f"own fields")
         now = time.perf_counter()
         if step > self._last_step:
             measured = (now - self._last_time) / (step - self._last_step)
@@ -399,11 +427,13 @@ class Progress:
         self._last_step, self._last_time = step, now
         values = {name: float(v) for name, v in scalars.items()}
         shown = [f"{name}={v:.4g}" for name, v in values.items()]
-        shown += [f"lr={lr:.3g}", f"s/it={self.sec_per_it:.3g}" if self.sec_per_it is not None else "s/it=?"]
+        shown += [f"lr={lr:.3g}",
+                  f"s/it={self.sec_per_it:.3g}" if self.sec_per_it is not None else "s/it=?"]
         self._bar.update(step - self._bar.n)
         self._bar.set_postfix_str(" ".join(shown))
         if self._file is not None:
-            record = {"step": step, **values, "lr": float(lr), "s/it": self.sec_per_it, "time": time.time()}
+            record = {"step": step, **values, "lr": float(lr), "s/it": self.sec_per_it,
+                      "time": time.time()}
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 
@@ -423,15 +453,18 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------- overlays
-def denormalize(frames: torch.Tensor | np.ndarray, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+def denormalize(frames: torch.Tensor | np.ndarray, *, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD) -> np.ndarray:
     """Undo `(x / 255 - mean) / std`: float (..., 3, H, W) -> uint8 numpy (..., H, W, 3).
 
     Defaults are ImageNet's mean and std in [0, 1] scale; pass CLIP's for CLIP-normalised frames.
     """
     x = torch.as_tensor(frames).detach().float().cpu()  # (..., 3, H, W)
     if x.ndim < 3 or x.shape[-3] != 3:
-        raise ValueError(f"denormalize: expected frames of shape (..., 3, H, W), got {tuple(x.shape)}")
-    x = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)  # (..., 3, H, W) in [0, 1]
+        raise ValueError(f"denormalize: expected frames of shape (..., 3, H, W), got "
+                         f"{tuple(x.shape)}")
+    # (..., 3, H, W) in [0, 1]
+    x = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
     return rearrange(x, "... c h w -> ... h w c").numpy()  # (..., H, W, 3)
 
@@ -445,32 +478,40 @@ def _frames_uint8(frames) -> np.ndarray:
         return frames  # (T, H, W, 3)
     if frames.ndim == 4 and np.issubdtype(frames.dtype, np.floating) and frames.shape[1] == 3:
         if frames.size and (frames.min() < -1e-3 or frames.max() > 1 + 1e-3):
-            raise ValueError(f"save_overlays: float frames must be in [0, 1], got [{frames.min():.3g}, "
-                             f"{frames.max():.3g}]; ImageNet-normalised frames go through denormalize() first")
-        return np.round(np.clip(rearrange(frames, "t c h w -> t h w c"), 0, 1) * 255).astype(np.uint8)  # (T, H, W, 3)
-    raise ValueError(f"save_overlays: frames must be uint8 (T, H, W, 3) or float (T, 3, H, W) in [0, 1], "
+            raise ValueError(f"save_overlays: float frames must be in [0, 1], got "
+                             f"[{frames.min():.3g}, {frames.max():.3g}]; ImageNet-normalised "
+                             f"frames go through denormalize() first")
+        return np.round(np.clip(rearrange(frames, "t c h w -> t h w c"), 0, 1)
+                        * 255).astype(np.uint8)  # (T, H, W, 3)
+    raise ValueError(f"save_overlays: frames must be uint8 (T, H, W, 3) or float (T, 3, H, W) in "
+                     f"[0, 1], "
                      f"got {frames.dtype} {frames.shape}")
 
 
 def _inner_boundary(mask: np.ndarray, width: int) -> np.ndarray:
-    """Mask pixels within `width` pixels (4-neighbourhood) of a pixel outside the mask. (H, W) bool."""
+    """Mask pixels within `width` pixels (4-neighbourhood) of a pixel outside the mask. (H, W)
+    bool."""
     eroded = mask
     for _ in range(width):
-        padded = np.pad(eroded, 1, mode="edge")  # (H+2, W+2); the image border is not an object edge
-        eroded = eroded & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        # (H+2, W+2); the image border is not an object edge
+        padded = np.pad(eroded, 1, mode="edge")
+        eroded = eroded & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] \
+            & padded[1:-1, 2:]
     return mask & ~eroded
 
 
 PRED_COLOR, GT_COLOR = (255, 64, 64), (64, 255, 64)
 
 
-def save_overlays(frames, masks, out_dir: str | Path, *, name: str = "overlay", gt=None, caption: str | None = None,
-                  scale: int = 1, color=PRED_COLOR, gt_color=GT_COLOR, alpha: float = 0.5, fps: float = 6) -> list[Path]:
+def save_overlays(frames, masks, out_dir: str | Path, *, name: str = "overlay", gt=None,
+                  caption: str | None = None, scale: int = 1, color=PRED_COLOR, gt_color=GT_COLOR,
+                  alpha: float = 0.5, fps: float = 6) -> list[Path]:
     """Draw predicted `masks` (and the ground truth `gt`) on `frames`; write one PNG per frame and,
     for T > 1, an animated GIF.
 
     frames: uint8 (T, H, W, 3) or float (T, 3, H, W) in [0, 1], numpy or torch (use denormalize()
-    for normalised frames). masks, gt: (T, H, W) bool or integer (non-zero = object), numpy or torch.
+    for normalised frames). masks, gt: (T, H, W) bool or integer (non-zero = object), numpy or
+    torch.
     The prediction is filled: (1 - alpha) * frame + alpha * color, with a band along its inner edge
     painted `color`; the ground truth, when given, is only outlined, in `gt_color`, so both show.
     The band is 1 px per 160 px of the shorter side (at least 1); other pixels keep their values.
@@ -484,12 +525,15 @@ def save_overlays(frames, masks, out_dir: str | Path, *, name: str = "overlay", 
     rgb = _frames_uint8(frames)  # (T, H, W, 3)
     layers = {"masks": masks} if gt is None else {"masks": masks, "gt": gt}
     for key, value in layers.items():
-        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) \
+            else np.asarray(value)
         if value.dtype != bool and not np.issubdtype(value.dtype, np.integer):
-            raise ValueError(f"save_overlays: {key} must be bool or integer (threshold predictions first), "
+            raise ValueError(f"save_overlays: {key} must be bool or integer (threshold predictions "
+                             f"first), "
                              f"got {value.dtype}")
         if value.shape != rgb.shape[:3]:
-            raise ValueError(f"save_overlays: {key} of shape {value.shape} do not match frames (T, H, W) = "
+            raise ValueError(f"save_overlays: {key} of shape {value.shape} do not match frames (T, "
+                             f"H, W) = "
                              f"{rgb.shape[:3]}")
         layers[key] = value != 0  # (T, H, W)
     if not 0 <= alpha <= 1:
@@ -500,7 +544,8 @@ def save_overlays(frames, masks, out_dir: str | Path, *, name: str = "overlay", 
         rgb = rgb.repeat(scale, 1).repeat(scale, 2)  # (T, H*s, W*s, 3)
         layers = {k: v.repeat(scale, 1).repeat(scale, 2) for k, v in layers.items()}
 
-    color, gt_color = np.asarray(color, dtype=np.float32), np.asarray(gt_color, dtype=np.float32)  # (3,)
+    # (3,)
+    color, gt_color = np.asarray(color, dtype=np.float32), np.asarray(gt_color, dtype=np.float32)
     width = max(1, min(rgb.shape[1:3]) // 160)
     images = []
     for t, frame in enumerate(rgb):
@@ -520,11 +565,13 @@ def save_overlays(frames, masks, out_dir: str | Path, *, name: str = "overlay", 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / (f"{name}.png" if len(images) == 1 else f"{name}_{t:04d}.png") for t in range(len(images))]
+    paths = [out_dir / (f"{name}.png" if len(images) == 1 else f"{name}_{t:04d}.png")
+             for t in range(len(images))]
     for image, path in zip(images, paths):
         image.save(path)
     if len(images) > 1:
         gif = out_dir / f"{name}.gif"
-        images[0].save(gif, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        images[0].save(gif, save_all=True, append_images=images[1:],
+                       duration=round(1000 / fps), loop=0)
         paths.append(gif)
     return paths

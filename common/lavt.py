@@ -35,11 +35,13 @@ class PixelWordAttention(nn.Module):
         self.out = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.InstanceNorm2d(dim))
         self.mm = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU())  # after the element-wise product
 
-    def forward(self, x: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, words: torch.Tensor,
+                word_mask: torch.Tensor) -> torch.Tensor:
         q, k = self.query(x), self.key(words)  # (B, C, H, W), (B, L, C)
         logits = einsum(q, k, "b c h w, b l c -> b h w l") / math.sqrt(x.shape[1])  # (B, H, W, L)
         attn = logits.masked_fill(~word_mask[:, None, None], -math.inf).softmax(-1)  # (B, H, W, L)
-        lang = self.out(einsum(attn, self.value(words), "b h w l, b l c -> b c h w"))  # (B, C, H, W)
+        # (B, C, H, W)
+        lang = self.out(einsum(attn, self.value(words), "b h w l, b l c -> b c h w"))
         return self.mm(self.vis(x) * lang)
 
 
@@ -50,7 +52,8 @@ class LanguageGate(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim, bias=False),
+        self.mlp = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.ReLU(),
+                                 nn.Linear(dim, dim, bias=False),
                                  nn.Tanh())
         for layer in self.mlp[::2]:
             nn.init.trunc_normal_(layer.weight, std=0.02)
@@ -86,11 +89,14 @@ class LanguageAwareSwin(nn.Module):
             x = rearrange(hidden, "b (h w) c -> b c h w", h=h, w=w)  # V_i
             fused = self.pwams[i](x, words, word_mask)  # F_i, LAVT Eqs. (1)-(4)
             norm = backbone.hidden_states_norms[backbone.stage_names[i + 1]]
-            outputs.append(rearrange(norm(rearrange(fused, "b c h w -> b h w c")), "b h w c -> b c h w"))
+            outputs.append(rearrange(norm(rearrange(fused, "b c h w -> b h w c")),
+                                     "b h w c -> b c h w"))
             if stage.downsample is None:
                 break
             if self.gates is not None:
-                x = x + self.gates[i](fused) * fused  # LAVT Eq. (6): V_i + S_i * F_i, into stage i + 1
-            hidden = stage.downsample(rearrange(x, "b c h w -> b (h w) c"), (h, w))  # (B, h*w/4, C_{i+1})
+                # LAVT Eq. (6): V_i + S_i * F_i, into stage i + 1
+                x = x + self.gates[i](fused) * fused
+            # (B, h*w/4, C_{i+1})
+            hidden = stage.downsample(rearrange(x, "b c h w -> b (h w) c"), (h, w))
             h, w = (h + 1) // 2, (w + 1) // 2
         return outputs

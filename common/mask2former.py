@@ -6,7 +6,8 @@ Image Segmentation", CVPR 2022 (arXiv:2112.01527), Sec. 3.2.
 
 The numbers equal those of transformers' `Mask2FormerTransformerModule` followed by the
 `class_predictor` of `Mask2FormerForUniversalSegmentation` (post-norm decoder, the only variant the
-paper and the released checkpoints use); tests/test_mask2former.py checks the masks, class logits and
+paper and the released checkpoints use); tests/test_mask2former.py checks the masks, class logits
+and
 normed queries of every layer against it. Written differently from transformers, same numbers:
 batch-first tensors, `nn.MultiheadAttention` for the self-attention as well, and query features
 that the caller may pass in (DsHmp and DMVS put text into them before the first layer). One
@@ -72,32 +73,39 @@ class MaskedAttentionLayer(nn.Module):
     cross-attention, as referring Mask2Formers do (official DsHmp and MeViS/LMPM decoders,
     `cross_test`); it is not part of Mask2Former and has no transformers weights."""
 
-    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, dropout: float, word_attention: bool = False):
+    def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, dropout: float,
+                 word_attention: bool = False):
         super().__init__()
         self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.cross_norm = nn.LayerNorm(dim)
         if word_attention:
-            self.word_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+            self.word_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout,
+                                                   batch_first=True)
             self.word_norm = nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.self_norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(ffn_dim, dim))
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, queries, query_pos, src, src_pos, attn_mask, words=None, word_mask=None):
-        """queries, query_pos (B, Q, C); src, src_pos (B, H_l*W_l, C); attn_mask (B*heads, Q, H_l*W_l)
-        bool, True where a query may not look; words (B, L, C) and word_mask (B, L) True on the words
+        """queries, query_pos (B, Q, C); src, src_pos (B, H_l*W_l, C); attn_mask
+        (B*heads, Q, H_l*W_l) bool, True where a query may not look; words (B, L, C) and word_mask
+        (B, L) True on the words
         to attend, for a layer with word attention. Returns the updated queries (B, Q, C)."""
-        # Eq. (2): X_l = softmax(M_{l-1} + Q_l K_l^T) V_l + X_{l-1}; positions go into queries and keys only
+        # Eq. (2): X_l = softmax(M_{l-1} + Q_l K_l^T) V_l + X_{l-1}; positions go into queries and
+        # keys only
         attended = self.cross_attn(
             queries + query_pos, src + src_pos, src, attn_mask=attn_mask, need_weights=False
         )[0]  # (B, Q, C)
         queries = self.cross_norm(queries + self.dropout(attended))
         if hasattr(self, "word_attn"):
             if words is None:
-                raise ValueError("this decoder was built with word_attention=True: pass words and word_mask")
-            attended = self.word_attn(queries + query_pos, words, words, key_padding_mask=~word_mask,
+                raise ValueError("this decoder was built with word_attention=True: pass words and "
+                                 "word_mask")
+            attended = self.word_attn(queries + query_pos, words, words,
+                                      key_padding_mask=~word_mask,
                                       need_weights=False)[0]  # (B, Q, C)
             queries = self.word_norm(queries + self.dropout(attended))
         q = queries + query_pos  # (B, Q, C)
@@ -148,18 +156,22 @@ class MaskedAttentionDecoder(nn.Module):
         self.num_levels = num_levels
         self.hidden_dim = hidden_dim
         self.num_queries = num_queries
-        # Learnable query features, supervised before the first layer (Sec. 3.2.3), and query positions.
+        # Learnable query features, supervised before the first layer (Sec. 3.2.3), and query
+        # positions.
         self.query_feat = nn.Embedding(num_queries, hidden_dim)  # X_0 in the paper
         self.query_pos = nn.Embedding(num_queries, hidden_dim)
-        self.level_embed = nn.Embedding(num_levels, hidden_dim)  # learnable scale-level embedding (Sec. 3.2.2)
+        # learnable scale-level embedding (Sec. 3.2.2)
+        self.level_embed = nn.Embedding(num_levels, hidden_dim)
         # A 1x1 conv only where the feature channels differ from hidden_dim (or when asked), as
         # transformers and the official code.
         project = input_proj or in_channels != hidden_dim
         self.input_proj = nn.ModuleList(
-            nn.Conv2d(in_channels, hidden_dim, kernel_size=1) if project else nn.Identity() for _ in range(num_levels)
+            nn.Conv2d(in_channels, hidden_dim, kernel_size=1) if project else nn.Identity()
+            for _ in range(num_levels)
         )
         self.layers = nn.ModuleList(
-            MaskedAttentionLayer(dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout,
+            MaskedAttentionLayer(dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim,
+                                 dropout=dropout,
                                  word_attention=word_attention)
             for _ in range(num_layers)
         )
@@ -169,7 +181,8 @@ class MaskedAttentionDecoder(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self):
-        # official: mask2former_transformer_decoder.py, every attention/FFN layer `_reset_parameters`
+        # official: mask2former_transformer_decoder.py, every attention/FFN layer
+        # `_reset_parameters`
         # and `weight_init.c2_xavier_fill` on each input projection
         for layer in self.layers:
             xavier_init_(layer)
@@ -185,14 +198,19 @@ class MaskedAttentionDecoder(nn.Module):
         embeds = self.decoder_norm(queries)  # (B, Q, C)
         logits = self.class_head(embeds)  # (B, Q, K+1)
         mask_embed = self.mask_embed(embeds)  # (B, Q, D)
-        masks = einops.einsum(mask_embed, mask_features, "b q d, b d h w -> b q h w")  # (B, Q, h, w)
-        resized = F.interpolate(masks, size=tuple(attn_size), mode="bilinear", align_corners=False)  # (B, Q, H_l, W_l)
-        blocked = resized.sigmoid() < 0.5  # Eq. (3): M_{l-1} = 0 on the foreground (prob >= 0.5), -inf elsewhere
+        # (B, Q, h, w)
+        masks = einops.einsum(mask_embed, mask_features, "b q d, b d h w -> b q h w")
+        resized = F.interpolate(masks, size=tuple(attn_size), mode="bilinear",
+                                align_corners=False)  # (B, Q, H_l, W_l)
+        # Eq. (3): M_{l-1} = 0 on the foreground (prob >= 0.5), -inf elsewhere
+        blocked = resized.sigmoid() < 0.5
         blocked = rearrange(blocked.detach(), "b q h w -> b q (h w)")  # (B, Q, H_l*W_l)
         # A query whose mask is empty everywhere attends everywhere: a fully blocked softmax row
-        # would be NaN (official: mask2former_transformer_decoder.py `forward_prediction_heads`; not in the paper).
+        # would be NaN (official: mask2former_transformer_decoder.py `forward_prediction_heads`; not
+        # in the paper).
         blocked = blocked & ~blocked.all(-1, keepdim=True)
-        attn_mask = repeat(blocked, "b q n -> (b heads) q n", heads=self.num_heads)  # (B*heads, Q, H_l*W_l)
+        attn_mask = repeat(blocked, "b q n -> (b heads) q n",
+                           heads=self.num_heads)  # (B*heads, Q, H_l*W_l)
         return logits, masks, embeds, attn_mask
 
     def flatten_levels(self, features, pos):
@@ -200,17 +218,20 @@ class MaskedAttentionDecoder(nn.Module):
         embedding) and positions, and the level sizes (H_l, W_l)."""
         if len(features) != self.num_levels or len(pos) != self.num_levels:
             raise ValueError(
-                f"expected {self.num_levels} feature maps and position embeddings, got {len(features)} and {len(pos)}"
+                f"expected {self.num_levels} feature maps and position embeddings, got "
+                f"{len(features)} and {len(pos)}"
             )
         srcs, src_pos, sizes = [], [], []
         for level, (feature, level_pos) in enumerate(zip(features, pos)):
             if level_pos.shape[1] != self.hidden_dim:
                 raise ValueError(
-                    f"pos[{level}] has {level_pos.shape[1]} channels, the decoder needs hidden_dim={self.hidden_dim}"
+                    f"pos[{level}] has {level_pos.shape[1]} channels, the decoder needs "
+                    f"hidden_dim={self.hidden_dim}"
                 )
             sizes.append(feature.shape[-2:])
             src = self.input_proj[level](feature)  # (B, C, H_l, W_l)
-            srcs.append(rearrange(src, "b c h w -> b (h w) c") + self.level_embed.weight[level])  # (B, H_l*W_l, C)
+            # (B, H_l*W_l, C)
+            srcs.append(rearrange(src, "b c h w -> b (h w) c") + self.level_embed.weight[level])
             src_pos.append(rearrange(level_pos, "b c h w -> b (h w) c"))  # (B, H_l*W_l, C)
         return srcs, src_pos, sizes
 
@@ -221,15 +242,18 @@ class MaskedAttentionDecoder(nn.Module):
         if queries is None:
             queries = repeat(self.query_feat.weight, "q c -> b q c", b=batch)  # (B, Q, C)
         elif queries.shape != query_pos.shape:
-            raise ValueError(f"queries must have shape {tuple(query_pos.shape)} (B, Q, C), got {tuple(queries.shape)}")
+            raise ValueError(f"queries must have shape {tuple(query_pos.shape)} (B, Q, C), got "
+                             f"{tuple(queries.shape)}")
 
         logits, masks, embeds, attn_mask = self.predict(queries, mask_features, sizes[0])
         predictions, query_embeds = [{"pred_logits": logits, "pred_masks": masks}], [embeds]
         for i, layer in enumerate(self.layers):
             level = i % self.num_levels  # round robin over the scales (Sec. 3.2.2)
-            queries = layer(queries, query_pos, srcs[level], src_pos[level], attn_mask, words, word_mask)  # (B, Q, C)
+            queries = layer(queries, query_pos, srcs[level], src_pos[level], attn_mask,
+                            words, word_mask)  # (B, Q, C)
             # The mask for the next layer is made at the next layer's level size.
-            logits, masks, embeds, attn_mask = self.predict(queries, mask_features, sizes[(i + 1) % self.num_levels])
+            logits, masks, embeds, attn_mask = self.predict(queries, mask_features,
+                                                            sizes[(i + 1) % self.num_levels])
             predictions.append({"pred_logits": logits, "pred_masks": masks})
             query_embeds.append(embeds)
         return {**predictions[-1], "aux_outputs": predictions[:-1], "query_embeds": query_embeds}
@@ -239,14 +263,17 @@ class MaskedAttentionDecoder(nn.Module):
 def decoder_kwargs_from_hf(config) -> dict:
     """Keyword arguments of `MaskedAttentionDecoder` matching a transformers `Mask2FormerConfig`."""
     if config.pre_norm:
-        raise ValueError("this decoder is post-norm only (as the paper's checkpoints); config.pre_norm is True")
+        raise ValueError("this decoder is post-norm only (as the paper's checkpoints); "
+                         "config.pre_norm is True")
     if config.activation_function != "relu":
-        raise ValueError(f"this decoder's FFN uses ReLU, config.activation_function is {config.activation_function!r}")
+        raise ValueError(f"this decoder's FFN uses ReLU, config.activation_function is "
+                         f"{config.activation_function!r}")
     return dict(
         in_channels=config.feature_size,
         hidden_dim=config.hidden_dim,
         num_queries=config.num_queries,
-        # DEC_LAYERS counts the prediction made from the learnable queries as a layer (official config.py note)
+        # DEC_LAYERS counts the prediction made from the learnable queries as a layer
+        # (official config.py note)
         num_layers=config.decoder_layers - 1,
         num_heads=config.num_attention_heads,
         ffn_dim=config.dim_feedforward,
@@ -262,7 +289,8 @@ def _weight_and_bias(ours: str, theirs: str) -> dict:
 
 
 def hf_decoder_key_map(decoder: MaskedAttentionDecoder) -> dict:
-    """Our state-dict key -> the transformers `Mask2FormerForUniversalSegmentation` key(s) it is made
+    """Our state-dict key -> the transformers `Mask2FormerForUniversalSegmentation` key(s) it is
+    made
     of. Several keys (self-attention q, k, v) are concatenated along dim 0, the layout of
     `nn.MultiheadAttention.in_proj_*`."""
     t = "model.transformer_module."
@@ -274,10 +302,12 @@ def hf_decoder_key_map(decoder: MaskedAttentionDecoder) -> dict:
         **_weight_and_bias("class_head", "class_predictor"),
     }
     for i in range(len(decoder.mask_embed.layers)):
-        key_map.update(_weight_and_bias(f"mask_embed.layers.{i}", t + f"decoder.mask_predictor.mask_embedder.{i}.0"))
+        key_map.update(_weight_and_bias(f"mask_embed.layers.{i}",
+                                        t + f"decoder.mask_predictor.mask_embedder.{i}.0"))
     for level, proj in enumerate(decoder.input_proj):
         if isinstance(proj, nn.Conv2d):
-            key_map.update(_weight_and_bias(f"input_proj.{level}", t + f"input_projections.{level}"))
+            key_map.update(_weight_and_bias(f"input_proj.{level}",
+                                            t + f"input_projections.{level}"))
     for i in range(len(decoder.layers)):
         ours, theirs = f"layers.{i}.", t + f"decoder.layers.{i}."
         key_map.update({
@@ -285,7 +315,8 @@ def hf_decoder_key_map(decoder: MaskedAttentionDecoder) -> dict:
             ours + "cross_attn.in_proj_bias": [theirs + "cross_attn.in_proj_bias"],
             **_weight_and_bias(ours + "cross_attn.out_proj", theirs + "cross_attn.out_proj"),
             **_weight_and_bias(ours + "cross_norm", theirs + "cross_attn_layer_norm"),
-            ours + "self_attn.in_proj_weight": [theirs + f"self_attn.{x}_proj.weight" for x in "qkv"],
+            ours + "self_attn.in_proj_weight": [theirs + f"self_attn.{x}_proj.weight"
+                                                for x in "qkv"],
             ours + "self_attn.in_proj_bias": [theirs + f"self_attn.{x}_proj.bias" for x in "qkv"],
             **_weight_and_bias(ours + "self_attn.out_proj", theirs + "self_attn.out_proj"),
             **_weight_and_bias(ours + "self_norm", theirs + "self_attn_layer_norm"),
@@ -307,8 +338,9 @@ def load_decoder_weights(decoder: MaskedAttentionDecoder, hf_state_dict: dict, *
     Keys outside `HF_DECODER_PREFIXES` (the pixel-level module, the loss's `criterion.*` buffer)
     are ignored. num_queries: keep only the first `num_queries` query features and positions (as
     DsHmp's tools/process_ckpt.py keeps 20 of the 100 COCO queries). load_class_head=False leaves
-    `class_head` at its initialisation (for a different class count) and ignores `class_predictor.*`.
-    Raises ValueError on any missing or unused decoder key or on a shape mismatch; loads nothing then.
+    `class_head` at its initialisation (for a different class count) and ignores
+    `class_predictor.*`. Raises ValueError on any missing or unused decoder key or on a shape
+    mismatch; loads nothing then.
     Returns the names of our parameters left at their initialisation: the class head with
     load_class_head=False, and the word attention of a decoder built with word_attention=True.
     """
@@ -316,16 +348,21 @@ def load_decoder_weights(decoder: MaskedAttentionDecoder, hf_state_dict: dict, *
     own = decoder.state_dict()
     words_only = [k for k in own if ".word_attn." in k or ".word_norm." in k]  # not in Mask2Former
     if set(own) - set(words_only) != set(key_map):
-        raise ValueError(f"key table out of date for this decoder: {sorted((set(own) - set(words_only)) ^ set(key_map))}")
-    skipped_ours = words_only + ([] if load_class_head else [k for k in key_map if k.startswith("class_head.")])
-    skipped_theirs = set() if load_class_head else {k for k in hf_state_dict if k.startswith("class_predictor.")}
+        raise ValueError(f"key table out of date for this decoder: "
+                         f"{sorted((set(own) - set(words_only)) ^ set(key_map))}")
+    skipped_ours = words_only + ([] if load_class_head
+                                 else [k for k in key_map if k.startswith("class_head.")])
+    skipped_theirs = set() if load_class_head else {k for k in hf_state_dict
+                                                    if k.startswith("class_predictor.")}
     key_map = {k: v for k, v in key_map.items() if k not in skipped_ours}
     wanted = {k for theirs in key_map.values() for k in theirs}
     missing = sorted(wanted - set(hf_state_dict))
     known = wanted | skipped_theirs
-    unused = sorted(k for k in hf_state_dict if k.startswith(HF_DECODER_PREFIXES) and k not in known)
+    unused = sorted(k for k in hf_state_dict if k.startswith(HF_DECODER_PREFIXES)
+                    and k not in known)
     if missing or unused:
-        raise ValueError(f"Mask2Former decoder weights do not match: missing {missing}, unused {unused}")
+        raise ValueError(f"Mask2Former decoder weights do not match: missing {missing}, unused "
+                         f"{unused}")
 
     new_state, mismatched = {}, []
     for ours, theirs in key_map.items():
@@ -337,7 +374,9 @@ def load_decoder_weights(decoder: MaskedAttentionDecoder, hf_state_dict: dict, *
         new_state[ours] = value
     if mismatched:
         class_head = any(m.startswith("class_head") for m in mismatched)
-        hint = "\n(pass load_class_head=False for a different number of classes)" if class_head else ""
-        raise ValueError("Mask2Former decoder weight shapes do not match:\n  " + "\n  ".join(mismatched) + hint)
+        hint = "\n(pass load_class_head=False for a different number of classes)" if class_head \
+            else ""
+        raise ValueError("Mask2Former decoder weight shapes do not match:\n  "
+                         + "\n  ".join(mismatched) + hint)
     decoder.load_state_dict(new_state, strict=not skipped_ours)
     return skipped_ours

@@ -38,7 +38,8 @@ def point_sample(masks, coords):
     0.3 px away from where the float32 labels are read.
     """
     grid = rearrange(2.0 * coords.float() - 1.0, "n p xy -> n p 1 xy")  # (N, P, 1, 2) in [-1, 1]
-    values = F.grid_sample(masks.float(), grid, mode="bilinear", align_corners=False)  # (N, c, P, 1)
+    values = F.grid_sample(masks.float(), grid, mode="bilinear",
+                           align_corners=False)  # (N, c, P, 1)
     return rearrange(values, "n c p 1 -> n c p")  # (N, c, P)
 
 
@@ -78,14 +79,18 @@ def batch_sigmoid_bce_cost(logits, targets):
     Mask2Former matcher.py `batch_sigmoid_ce_loss`: BCE(x, t) = t * BCE(x, 1) + (1 - t) * BCE(x, 0)
     is linear in t, so all pairs come from two matrix products instead of a (Q, N, P) tensor.
     """
-    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")  # (Q, P)
-    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")  # (Q, P)
-    cost = torch.einsum("qp,np->qn", pos, targets) + torch.einsum("qp,np->qn", neg, 1 - targets)  # (Q, N)
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits),
+                                             reduction="none")  # (Q, P)
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits),
+                                             reduction="none")  # (Q, P)
+    # (Q, N)
+    cost = torch.einsum("qp,np->qn", pos, targets) + torch.einsum("qp,np->qn", neg, 1 - targets)
     return cost / logits.shape[1]
 
 
 def batch_dice_cost(logits, targets):
-    """Dice loss 1 - (2 sum(p t) + 1) / (sum p + sum t + 1) for every pair: (Q, P), (N, P) -> (Q, N).
+    """Dice loss 1 - (2 sum(p t) + 1) / (sum p + sum t + 1) for every pair: (Q, P), (N, P) ->
+    (Q, N).
 
     Mask2Former matcher.py `batch_dice_loss`, with p = sigmoid(logits).
     """
@@ -109,7 +114,8 @@ def _shared_point_masks(pred, tgt, tgt_batch, num_points, generator):
     # element b on the same points, for every mask and frame; tgt_batch (N,) is each target's b.
     num_frames = pred.shape[2]
     if num_points is None:
-        pred = F.interpolate(pred.flatten(1, 2), tgt.shape[-2:], mode="bilinear", align_corners=False)
+        pred = F.interpolate(pred.flatten(1, 2), tgt.shape[-2:], mode="bilinear",
+                             align_corners=False)
         pred = rearrange(pred, "b (q t) h w -> b q (t h w)", t=num_frames)  # (B, Q, T*H*W)
         return pred, rearrange(tgt, "n t h w -> n (t h w)")
     # One draw per batch element, in order: a batched call equals per-sample calls (same generator).
@@ -124,11 +130,13 @@ def _shared_point_masks(pred, tgt, tgt_batch, num_points, generator):
 
 def _check_target(b, target, pred_logits, pred_masks):
     labels, masks = target["labels"], target["masks"]
-    same_frames = masks.dim() == pred_masks.dim() - 1 and masks.shape[1:-2] == pred_masks.shape[2:-2]
+    same_frames = masks.dim() == pred_masks.dim() - 1 \
+        and masks.shape[1:-2] == pred_masks.shape[2:-2]
     if not same_frames or len(labels) != len(masks):
         raise ValueError(
-            f"targets[{b}] has {len(labels)} labels and masks of shape {tuple(masks.shape)}; expected one "
-            f"mask per label, with the frame axes of pred_masks {tuple(pred_masks.shape)} minus B, Q, h, w"
+            f"targets[{b}] has {len(labels)} labels and masks of shape {tuple(masks.shape)}; "
+            f"expected one mask per label, with the frame axes of pred_masks "
+            f"{tuple(pred_masks.shape)} minus B, Q, h, w"
         )
     num_classes = pred_logits.shape[-1] - 1
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -179,12 +187,14 @@ def hungarian_match(
             f"{num_queries} from pred_logits, got shape {tuple(pred_masks.shape)}"
         )
     if len(targets) != batch_size:
-        raise ValueError(f"expected {batch_size} targets (one per batch element), got {len(targets)}")
+        raise ValueError(f"expected {batch_size} targets (one per batch element), got "
+                         f"{len(targets)}")
     for b, target in enumerate(targets):
         _check_target(b, target, pred_logits, pred_masks)
         if target["masks"].shape[-2:] != targets[0]["masks"].shape[-2:]:
-            raise ValueError(f"targets[{b}]['masks'] is {tuple(target['masks'].shape[-2:])} in H, W and targets[0]'s "
-                             f"{tuple(targets[0]['masks'].shape[-2:])}: pad them to one size in the collate function")
+            raise ValueError(f"targets[{b}]['masks'] is {tuple(target['masks'].shape[-2:])} in H, "
+                             f"W and targets[0]'s {tuple(targets[0]['masks'].shape[-2:])}: pad "
+                             f"them to one size in the collate function")
     sizes = [len(t["labels"]) for t in targets]
     indices = [(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))] * batch_size
     has = [b for b, n in enumerate(sizes) if n]  # elements without targets draw no points
@@ -194,21 +204,26 @@ def hungarian_match(
     # of all elements, cut into each element's block; the other blocks are never used.
     with torch.autocast(device_type=pred_masks.device.type, enabled=False):
         pred = pred_masks[has].float()
-        pred = pred if pred.dim() == 5 else rearrange(pred, "b q h w -> b q 1 h w")  # (B', Q, T, h, w)
+        # (B', Q, T, h, w)
+        pred = pred if pred.dim() == 5 else rearrange(pred, "b q h w -> b q 1 h w")
         tgt = torch.cat([_as_tubes(targets[b]["masks"], "masks") for b in has])  # (N, T, H, W)
         tgt = tgt.to(pred.device, torch.float32)
-        tgt_batch = torch.cat([torch.full((sizes[b],), i) for i, b in enumerate(has)]).to(pred.device)  # (N,)
-        pred, tgt = _shared_point_masks(pred, tgt, tgt_batch, num_points, generator)  # (B', Q, T*P), (N, T*P)
+        tgt_batch = torch.cat([torch.full((sizes[b],), i)
+                               for i, b in enumerate(has)]).to(pred.device)  # (N,)
+        pred, tgt = _shared_point_masks(pred, tgt, tgt_batch,
+                                        num_points, generator)  # (B', Q, T*P), (N, T*P)
         pred = rearrange(pred, "b q p -> (b q) p")  # (B'*Q, T*P)
         prob = pred_logits[has].float().softmax(-1).flatten(0, 1)  # (B'*Q, C)
         labels = torch.cat([targets[b]["labels"] for b in has]).to(prob.device)  # (N,)
         cost_cls = -prob[:, labels]  # (B'*Q, N)
-        cost = w_cls * cost_cls + w_bce * batch_sigmoid_bce_cost(pred, tgt) + w_dice * batch_dice_cost(pred, tgt)
+        cost = w_cls * cost_cls + w_bce * batch_sigmoid_bce_cost(pred, tgt) \
+            + w_dice * batch_dice_cost(pred, tgt)
     cost = rearrange(cost, "(b q) n -> b q n", q=num_queries).cpu()  # (B', Q, N)
     for i, (b, c) in enumerate(zip(has, cost.split([sizes[b] for b in has], -1))):
         c = c[i]  # (Q, N_b): element b's queries against its own targets
         if not torch.isfinite(c).all():
-            raise ValueError(f"matching cost of batch element {b} is not finite: the predictions hold NaN or inf")
+            raise ValueError(f"matching cost of batch element {b} is not finite: the predictions "
+                             f"hold NaN or inf")
         pred_idx, tgt_idx = linear_sum_assignment(c.numpy())  # pred_idx comes back sorted
         indices[b] = (torch.from_numpy(pred_idx).long(), torch.from_numpy(tgt_idx).long())
     return indices
@@ -220,7 +235,8 @@ def matched_pred_index(indices):
 
     DETR detr.py `_get_src_permutation_idx`; both are (M,) with M the total number of matches.
     """
-    batch_idx = torch.cat([torch.full_like(pred_idx, b) for b, (pred_idx, _) in enumerate(indices)])  # (M,)
+    # (M,)
+    batch_idx = torch.cat([torch.full_like(pred_idx, b) for b, (pred_idx, _) in enumerate(indices)])
     pred_idx = torch.cat([pred_idx for pred_idx, _ in indices])  # (M,)
     return batch_idx, pred_idx
 
@@ -231,8 +247,10 @@ def matched_masks(pred_masks, targets, indices):
     Targets of all batch elements must share H, W (pad them in the collate function).
     """
     batch_idx, pred_idx = matched_pred_index(indices)
-    preds = pred_masks[batch_idx.to(pred_masks.device), pred_idx.to(pred_masks.device)]  # (M, [T,] h, w)
-    tgts = torch.cat([t["masks"][tgt_idx] for t, (_, tgt_idx) in zip(targets, indices)])  # (M, [T,] H, W)
+    # (M, [T,] h, w)
+    preds = pred_masks[batch_idx.to(pred_masks.device), pred_idx.to(pred_masks.device)]
+    # (M, [T,] H, W)
+    tgts = torch.cat([t["masks"][tgt_idx] for t, (_, tgt_idx) in zip(targets, indices)])
     return preds, tgts.to(preds.device, torch.float32)
 
 
@@ -240,7 +258,8 @@ def sigmoid_bce_loss(logits, targets, num_masks):
     """Sigmoid BCE of (N, P) logits against (N, P) targets in [0, 1]: mean over points, sum over
     masks, divided by num_masks (the number of target masks in the batch; Mask2Former criterion.py
     `sigmoid_ce_loss`)."""
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum() / num_masks
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum() \
+        / num_masks
 
 
 def dice_loss(logits, targets, num_masks):
@@ -280,13 +299,15 @@ def mask_losses(
     tgt = _as_tubes(tgt_masks, "tgt_masks").to(pred.device, torch.float32)  # (N, T, H, W)
     if pred.shape[:2] != tgt.shape[:2]:
         raise ValueError(
-            f"pred_masks {tuple(pred_masks.shape)} and tgt_masks {tuple(tgt_masks.shape)} must agree in N and T"
+            f"pred_masks {tuple(pred_masks.shape)} and tgt_masks {tuple(tgt_masks.shape)} must "
+            f"agree in N and T"
         )
     num_frames = pred.shape[1]
     pred_frames = rearrange(pred, "n t h w -> (n t) 1 h w")  # (N*T, 1, h, w)
     tgt_frames = rearrange(tgt, "n t h w -> (n t) 1 h w")  # (N*T, 1, H, W)
     if num_points is None:
-        logits = F.interpolate(pred_frames, tgt.shape[-2:], mode="bilinear", align_corners=False)  # (N*T, 1, H, W)
+        logits = F.interpolate(pred_frames, tgt.shape[-2:], mode="bilinear",
+                               align_corners=False)  # (N*T, 1, H, W)
         logits = rearrange(logits, "(n t) 1 h w -> n (t h w)", t=num_frames)  # (N, T*H*W)
         labels = rearrange(tgt_frames, "(n t) 1 h w -> n (t h w)", t=num_frames)  # (N, T*H*W)
     else:
@@ -303,7 +324,8 @@ def mask_losses(
         logits = rearrange(logits, "(n t) 1 p -> n (t p)", t=num_frames)  # (N, T*P)
         labels = rearrange(labels, "(n t) 1 p -> n (t p)", t=num_frames)  # (N, T*P)
     logits = logits.float()
-    return {"bce": sigmoid_bce_loss(logits, labels, num_masks), "dice": dice_loss(logits, labels, num_masks)}
+    return {"bce": sigmoid_bce_loss(logits, labels, num_masks),
+            "dice": dice_loss(logits, labels, num_masks)}
 
 
 def classification_loss(pred_logits, targets, indices, *, no_object_weight):
@@ -316,8 +338,10 @@ def classification_loss(pred_logits, targets, indices, *, no_object_weight):
     batch_size, num_queries, num_classes = pred_logits.shape
     batch_idx, pred_idx = matched_pred_index(indices)
     device = pred_logits.device
-    matched_labels = torch.cat([t["labels"][tgt_idx] for t, (_, tgt_idx) in zip(targets, indices)])  # (M,)
-    classes = torch.full((batch_size, num_queries), num_classes - 1, dtype=torch.long, device=device)  # (B, Q)
+    # (M,)
+    matched_labels = torch.cat([t["labels"][tgt_idx] for t, (_, tgt_idx) in zip(targets, indices)])
+    classes = torch.full((batch_size, num_queries), num_classes - 1, dtype=torch.long,
+                         device=device)  # (B, Q)
     classes[batch_idx.to(device), pred_idx.to(device)] = matched_labels.to(device)
     weight = torch.ones(num_classes, device=device)  # (C,)
     weight[-1] = no_object_weight
@@ -333,15 +357,18 @@ def set_losses(outputs, targets, *, w_cls, w_bce, w_dice, no_object_weight, num_
     prediction's matching)."""
     terms = {"ce": 0.0, "bce": 0.0, "dice": 0.0}
     for i, out in enumerate([outputs, *outputs["aux_outputs"]]):
-        indices = hungarian_match(out["pred_logits"], out["pred_masks"], targets, w_cls=w_cls, w_bce=w_bce,
+        indices = hungarian_match(out["pred_logits"], out["pred_masks"], targets, w_cls=w_cls,
+                                  w_bce=w_bce,
                                   w_dice=w_dice, num_points=num_points)
         if i == 0:
             final_indices = indices
         terms["ce"] = terms["ce"] + classification_loss(out["pred_logits"], targets, indices,
                                                         no_object_weight=no_object_weight)
-        preds, masks = matched_masks(out["pred_masks"], targets, indices)  # (M, [T,] h, w), (M, [T,] H, W)
+        # (M, [T,] h, w), (M, [T,] H, W)
+        preds, masks = matched_masks(out["pred_masks"], targets, indices)
         mask_terms = mask_losses(preds, masks, num_masks, num_points=num_points)
-        terms["bce"], terms["dice"] = terms["bce"] + mask_terms["bce"], terms["dice"] + mask_terms["dice"]
+        terms["bce"], terms["dice"] = terms["bce"] + mask_terms["bce"], \
+            terms["dice"] + mask_terms["dice"]
     return terms, final_indices
 
 

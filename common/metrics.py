@@ -21,10 +21,12 @@ video functions run batched over frames on the masks' device, without OpenCV: th
 
     j = jaccard(pred, gt)            # (T,) float64, pred and gt (T, H, W)
     f = boundary_f(pred, gt)         # (T,) float64
-    video = VideoMetrics(); video.add(pred, gt, key="vid_exp"); video.summary()  # {"J", "F", "J&F", "n"}
+    video = VideoMetrics(); video.add(pred, gt, key="vid_exp");
+    video.summary()  # {"J", "F", "J&F", "n"}
     image = ImageMetrics(); image.add(pred, gt); image.summary()  # {"mIoU", "oIoU", "Pr@0.5", ...}
     oc_iou([(gt, preds), ...])       # float, preds (K, H, W) for the K expressions of one object
-    davis_unsupervised(gt_labels, pred_labels)  # Ref-DAVIS17: J and F of each GT object, Hungarian-matched
+    davis_unsupervised(gt_labels,
+                       pred_labels)  # Ref-DAVIS17: J and F of each GT object, Hungarian-matched
 """
 import math
 
@@ -54,10 +56,12 @@ def _as_masks(masks) -> Tensor:
 def _mask_pair(pred, gt, ndims: tuple, expected: str) -> tuple:
     pred, gt = _as_masks(pred), _as_masks(gt)
     if pred.ndim not in ndims or pred.shape != gt.shape:
-        raise ValueError(f"expected pred and gt of the same shape {expected}, got pred {tuple(pred.shape)} "
+        raise ValueError(f"expected pred and gt of the same shape {expected}, got pred "
+                         f"{tuple(pred.shape)} "
                          f"and gt {tuple(gt.shape)}")
     if pred.device != gt.device:
-        raise ValueError(f"pred is on {pred.device} but gt is on {gt.device}; put both on one device")
+        raise ValueError(f"pred is on {pred.device} but gt is on {gt.device}; put both on one "
+                         f"device")
     return pred, gt
 
 
@@ -92,13 +96,15 @@ def jaccard(pred, gt) -> Tensor:
 
 # --------------------------------------------------------------- F: boundary F-measure (DAVIS)
 def _disk_radius(height: int, width: int, bound_th: float) -> int:
-    # f_measure: bound_pix = bound_th if bound_th >= 1 else np.ceil(bound_th * np.linalg.norm(shape));
+    # f_measure: bound_pix = bound_th if bound_th >= 1 else
+    # np.ceil(bound_th * np.linalg.norm(shape));
     # np.linalg.norm of the shape is the correctly rounded sqrt(H^2 + W^2), as math.sqrt.
     if bound_th < 0:
         raise ValueError(f"bound_th must be >= 0, got {bound_th}")
     if bound_th >= 1:
         if bound_th != int(bound_th):
-            raise ValueError(f"bound_th >= 1 is a disk radius in pixels and must be an integer, got {bound_th}")
+            raise ValueError(f"bound_th >= 1 is a disk radius in pixels and must be an integer, "
+                             f"got {bound_th}")
         return int(bound_th)
     return math.ceil(bound_th * math.sqrt(height * height + width * width))
 
@@ -127,9 +133,10 @@ def _dilate_disk(padded: Tensor, radius: int) -> Tensor:
     `f_measure` gets from cv2.dilate, where outside the frame counts as background.
 
     A disk is a stack of horizontal runs, its row dy spanning |dx| <= isqrt(r^2 - dy^2). So the
-    dilation is the OR over dy of the maps dilated by that row's run and shifted by dy rows. A run of
-    L pixels is the OR of two overlapping runs of n pixels, n the largest power of two <= L, and runs
-    of 2n pixels are one OR of two runs of n (the doubling of a sparse table): about log2(r) + r + 2r
+    dilation is the OR over dy of the maps dilated by that row's run and shifted by dy rows. A run
+    of L pixels is the OR of two overlapping runs of n pixels, n the largest power of two <= L, and
+    runs of 2n pixels are one OR of two runs of n (the doubling of a sparse table): about
+    log2(r) + r + 2r
     ORs of whole maps instead of the (2r + 1)^2 products of a convolution with the disk.
     padded: (T, H + 2r, W + 2r) from `_boundary_maps`. Returns (T, H, W) bool.
     """
@@ -144,8 +151,10 @@ def _dilate_disk(padded: Tensor, radius: int) -> Tensor:
     dilated = padded.new_zeros((n_frames, height, width))  # (T, H, W)
     for w in sorted(set(half_widths.values())):
         n = 1 << ((2 * w + 1).bit_length() - 1)
-        first, last = r - w, r + w + 1 - n  # runs[n] at these columns start at x - w and end at x + w
-        row_runs = runs[n][:, :, first:first + width] | runs[n][:, :, last:last + width]  # (T, H + 2r, W)
+        # runs[n] at these columns start at x - w and end at x + w
+        first, last = r - w, r + w + 1 - n
+        # (T, H + 2r, W)
+        row_runs = runs[n][:, :, first:first + width] | runs[n][:, :, last:last + width]
         for dy in (dy for dy, half_width in half_widths.items() if half_width == w):
             dilated |= row_runs[:, r + dy:r + dy + height]
     return dilated
@@ -191,13 +200,16 @@ def boundary_f(pred, gt, *, bound_th: float = 0.008) -> Tensor:
         # precision 0 (only pred) or recall 0 (only GT) as f_measure sets them.
         precision = torch.where(n_pred > 0, pred_match / n_pred, 1.0)
         recall = torch.where(n_gt > 0, gt_match / n_gt, 1.0)
-        f[frames] = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        f[frames] = torch.where(precision + recall > 0,
+                                2 * precision * recall / (precision + recall), 0.0)
     return f
 
 
-# --------------------------------------------------------- readable reference (davis2017-evaluation)
+# ---------------------------------------------------------
+# readable reference (davis2017-evaluation)
 def reference_jaccard(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """`db_eval_iou`: J = |P ∩ G| / |P ∪ G| per frame, 1 where both are empty. (T, H, W) -> (T,)."""
+    """`db_eval_iou`: J = |P ∩ G| / |P ∪ G| per frame, 1 where both are empty.
+    (T, H, W) -> (T,)."""
     pred, gt = np.asarray(pred) != 0, np.asarray(gt) != 0
     inter = (pred & gt).sum(axis=(-2, -1))  # (T,)
     union = (pred | gt).sum(axis=(-2, -1))  # (T,)
@@ -217,7 +229,8 @@ def reference_boundary_map(mask: np.ndarray) -> np.ndarray:
     return boundary
 
 
-def reference_boundary_f(pred: np.ndarray, gt: np.ndarray, *, bound_th: float = 0.008) -> np.ndarray:
+def reference_boundary_f(pred: np.ndarray, gt: np.ndarray, *,
+                         bound_th: float = 0.008) -> np.ndarray:
     """`db_eval_boundary` / `f_measure` frame by frame: boundary pixels of one mask count as
     matched when the other's boundary lies within a disk of radius ceil(bound_th * diagonal).
     The official code dilates with cv2.dilate and skimage's disk; scipy's binary_dilation with the
@@ -232,9 +245,11 @@ def reference_boundary_f(pred: np.ndarray, gt: np.ndarray, *, bound_th: float = 
         if n_fg == 0 or n_gt == 0:  # precision, recall = (1, 0), (0, 1) or (1, 1)
             scores.append(1.0 if n_fg == n_gt else 0.0)
             continue
-        precision = (fg_boundary & ndimage.binary_dilation(gt_boundary, structure=disk)).sum() / n_fg
+        precision = (fg_boundary & ndimage.binary_dilation(gt_boundary, structure=disk)).sum() \
+            / n_fg
         recall = (gt_boundary & ndimage.binary_dilation(fg_boundary, structure=disk)).sum() / n_gt
-        scores.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+        scores.append(0.0 if precision + recall == 0
+                      else 2 * precision * recall / (precision + recall))
     return np.array(scores, dtype=np.float64)
 
 
@@ -257,7 +272,8 @@ class _Records:
             key = record["key"]
             if key is not None and key in self._by_key:
                 if self._by_key[key] != record:
-                    raise ValueError(f"two different results for key {key!r}: {self._by_key[key]} and {record}")
+                    raise ValueError(f"two different results for key {key!r}: {self._by_key[key]} "
+                                     f"and {record}")
                 continue
             if key is not None:
                 self._by_key[key] = record
@@ -283,9 +299,11 @@ class VideoMetrics(_Records):
         j = jaccard(pred, gt).tolist()
         f = boundary_f(pred, gt, bound_th=self.bound_th).tolist()
         if not j:
-            raise ValueError(f"expression {key!r} has no frames: got masks of shape {tuple(_as_masks(pred).shape)}")
+            raise ValueError(f"expression {key!r} has no frames: got masks of shape "
+                             f"{tuple(_as_masks(pred).shape)}")
         j_mean, f_mean = float(np.mean(j)), float(np.mean(f))
-        record = {"key": key, "n_frames": len(j), "J": j_mean, "F": f_mean, "J&F": (j_mean + f_mean) / 2,
+        record = {"key": key, "n_frames": len(j), "J": j_mean, "F": f_mean,
+                  "J&F": (j_mean + f_mean) / 2,
                   "J_per_frame": j, "F_per_frame": f}
         self.extend([record])
         return record
@@ -319,9 +337,11 @@ class ImageMetrics(_Records):
         if pred.ndim == 2:
             pred, gt, keys = pred[None], gt[None], [key]  # (1, H, W)
         else:
-            keys = [None] * pred.shape[0] if key is None else [key] if isinstance(key, str) else list(key)
+            keys = [None] * pred.shape[0] if key is None else [key] if isinstance(key, str) \
+                else list(key)
         if len(keys) != pred.shape[0]:
-            raise ValueError(f"a batch of {pred.shape[0]} masks needs None or {pred.shape[0]} keys, got {key!r}")
+            raise ValueError(f"a batch of {pred.shape[0]} masks needs None or {pred.shape[0]} "
+                             f"keys, got {key!r}")
         inter, union = _count(pred & gt), _count(pred | gt)  # (N,)
         iou = torch.where(union > 0, inter.double() / union, 0.0)  # (N,)
         self.extend({"key": k, "I": i, "U": u, "IoU": v}
@@ -329,12 +349,14 @@ class ImageMetrics(_Records):
         return iou
 
     def summary(self) -> dict:
-        """{"mIoU", "oIoU", "Pr@0.5", ..., "Pr@0.9", "cum_I", "cum_U", "n"} over the n samples added."""
+        """{"mIoU", "oIoU", "Pr@0.5", ..., "Pr@0.9", "cum_I", "cum_U", "n"} over the n samples
+        added."""
         n = len(self.records)
         ious = [record["IoU"] for record in self.records]
         cum_i = sum(record["I"] for record in self.records)
         cum_u = sum(record["U"] for record in self.records)
-        out = {"mIoU": float(np.mean(ious)) if n else math.nan, "oIoU": cum_i / cum_u if cum_u else math.nan}
+        out = {"mIoU": float(np.mean(ious)) if n else math.nan,
+               "oIoU": cum_i / cum_u if cum_u else math.nan}
         for x in PR_THRESHOLDS:
             hits = sum(iou > x if self.strict_pr else iou >= x for iou in ious)
             out[f"Pr@{x}"] = hits / n if n else math.nan
@@ -347,7 +369,8 @@ def oc_iou(groups) -> float:
 
     groups: one (gt, preds) pair per object i: its ground truth GT_i (H, W) and the predictions
     P_i^1 .. P_i^K (K, H, W) for its K >= 1 expressions. An object scores
-    |GT_i ∩ P_i^1 ∩ ... ∩ P_i^K| / |GT_i ∪ P_i^1 ∪ ... ∪ P_i^K|, and 0 when that union is empty
+    |GT_i ∩ P_i^1 ∩ ... ∩ P_i^K| / |GT_i ∪ P_i^1 ∪ ... ∪ P_i^K|,
+    and 0 when that union is empty
     (as LAVT's IoU; the paper does not say). Returns the mean over objects, NaN when there are none.
     """
     scores = []
@@ -355,7 +378,8 @@ def oc_iou(groups) -> float:
         gt = _as_masks(gt)
         preds = _as_masks(preds).to(gt.device)
         if gt.ndim != 2 or preds.ndim != 3 or preds.shape[0] == 0 or preds.shape[1:] != gt.shape:
-            raise ValueError(f"object {i}: expected gt (H, W) and preds (K, H, W) with K >= 1, got gt "
+            raise ValueError(f"object {i}: expected gt (H, W) and preds (K, H, W) with K >= 1, got "
+                             f"gt "
                              f"{tuple(gt.shape)} and preds {tuple(preds.shape)}")
         inter = (gt & preds.all(0)).sum().item()  # Eq. (9) numerator
         union = (gt | preds.any(0)).sum().item()  # Eq. (9) denominator
@@ -382,12 +406,14 @@ def davis_unsupervised(gt_labels, pred_labels) -> tuple:
     """
     gt, pred = torch.as_tensor(np.asarray(gt_labels)), torch.as_tensor(np.asarray(pred_labels))
     if gt.shape != pred.shape or gt.ndim != 3:
-        raise ValueError(f"expected gt and prediction labels of one shape (T, H, W), got {tuple(gt.shape)} and "
+        raise ValueError(f"expected gt and prediction labels of one shape (T, H, W), got "
+                         f"{tuple(gt.shape)} and "
                          f"{tuple(pred.shape)}")
     void = gt == DAVIS_VOID  # (T, H, W)
     num_gt, num_pred = int(gt[0].masked_fill(void[0], 0).max()), int(pred.max())
     if num_pred > DAVIS_MAX_PROPOSALS:
-        raise ValueError(f"{num_pred} proposals: the DAVIS unsupervised task allows at most {DAVIS_MAX_PROPOSALS}")
+        raise ValueError(f"{num_pred} proposals: the DAVIS unsupervised task allows at most "
+                         f"{DAVIS_MAX_PROPOSALS}")
     num_pred = max(num_pred, num_gt)  # the official code pads with empty proposals
     j = np.zeros((num_pred, num_gt, len(gt)))  # (P, G, T)
     f = np.zeros((num_pred, num_gt, len(gt)))
@@ -395,7 +421,8 @@ def davis_unsupervised(gt_labels, pred_labels) -> tuple:
         target = gt == g + 1  # (T, H, W); void pixels belong to no object
         for p in range(num_pred):
             proposal = (pred == p + 1) & ~void  # void pixels are removed from the prediction
-            j[p, g], f[p, g] = jaccard(proposal, target).numpy(), boundary_f(proposal, target).numpy()
+            j[p, g], f[p, g] = jaccard(proposal, target).numpy(), \
+                boundary_f(proposal, target).numpy()
     rows, cols = linear_sum_assignment(-(j.mean(2) + f.mean(2)) / 2)
     return j[rows, cols], f[rows, cols]
 

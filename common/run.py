@@ -4,9 +4,11 @@
                PRESETS + argv; --help lists every field with its source comment); config_from_dict
   folders      run_dir (runs/<method>-<data>[-no-<ablation>]), data_root (and the one-line
                "no dataset at ..." exit)
-  optimiser    param_groups (backbone lr multiplier; no weight decay on norms, embeddings, position tables)
+  optimiser    param_groups (backbone lr multiplier; no weight decay on norms, embeddings, position
+               tables)
   training     resume, wrap_ddp, train_batches (endless, a data seed per process), check_finite
-  checkpoints  load_trained: the model rebuilt from the config (and toy vocabulary) it was saved with
+  checkpoints  load_trained: the model rebuilt from the config (and toy vocabulary) it was saved
+               with
   evaluation   evaluate_video (J, F, J&F or a submission tree + zip), evaluate_image (mIoU, oIoU,
                Pr@X, Oc-IoU); each takes the method's own inference rule as `predict(item)` and
                the model it runs, which it puts in eval mode first (as DETR's `evaluate`);
@@ -20,13 +22,14 @@ A method file uses them like this (dshmp.py is the full example):
         dataset = make_dataset(cfg, root, "train", train=True, seed=cfg.seed + ddp.rank)
         model = build_model(cfg, vocab=...).to(ddp.device)
         optimizer = torch.optim.AdamW(param_groups(model, lr=cfg.lr, ...), lr=cfg.lr)
-        step, extra = resume(out / "last.pt", model=model, optimizer=optimizer) if cfg.resume else (0, {})
-        batches = train_batches(dataset, batch_size=cfg.batch_size, collate=..., ddp=ddp, seed=cfg.seed,
-                                workers=cfg.workers, start_step=step)
+        step, extra = resume(out / "last.pt", model=model,
+                             optimizer=optimizer) if cfg.resume else (0, {})
+        batches = train_batches(dataset, batch_size=cfg.batch_size, collate=..., ddp=ddp,
+                                seed=cfg.seed, workers=cfg.workers, start_step=step)
         model = wrap_ddp(model, ddp)
         with Progress(total=cfg.steps, initial=step, log_path=out / "log.jsonl") as progress:
             while step < cfg.steps:
-                ...  # forward, loss terms, one weighted sum, check_finite, backward, clip, step, log, save
+                ...  # forward, terms, weighted sum, check_finite, backward, step, log, save
 
     def main(argv=None):
         cfg = parse_config(Config, PRESETS, argv, description=__doc__)
@@ -56,8 +59,8 @@ from tqdm import tqdm
 
 from common.backbones import WeightsNotFoundError
 from common.datasets import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize, resize_clip
-from common.engine import (CheckpointError, all_gather_object, autocast, barrier, denormalize, is_main,
-                           load_checkpoint, read_checkpoint, reduce_mean, save_overlays)
+from common.engine import (CheckpointError, all_gather_object, autocast, barrier, denormalize,
+                           is_main, load_checkpoint, read_checkpoint, reduce_mean, save_overlays)
 from common.metrics import ImageMetrics, VideoMetrics, davis_unsupervised, oc_iou
 from common.text import normalize_expression
 
@@ -80,7 +83,8 @@ class RunConfig:
     checkpoint: str = ""  # the model --eval and --predict use; default <out>/last.pt
     predict: str = ""  # a folder of frames (sorted by name) or one image to segment --text in
     text: str = ""  # the expression for --predict
-    count_params: bool = False  # print trainable / frozen parameters per module (paper configuration)
+    # print trainable / frozen parameters per module (paper configuration)
+    count_params: bool = False
     seed: int = 0  # weights, data order and augmentations
     workers: int = 4  # DataLoader worker processes per training process
     log_every: int = 20  # steps between log lines (progress bar and <out>/log.jsonl)
@@ -98,7 +102,8 @@ def field_comments(config_cls) -> dict:
         names, heading, line_field = {f.name for f in fields(cls)}, "", {}
         for token in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
             row, column = token.start
-            if token.type == tokenize.NAME and column == 4 and token.string in names and row not in line_field:
+            if token.type == tokenize.NAME and column == 4 and token.string in names \
+                    and row not in line_field:
                 line_field[row] = token.string
                 comments[token.string] = heading
             elif token.type == tokenize.COMMENT:
@@ -116,19 +121,24 @@ def parse_config(config_cls, presets: dict, argv=None, *, description: str = "")
     for name, preset in presets.items():
         unknown = set(preset) - {f.name for f in fields(config_cls)}
         if unknown:
-            raise ValueError(f"PRESETS[{name!r}] sets {sorted(unknown)}, which are not fields of {config_cls.__name__}")
+            raise ValueError(f"PRESETS[{name!r}] sets {sorted(unknown)}, which are not fields of "
+                             f"{config_cls.__name__}")
     comments, defaults = field_comments(config_cls), config_cls()
     epilog = "presets (--data): " + "; ".join(
         f"{name}: {', '.join(f'{k}={v}' for k, v in preset.items()) or 'the defaults above'}"
         for name, preset in presets.items())
-    usage = "%(prog)s [--data DATA] (--train [--resume] | --eval | --predict PATH --text TEXT | --count-params) ..."
-    parser = argparse.ArgumentParser(description=description, epilog=epilog.replace("%", "%%"), usage=usage,
+    usage = "%(prog)s [--data DATA] (--train [--resume] | --eval | --predict PATH --text TEXT " \
+            "| --count-params) ..."
+    parser = argparse.ArgumentParser(description=description, epilog=epilog.replace("%", "%%"),
+                                     usage=usage,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{comments.get(f.name, '')} [default {getattr(defaults, f.name)!r}]".strip().replace("%", "%%")
+        help_text = f"{comments.get(f.name, '')} [default {getattr(defaults, f.name)!r}]".strip() \
+            .replace("%", "%%")
         if f.type is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=f.type, default=None, help=help_text)
     cli = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
@@ -137,12 +147,15 @@ def parse_config(config_cls, presets: dict, argv=None, *, description: str = "")
         parser.error(f"--data must be one of {sorted(presets)}, got {data!r}")
     cfg = replace(defaults, **{**presets[data], **cli})
     if not (cfg.train or cfg.eval or cfg.predict or cfg.count_params):
-        parser.error("nothing to do: pass --train, --eval, --predict DIR_OR_IMAGE --text '...' or --count-params")
+        parser.error("nothing to do: pass --train, --eval, --predict DIR_OR_IMAGE --text '...' or "
+                     "--count-params")
     if cfg.train and cfg.data in EVAL_ONLY:
-        parser.error(f"--data {cfg.data} is evaluation only: train with --data {EVAL_ONLY[cfg.data]}, then "
+        parser.error(f"--data {cfg.data} is evaluation only: train with --data "
+                     f"{EVAL_ONLY[cfg.data]}, then "
                      f"--data {cfg.data} --eval --checkpoint <that run>/last.pt")
     if cfg.predict and (cfg.train or cfg.eval):
-        parser.error("--predict runs a trained model (--checkpoint); it does not go with --train or --eval")
+        parser.error("--predict runs a trained model (--checkpoint); it does not go with --train "
+                     "or --eval")
     return cfg
 
 
@@ -152,7 +165,8 @@ def config_from_dict(config_cls, values: dict):
     names = {f.name for f in fields(config_cls)}
     dropped = sorted(set(values) - names)
     if dropped:
-        warnings.warn(f"the checkpoint's config has fields this {config_cls.__name__} does not: {dropped} (ignored)")
+        warnings.warn(f"the checkpoint's config has fields this {config_cls.__name__} does not: "
+                      f"{dropped} (ignored)")
     return replace(config_cls(), **{k: v for k, v in values.items() if k in names})
 
 
@@ -188,7 +202,8 @@ def data_root(cfg, kind: str, *, make_toy=None) -> Path:
             make_toy()
         barrier()
     if not root.is_dir():
-        raise SystemExit(f"no {cfg.data} dataset at {root.resolve()}; get it as data/README.md describes, "
+        raise SystemExit(f"no {cfg.data} dataset at {root.resolve()}; get it as data/README.md "
+                         f"describes, "
                          f"or pass --data-root DIR")
     return root
 
@@ -203,7 +218,8 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, backbone_l
     """AdamW parameter groups as detectron2 / Mask2Former's build_optimizer makes them (DsHmp and
     VATEX train with it): parameters whose name starts with one of the `backbone` prefixes get
     lr * backbone_lr_mult; parameters of normalisation layers, nn.Embedding weights and Swin's
-    position tables get no weight decay; every other weight and bias decays. Frozen ones are left out."""
+    position tables get no weight decay; every other weight and bias decays. Frozen ones are left
+    out."""
     groups = {}
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
@@ -227,19 +243,23 @@ def resume(path, *, model, optimizer=None, scheduler=None, config=None) -> tuple
     if is_main():
         changed = {k: (state["config"].get(k), v) for k, v in (config or {}).items()
                    if k not in ("train", "resume", "eval") and state["config"].get(k) != v}
-        note = "; changed since: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) if changed else ""
+        note = "; changed since: " + ", ".join(f"{k} {a!r} -> {b!r}"
+                                               for k, (a, b) in changed.items()) if changed else ""
         print(f"resumed from {path} at step {state['step']}{note}")
     return state["step"], state["extra"]
 
 
 def wrap_ddp(model: nn.Module, ddp) -> nn.Module:
-    """DistributedDataParallel under torchrun (gradients averaged over the processes), else `model`."""
+    """DistributedDataParallel under torchrun (gradients averaged over the processes), else
+    `model`."""
     if not ddp.distributed:
         return model
-    return DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
+    return DistributedDataParallel(
+        model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
 
 
-def train_batches(dataset, *, batch_size: int, collate, ddp, seed: int, workers: int, start_step: int = 0):
+def train_batches(dataset, *, batch_size: int, collate, ddp, seed: int, workers: int,
+                  start_step: int = 0):
     """Endless training batches of batch_size // world_size items per process.
 
     DistributedSampler shuffles each epoch with seed + epoch (every process its own share); a
@@ -248,15 +268,19 @@ def train_batches(dataset, *, batch_size: int, collate, ddp, seed: int, workers:
     seed + rank too (it seeds what is drawn in the main process when workers = 0).
     """
     if batch_size % ddp.world_size:
-        raise SystemExit(f"--batch-size {batch_size} is not divisible by {ddp.world_size} processes")
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True,
+        raise SystemExit(f"--batch-size {batch_size} is not divisible by "
+                         f"{ddp.world_size} processes")
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=ddp.world_size,
+                                                  rank=ddp.rank, shuffle=True,
                                                   seed=seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size // ddp.world_size, sampler=sampler,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size // ddp.world_size,
+                                         sampler=sampler,
                                          num_workers=workers, collate_fn=collate, drop_last=True,
                                          persistent_workers=workers > 0,
                                          generator=torch.Generator().manual_seed(seed + ddp.rank))
     if len(loader) == 0:
-        raise SystemExit(f"{len(dataset)} training items make no batch of {batch_size} on {ddp.world_size} process(es)")
+        raise SystemExit(f"{len(dataset)} training items make no batch of {batch_size} on "
+                         f"{ddp.world_size} process(es)")
     epoch = start_step // len(loader)
     while True:
         sampler.set_epoch(epoch)
@@ -315,11 +339,13 @@ def predict_masks(model, frames, expression, orig_size, *, threshold, chunk, top
     return out  # (T, H0, W0)
 
 
-SUBMISSION_FOLDER = {"ytvos": "Annotations"}  # Ref-YouTube-VOS's server wants Annotations/<video>/<exp_id>/
+# Ref-YouTube-VOS's server wants Annotations/<video>/<exp_id>/
+SUBMISSION_FOLDER = {"ytvos": "Annotations"}
 
 
 def _overlay_scale(size) -> int:
-    return max(1, math.ceil(256 / min(size)))  # enlarge small (toy) frames to a short side of ~256 px
+    # enlarge small (toy) frames to a short side of ~256 px
+    return max(1, math.ceil(256 / min(size)))
 
 
 def _write_pngs(masks, folder: Path, frame_names) -> None:
@@ -341,7 +367,8 @@ def _summaries(make_metrics, records, subsets) -> dict:
 
 
 @torch.no_grad()
-def evaluate_video(dataset, predict, *, model: nn.Module, out: Path, data: str, split: str, checkpoint: str = "",
+def evaluate_video(dataset, predict, *, model: nn.Module, out: Path, data: str, split: str,
+                   checkpoint: str = "",
                    subsets=None, extra=None, show: int = 4):
     """Score a method's inference rule on every expression of a video split (shared out over the
     processes). `predict(item) -> (T, H0, W0) bool` masks at the original size; `model`, the model
@@ -369,13 +396,16 @@ def evaluate_video(dataset, predict, *, model: nn.Module, out: Path, data: str, 
         key = f"{item['video']}/{item['exp_id']}"
         gt = None if item["gt"] is None else item["gt"].to(masks.device)
         if gt is None:
-            _write_pngs(masks, submission / SUBMISSION_FOLDER.get(data, "") / key, item["frame_names"])
+            _write_pngs(masks, submission / SUBMISSION_FOLDER.get(data, "") / key,
+                        item["frame_names"])
         else:
             metrics.add(masks, gt, key=key)
         if shown < show and is_main():
-            frames = F.interpolate(item["frames"], size=tuple(item["orig_size"]), mode="bilinear")  # (T, 3, H0, W0)
-            save_overlays(denormalize(frames), masks, Path(out) / "vis" / key.replace("/", "_"), name="overlay",
-                          gt=gt, caption=item["expression"], scale=_overlay_scale(item["orig_size"]))
+            frames = F.interpolate(item["frames"], size=tuple(item["orig_size"]),
+                                   mode="bilinear")  # (T, 3, H0, W0)
+            save_overlays(denormalize(frames), masks, Path(out) / "vis" / key.replace("/", "_"),
+                          name="overlay", gt=gt, caption=item["expression"],
+                          scale=_overlay_scale(item["orig_size"]))
             shown += 1
     records = [r for part in all_gather_object(metrics.records) for r in part]
     if not is_main():
@@ -384,7 +414,8 @@ def evaluate_video(dataset, predict, *, model: nn.Module, out: Path, data: str, 
         archive = shutil.make_archive(str(submission), "zip", root_dir=submission)
         print(f"wrote the submission tree {submission} and {archive}")
         return None
-    result = {"split": split, "checkpoint": str(checkpoint), **_summaries(VideoMetrics, records, subsets),
+    result = {"split": split, "checkpoint": str(checkpoint),
+              **_summaries(VideoMetrics, records, subsets),
               **(extra or {}), "per_expression": records}
     return _write_eval(result, Path(out))
 
@@ -403,22 +434,26 @@ def _evaluate_davis(dataset, predict, *, out: Path, split: str, checkpoint: str 
     Annotations_unsupervised/480p, every frame, objects matched by Hungarian assignment on J&F):
     J and F are the means over the GT objects of their per-frame means, J&F = (J + F) / 2. The
     reported J, F and J&F are the means over the four annotators. The merged PNGs are written to
-    <out>/davis-<split>/anno_<k>/<video>/<frame>.png, where the official eval_davis.py can read them.
+    <out>/davis-<split>/anno_<k>/<video>/<frame>.png, where the official eval_davis.py can read
+    them.
     `predict(item) -> (T, H0, W0)` mask probabilities of the item's expression."""
     davis = Path(dataset.root) / "DAVIS"
     annotations = davis / "Annotations_unsupervised" / "480p"
     sequences_file = davis / "ImageSets" / "2017" / "val.txt"
     for path in (annotations, sequences_file):
         if not path.exists():
-            raise FileNotFoundError(f"Ref-DAVIS17 evaluation needs DAVIS-2017's {path} (the unzipped "
-                                    f"DAVIS-2017-Unsupervised-trainval-480p.zip; see data/README.md)")
+            raise FileNotFoundError(f"Ref-DAVIS17 evaluation needs DAVIS-2017's {path} (the "
+                                    f"unzipped DAVIS-2017-Unsupervised-trainval-480p.zip; see "
+                                    f"data/README.md)")
     by_video = {}
-    for i, sample in enumerate(dataset.samples):  # expressions in the order of the json, as ReferFormer
+    # expressions in the order of the json, as ReferFormer
+    for i, sample in enumerate(dataset.samples):
         by_video.setdefault(sample["video"], []).append(i)
     sequences = sequences_file.read_text().split()
     missing = [video for video in sequences if video not in by_video]
     if missing or any(len(by_video[v]) % DAVIS_ANNOTATORS for v in sequences):
-        raise ValueError(f"Ref-DAVIS17: every DAVIS-2017 val sequence needs 4 expressions per object; missing "
+        raise ValueError(f"Ref-DAVIS17: every DAVIS-2017 val sequence needs 4 expressions per "
+                         f"object; missing "
                          f"{missing}, counts {({v: len(by_video.get(v, [])) for v in sequences})}")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     records = []
@@ -430,7 +465,8 @@ def _evaluate_davis(dataset, predict, *, out: Path, split: str, checkpoint: str 
         indices = by_video[video]
         for annotator in range(DAVIS_ANNOTATORS):
             best = labels = None
-            for k, i in enumerate(indices[annotator::DAVIS_ANNOTATORS]):  # object k of this annotator
+            # object k of this annotator
+            for k, i in enumerate(indices[annotator::DAVIS_ANNOTATORS]):
                 item = dataset[i]
                 scores = predict(item).float().cpu()  # (T, H0, W0) mask probabilities
                 scores = scores.masked_fill(scores < 0.5, 0.0)  # official: below 0.5 is no claim
@@ -440,7 +476,8 @@ def _evaluate_davis(dataset, predict, *, out: Path, split: str, checkpoint: str 
                 better = scores > best  # argmax: the first of equal scores wins, as torch.argmax
                 labels[better], best = k + 1, torch.maximum(best, scores)
             if labels.shape != gt.shape:
-                raise ValueError(f"Ref-DAVIS17: {video} has {len(gt)} ground-truth frames of {gt.shape[1:]} in "
+                raise ValueError(f"Ref-DAVIS17: {video} has {len(gt)} ground-truth frames of "
+                                 f"{gt.shape[1:]} in "
                                  f"{annotations}, the predictions {tuple(labels.shape)}")
             folder = out / f"davis-{split}" / f"anno_{annotator}" / video
             folder.mkdir(parents=True, exist_ok=True)
@@ -459,14 +496,16 @@ def _evaluate_davis(dataset, predict, *, out: Path, split: str, checkpoint: str 
         mine = [r for r in records if r["annotator"] == annotator]
         j, f = float(np.mean([r["J"] for r in mine])), float(np.mean([r["F"] for r in mine]))
         per_annotator.append({"J": j, "F": f, "J&F": (j + f) / 2, "n": len(mine)})
-    result = {"split": split, "checkpoint": str(checkpoint), "protocol": "ReferFormer (Ref-DAVIS17)",
+    result = {"split": split, "checkpoint": str(checkpoint),
+              "protocol": "ReferFormer (Ref-DAVIS17)",
               **{k: float(np.mean([a[k] for a in per_annotator])) for k in ("J", "F", "J&F")},
               "per_annotator": per_annotator, "per_object": records}
     return _write_eval(result, out)
 
 
 @torch.no_grad()
-def evaluate_image(dataset, predict, *, model: nn.Module, out: Path, split: str, checkpoint: str = "",
+def evaluate_image(dataset, predict, *, model: nn.Module, out: Path, split: str,
+                   checkpoint: str = "",
                    strict_pr: bool = False, subsets=None, show: int = 8):
     """Score a method's inference rule on a RefCOCO-layout split: mIoU, oIoU, Pr@0.5-0.9 (LAVT's
     IoU >= X, or VATEX's IoU > X with strict_pr) and Oc-IoU (VATEX Eqs. 9-10) into <out>/eval.json,
@@ -488,18 +527,23 @@ def evaluate_image(dataset, predict, *, model: nn.Module, out: Path, split: str,
             metrics.add(mask, gt, key=str(item["sent_id"]))
             preds.append(mask)
             if shown < show and is_main():
-                frame = F.interpolate(item["image"][None], size=tuple(item["orig_size"]), mode="bilinear")  # (1, 3, H0, W0)
-                save_overlays(denormalize(frame), mask[None], Path(out) / "vis", name=f"sent{item['sent_id']}",
-                              gt=gt[None], caption=item["expression"], scale=_overlay_scale(item["orig_size"]))
+                frame = F.interpolate(item["image"][None], size=tuple(item["orig_size"]),
+                                      mode="bilinear")  # (1, 3, H0, W0)
+                save_overlays(denormalize(frame), mask[None], Path(out) / "vis",
+                              name=f"sent{item['sent_id']}", gt=gt[None],
+                              caption=item["expression"], scale=_overlay_scale(item["orig_size"]))
                 shown += 1
-        objects.append({"key": str(ann_id), "Oc-IoU": oc_iou([(gt, torch.stack(preds))])})  # (K, H0, W0)
+        # (K, H0, W0)
+        objects.append({"key": str(ann_id), "Oc-IoU": oc_iou([(gt, torch.stack(preds))])})
     gathered = all_gather_object((metrics.records, objects))
     if not is_main():
         return None
     records = [r for part, _ in gathered for r in part]
     per_object = [o for _, part in gathered for o in part]
-    result = {"split": split, "checkpoint": str(checkpoint), **_summaries(lambda: ImageMetrics(strict_pr=strict_pr), records, subsets),
-              "Oc-IoU": float(np.mean([o["Oc-IoU"] for o in per_object])) if per_object else math.nan,
+    result = {"split": split, "checkpoint": str(checkpoint),
+              **_summaries(lambda: ImageMetrics(strict_pr=strict_pr), records, subsets),
+              "Oc-IoU": float(np.mean([o["Oc-IoU"] for o in per_object])) if per_object
+                        else math.nan,
               "per_expression": records, "per_object": per_object}
     return _write_eval(result, Path(out))
 
@@ -507,7 +551,8 @@ def evaluate_image(dataset, predict, *, model: nn.Module, out: Path, split: str,
 def _write_eval(result: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
-    summary = {k: v for k, v in result.items() if k not in ("per_expression", "per_object", "per_annotator")}
+    summary = {k: v for k, v in result.items()
+               if k not in ("per_expression", "per_object", "per_annotator")}
     print(f"{json.dumps(summary)} -> {out / 'eval.json'}")
     return result
 
@@ -517,7 +562,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @torch.no_grad()
-def predict_files(source, text: str, predict, *, model: nn.Module, out: Path, short_side: int, max_size: int,
+def predict_files(source, text: str, predict, *, model: nn.Module, out: Path, short_side: int,
+                  max_size: int,
                   mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list:
     """--predict: segment `text` in a folder of frames (sorted by name) or one image. Frames are
     resized as in evaluation and normalised; `predict(frames (T, 3, H, W), expression, (H0, W0))
@@ -525,16 +571,20 @@ def predict_files(source, text: str, predict, *, model: nn.Module, out: Path, sh
     mode first). Writes overlays (and a GIF for several frames) to `out`; returns their paths."""
     model.eval()
     source = Path(source)
-    paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
+    paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
+        if source.is_dir() else [source]
     if not paths or not paths[0].is_file() or paths[0].suffix.lower() not in IMAGE_SUFFIXES:
-        raise SystemExit(f"--predict needs a folder of .jpg/.png frames or one such image, got {source}")
+        raise SystemExit(f"--predict needs a folder of .jpg/.png frames or one such image, got "
+                         f"{source}")
     expression = normalize_expression(text)
     if not expression:
         raise SystemExit('--predict needs an expression: --text "the dog running to the left"')
     raw = torch.stack([load_rgb(p) for p in paths])  # (T, 3, H0, W0) uint8
-    frames = normalize(resize_clip(raw, short_side=short_side, max_size=max_size)[0], mean=mean, std=std)  # (T, 3, H, W)
+    frames = normalize(resize_clip(raw, short_side=short_side, max_size=max_size)[0],
+                       mean=mean, std=std)  # (T, 3, H, W)
     masks = predict(frames, expression, tuple(raw.shape[-2:]))  # (T, H0, W0)
-    files = save_overlays(rearrange(raw, "t c h w -> t h w c").numpy(), masks, out, caption=expression,
+    files = save_overlays(rearrange(raw, "t c h w -> t h w c").numpy(), masks, out,
+                          caption=expression,
                           scale=_overlay_scale(raw.shape[-2:]))
     print(f"{int(masks.flatten(1).any(1).sum())} of {len(paths)} frames have a mask; wrote {out}")
     return files

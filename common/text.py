@@ -42,13 +42,16 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # <pad> = 0 as in DsHmp's da
 
 
 def normalize_expression(text: str) -> str:
-    """Lower-case and collapse whitespace: `" ".join(text.lower().split())` (DsHmp's MeViS loader)."""
+    """Lower-case and collapse whitespace: `" ".join(text.lower().split())`
+    (DsHmp's MeViS loader)."""
     return " ".join(text.lower().split())
 
 
-# ------------------------------------------------------------------ word-level tokenizer (toy models)
+# ------------------------------------------------------------------
+# word-level tokenizer (toy models)
 def _word_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    # Words are runs of non-space, non-punctuation characters; every punctuation mark is its own token.
+    # Words are runs of non-space, non-punctuation characters; every punctuation mark is its own
+    # token.
     return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
 
 
@@ -75,7 +78,8 @@ def word_tokenizer(vocab: list[str], max_length: int = 40) -> PreTrainedTokenize
     ids = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for word in vocab:
         if not word or word != word.lower() or any(c.isspace() for c in word):
-            raise ValueError(f"vocab entries must be non-empty lower-case words without spaces, got {word!r}")
+            raise ValueError(f"vocab entries must be non-empty lower-case words without spaces, "
+                             f"got {word!r}")
         ids.setdefault(word, len(ids))
     tok = Tokenizer(models.WordLevel(vocab=ids, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -105,7 +109,8 @@ def _words(text: str) -> frozenset:
 _VERBS = _words("""
     walk run move turn jump fly eat drink stand sit ride push pull chase follow climb swim play hold
     carry look fall lie lay bend shake stop start go come leave enter exit approach cross crawl roll
-    spin rotate swing slide skate ski surf snowboard skateboard drive park stay remain wait rest sleep
+    spin rotate swing slide skate ski surf snowboard skateboard drive park stay remain wait rest
+    sleep
     wake graze feed bite chew lick sniff smell peck kick hit throw catch pick put place drop lift
     raise grab touch rub scratch hug kiss fight wrestle attack bark race gallop trot hop leap dive
     splash float paddle row pedal steer tow drag pat wave nod clap dance sing talk speak smile laugh
@@ -127,14 +132,17 @@ _IRREGULAR = {  # lemma -> past tense and past participle forms
     "run": "ran", "fly": "flew flown", "stand": "stood", "sit": "sat", "ride": "rode ridden",
     "eat": "ate eaten", "drink": "drank drunk", "hold": "held", "fall": "fell fallen",
     "lie": "lay lain", "lay": "laid", "go": "went gone", "come": "came", "leave": "left",
-    "swim": "swam swum", "bend": "bent", "shake": "shook shaken", "hit": "hit", "throw": "threw thrown",
-    "catch": "caught", "put": "put", "bite": "bit bitten", "take": "took taken", "give": "gave given",
-    "get": "got gotten", "make": "made", "see": "saw seen", "lead": "led", "feed": "fed", "meet": "met",
+    "swim": "swam swum", "bend": "bent", "shake": "shook shaken", "hit": "hit",
+    "throw": "threw thrown", "catch": "caught", "put": "put", "bite": "bit bitten",
+    "take": "took taken", "give": "gave given", "get": "got gotten", "make": "made",
+    "see": "saw seen", "lead": "led", "feed": "fed", "meet": "met",
     "rise": "rose risen", "sink": "sank sunk", "swing": "swung", "spin": "spun", "slide": "slid",
-    "sing": "sang sung", "speak": "spoke spoken", "shoot": "shot", "cut": "cut", "wear": "wore worn",
+    "sing": "sang sung", "speak": "spoke spoken", "shoot": "shot", "cut": "cut",
+    "wear": "wore worn",
     "hide": "hid hidden", "flee": "fled", "speed": "sped", "creep": "crept", "leap": "leapt",
-    "kneel": "knelt", "sleep": "slept", "keep": "kept", "begin": "began begun", "drive": "drove driven",
-    "draw": "drew drawn", "write": "wrote written", "dig": "dug", "bring": "brought", "fight": "fought",
+    "kneel": "knelt", "sleep": "slept", "keep": "kept", "begin": "began begun",
+    "drive": "drove driven", "draw": "drew drawn", "write": "wrote written", "dig": "dug",
+    "bring": "brought", "fight": "fought",
     "hang": "hung", "beat": "beaten", "have": "had", "build": "built", "sweep": "swept",
     "spread": "spread", "read": "read", "wake": "woke woken", "light": "lit", "mow": "mown",
 }
@@ -153,7 +161,8 @@ STATIC_VERBS = _words("""
     make park fill tie see show seat
 """)
 # Postures: kept as motion by default (MeViS and MRaCL's M-Bench use them as action cues).
-POSTURE_VERBS = _words("stand sit lie lay hold lean rest perch kneel squat crouch hang wait stay remain sleep")
+POSTURE_VERBS = _words("stand sit lie lay hold lean rest perch kneel squat crouch hang wait stay "
+                       "remain sleep")
 
 # -s forms that are usually plural nouns after another noun ("pizza slices", "bus stops").
 _COMPOUND_S3 = _words("""
@@ -178,13 +187,15 @@ _ADP = _words("""
 """)
 _CCONJ = _words("and or but nor &")
 _SCONJ = _words("while because if although though until whereas unless")
-_AUX = _words("is are was were be been being am 's 're 'm can could will would shall should may might must")
+_AUX = _words("is are was were be been being am 's 're 'm can could will would shall should may "
+              "might must")
 _HAVE = _words("have has had having 've 'd")
 _DO = _words("do does did")
 _NUM = _words("one two three four five six seven eight nine ten eleven twelve hundred")
 _ADJ = _words("""
     red blue green yellow black white brown gray grey pink purple orange golden silver dark bright
-    pale tan beige light big small large little tiny huge tall short long fat thin young old middle center
+    pale tan beige light big small large little tiny huge tall short long fat thin young old middle
+    center
     centre bottom front rear upper leftmost rightmost closest nearest farthest furthest other second
     third fourth fifth sixth same whole entire empty full open only single baby adult
     striped spotted colored coloured haired eyed legged sleeved shaped headed sided toned patterned
@@ -193,16 +204,19 @@ _ADJ = _words("""
 """)
 # Adverbs that are never prepositions.
 _ADV = _words("""
-    away then again still together forth forward forwards backward backwards apart ahead aside sideways
+    away then again still together forth forward forwards backward backwards apart ahead aside
+    sideways
     upward upwards downward downwards also too very quite rather just almost nearly even ever soon
     later once twice always never here now already alone really so more most somewhat slightly
     where how when why meanwhile afterwards finally suddenly constantly continuously
 """)
 # Prepositions that are adverbs (particles) when nothing nominal follows them: "sitting down".
-_PARTICLES = _words("up down off out over around along across through in on by past inside outside behind")
+_PARTICLES = _words("up down off out over around along across through in on by past inside outside "
+                    "behind")
 # Adjectives that are adverbs after a verb or before "to"/"from": "running fast", "next to the car".
 _ADJ_OR_ADV = _words("""
-    fast slow straight first last closer nearer further farther faster slower higher lower close far next
+    fast slow straight first last closer nearer further farther faster slower higher lower close far
+    next
 """)
 _INTENSIFIERS = _words("very really quite so too rather slightly most more")
 _CONNECTIVE_ADV = _words("then also again still meanwhile afterwards finally")
@@ -221,7 +235,8 @@ _COMPOUND_ING = _words("""
     swimming walking fishing skating surfing skiing boarding shopping riding racing
 """)
 _ED_NON_VERB = _words("""
-    red bed sled shed bred shred hundred naked wicked sacred rugged ragged jagged crooked beloved kindred
+    red bed sled shed bred shred hundred naked wicked sacred rugged ragged jagged crooked beloved
+    kindred
 """)
 _LY_NON_ADV = _words("""
     family belly jelly lily fly butterfly dragonfly firefly ally bully rally tally holly ugly silly
@@ -230,13 +245,15 @@ _LY_NON_ADV = _words("""
     homely cuddly prickly wrinkly grizzly gangly scaly smelly dolly molly polly trolly gully
     daily only early
 """)
-_IRREG_PLURAL = _words("men women people children geese mice sheep deer fish feet teeth cattle police")
+_IRREG_PLURAL = _words("men women people children geese mice sheep deer fish feet teeth cattle "
+                       "police")
 
 _VOWELS = "aeiou"
 
 
 def _double_final(lemma: str) -> bool:
-    # One-syllable consonant-vowel-consonant lemmas double the last letter: run -> running, stop -> stopped.
+    # One-syllable consonant-vowel-consonant lemmas double the last letter: run -> running, stop ->
+    # stopped.
     groups = re.findall(r"[aeiou]+", lemma)
     return (len(groups) == 1 and len(lemma) >= 3 and lemma[-1] not in _VOWELS + "wxy"
             and lemma[-2] in _VOWELS and lemma[-3] not in _VOWELS)
@@ -316,7 +333,8 @@ def _is_plural_noun(word: str) -> bool:
 
 
 def _lexical_class(word: str) -> str:
-    """Context-free guess, used to look one word ahead: NOMINAL, VERB or the tag of a function word."""
+    """Context-free guess, used to look one word ahead: NOMINAL, VERB or the tag of a function
+    word."""
     if not re.match(r"'?[^\W_]", word):
         return "PUNCT"
     if word == "that":
@@ -325,12 +343,14 @@ def _lexical_class(word: str) -> str:
                        ("AUX", _AUX), ("PRON", _PRON)):
         if word in words:
             return tag
-    if word in _ADV or (word.endswith("ly") and word not in _LY_NON_ADV and word not in _VERB_FORMS):
+    if word in _ADV or (word.endswith("ly") and word not in _LY_NON_ADV
+                        and word not in _VERB_FORMS):
         return "ADV"
     form = _verb_form(word)
     if form is not None and form[1] == "ing" and word not in _AMBIG_ING | _COMPOUND_ING:
         return "VERB"
-    return "NOMINAL"  # nouns, adjectives, numbers, and base/-s/-ed forms that may be nouns or adjectives
+    # nouns, adjectives, numbers, and base/-s/-ed forms that may be nouns or adjectives
+    return "NOMINAL"
 
 
 # ------------------------------------------------------------------ tagging
@@ -381,18 +401,21 @@ def tag_words(expression: str) -> list[tuple[str, int, int, str, str]]:
         if lex[i] == "PUNCT":
             tag = "PUNCT"
         elif w == "that":
-            tag = "PRON" if prev() in ("NOUN", "PUNCT", "VERB", "ADJ", "NUM") or nxt != "NOMINAL" else "DET"
+            tag = "PRON" if prev() in ("NOUN", "PUNCT", "VERB", "ADJ", "NUM") or nxt != "NOMINAL" \
+                else "DET"
         elif w == "to":
             nxt_form = _verb_form(nxt_word)
             tag = "PART" if nxt_form is not None and nxt_form[1] == "base" else "ADP"
         elif w == "'s":
-            tag = "AUX" if prev_word in ("it", "he", "she", "that", "there", "who", "what") else "PART"
+            tag = "AUX" if prev_word in ("it", "he", "she", "that", "there", "who", "what") \
+                else "PART"
         elif w in ("not", "n't"):
             tag = "PART"
         elif w == "there":
             tag = "PRON" if nxt == "AUX" else "ADV"
         elif w in _AUX:
-            tag, lemma = "AUX", "be" if w in _words("is are was were be been being am 's 're 'm") else w
+            tag, lemma = "AUX", \
+                "be" if w in _words("is are was were be been being am 's 're 'm") else w
         elif w in _HAVE:
             nxt_form = _verb_form(nxt_word)
             aux = nxt_word == "been" or (nxt_form is not None and nxt_form[1] == "past")
@@ -430,7 +453,8 @@ def tag_words(expression: str) -> list[tuple[str, int, int, str, str]]:
         elif w in _PRON:
             tag = "PRON"
         elif w in _PARTICLES:
-            # A preposition takes a noun phrase; after a verb with nothing nominal next it is a particle.
+            # A preposition takes a noun phrase; after a verb with nothing nominal next it is a
+            # particle.
             takes_object = nxt in ("NOMINAL", "DET", "PRON") or nxt_word.isdigit()
             tag = "ADV" if after_verb() and not takes_object else "ADP"
         elif w in _ADP:
@@ -479,7 +503,8 @@ def tag_words(expression: str) -> list[tuple[str, int, int, str, str]]:
                 else:  # base form
                     adverb_before = prev() == "ADV" and prev_word not in _INTENSIFIERS
                     plural_pron = prev_word in _words("they we i you")
-                    if (prev_word in _REL_PRON or plural_pron or prev() in ("PART", "AUX") or adverb_before
+                    if (prev_word in _REL_PRON or plural_pron or prev() in ("PART", "AUX")
+                            or adverb_before
                             or prev_noun_plural or coordinated_verb() or _plural_subject(tags)):
                         tag = "VERB"
                 if tag == "VERB":
@@ -497,7 +522,8 @@ def _plural_subject(tags: list[str]) -> bool:
     return len(tags) >= 3 and tags[-1] == "NOUN" and tags[-2] == "CCONJ" and tags[-3] == "NOUN"
 
 
-# ------------------------------------------------------------------ DsHmp: static / motion decoupling
+# ------------------------------------------------------------------
+# DsHmp: static / motion decoupling
 def _is_motion_pos(pos: str) -> bool:
     return pos in ("VERB", "ADV")  # DsHmp: spaCy POS VERB or ADV -> motion, everything else static
 
@@ -518,7 +544,8 @@ def split_static_motion(expression: str) -> tuple[list[str], list[str]]:
 def verb_adverb_cues(expression: str) -> list[tuple[int, int, str]]:
     """(start, end, "static" | "motion") of every word of `expression`: the words tagged VERB or ADV
     are motion cues, every other word is a static cue (DsHmp's rule, `split_static_motion`)."""
-    return [(s, e, "motion" if _is_motion_pos(pos) else "static") for _, s, e, pos, _ in tag_words(expression)]
+    return [(s, e, "motion" if _is_motion_pos(pos) else "static")
+            for _, s, e, pos, _ in tag_words(expression)]
 
 
 def static_motion_token_masks(expression: str, offsets: torch.Tensor, cues=verb_adverb_cues
@@ -542,7 +569,8 @@ def static_motion_token_masks(expression: str, offsets: torch.Tensor, cues=verb_
     motion = torch.zeros(offsets.shape[0], dtype=torch.bool)  # (L,)
     for i, (start, end) in enumerate(offsets.tolist()):
         piece = expression[start:end]
-        start, end = start + len(piece) - len(piece.lstrip()), end - (len(piece) - len(piece.rstrip()))
+        start, end = start + len(piece) - len(piece.lstrip()), \
+            end - (len(piece) - len(piece.rstrip()))
         if end <= start:
             continue
         for word_start, word_end, kind in words:
@@ -559,7 +587,8 @@ def batch_static_motion_token_masks(
     """`static_motion_token_masks` for a batch: offsets (B, L, 2) -> two (B, L) bool tensors."""
     offsets = torch.as_tensor(offsets)  # (B, L, 2)
     if offsets.ndim != 3 or offsets.shape[-1] != 2 or offsets.shape[0] != len(expressions):
-        raise ValueError(f"offsets must have shape (B={len(expressions)}, L, 2), got {tuple(offsets.shape)}")
+        raise ValueError(f"offsets must have shape (B={len(expressions)}, L, 2), got "
+                         f"{tuple(offsets.shape)}")
     masks = [static_motion_token_masks(text, off, cues) for text, off in zip(expressions, offsets)]
     static = torch.stack([m[0] for m in masks])  # (B, L)
     motion = torch.stack([m[1] for m in masks])  # (B, L)
@@ -611,9 +640,12 @@ def main_noun_phrase(expression: str) -> str:
     """
     tagged = tag_words(expression)
     first = next((k for k, t in enumerate(tagged) if t[3] != "PUNCT"), len(tagged))
-    if first < len(tagged) and tagged[first][3] == "PRON" and tagged[first][0].lower() not in _POSSESSIVE:
-        return tagged[first][0]  # a pronoun subject is its own noun chunk: "someone is waiting for ..."
-    starts = [first] + [k for k in range(first + 1, len(tagged)) if tagged[k - 1][3] not in _NP_TAGS]
+    if first < len(tagged) and tagged[first][3] == "PRON" \
+            and tagged[first][0].lower() not in _POSSESSIVE:
+        # a pronoun subject is its own noun chunk: "someone is waiting for ..."
+        return tagged[first][0]
+    starts = [first] + [k for k in range(first + 1, len(tagged))
+                        if tagged[k - 1][3] not in _NP_TAGS]
     for i in starts:
         i, j = _noun_phrase_at(tagged, i)
         if any(t[3] in ("NOUN", "NUM") for t in tagged[i:j]) or (i == first and j > i):
@@ -623,11 +655,13 @@ def main_noun_phrase(expression: str) -> str:
 
 def _head_noun(expression: str) -> str:
     # Last noun of the main noun phrase: "a black and white cat" -> "cat"; "" when there is none.
-    nouns = [w for w, _, _, pos, _ in tag_words(main_noun_phrase(expression)) if pos in ("NOUN", "NUM")]
+    nouns = [w for w, _, _, pos, _ in tag_words(main_noun_phrase(expression))
+             if pos in ("NOUN", "NUM")]
     return nouns[-1] if nouns else ""
 
 
-# ------------------------------------------------------------------ MRaCL: verb phrase, motion split
+# ------------------------------------------------------------------
+# MRaCL: verb phrase, motion split
 def _first_motion_verb(tagged: list) -> int | None:
     for k, (_, _, _, pos, lemma) in enumerate(tagged):
         if pos == "VERB" and not lemma.startswith("~") and lemma not in STATIC_VERBS:
@@ -672,6 +706,7 @@ def is_motion_expression(expression: str, include_posture: bool = True) -> bool:
     """
     for _, _, _, pos, lemma in tag_words(expression):
         lemma = lemma.lstrip("~")
-        if pos == "VERB" and lemma not in STATIC_VERBS and (include_posture or lemma not in POSTURE_VERBS):
+        if pos == "VERB" and lemma not in STATIC_VERBS and (include_posture
+                                                            or lemma not in POSTURE_VERBS):
             return True
     return False

@@ -101,7 +101,8 @@ class ObjectEncoder(nn.Module):
         pad = -T % K
         x = F.pad(frame_queries, (0, 0, 0, 0, 0, pad))  # (B, n*K, Q, C)
         valid = (torch.arange(T + pad, device=x.device) < T).expand(B, -1)  # (B, n*K)
-        biases = {shifted: repeat(window_bias(valid, K, shifted), "b n i j -> (b n) (i q) (j r)", q=Q, r=Q)
+        biases = {shifted: repeat(window_bias(valid, K, shifted),
+                                  "b n i j -> (b n) (i q) (j r)", q=Q, r=Q)
                   for shifted in (False, True)}  # (B*n, K*Q, K*Q)
         half = math.ceil(K / 2)
         for i, layer in enumerate(self.layers):
@@ -124,20 +125,23 @@ class ObjectDecoderLayer(nn.Module):
     def __init__(self, *, dim: int, heads: int, ffn_dim: int, word_attention: bool = False):
         super().__init__()
         self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.word_attn = nn.MultiheadAttention(dim, heads, batch_first=True) if word_attention else None
+        self.word_attn = nn.MultiheadAttention(dim, heads, batch_first=True) if word_attention \
+            else None
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4 if word_attention else 3))
         xavier_init_(self)  # official `_reset_parameters`
 
     def forward(self, queries, query_pos, memory, memory_pos, words=None, word_mask=None):
-        # queries, query_pos (B, V, C); memory, memory_pos (B, T*Q, C); words (B, L, C), word_mask (B, L)
+        # queries, query_pos (B, V, C); memory, memory_pos (B, T*Q, C); words (B, L, C),
+        # word_mask (B, L)
         norms = iter(self.norms)
         attended = self.cross_attn(queries + query_pos, memory + memory_pos, memory)[0]  # (B, V, C)
         queries = next(norms)(queries + attended)
         if self.word_attn is not None:
             if words is None:
-                raise ValueError("this decoder was built with word_attention=True: pass words and word_mask")
+                raise ValueError("this decoder was built with word_attention=True: pass words and "
+                                 "word_mask")
             cues = self.word_attn(queries + query_pos, words, words, key_padding_mask=~word_mask)[0]
             queries = next(norms)(queries + cues)  # (B, V, C)
         q = queries + query_pos
@@ -166,7 +170,8 @@ class ObjectDecoder(nn.Module):
                                     for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)  # official `decoder_norm`
 
-    def forward(self, frame_queries: torch.Tensor, queries=None, words=None, word_mask=None) -> list:
+    def forward(self, frame_queries: torch.Tensor, queries=None, words=None,
+                word_mask=None) -> list:
         B, T = frame_queries.shape[:2]
         memory = rearrange(frame_queries, "b t q c -> b (t q) c")  # (B, T*Q, C)
         memory_pos = repeat(self.slot_pos.weight, "q c -> b (t q) c", b=B, t=T)  # (B, T*Q, C)
@@ -193,9 +198,10 @@ class VITA(nn.Module):
       layer, frame_queries (B, T, Q, C) the encoded frame queries, sim_frame (B, T, Q, C) and
       sim_video (B, V, C) the embeddings of the similarity loss, mask_features (B, T, D, h, w),
       frame_outputs Mask2Former's per-frame outputs ((B*T, Q, K+1) logits, masks, aux_outputs,
-      query_embeds). Frame queries come from the last Mask2Former layer (official: the last 3 in training, as extra batch entries). VITA's
-      mask projection reads the pixel decoder's raw stride-4 map (official `clip_mask_features`,
-      the input of Mask2Former's own 1x1 `mask_features`; see `pixel_level_with_raw_map`)."""
+      query_embeds). Frame queries come from the last Mask2Former layer (official: the last 3 in
+      training, as extra batch entries). VITA's mask projection reads the pixel decoder's raw
+      stride-4 map (official `clip_mask_features`, the input of Mask2Former's own 1x1
+      `mask_features`; see `pixel_level_with_raw_map`)."""
 
     def __init__(self, *, pixel_level, decoder, dim: int, heads: int, ffn_dim: int, enc_layers: int,
                  dec_layers: int, window: int, num_video_queries: int, num_classes: int):
@@ -203,19 +209,24 @@ class VITA(nn.Module):
         self.pixel_level = pixel_level  # Swin + multi-scale deformable pixel decoder (transformers)
         self.decoder = decoder  # Mask2Former's masked-attention decoder, K + 1 classes per frame
         self.input_proj = nn.Linear(dim, dim)  # official input_proj_dec (ENFORCE_INPUT_PROJ)
-        self.encoder = ObjectEncoder(dim=dim, heads=heads, ffn_dim=ffn_dim, num_layers=enc_layers, window=window)
-        self.object_decoder = ObjectDecoder(dim=dim, heads=heads, ffn_dim=ffn_dim, num_layers=dec_layers,
-                                            num_queries=num_video_queries, num_frame_queries=decoder.num_queries)
+        self.encoder = ObjectEncoder(dim=dim, heads=heads, ffn_dim=ffn_dim, num_layers=enc_layers,
+                                     window=window)
+        self.object_decoder = ObjectDecoder(dim=dim, heads=heads, ffn_dim=ffn_dim,
+                                            num_layers=dec_layers, num_queries=num_video_queries,
+                                            num_frame_queries=decoder.num_queries)
         self.class_head = nn.Linear(dim, num_classes + 1)
         self.mask_embed = MLP(dim, dim, pixel_level.mask_channels, num_layers=3)
         # official vita_mask_features: Conv2d(CONVS_DIM, MASK_DIM) on the raw pixel-decoder map
-        self.mask_proj = c2_xavier_fill_(nn.Conv2d(pixel_level.out_channels, pixel_level.mask_channels, 1))
-        self.sim_frame, self.sim_video = nn.Linear(dim, dim), nn.Linear(dim, dim)  # sim_embed_frame / _clip
+        self.mask_proj = c2_xavier_fill_(nn.Conv2d(pixel_level.out_channels,
+                                                   pixel_level.mask_channels, 1))
+        # sim_embed_frame / _clip
+        self.sim_frame, self.sim_video = nn.Linear(dim, dim), nn.Linear(dim, dim)
 
     def forward(self, frames):
         B = frames.shape[0]
         frame_out, mask_feats = self.segment_frames(rearrange(frames, "b t c h w -> (b t) c h w"))
-        frame_queries = rearrange(frame_out["query_embeds"][-1], "(b t) q c -> b t q c", b=B)  # (B, T, Q, C)
+        frame_queries = rearrange(frame_out["query_embeds"][-1],
+                                  "(b t) q c -> b t q c", b=B)  # (B, T, Q, C)
         mask_feats = rearrange(mask_feats, "(b t) d h w -> b t d h w", b=B)  # (B, T, D, h, w)
         return {**self.decode_video(frame_queries, mask_feats), "frame_outputs": frame_out}
 
@@ -232,7 +243,8 @@ class VITA(nn.Module):
         frame_queries = self.encoder(self.input_proj(frame_queries))  # (B, T, Q, C)
         video_queries = self.object_decoder(frame_queries)  # layers x (B, V, C)
         preds = [{"pred_logits": self.class_head(v),  # (B, V, K+1)
-                  "pred_masks": einsum(self.mask_embed(v), mask_feats, "b v d, b t d h w -> b v t h w")}
+                  "pred_masks": einsum(self.mask_embed(v), mask_feats,
+                                       "b v d, b t d h w -> b v t h w")}
                  for v in video_queries]
         return {**preds[-1], "aux_outputs": preds[:-1], "video_queries": video_queries[-1],
                 "frame_queries": frame_queries, "sim_frame": self.sim_frame(frame_queries),
@@ -253,10 +265,12 @@ SWIN_L_OVIS = dict(embed_dim=192, depths=(2, 2, 18, 2), swin_heads=(6, 12, 24, 4
 
 def build_vita(c: dict) -> VITA:
     """Our VITA with the sizes `c` of an official configuration (the keys of SWIN_L_OVIS; pd_ffn,
-    ffn and enc_window default to 1024, 2048 and 6), random weights (load_official_vita fills them)."""
+    ffn and enc_window default to 1024, 2048 and 6), random weights (load_official_vita fills
+    them)."""
     config = tiny_mask2former_config(
-        embed_dim=c["embed_dim"], depths=c["depths"], swin_heads=c["swin_heads"], window_size=c["window"],
-        hidden_dim=c["conv_dim"], encoder_layers=c["pd_layers"], encoder_ffn_dim=c.get("pd_ffn", 1024),
+        embed_dim=c["embed_dim"], depths=c["depths"], swin_heads=c["swin_heads"],
+        window_size=c["window"], hidden_dim=c["conv_dim"], encoder_layers=c["pd_layers"],
+        encoder_ffn_dim=c.get("pd_ffn", 1024),
         num_heads=c["pd_heads"], mask_feature_size=c["mask_dim"])
     ffn = c.get("ffn", 2048)
     decoder = MaskedAttentionDecoder(hidden_dim=c["hidden"], num_queries=c["frame_queries"],
@@ -363,19 +377,23 @@ def vita_losses(outputs, targets, *, w_cls=2.0, w_bce=5.0, w_dice=5.0, frame_no_
             **{f"video_{k}": v for k, v in video_terms.items()}, "sim": sim}
 
 
-# ---------------------------------------------------------------------------------- official checkpoints
-# The official model-zoo checkpoints (github.com/sukjunhwang/VITA, README "Model Zoo") are detectron2
-# state dicts of the whole model: `backbone.*` (D2SwinTransformer, mask2former/modeling/backbone/swin.py),
+# ----------------------------------------------------------------------------------
+# official checkpoints
+# The official model-zoo checkpoints (github.com/sukjunhwang/VITA, README "Model Zoo") are
+# detectron2 state dicts of the whole model: `backbone.*` (D2SwinTransformer,
+# mask2former/modeling/backbone/swin.py),
 # `sem_seg_head.pixel_decoder.*` (MSDeformAttnPixelDecoder, .../pixel_decoder/msdeformattn.py),
 # `sem_seg_head.predictor.*` (VitaMultiScaleMaskedTransformerDecoder,
 # vita/modeling/transformer_decoder/vita_mask2former_transformer_decoder.py) and `vita_module.*`
-# (vita/modeling/transformer_decoder/vita.py). `official_vita_key_map` says where each lands in `VITA`.
+# (vita/modeling/transformer_decoder/vita.py). `official_vita_key_map` says where each lands in
+# `VITA`.
 
 # Official keys that are read but not loaded: the no-object class weights of the two losses
 # (`SetCriterion.empty_weight` buffers; our losses take the no-object weight as an argument), and
 # detectron2's input normalisation (non-persistent buffers in VITA's code, skipped should a file
 # carry them; our data pipeline normalises).
-OFFICIAL_KEYS_NOT_LOADED = ("criterion.empty_weight", "vita_criterion.empty_weight", "pixel_mean", "pixel_std")
+OFFICIAL_KEYS_NOT_LOADED = ("criterion.empty_weight", "vita_criterion.empty_weight",
+                            "pixel_mean", "pixel_std")
 # Our keys no official key fills: the final LayerNorm of transformers' SwinModel, which SwinBackbone
 # never applies (its outputs go through the per-stage norms, the official `norm0`..`norm3`); frozen.
 OUR_KEYS_NOT_LOADED = tuple(f"pixel_level.backbone.swin.layernorm.{p}" for p in ("weight", "bias"))
@@ -402,11 +420,13 @@ def _swin_keys(backbone):
         for b in range(len(stage.blocks)):
             theirs, ours = f"layers.{s}.blocks.{b}.", f"swin.encoder.layers.{s}.blocks.{b}."
             yield from _affine(theirs + "norm1", ours + "layernorm_before")
-            for p in ("weight", "bias"):  # one Linear(C, 3C) -> three Linear(C, C): q, k, v, in that order
+            # one Linear(C, 3C) -> three Linear(C, C): q, k, v, in that order
+            for p in ("weight", "bias"):
                 yield theirs + f"attn.qkv.{p}", [ours + f"attention.{x}_proj.{p}" for x in "qkv"]
             yield from _affine(theirs + "attn.proj", ours + "attention.o_proj")
             rel = ours + "attention.relative_position_bias."
-            yield theirs + "attn.relative_position_bias_table", [rel + "relative_position_bias_table"]
+            yield theirs + "attn.relative_position_bias_table", \
+                [rel + "relative_position_bias_table"]
             # a buffer on both sides: compared with ours, not loaded (see convert_official_vita)
             yield theirs + "attn.relative_position_index", [rel + "relative_position_index"]
             yield from _affine(theirs + "norm2", ours + "layernorm_after")
@@ -414,9 +434,11 @@ def _swin_keys(backbone):
             yield from _affine(theirs + "mlp.fc2", ours + "mlp.fc2")
         if stage.downsample is not None:  # patch merging after every stage but the last
             theirs, ours = f"layers.{s}.downsample.", f"swin.encoder.layers.{s}.downsample."
-            yield theirs + "reduction.weight", [ours + "reduction.weight"]  # Linear(4C, 2C) without bias
+            # Linear(4C, 2C) without bias
+            yield theirs + "reduction.weight", [ours + "reduction.weight"]
             yield from _affine(theirs + "norm", ours + "norm")
-    for stage_name in backbone.hidden_states_norms:  # stage{i+1} (output res{i+2}): official norm{i}
+    # stage{i+1} (output res{i+2}): official norm{i}
+    for stage_name in backbone.hidden_states_norms:
         i = int(stage_name.removeprefix("stage")) - 1
         yield from _affine(f"norm{i}", f"hidden_states_norms.{stage_name}")
 
@@ -438,7 +460,8 @@ def _pixel_decoder_keys(pixel_decoder):
         yield from _affine(theirs + "linear2", ours + "fc2")
         yield from _affine(theirs + "norm2", ours + "final_layer_norm")
     yield from _affine("mask_features", "mask_projection")
-    for k in range(1, pixel_decoder.num_fpn_levels + 1):  # the FPN convs on res2, bias-free (norm "GN")
+    # the FPN convs on res2, bias-free (norm "GN")
+    for k in range(1, pixel_decoder.num_fpn_levels + 1):
         for name in (f"adapter_{k}", f"layer_{k}"):
             yield f"{name}.weight", [f"{name}.0.weight"]
             yield from _affine(f"{name}.norm", f"{name}.1")
@@ -455,9 +478,11 @@ def _frame_decoder_keys(decoder):
             yield from _affine(f"input_proj.{level}", f"input_proj.{level}")
     for i in range(len(decoder.layers)):
         ours = f"layers.{i}."
-        yield from _attention(f"transformer_cross_attention_layers.{i}.multihead_attn", ours + "cross_attn")
+        yield from _attention(f"transformer_cross_attention_layers.{i}.multihead_attn",
+                              ours + "cross_attn")
         yield from _affine(f"transformer_cross_attention_layers.{i}.norm", ours + "cross_norm")
-        yield from _attention(f"transformer_self_attention_layers.{i}.self_attn", ours + "self_attn")
+        yield from _attention(f"transformer_self_attention_layers.{i}.self_attn",
+                              ours + "self_attn")
         yield from _affine(f"transformer_self_attention_layers.{i}.norm", ours + "self_norm")
         yield from _affine(f"transformer_ffn_layers.{i}.linear1", ours + "ffn.0")
         yield from _affine(f"transformer_ffn_layers.{i}.linear2", ours + "ffn.3")
@@ -470,7 +495,8 @@ def _frame_decoder_keys(decoder):
 
 def _vita_module_keys(model):
     """Official `VITA` (vita_module) -> our input_proj, ObjectEncoder, ObjectDecoder and heads."""
-    yield from _affine("input_proj_dec", "input_proj")  # a Linear: ENFORCE_INPUT_PROJ is True by default
+    # a Linear: ENFORCE_INPUT_PROJ is True by default
+    yield from _affine("input_proj_dec", "input_proj")
     for i in range(len(model.encoder.layers)):
         ours = f"encoder.layers.{i}."
         yield from _attention(f"enc_self_attn.{i}.self_attn", ours + "self_attn")
@@ -479,10 +505,13 @@ def _vita_module_keys(model):
         yield from _affine(f"enc_ffn.{i}.linear2", ours + "ffn.2")
         yield from _affine(f"enc_ffn.{i}.norm", ours + "ffn_norm")
     for i in range(len(model.object_decoder.layers)):
-        ours = f"object_decoder.layers.{i}."  # norms.0, .1, .2 follow cross-attention, self-attention, FFN
-        yield from _attention(f"transformer_cross_attention_layers.{i}.multihead_attn", ours + "cross_attn")
+        # norms.0, .1, .2 follow cross-attention, self-attention, FFN
+        ours = f"object_decoder.layers.{i}."
+        yield from _attention(f"transformer_cross_attention_layers.{i}.multihead_attn",
+                              ours + "cross_attn")
         yield from _affine(f"transformer_cross_attention_layers.{i}.norm", ours + "norms.0")
-        yield from _attention(f"transformer_self_attention_layers.{i}.self_attn", ours + "self_attn")
+        yield from _attention(f"transformer_self_attention_layers.{i}.self_attn",
+                              ours + "self_attn")
         yield from _affine(f"transformer_self_attention_layers.{i}.norm", ours + "norms.1")
         yield from _affine(f"transformer_ffn_layers.{i}.linear1", ours + "ffn.0")
         yield from _affine(f"transformer_ffn_layers.{i}.linear2", ours + "ffn.2")
@@ -507,7 +536,8 @@ def official_vita_key_map(model: VITA) -> dict:
     backbone, pixel_decoder = model.pixel_level.backbone, model.pixel_level.pixel_decoder
     sections = [  # (official prefix, our prefix, the pairs below these prefixes)
         ("backbone.", "pixel_level.backbone.", _swin_keys(backbone)),
-        ("sem_seg_head.pixel_decoder.", "pixel_level.pixel_decoder.", _pixel_decoder_keys(pixel_decoder)),
+        ("sem_seg_head.pixel_decoder.", "pixel_level.pixel_decoder.",
+         _pixel_decoder_keys(pixel_decoder)),
         ("sem_seg_head.predictor.", "decoder.", _frame_decoder_keys(model.decoder)),
         ("vita_module.", "", _vita_module_keys(model)),
     ]
@@ -519,7 +549,8 @@ def official_vita_key_map(model: VITA) -> dict:
 
 
 def convert_official_vita(model: VITA, official_state: dict) -> dict:
-    """An official VITA state dict -> a state dict for `model` (its keys, except OUR_KEYS_NOT_LOADED).
+    """An official VITA state dict -> a state dict for `model` (its keys, except
+    OUR_KEYS_NOT_LOADED).
 
     Raises ValueError, listing every problem at once, when an official key has no place in the
     model (besides OFFICIAL_KEYS_NOT_LOADED), when a key of ours would receive nothing, when a shape
@@ -530,10 +561,12 @@ def convert_official_vita(model: VITA, official_state: dict) -> dict:
     buffers = dict(model.named_buffers())
     targets = [k for ours in key_map.values() for k in ours]
     if len(set(targets)) != len(targets) or any(k not in own and k not in buffers for k in targets):
-        raise RuntimeError("official_vita_key_map is out of date for this model")  # our bug, not the file's
+        # our bug, not the file's
+        raise RuntimeError("official_vita_key_map is out of date for this model")
     # keys that only go to non-persistent buffers of ours are checked when present, never required
     checked_only = {theirs for theirs, ours in key_map.items() if not any(k in own for k in ours)}
-    unused = sorted(k for k in official_state if k not in key_map and k not in OFFICIAL_KEYS_NOT_LOADED)
+    unused = sorted(k for k in official_state if k not in key_map
+                    and k not in OFFICIAL_KEYS_NOT_LOADED)
     absent = {theirs: ours for theirs, ours in key_map.items()
               if theirs not in official_state and theirs not in checked_only}
     unfilled = sorted(set(own) - set(targets) - set(OUR_KEYS_NOT_LOADED))
@@ -543,14 +576,16 @@ def convert_official_vita(model: VITA, official_state: dict) -> dict:
     if absent or unfilled:
         receive_nothing = [f"{o} <- {t} (absent)" for t, ours in absent.items() for o in ours] + \
                           [f"{o} (not in official_vita_key_map)" for o in unfilled]
-        problems.append(f"keys of ours that would receive nothing ({len(receive_nothing)}): {receive_nothing}")
+        problems.append(f"keys of ours that would receive nothing ({len(receive_nothing)}): "
+                        f"{receive_nothing}")
     converted = {}
     for theirs, ours in key_map.items():
         if theirs not in official_state:
             continue
         value = torch.as_tensor(official_state[theirs])
         if value.shape[0] % len(ours):
-            problems.append(f"{theirs} {tuple(value.shape)} cannot be cut into {len(ours)} parts along dim 0")
+            problems.append(f"{theirs} {tuple(value.shape)} cannot be cut into {len(ours)} parts "
+                            f"along dim 0")
             continue
         for name, part in zip(ours, value.chunk(len(ours), dim=0)):
             if name not in own:  # a non-persistent buffer of ours: (w*w, w*w) official, flat here
@@ -568,7 +603,8 @@ def convert_official_vita(model: VITA, official_state: dict) -> dict:
 
 def load_official_vita(model: VITA, official_state: dict) -> list:
     """Load an official VITA state dict into `model` (see convert_official_vita; nothing is loaded
-    when anything does not match). Returns our keys left at their initialisation (OUR_KEYS_NOT_LOADED)."""
+    when anything does not match). Returns our keys left at their initialisation
+    (OUR_KEYS_NOT_LOADED)."""
     converted = convert_official_vita(model, official_state)
     result = model.load_state_dict(converted, strict=False)
     if result.unexpected_keys or set(result.missing_keys) != set(OUR_KEYS_NOT_LOADED):
@@ -585,8 +621,9 @@ def read_official_checkpoint(path) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"VITA checkpoint not found: {path!r}. Download an official checkpoint from the model zoo "
-            f"of github.com/sukjunhwang/VITA (README, Google Drive links), e.g. the Swin-L OVIS model, "
+            f"VITA checkpoint not found: {path!r}. Download an official checkpoint from the model "
+            f"zoo of github.com/sukjunhwang/VITA (README, Google Drive links), e.g. the Swin-L "
+            f"OVIS model, "
             f"and pass its path.")
     if path.endswith(".pkl"):
         with open(path, "rb") as f:
@@ -597,8 +634,9 @@ def read_official_checkpoint(path) -> dict:
         except pickle.UnpicklingError as err:
             raise ValueError(
                 f"{path!r} holds objects other than tensors and plain containers, which torch.load "
-                f"(weights_only=True) does not unpickle; unpickling arbitrary objects can run code. Re-save "
-                f"only its 'model' state dict (tensors) from a copy you trust, then pass that file.") from err
+                f"(weights_only=True) does not unpickle; unpickling arbitrary objects can run "
+                f"code. Re-save only its 'model' state dict (tensors) from a copy you trust, then "
+                f"pass that file.") from err
     state = data.get("model", data)
     return {k: torch.as_tensor(v) for k, v in state.items()}
 

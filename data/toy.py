@@ -1,4 +1,5 @@
-"""Toy datasets: "moving shapes" videos in the MeViS layout and "shapes" images in the RefCOCO layout.
+"""Toy datasets: "moving shapes" videos in the MeViS layout and "shapes" images in the RefCOCO \
+layout.
 
 Both sets are drawn from a seed, need no download, and let every method run on a laptop. They
 also measure motion understanding on its own: in every video some objects look identical (same
@@ -11,12 +12,15 @@ Layout written under `out` (the MeViS / RefCOCO readers in common/datasets.py re
   mevis/{train,valid_u}/meta_expressions.json          {"videos": {vid: {"frames", "expressions"}}}
   mevis/{train,valid_u}/mask_dict.json                 {anno_id: [COCO RLE or null, one per frame]}
   mevis/{train,valid_u}/motion_only.json               toy only: expressions only motion resolves
-  mevis/{train,valid_u}/toy_objects.json               toy only: appearance and motion of each object
+  mevis/{train,valid_u}/toy_objects.json               toy only: appearance and motion of each
+                                                       object
   mevis/{train,valid_u}/instances_vis.json             YouTube-VIS format, for VITA: added by
                                                        `write_toy_vis` (not by make_toy)
   refcoco/refcoco/refs(unc).p, instances.json          refer-API pickle and COCO-style instances
-  refcoco/refcoco/motion_sent_ids.json                 toy only: sentences only the motion cue resolves
-  refcoco/refcoco/toy_objects.json                     toy only: appearance and motion of each annotation
+  refcoco/refcoco/motion_sent_ids.json                 toy only: sentences only the motion cue
+                                                       resolves
+  refcoco/refcoco/toy_objects.json                     toy only: appearance and motion of each
+                                                       annotation
   refcoco/images/COCO_train2014_<12-digit id>.jpg      96x96 RGB images
   DONE                                                 written last; `toy_ready(out)` looks for it
 
@@ -40,7 +44,8 @@ import numpy as np
 from PIL import Image
 
 if __name__ == "__main__" and not __package__:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python data/toy.py` puts data/, not the repo root, on the path
+    # `python data/toy.py` puts data/, not the repo root, on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.coco_mask import polygons_to_mask, rle_decode, rle_encode
 from common.metrics import VideoMetrics
 
@@ -50,7 +55,8 @@ JPEG_QUALITY = 95
 FRAMES_RANGE = (12, 24)     # frames per video, inclusive
 OBJECTS_RANGE = (2, 4)      # objects per video / image, inclusive
 EXPRESSIONS_RANGE = (4, 8)  # expressions per video, inclusive
-MOTION_ONLY_SHARE = 0.35    # target share of motion-only expressions per video, when the video has enough
+MOTION_ONLY_SHARE = 0.35    # target share of motion-only expressions per video, when the video has
+                            # enough
 
 COLOURS = {"red": (220, 45, 45), "green": (50, 190, 70), "blue": (60, 100, 240),
            "yellow": (240, 215, 50), "white": (235, 235, 235)}
@@ -60,7 +66,8 @@ VIDEO_RADIUS = {"small": 6.5, "big": 10.0}  # objects 13 px and 20 px across
 IMAGE_RADIUS = {"small": 6.0, "big": 11.0}
 CATEGORY_IDS = {"circle": 1, "square": 2, "triangle": 3, "diamond": 4}
 
-NOUNS = {"circle": ("circle", "ball"), "square": ("square", "box"), "triangle": ("triangle",), "diamond": ("diamond",)}
+NOUNS = {"circle": ("circle", "ball"), "square": ("square", "box"), "triangle": ("triangle",),
+         "diamond": ("diamond",)}
 GENERIC_NOUNS = ("shape", "object")
 SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
 APPEARANCE_ATTRS = ("size", "colour", "shape")
@@ -75,7 +82,8 @@ VIDEO_KINDS = ("still", "left", "right", "up", "down", "jump", "enter_left", "en
                "leave_left", "leave_right", "turn_lr", "turn_rl")
 VIDEO_KIND_WEIGHTS = (1.2, 1.0, 1.0, 0.7, 0.7, 1.0, 0.4, 0.4, 0.4, 0.4, 0.3, 0.3)
 PREDICATES = ("left", "right", "up", "down", "still", "moving", "jump", "fast", "slow", "enter",
-              "enter_left", "enter_right", "leave", "leave_left", "leave_right", "turn", "turn_lr", "turn_rl")
+              "enter_left", "enter_right", "leave", "leave_left", "leave_right", "turn",
+              "turn_lr", "turn_rl")
 OPPOSITE = {"left": "right", "right": "left"}
 # Played backwards, an object of motion kind k shows kind REVERSED_KIND[k] (its speed unchanged): a
 # bounce or a turn there and back stays what it is, "left" becomes "right", "enter" becomes "leave".
@@ -90,28 +98,45 @@ VIDEO_PHRASES = {
                 ["moves left", "moves to the left", "goes left", "heads left"], []),
     ("right",): (["moving right", "moving to the right", "going right", "heading right"],
                  ["moves right", "moves to the right", "goes right", "heads right"], []),
-    ("up",): (["moving up", "going up", "rising", "moving upward"], ["moves up", "goes up", "rises"], ["rising"]),
-    ("down",): (["moving down", "going down", "sinking", "moving downward"], ["moves down", "goes down", "sinks"], ["sinking"]),
+    ("up",): (["moving up", "going up", "rising", "moving upward"],
+              ["moves up", "goes up", "rises"], ["rising"]),
+    ("down",): (["moving down", "going down", "sinking", "moving downward"],
+                ["moves down", "goes down", "sinks"], ["sinking"]),
     ("still",): (["standing still", "staying still", "not moving", "staying in place"],
-                 ["stays still", "does not move", "stands still", "stays in place"], ["motionless"]),
+                 ["stays still", "does not move", "stands still", "stays in place"],
+                 ["motionless"]),
     ("moving",): (["in motion"], ["moves", "is moving"], ["moving"]),
     ("jump",): (["jumping", "bouncing", "bouncing up and down", "hopping"],
                 ["jumps", "bounces", "hops", "jumps up and down"], ["jumping", "bouncing"]),
-    ("fast",): (["moving fast", "moving quickly", "going fast"], ["moves fast", "moves quickly"], ["fast"]),
+    ("fast",): (["moving fast", "moving quickly", "going fast"],
+                ["moves fast", "moves quickly"], ["fast"]),
     ("slow",): (["moving slowly", "going slowly"], ["moves slowly", "goes slowly"], ["slow"]),
-    ("fast", "left"): (["moving fast to the left", "going left quickly"], ["moves fast to the left"], []),
-    ("fast", "right"): (["moving fast to the right", "going right quickly"], ["moves fast to the right"], []),
-    ("slow", "left"): (["moving slowly to the left", "going left slowly"], ["moves slowly to the left"], []),
-    ("slow", "right"): (["moving slowly to the right", "going right slowly"], ["moves slowly to the right"], []),
-    ("enter",): (["entering the scene", "coming into view", "entering"], ["enters the scene", "comes into view", "appears"], []),
-    ("enter_left",): (["entering from the left", "coming in from the left"], ["enters from the left", "comes in from the left"], []),
-    ("enter_right",): (["entering from the right", "coming in from the right"], ["enters from the right", "comes in from the right"], []),
-    ("leave",): (["leaving the scene", "going out of view", "leaving"], ["leaves the scene", "goes out of view", "disappears"], []),
-    ("leave_left",): (["leaving to the left", "going out on the left"], ["leaves to the left", "goes out on the left"], []),
-    ("leave_right",): (["leaving to the right", "going out on the right"], ["leaves to the right", "goes out on the right"], []),
-    ("turn",): (["turning back", "turning around", "changing direction"], ["turns back", "turns around", "changes direction"], []),
-    ("turn_lr",): (["moving left and then right", "going left and then back right"], ["moves left and then right"], []),
-    ("turn_rl",): (["moving right and then left", "going right and then back left"], ["moves right and then left"], []),
+    ("fast", "left"): (["moving fast to the left", "going left quickly"],
+                       ["moves fast to the left"], []),
+    ("fast", "right"): (["moving fast to the right", "going right quickly"],
+                        ["moves fast to the right"], []),
+    ("slow", "left"): (["moving slowly to the left", "going left slowly"],
+                       ["moves slowly to the left"], []),
+    ("slow", "right"): (["moving slowly to the right", "going right slowly"],
+                        ["moves slowly to the right"], []),
+    ("enter",): (["entering the scene", "coming into view", "entering"],
+                 ["enters the scene", "comes into view", "appears"], []),
+    ("enter_left",): (["entering from the left", "coming in from the left"],
+                      ["enters from the left", "comes in from the left"], []),
+    ("enter_right",): (["entering from the right", "coming in from the right"],
+                       ["enters from the right", "comes in from the right"], []),
+    ("leave",): (["leaving the scene", "going out of view", "leaving"],
+                 ["leaves the scene", "goes out of view", "disappears"], []),
+    ("leave_left",): (["leaving to the left", "going out on the left"],
+                      ["leaves to the left", "goes out on the left"], []),
+    ("leave_right",): (["leaving to the right", "going out on the right"],
+                       ["leaves to the right", "goes out on the right"], []),
+    ("turn",): (["turning back", "turning around", "changing direction"],
+                ["turns back", "turns around", "changes direction"], []),
+    ("turn_lr",): (["moving left and then right", "going left and then back right"],
+                   ["moves left and then right"], []),
+    ("turn_rl",): (["moving right and then left", "going right and then back left"],
+                   ["moves right and then left"], []),
 }
 
 IMAGE_MOTIONS = ("still", "left", "right", "up", "down")
@@ -125,14 +150,16 @@ IMAGE_PHRASES = {
 }
 POSITION_PHRASES = {  # (after the noun, before the noun)
     "pos_left": (["on the left"], ["left"]), "pos_right": (["on the right"], ["right"]),
-    "pos_top": (["at the top"], ["top", "upper"]), "pos_bottom": (["at the bottom"], ["bottom", "lower"]),
+    "pos_top": (["at the top"], ["top", "upper"]),
+    "pos_bottom": (["at the bottom"], ["bottom", "lower"]),
     "pos_middle": (["in the middle"], ["middle"]),
 }
 
 
 def video_motion_facts(kind: str, speed: str = "") -> dict:
     """Truth of every predicate in PREDICATES for a video object of motion `kind` (and speed class
-    "fast" / "slow" for "left" / "right"): True, False, or None where the wording would be debatable."""
+    "fast" / "slow" for "left" / "right"): True, False, or None where the wording would be
+    debatable."""
     if kind not in VIDEO_KINDS:
         raise ValueError(f"unknown video motion kind {kind!r}, expected one of {VIDEO_KINDS}")
     facts = dict.fromkeys(PREDICATES, False)
@@ -146,11 +173,13 @@ def video_motion_facts(kind: str, speed: str = "") -> dict:
     elif kind == "jump":
         facts.update(jump=True, up=None, down=None, fast=None, slow=None)
     elif kind.startswith("enter_"):  # entering from the left means moving to the right
-        facts.update({"enter": True, kind: True, OPPOSITE[kind[6:]]: True, "fast": None, "slow": None})
+        facts.update({"enter": True, kind: True, OPPOSITE[kind[6:]]: True, "fast": None,
+                      "slow": None})
     elif kind.startswith("leave_"):
         facts.update({"leave": True, kind: True, kind[6:]: True, "fast": None, "slow": None})
     else:  # turn_lr / turn_rl: both directions happen, so neither direction word may be used
-        facts.update({"turn": True, kind: True, "left": None, "right": None, "fast": None, "slow": None})
+        facts.update({"turn": True, kind: True, "left": None, "right": None, "fast": None,
+                      "slow": None})
     return facts
 
 
@@ -175,7 +204,8 @@ def _truth(facts: dict, preds: tuple):
 def shape_polygon(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     """Convex polygon (K, 2) of (x, y) vertices for a shape of radius `r` centred at (cx, cy).
 
-    Pixel (row i, column j) covers [j, j+1) x [i, i+1), COCO's polygon convention; circles are 24-gons.
+    Pixel (row i, column j) covers [j, j+1) x [i, i+1), COCO's polygon convention; circles are
+    24-gons.
     """
     if shape == "circle":
         a = np.linspace(0, 2 * np.pi, 24, endpoint=False)
@@ -223,7 +253,8 @@ def _background(rng, h: int, w: int) -> np.ndarray:
 
 
 def _save_jpeg(img: np.ndarray, path: Path) -> None:
-    Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).save(path, quality=JPEG_QUALITY, subsampling=0)
+    Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).save(
+        path, quality=JPEG_QUALITY, subsampling=0)
 
 
 # ---------------------------------------------------------------- referring expressions
@@ -260,9 +291,11 @@ def _noun_phrase(attrs: dict, rng, plural: bool = False, allow_one: bool = True)
 
 
 def _plural_verb(phrase: str) -> str:
-    """Third-person singular verb phrase -> plural ("moves left" -> "move left", "does not move" -> "do not move")."""
+    """Third-person singular verb phrase -> plural ("moves left" -> "move left", "does not move" ->
+    "do not move")."""
     first, _, rest = phrase.partition(" ")
-    first = {"does": "do", "is": "are", "goes": "go"}.get(first, first[:-1] if first.endswith("s") else first)
+    first = {"does": "do", "is": "are",
+             "goes": "go"}.get(first, first[:-1] if first.endswith("s") else first)
     return f"{first} {rest}".strip()
 
 
@@ -281,7 +314,8 @@ def _video_candidates(objs) -> list:
             if match == [i] and attrs:
                 specs.append(_Spec((i,), attrs))
             for preds in VIDEO_PHRASES:
-                if _truth(o.facts, preds) is True and all(_truth(objs[j].facts, preds) is False for j in match if j != i):
+                if _truth(o.facts, preds) is True and all(_truth(objs[j].facts, preds) is False
+                                                          for j in match if j != i):
                     specs.append(_Spec((i,), attrs, preds, n_matching=len(match)))
     seen = set()
     for o in objs:
@@ -292,15 +326,18 @@ def _video_candidates(objs) -> list:
                 continue
             seen.add(key)
             match = _matching(objs, attrs)
-            if attrs and 2 <= len(match) and (len(match) < n or n == 2):  # "both squares"; not "all three shapes"
+            # "both squares"; not "all three shapes"
+            if attrs and 2 <= len(match) and (len(match) < n or n == 2):
                 specs.append(_Spec(tuple(match), attrs, n_matching=len(match)))
             for preds in VIDEO_PHRASES:
                 truth = {j: _truth(objs[j].facts, preds) for j in match}
                 targets = tuple(j for j in match if truth[j] is True)
-                if 2 <= len(targets) < len(match) and all(truth[j] is False for j in match if j not in targets):
+                if 2 <= len(targets) < len(match) and all(truth[j] is False
+                                                          for j in match if j not in targets):
                     specs.append(_Spec(targets, attrs, preds, n_matching=len(match)))
     for s in specs:
-        s.motion_only = any(appearance[j] == appearance[t] for t in s.targets for j in range(n) if j not in s.targets)
+        s.motion_only = any(appearance[j] == appearance[t] for t in s.targets for j in range(n)
+                            if j not in s.targets)
     return specs
 
 
@@ -315,15 +352,19 @@ def _video_text(spec: _Spec, rng) -> str:
         if form == "participle":
             return f"{_det(rng)}{_noun_phrase(spec.attrs, rng)} {rng.choice(participles)}"
         if form == "relative":
-            return f"{_det(rng)}{_noun_phrase(spec.attrs, rng)} {rng.choice(['that', 'which'])} {rng.choice(relatives)}"
+            return f"{_det(rng)}{_noun_phrase(spec.attrs, rng)} " \
+                   f"{rng.choice(['that', 'which'])} {rng.choice(relatives)}"
         if form == "adjective":
-            return f"{_det(rng)}{rng.choice(adjectives)} {_noun_phrase(spec.attrs, rng, allow_one=False)}"
+            return f"{_det(rng)}{rng.choice(adjectives)} " \
+                   f"{_noun_phrase(spec.attrs, rng, allow_one=False)}"
         two = "two " if rng.random() < 0.5 else ""
-        return f"the {rng.choice(adjectives)} one of the {two}{_noun_phrase(spec.attrs, rng, plural=True)}"
+        return f"the {rng.choice(adjectives)} one of the " \
+               f"{two}{_noun_phrase(spec.attrs, rng, plural=True)}"
     count = len(spec.targets)
     plural = _noun_phrase(spec.attrs, rng, plural=True)
     if not spec.preds:
-        quantifier = {2: ["both", "the two"], 3: ["all", "all the", "the three"]}.get(count, ["all", "all the", "all four"])
+        quantifier = {2: ["both", "the two"], 3: ["all", "all the", "the three"]}.get(
+            count, ["all", "all the", "all four"])
         return f"{rng.choice(quantifier)} {plural}"
     participles, relatives, adjectives = VIDEO_PHRASES[spec.preds]
     quantifier = ["the", "all", "all the"] + (["both", "the two"] if count == 2 else [])
@@ -350,7 +391,8 @@ def _choose_specs(specs: list, n_expressions: int, rng) -> list:
         for _ in range(k):
             if not pool:
                 return
-            # fewest earlier uses of the same targets first, then motion words that the wording needs
+            # fewest earlier uses of the same targets first, then motion words that the wording
+            # needs
             key = [(used.get(s.targets, 0), bool(s.preds) and s.n_matching == 1) for s in pool]
             best = min(range(len(pool)), key=key.__getitem__)
             s = pool.pop(best)
@@ -359,11 +401,13 @@ def _choose_specs(specs: list, n_expressions: int, rng) -> list:
 
     take(motion_only, n_mo)
     take(others, n_expressions - len(chosen))
-    take(motion_only, EXPRESSIONS_RANGE[0] - len(chosen))  # when too few others, fewer expressions rather than all motion-only
+    # when too few others, fewer expressions rather than all motion-only
+    take(motion_only, EXPRESSIONS_RANGE[0] - len(chosen))
     return chosen
 
 
-# ---------------------------------------------------------------- video "moving shapes" (MeViS layout)
+# ----------------------------------------------------------------
+# video "moving shapes" (MeViS layout)
 @dataclass
 class _VideoObject:
     shape: str
@@ -409,7 +453,8 @@ def _trajectory(kind: str, speed: str, num_frames: int, r: float, rng):
         y = ground - height * np.abs(np.sin(np.pi * (t / period + rng.uniform(0, 1))))
     elif kind in ("enter_left", "enter_right", "leave_left", "leave_right"):
         # built as entering from the left, then mirrored and/or played backwards; at least one
-        # frame fully outside and the end (x_end) far enough inside that it is seen for several frames
+        # frame fully outside and the end (x_end) far enough inside that it is seen for several
+        # frames
         v = rng.uniform(max(1.5, (2 * r + 8) / (num_frames - 2)), 3.0)
         x_end = rng.uniform(r + 8, min(hi_x, v * (num_frames - 2) - r))
         x = x_end - v * (num_frames - 1 - t)
@@ -431,13 +476,15 @@ def _trajectory(kind: str, speed: str, num_frames: int, r: float, rng):
 
 
 def _sample_kind(rng):
-    kind = VIDEO_KINDS[rng.choice(len(VIDEO_KINDS), p=np.array(VIDEO_KIND_WEIGHTS) / sum(VIDEO_KIND_WEIGHTS))]
+    kind = VIDEO_KINDS[rng.choice(len(VIDEO_KINDS),
+                                  p=np.array(VIDEO_KIND_WEIGHTS) / sum(VIDEO_KIND_WEIGHTS))]
     return kind, (str(rng.choice(["slow", "fast"])) if kind in ("left", "right") else "")
 
 
 def _distinguishable(group) -> bool:
     """Every object of `group` has a motion predicate that is True for it and False for the rest."""
-    return all(any(_truth(o.facts, p) is True and all(_truth(q.facts, p) is False for q in group if q is not o)
+    return all(any(_truth(o.facts, p) is True and all(_truth(q.facts, p) is False
+                                                      for q in group if q is not o)
                    for p in VIDEO_PHRASES) for o in group)
 
 
@@ -448,7 +495,8 @@ def _apart(objs) -> bool:
         for b in range(a + 1, len(objs)):
             oa, ob = objs[a], objs[b]
             dist = np.hypot(oa.xs - ob.xs, oa.ys - ob.ys)         # (T,)
-            need = oa.radius + ob.radius + 2 if oa.appearance == ob.appearance else 0.9 * (oa.radius + ob.radius)
+            need = oa.radius + ob.radius + 2 if oa.appearance == ob.appearance \
+                else 0.9 * (oa.radius + ob.radius)
             if (dist < need).any():
                 return False
     return True
@@ -456,23 +504,28 @@ def _apart(objs) -> bool:
 
 def _sample_video_objects(rng, num_frames: int) -> list:
     """2-4 objects with trajectories: a group of 2-3 identical-looking ones, each with a motion the
-    others lack (redrawn until so), plus others, half of them sharing the group's shape or colour."""
+    others lack (redrawn until so), plus others, half of them sharing the group's shape or
+    colour."""
     n = int(rng.integers(OBJECTS_RANGE[0], OBJECTS_RANGE[1] + 1))
     while True:
         twin = (str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), str(rng.choice(SIZES)))
         group_size = 3 if n >= 3 and rng.random() < 0.2 else 2
         objs = [_VideoObject(*twin) for _ in range(group_size)]
         while len(objs) < n:
-            shape, colour, size = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), str(rng.choice(SIZES))
-            if rng.random() < 0.5:  # a near-twin that shares the shape or the colour, so both words matter
+            shape, colour, size = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), \
+                str(rng.choice(SIZES))
+            # a near-twin that shares the shape or the colour, so both words matter
+            if rng.random() < 0.5:
                 shape, colour = (twin[0], colour) if rng.random() < 0.5 else (shape, twin[1])
             objs.append(_VideoObject(shape, colour, size))
         for _ in range(20):
             for o in objs:
                 o.kind, o.speed = _sample_kind(rng)
-            if group_size == 2 and rng.random() < 0.25:  # same direction, different speed: "the fast one of ..."
+            # same direction, different speed: "the fast one of ..."
+            if group_size == 2 and rng.random() < 0.25:
                 direction = str(rng.choice(["left", "right"]))
-                objs[0].kind, objs[0].speed, objs[1].kind, objs[1].speed = direction, "fast", direction, "slow"
+                objs[0].kind, objs[0].speed, objs[1].kind, objs[1].speed = direction, "fast", \
+                    direction, "slow"
             groups = {}
             for o in objs:
                 groups.setdefault(o.appearance, []).append(o)
@@ -486,7 +539,8 @@ def _sample_video_objects(rng, num_frames: int) -> list:
 
 
 def _make_video(rng):
-    """Frames (T, H, W, 3) uint8, objects, visible masks (N, T, H, W) bool and expression specs of one video."""
+    """Frames (T, H, W, 3) uint8, objects, visible masks (N, T, H, W) bool and expression specs of
+    one video."""
     num_frames = int(rng.integers(FRAMES_RANGE[0], FRAMES_RANGE[1] + 1))
     objs = _sample_video_objects(rng, num_frames)
     order = rng.permutation(len(objs))                            # drawing order, last on top
@@ -502,18 +556,21 @@ def _make_video(rng):
             owner[m] = i
         frames[t] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
         masks[:, t] = owner[None] == np.arange(len(objs))[:, None, None]
-    specs = _choose_specs(_video_candidates(objs), int(rng.integers(EXPRESSIONS_RANGE[0], EXPRESSIONS_RANGE[1] + 1)), rng)
+    specs = _choose_specs(_video_candidates(objs),
+                          int(rng.integers(EXPRESSIONS_RANGE[0], EXPRESSIONS_RANGE[1] + 1)), rng)
     return frames, objs, masks, specs
 
 
-def make_toy_video(out_dir, *, seed: int = 0, train_videos: int = 300, valid_videos: int = 40, verbose: bool = True) -> dict:
+def make_toy_video(out_dir, *, seed: int = 0, train_videos: int = 300, valid_videos: int = 40,
+                   verbose: bool = True) -> dict:
     """Write the "moving shapes" video set in the MeViS layout to `out_dir`/{train,valid_u}.
 
     Video i of a split depends only on (seed, split, i), so a smaller set is a prefix of a larger
     one. Returns {split: {"videos", "expressions", "motion_only"}}.
     """
     stats = {}
-    for split_index, (split, count) in enumerate([("train", train_videos), ("valid_u", valid_videos)]):
+    for split_index, (split, count) in enumerate([("train", train_videos),
+                                                  ("valid_u", valid_videos)]):
         root = Path(out_dir) / split
         (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
         meta, mask_dict, motion_only, objects = {}, {}, {}, {}
@@ -526,7 +583,8 @@ def make_toy_video(out_dir, *, seed: int = 0, train_videos: int = 300, valid_vid
             (root / "JPEGImages" / vid).mkdir(exist_ok=True)
             for name, frame in zip(frame_names, frames):
                 _save_jpeg(frame, root / "JPEGImages" / vid / f"{name}.jpg")
-            anno_ids = [str(next_anno + i) for i in range(len(objs))]  # unique within the split, as in MeViS
+            # unique within the split, as in MeViS
+            anno_ids = [str(next_anno + i) for i in range(len(objs))]
             next_anno += len(objs)
             for i, anno in enumerate(anno_ids):
                 mask_dict[anno] = [rle_encode(m) if m.any() else None for m in masks[i]]
@@ -541,12 +599,14 @@ def make_toy_video(out_dir, *, seed: int = 0, train_videos: int = 300, valid_vid
                 texts.add(text)
                 exp_id = str(len(expressions))
                 targets = sorted(spec.targets)
-                expressions[exp_id] = {"exp": text, "obj_id": targets, "anno_id": [anno_ids[i] for i in targets]}
+                expressions[exp_id] = {"exp": text, "obj_id": targets,
+                                       "anno_id": [anno_ids[i] for i in targets]}
                 if spec.motion_only:
                     motion_only.setdefault(vid, []).append(exp_id)
             meta[vid] = {"frames": frame_names, "expressions": expressions}
-            objects[vid] = [{"obj_id": i, "anno_id": anno_ids[i], "shape": o.shape, "colour": o.colour,
-                             "size": o.size, "rgb": list(COLOURS[o.colour]), "motion": o.kind, "speed": o.speed}
+            objects[vid] = [{"obj_id": i, "anno_id": anno_ids[i], "shape": o.shape,
+                             "colour": o.colour, "size": o.size, "rgb": list(COLOURS[o.colour]),
+                             "motion": o.kind, "speed": o.speed}
                             for i, o in enumerate(objs)]
             n_expressions += len(expressions)
             if verbose and (v + 1) % 50 == 0:
@@ -555,12 +615,14 @@ def make_toy_video(out_dir, *, seed: int = 0, train_videos: int = 300, valid_vid
         _write_json(root / "meta_expressions.json", {"videos": meta})
         _write_json(root / "mask_dict.json", mask_dict)
         _write_json(root / "motion_only.json", {
-            "about": "Toy set (data/toy.py): ids of the expressions that only motion resolves: some object they "
+            "about": "Toy set (data/toy.py): ids of the expressions that only motion resolves: "
+                     "some object they "
                      "do not refer to has the same shape, colour and size as one they refer to.",
             "motion_only": motion_only})
         _write_json(root / "toy_objects.json", {
-            "about": "Toy set (data/toy.py): appearance and motion kind of every object (obj_id, anno_id as in "
-                     "meta_expressions.json); speed is 'fast' or 'slow' for kinds left/right, else empty.",
+            "about": "Toy set (data/toy.py): appearance and motion kind of every object (obj_id, "
+                     "anno_id as in meta_expressions.json); speed is 'fast' or 'slow' for kinds "
+                     "left/right, else empty.",
             "videos": objects})
         stats[split] = {"videos": count, "expressions": n_expressions, "motion_only": n_mo}
         if verbose:
@@ -601,17 +663,20 @@ def _extent(o: _ImageObject):
     """Box (x0, y0, x1, y1) holding the shape and its streak."""
     r, (dx, dy) = o.radius, DIRECTIONS[o.motion]
     tail = STREAK_STEP * len(STREAK_ALPHAS) * r
-    return (o.cx - r - tail * (dx > 0), o.cy - r - tail * (dy > 0), o.cx + r + tail * (dx < 0), o.cy + r + tail * (dy < 0))
+    return (o.cx - r - tail * (dx > 0), o.cy - r - tail * (dy > 0), o.cx + r + tail * (dx < 0),
+            o.cy + r + tail * (dy < 0))
 
 
 def _sample_image_objects(rng, require: str):
-    """2-4 non-overlapping objects; most images hold a pair that looks identical and differs in motion.
-    `require` = "circle" / "non_circle" forces the first object's shape (testA / testB refer only to those)."""
+    """2-4 non-overlapping objects; most images hold a pair that looks identical and differs in
+    motion. `require` = "circle" / "non_circle" forces the first object's shape (testA / testB refer
+    only to those)."""
     while True:
         n = int(rng.integers(OBJECTS_RANGE[0], OBJECTS_RANGE[1] + 1))
         objs = []
         for k in range(n):
-            shape, colour, size = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), str(rng.choice(SIZES))
+            shape, colour, size = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), \
+                str(rng.choice(SIZES))
             if k == 0 and require == "circle":
                 shape = "circle"
             elif k == 0 and require == "non_circle":
@@ -628,7 +693,8 @@ def _sample_image_objects(rng, require: str):
                 o.cx, o.cy = rng.uniform(0, IMAGE_SIZE, 2)
                 x0, y0, x1, y1 = _extent(o)
                 inside = x0 >= 1 and y0 >= 1 and x1 <= IMAGE_SIZE - 1 and y1 <= IMAGE_SIZE - 1
-                if inside and all(x0 > b[2] + 3 or x1 < b[0] - 3 or y0 > b[3] + 3 or y1 < b[1] - 3 for b in boxes):
+                if inside and all(x0 > b[2] + 3 or x1 < b[0] - 3 or y0 > b[3] + 3 or y1 < b[1] - 3
+                                  for b in boxes):
                     boxes.append((x0, y0, x1, y1))
                     break
             else:
@@ -649,7 +715,8 @@ def _position_preds(objs, i: int, match: list) -> list:
         preds.append("pos_top")
     if all(o.cy > q.cy + 6 for q in others):
         preds.append("pos_bottom")
-    if len(others) == 2 and sum(o.cx > q.cx + 6 for q in others) == 1 and sum(o.cx < q.cx - 6 for q in others) == 1:
+    if len(others) == 2 and sum(o.cx > q.cx + 6 for q in others) == 1 \
+            and sum(o.cx < q.cx - 6 for q in others) == 1:
         preds.append("pos_middle")
     return preds
 
@@ -662,9 +729,11 @@ def _image_candidates(objs, i: int) -> list:
         if match == [i] and attrs:
             specs.append(_Spec((i,), attrs))
         if len(match) >= 2:
-            specs += [_Spec((i,), attrs, (p,), n_matching=len(match)) for p in _position_preds(objs, i, match)]
+            specs += [_Spec((i,), attrs, (p,), n_matching=len(match))
+                      for p in _position_preds(objs, i, match)]
         for preds in IMAGE_PHRASES:
-            if _truth(objs[i].facts, preds) is True and all(_truth(objs[j].facts, preds) is False for j in match if j != i):
+            if _truth(objs[i].facts, preds) is True and all(_truth(objs[j].facts, preds) is False
+                                                            for j in match if j != i):
                 specs.append(_Spec((i,), attrs, preds, n_matching=len(match)))
     for s in specs:
         s.motion_only = bool(s.preds) and not s.preds[0].startswith("pos_") and any(
@@ -697,10 +766,12 @@ def _draw_image(objs, rng):
     for o in objs:
         dx, dy = DIRECTIONS[o.motion]
         colour = np.array(COLOURS[o.colour], float)
-        if o.motion != "still":  # the streak trails behind: a ball flying left leaves it on its right
+        # the streak trails behind: a ball flying left leaves it on its right
+        if o.motion != "still":
             for k, alpha in reversed(list(enumerate(STREAK_ALPHAS, start=1))):
                 off = STREAK_STEP * k * o.radius
-                m = polygon_mask(shape_polygon(o.shape, o.cx - dx * off, o.cy - dy * off, o.radius), IMAGE_SIZE, IMAGE_SIZE)
+                m = polygon_mask(shape_polygon(o.shape, o.cx - dx * off, o.cy - dy * off, o.radius),
+                                 IMAGE_SIZE, IMAGE_SIZE)
                 # nearer copies replace farther ones instead of adding up, so no streak pixel gets
                 # close to the body's own colour and the body's outline stays sharp
                 img[m] = (1 - alpha) * background[m] + alpha * colour
@@ -714,7 +785,8 @@ def _draw_image(objs, rng):
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), polys, masks
 
 
-def make_toy_image(out_dir, *, seed: int = 0, train_images: int = 400, val_images: int = 60, test_images: int = 60,
+def make_toy_image(out_dir, *, seed: int = 0, train_images: int = 400, val_images: int = 60,
+                   test_images: int = 60,
                    verbose: bool = True) -> dict:
     """Write the "shapes" image set in the RefCOCO (unc) layout to `out_dir`/{refcoco,images}.
 
@@ -739,19 +811,24 @@ def make_toy_image(out_dir, *, seed: int = 0, train_images: int = 400, val_image
             image_id = len(images) + 1
             file_name = f"COCO_train2014_{image_id:012d}.jpg"
             _save_jpeg(img, out_dir / "images" / file_name)
-            images.append({"id": image_id, "file_name": file_name, "height": IMAGE_SIZE, "width": IMAGE_SIZE})
+            images.append({"id": image_id, "file_name": file_name, "height": IMAGE_SIZE,
+                           "width": IMAGE_SIZE})
             for i, (o, poly, m) in enumerate(zip(objs, polys, masks)):
                 ann_id = len(annotations) + 1
                 ys, xs = np.nonzero(m)
                 # most objects as polygons, every sixth as RLE: both occur in COCO
                 segmentation = rle_encode(m) if ann_id % 6 == 0 else [poly.reshape(-1).tolist()]
-                annotations.append({"id": ann_id, "image_id": image_id, "segmentation": segmentation,
-                                    "category_id": CATEGORY_IDS[o.shape], "iscrowd": 0, "area": float(m.sum()),
-                                    "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                annotations.append({"id": ann_id, "image_id": image_id,
+                                    "segmentation": segmentation,
+                                    "category_id": CATEGORY_IDS[o.shape], "iscrowd": 0,
+                                    "area": float(m.sum()),
+                                    "bbox": [float(xs.min()), float(ys.min()),
+                                             float(xs.max() - xs.min() + 1),
                                              float(ys.max() - ys.min() + 1)]})
                 objects[str(ann_id)] = {"shape": o.shape, "colour": o.colour, "size": o.size,
                                         "rgb": list(COLOURS[o.colour]), "motion": o.motion}
-                if (require == "circle" and o.shape != "circle") or (require == "non_circle" and o.shape == "circle"):
+                if (require == "circle" and o.shape != "circle") \
+                        or (require == "non_circle" and o.shape == "circle"):
                     continue
                 sentences = _ref_sentences(_image_candidates(objs, i), rng)
                 if not sentences:
@@ -761,14 +838,17 @@ def make_toy_image(out_dir, *, seed: int = 0, train_images: int = 400, val_image
                     sent_id = next_sent_id
                     next_sent_id += 1
                     raw = text[0].upper() + text[1:] if rng.random() < 0.3 else text
-                    sents.append({"tokens": text.split(), "raw": raw, "sent_id": sent_id, "sent": text})
+                    sents.append({"tokens": text.split(), "raw": raw, "sent_id": sent_id,
+                                  "sent": text})
                     if is_motion:
                         motion_sents.append(sent_id)
                         stats[split]["motion_sentences"] += 1
-                refs.append({"ref_id": len(refs), "ann_id": ann_id, "image_id": image_id, "split": split,
+                refs.append({"ref_id": len(refs), "ann_id": ann_id, "image_id": image_id,
+                             "split": split,
                              "sentences": sents, "sent_ids": [s["sent_id"] for s in sents],
                              "category_id": CATEGORY_IDS[o.shape],
-                             "file_name": f"COCO_train2014_{image_id:012d}_{i}.jpg"})  # refer's per-ref name, unused
+                             # refer's per-ref name, unused
+                             "file_name": f"COCO_train2014_{image_id:012d}_{i}.jpg"})
                 stats[split]["refs"] += 1
                 stats[split]["sentences"] += len(sents)
         if verbose:
@@ -776,16 +856,19 @@ def make_toy_image(out_dir, *, seed: int = 0, train_images: int = 400, val_image
             print(f"refcoco/{split}: {count} images, {s['refs']} refs, {s['sentences']} sentences, "
                   f"{s['motion_sentences']} motion-only", flush=True)
     instances = {"images": images, "annotations": annotations,
-                 "categories": [{"id": i, "name": name, "supercategory": "shape"} for name, i in CATEGORY_IDS.items()]}
+                 "categories": [{"id": i, "name": name, "supercategory": "shape"}
+                                for name, i in CATEGORY_IDS.items()]}
     _write_json(out_dir / "refcoco" / "instances.json", instances)
     with open(out_dir / "refcoco" / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f, protocol=4)
     _write_json(out_dir / "refcoco" / "motion_sent_ids.json", {
-        "about": "Toy set (data/toy.py): sent_ids of sentences that only the motion cue (a fading streak behind a "
-                 "moving shape) resolves: an object of the same shape, colour and size with another motion is in the image.",
+        "about": "Toy set (data/toy.py): sent_ids of sentences that only the motion cue (a fading "
+                 "streak behind a moving shape) resolves: an object of the same shape, colour and "
+                 "size with another motion is in the image.",
         "sent_ids": motion_sents})
     _write_json(out_dir / "refcoco" / "toy_objects.json", {
-        "about": "Toy set (data/toy.py): appearance and motion of every annotation, keyed by ann_id.",
+        "about": "Toy set (data/toy.py): appearance and motion of every annotation, "
+                 "keyed by ann_id.",
         "annotations": objects})
     return stats
 
@@ -828,7 +911,8 @@ DEFAULT_OUT = "data/toy"
 
 
 def ensure_toy(out=DEFAULT_OUT) -> None:
-    """Write the toy sets to `out` unless a finished set is there (the methods call this on first use)."""
+    """Write the toy sets to `out` unless a finished set is there (the methods call this on first
+    use)."""
     if not toy_ready(out):
         print(f"generating the toy datasets in {out} (python data/toy.py --out {out})", flush=True)
         make_toy(out)
@@ -843,7 +927,8 @@ def motion_only_keys(root, split) -> dict:
         return {}
     with open(path) as f:
         ids = json.load(f)["motion_only"]
-    return {"motion_only": {f"{video}/{exp_id}" for video, exp_ids in ids.items() for exp_id in exp_ids}}
+    return {"motion_only": {f"{video}/{exp_id}" for video, exp_ids in ids.items()
+                            for exp_id in exp_ids}}
 
 
 def look_alikes(objects, targets) -> list:
@@ -867,14 +952,16 @@ def motion_only_references(root, split, *, keys=None) -> dict:
         return {}
     read = lambda name: json.loads((split_dir / name).read_text())
     meta, masks = read("meta_expressions.json")["videos"], read("mask_dict.json")
-    objects, motion_only = read("toy_objects.json")["videos"], read("motion_only.json")["motion_only"]
+    objects, motion_only = read("toy_objects.json")["videos"], \
+        read("motion_only.json")["motion_only"]
     scores = {"every_look_alike": VideoMetrics(), "wrong_look_alikes": VideoMetrics()}
     for video, exp_ids in motion_only.items():
         objs = objects[video]
         frames = {}
         for o in objs:  # (T, H, W) bool per object
             frames[o["obj_id"]] = np.stack([np.zeros((VIDEO_H, VIDEO_W), bool) if rle is None else
-                                            rle_decode(rle).astype(bool) for rle in masks[o["anno_id"]]])
+                                            rle_decode(rle).astype(bool)
+                                            for rle in masks[o["anno_id"]]])
         for exp_id in exp_ids:
             if keys is not None and f"{video}/{exp_id}" not in keys:
                 continue
@@ -922,7 +1009,8 @@ def motion_only_order_keys(root, split) -> dict:
             targets = set(expression["obj_id"])
             preds = phrase_predicates(expression["exp"])
             backwards = [_truth(video_motion_facts(REVERSED_KIND[o["motion"]], o["speed"]), preds)
-                         for o in look_alikes(objects[video], targets) if o["obj_id"] not in targets]
+                         for o in look_alikes(objects[video], targets)
+                         if o["obj_id"] not in targets]
             name = "dependent" if preds and True in backwards else "free"
             keys[f"motion_only_order_{name}"].add(f"{video}/{exp_id}")
     return keys
@@ -1014,7 +1102,8 @@ def write_toy_vis(mevis_root, *, splits=("train", "valid_u"), overwrite: bool = 
     return paths
 
 
-def make_toy(out, *, seed: int = 0, train_videos: int = 300, valid_videos: int = 40, train_images: int = 400,
+def make_toy(out, *, seed: int = 0, train_videos: int = 300, valid_videos: int = 40,
+             train_images: int = 400,
              val_images: int = 60, test_images: int = 60, verbose: bool = True) -> None:
     """Write both toy sets under `out` (mevis/ and refcoco/), deterministic given the arguments.
 
@@ -1024,15 +1113,18 @@ def make_toy(out, *, seed: int = 0, train_videos: int = 300, valid_videos: int =
     """
     out = Path(out)
     if out.exists() and not toy_ready(out) and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists, is not empty and holds no finished toy set (no DONE file); "
+        raise FileExistsError(f"{out} exists, is not empty and holds no finished toy set (no DONE "
+                              f"file); "
                               f"refusing to overwrite it: pass another --out or remove it")
     start = time.time()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    video = make_toy_video(tmp / "mevis", seed=seed, train_videos=train_videos, valid_videos=valid_videos, verbose=verbose)
-    image = make_toy_image(tmp / "refcoco", seed=seed, train_images=train_images, val_images=val_images,
+    video = make_toy_video(tmp / "mevis", seed=seed, train_videos=train_videos,
+                           valid_videos=valid_videos, verbose=verbose)
+    image = make_toy_image(tmp / "refcoco", seed=seed, train_images=train_images,
+                           val_images=val_images,
                            test_images=test_images, verbose=verbose)
     _write_json(tmp / "DONE", {"seed": seed, "mevis": video, "refcoco": image})
     if out.exists():
@@ -1057,7 +1149,8 @@ def main(argv=None) -> None:
     p.add_argument("--test-images", type=int, default=60, help="images in each of testA and testB")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    make_toy(a.out, seed=a.seed, train_videos=a.train_videos, valid_videos=a.valid_videos, train_images=a.train_images,
+    make_toy(a.out, seed=a.seed, train_videos=a.train_videos, valid_videos=a.valid_videos,
+             train_images=a.train_images,
              val_images=a.val_images, test_images=a.test_images, verbose=not a.quiet)
 
 

@@ -70,6 +70,14 @@ def test_method_files_do_not_import_each_other(path):
     assert not imported_modules(path) & others, f"{path.name} imports another method file"
 
 
+@pytest.mark.parametrize("path", sorted([*(REPO / "common").glob("*.py"), *(REPO / "data").glob("*.py")]),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_common_and_data_lines_are_at_most_100_characters(path):
+    lines = path.read_text().splitlines()
+    long = [i + 1 for i, line in enumerate(lines) if len(line) > 100]
+    assert not long, f"{path.parent.name}/{path.name}: lines over 100 characters: {long}"
+
+
 def test_common_imports_no_method_file_and_no_toy_data():
     for path in sorted((REPO / "common").glob("*.py")):
         imports = imported_modules(path)
