@@ -48,8 +48,8 @@ Deviations from the paper:
     and its example disagree (a preposition after a verb), the example is followed.
   - Ref-YouTube-VOS trains without the RefCOCO pseudo-videos of Sec. 4.2 (not implemented yet).
   - Toy (ours): a tiny VITA is first trained on the toy videos (YouTube-VIS format, classes =
-    shapes) with VITA's losses, then frozen; the tiny text encoder is trained (nothing is
-    pretrained on toy).
+    shapes) with VITA's losses, then frozen (data/toy_pretrain.py); the tiny text encoder is
+    trained (nothing is pretrained on toy).
 
 Run (every option: --help):
   python dmvs.py --data toy --train          # toy VITA stage (or reuse), then DMVS; CPU
@@ -60,7 +60,6 @@ Run (every option: --help):
 """
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -69,19 +68,19 @@ from einops import einsum, rearrange, repeat
 from transformers import RobertaModel
 
 from common.backbones import TextEncoder, parameter_report, roberta_base_config
-from common.datasets import MeViS, RefDAVIS17, RefYouTubeVOS, YouTubeVIS, collate_video, collate_vis
-from common.engine import (Progress, autocast, barrier, cleanup_distributed, is_main,
-                           read_checkpoint, reduce_dict, reduce_mean, save_checkpoint,
-                           seed_everything, setup_distributed, to_device, unwrap)
+from common.datasets import MeViS, RefDAVIS17, RefYouTubeVOS, collate_video
+from common.engine import (Progress, autocast, cleanup_distributed, is_main, read_checkpoint,
+                           reduce_dict, reduce_mean, save_checkpoint, seed_everything,
+                           setup_distributed, to_device, unwrap)
 from common.mask2former import MLP, xavier_init_
 from common.matching import set_losses
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
                         load_trained, param_groups, parse_config, predict_files, predict_masks,
                         resume, run_dir, train_batches, wrap_ddp)
 from common.text import batch_static_motion_token_masks, build_vocab, tag_words, word_tokenizer
-from common.vita import (SWIN_L_OVIS, VITA_LOSS_WEIGHTS, build_vita, load_official_vita_checkpoint,
-                         vita_losses)
-from data.toy import VIS_FILE, ensure_toy, toy_video_evaluation, write_toy_vis
+from common.vita import SWIN_L_OVIS, build_vita, load_official_vita_checkpoint
+from data.toy import ensure_toy, toy_video_evaluation
+from data.toy_pretrain import toy_vita_sizes, train_toy_vita
 
 # Shapes: B clips, T frames, F frame queries per frame (N_f), V video queries (N_v), M motion
 # queries (N_m), L text tokens (+1: the sentence embedding appended), C channels, D mask-feature
@@ -150,19 +149,6 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
     "davis": dict(eval_split="valid", top1=True),
 }
 ABLATIONS = ("mqi", "mee", "static_cues", "motion_cues")  # named in the run folder
-# The toy VITA (ours): PixelLevel.tiny's Swin and pixel decoder, 3 Mask2Former layers, 2 + 3
-# VITA layers, windows of 4 frames; widths and query counts come from the Config.
-TOY_VITA = dict(embed_dim=32, depths=(1, 1, 1, 1), swin_heads=(1, 2, 2, 4), window=4, pd_layers=1,
-                pd_heads=4, pd_ffn=64, dec_layers=3, enc_layers=2, vita_dec_layers=3, enc_window=4)
-
-
-def vita_sizes(cfg) -> dict:
-    """The build_vita sizes of the frozen VITA: the OVIS Swin-L configuration, or the toy one."""
-    base = TOY_VITA if cfg.data == "toy" else SWIN_L_OVIS
-    width = {} if cfg.data != "toy" else dict(conv_dim=cfg.dim, mask_dim=cfg.dim, hidden=cfg.dim,
-                                              heads=cfg.heads, ffn=cfg.ffn_dim)
-    return {**base, **width, "num_classes": cfg.vita_classes,
-            "frame_queries": cfg.vita_frame_queries, "video_queries": cfg.vita_video_queries}
 
 
 # ------------------------------------------------------------------------ Sec. 3.2 text
@@ -415,7 +401,10 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> DMVS:
     """DMVS around a randomly initialised VITA of the configured sizes (train() loads its weights,
     a DMVS checkpoint holds them); RoBERTa pretrained unless not `pretrained` (--count-params), a
     tiny trainable one over `vocab` on toy."""
-    vita = build_vita(vita_sizes(cfg))
+    sizes = toy_vita_sizes(cfg) if cfg.data == "toy" else {  # the OVIS Swin-L VITA
+        **SWIN_L_OVIS, "num_classes": cfg.vita_classes, "frame_queries": cfg.vita_frame_queries,
+        "video_queries": cfg.vita_video_queries}
+    vita = build_vita(sizes)
     if cfg.data == "toy":
         text_encoder = TextEncoder.tiny(word_tokenizer(vocab), hidden=cfg.toy_text_dim)
     elif pretrained:
@@ -429,76 +418,9 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> DMVS:
                 static_cues=cfg.static_cues, motion_cues=cfg.motion_cues)
 
 
-def toy_vita_path(cfg) -> Path:
-    """The toy VITA's checkpoint: --vita-weights, else runs/vita-toy/last.pt (seed 0) or
-    runs/vita-toy-seed<S>/last.pt, so each seed of the toy table has its own VITA."""
-    if cfg.vita_weights:
-        return Path(cfg.vita_weights)
-    return Path("runs") / ("vita-toy" + (f"-seed{cfg.seed}" if cfg.seed else "")) / "last.pt"
-
-
-# ---------------------------------------------------------------------------------- training
-def train_toy_vita(cfg, ddp, root) -> Path:
-    """The toy's first stage: VITA trained on the toy videos with its own losses (VITA Sec. 3.3,
-    common.vita.vita_losses), or reused when its checkpoint has finished (resumed when not)."""
-    path, sizes = toy_vita_path(cfg), vita_sizes(cfg)
-    done = path.is_file() and read_checkpoint(path)
-    if done and done["extra"].get("sizes") != sizes:
-        raise SystemExit(f"dmvs: the toy VITA at {path} has other sizes than this configuration; "
-                         f"delete it or pass --vita-weights")
-    if done and done["step"] >= cfg.vita_steps:
-        if is_main():
-            print(f"reusing the toy VITA at {path} ({done['step']} steps); delete it to retrain")
-        return path
-    if is_main():
-        write_toy_vis(root)
-        print(f"training the toy VITA ({cfg.vita_steps} steps) -> {path}", flush=True)
-    barrier()
-    seed_everything(cfg.seed)
-    dataset = YouTubeVIS(root / "train" / VIS_FILE, root / "train" / "JPEGImages", train=True,
-                         num_frames=cfg.vita_num_frames, frame_range=cfg.frame_range,
-                         short_side=cfg.short_side, max_size=cfg.max_size, seed=cfg.seed + ddp.rank)
-    if len(dataset.classes) != cfg.vita_classes:
-        raise SystemExit(f"dmvs: {len(dataset.classes)} classes in the toy VIS file, "
-                         f"--vita-classes {cfg.vita_classes}")
-    vita = build_vita(sizes).to(ddp.device)
-    optimizer = torch.optim.AdamW(param_groups(vita, lr=cfg.vita_lr, weight_decay=cfg.weight_decay),
-                                  lr=cfg.vita_lr)
-    drop = [cfg.vita_steps * 4 // 5]  # as the toy DsHmp
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, drop, gamma=0.1)
-    step = resume(path, model=vita, optimizer=optimizer, scheduler=scheduler)[0] if done else 0
-    batches = train_batches(dataset, batch_size=cfg.batch_size, collate=collate_vis, ddp=ddp,
-                            seed=cfg.seed, workers=cfg.workers, start_step=step)
-    vita = wrap_ddp(vita, ddp)
-    log = path.parent / "log.jsonl"
-    with Progress(total=cfg.vita_steps, initial=step, log_path=log) as progress:
-        while step < cfg.vita_steps:
-            batch = next(batches)
-            frames, targets = to_device((batch["frames"], batch["targets"]), ddp.device)
-            with autocast(ddp.device):
-                outputs = vita(frames)
-            terms = vita_losses(outputs, targets, num_points=cfg.num_points or None)
-            loss = sum(VITA_LOSS_WEIGHTS[k] * v for k, v in terms.items())
-            check_finite(loss, terms, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vita.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.vita_steps:
-                scalars = reduce_dict({"loss": loss, **terms})
-                progress.log(step, scalars, lr=max(scheduler.get_last_lr()))
-            if (step % cfg.save_every == 0 or step == cfg.vita_steps) and is_main():
-                save_checkpoint(path, model=vita, optimizer=optimizer, scheduler=scheduler,
-                                step=step, config=asdict(cfg), extra={"sizes": sizes})
-    barrier()
-    return path
-
-
 def load_vita(cfg, ddp, root, vita) -> None:
     """Fill the frozen VITA: the official checkpoint (--vita-weights), or the toy stage's."""
-    if cfg.data == "toy":
+    if cfg.data == "toy":  # the toy stage (data/toy_pretrain.py), trained here or reused
         vita.load_state_dict(read_checkpoint(train_toy_vita(cfg, ddp, root))["model"])
     elif not cfg.vita_weights:
         raise SystemExit("dmvs: pass --vita-weights PATH, an official VITA checkpoint (model zoo "

@@ -39,6 +39,8 @@ Deviations from the paper (and from the official code, which the paper does not 
     no-object weight 0.1, as the official code (modeling/criterion.py).
   - Top-1 by the target probability, as the paper (official: by the raw target logit).
   - No photometric jitter or +-15 degree rotation in training (official), no AMP on CPU.
+  - Toy (ours): nothing is pretrained, so a tiny CLIP is first trained on the toy images
+    (data/toy_pretrain.py), then frozen as the paper freezes the real one.
 
 Run (every option: --help):
   python vatex.py --data toy --train                     # toy data and a tiny CLIP made if missing
@@ -68,11 +70,9 @@ from transformers.models.mask2former.modeling_mask2former import \
 from common.backbones import (CLIPEncoder, clip_b16_config, clip_view, load_swin_backbone,
                               parameter_report, sine_position_embedding, swin_backbone,
                               swin_base_22k_config)
-from common.datasets import (CLIP_MEAN, CLIP_STD, RefCOCO, collate_image, item_generator, load_rgb,
-                             resize_clip)
-from common.engine import (Progress, autocast, barrier, cleanup_distributed, is_main,
-                           read_checkpoint, reduce_dict, save_checkpoint, seed_everything,
-                           setup_distributed, to_device, unwrap)
+from common.datasets import RefCOCO, collate_image, item_generator, resize_clip
+from common.engine import (Progress, autocast, cleanup_distributed, is_main, reduce_dict,
+                           save_checkpoint, seed_everything, setup_distributed, to_device, unwrap)
 from common.mask2former import (MaskedAttentionDecoder, MaskedAttentionLayer, c2_xavier_fill_,
                                 xavier_init_)
 from common.matching import set_losses
@@ -81,6 +81,7 @@ from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate
                         train_batches, wrap_ddp)
 from common.text import build_vocab, main_noun_phrase, word_tokenizer
 from data.toy import ensure_toy, motion_sentence_keys
+from data.toy_pretrain import pretrain_toy_clip, tiny_clip
 
 # Shapes: B images, N captions (3 per image in training: expression, positive, negative), Q the
 # N = 5 queries of the paper, L words, C channels, D CLIP's joint width, P CLIP patch tokens,
@@ -541,69 +542,6 @@ def build_model(cfg, *, vocab=None, pretrained=True, clip=None) -> VATEX:
                  encoder_layers=cfg.encoder_layers, encoder_ffn_dim=cfg.encoder_ffn_dim,
                  decoder_layers=cfg.decoder_layers, num_queries=cfg.num_queries,
                  clip_image_size=cfg.clip_image_size, clip_prior=cfg.clip_prior, cmd=cfg.cmd)
-
-
-# ------------------------------------------------------------------ toy CLIP (ours, toy only)
-def tiny_clip(vocab, image_size):
-    return CLIPEncoder.tiny(word_tokenizer(vocab), hidden=64, layers=2, heads=2, embed_dim=64,
-                            image_size=image_size, patch_size=8, freeze=False)
-
-
-def pretrain_toy_clip(cfg, dataset, vocab, path):
-    """The CLIP prior needs a CLIP that knows the words. On toy: a tiny CLIP trained with CLIP's
-    symmetric contrastive loss on square crops around each referred object of the training images
-    (1.5-3x its box, resized to clip_image_size) and "a photo of {main noun phrase}" (ours).
-    Kept in `path` and reused (its vocabulary too) by every run with the same data, seed, steps
-    and size, so the variants of a seed share it."""
-    key = {"data": str(Path(dataset.base.image_root).resolve()), "seed": cfg.seed,
-           "steps": cfg.toy_clip_steps, "size": cfg.clip_image_size}
-    if Path(path).is_file() and read_checkpoint(path)["extra"].get("key") == key:
-        print(f"reusing the toy CLIP {path}")
-    elif is_main():  # trained once, on the main process; every process loads the file
-        train_toy_clip(cfg, dataset, vocab, path, key)
-    barrier()
-    state = read_checkpoint(path)
-    clip = tiny_clip(state["extra"]["vocab"], cfg.clip_image_size)
-    clip.load_state_dict(state["model"])
-    return clip, state["extra"]["vocab"]
-
-
-def train_toy_clip(cfg, dataset, vocab, path, key):
-    base, g, size = dataset.base, torch.Generator().manual_seed(cfg.seed), cfg.clip_image_size
-    images = {s["file_name"]: load_rgb(base.image_root / s["file_name"]) for s in base.samples}
-    prompts = [f"a photo of {main_noun_phrase(s['expression'])}" for s in base.samples]
-    mean, std = (torch.tensor(v)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
-    clip = tiny_clip(vocab, size)
-    scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
-    optimizer = torch.optim.AdamW([*clip.parameters(), scale], lr=1e-3, weight_decay=0.1)
-    with Progress(total=cfg.toy_clip_steps, log_path=None, desc="toy CLIP") as progress:
-        for step in range(1, cfg.toy_clip_steps + 1):
-            picked = torch.randperm(len(prompts), generator=g)[:64].tolist()
-            crops = []
-            for i in picked:
-                x, y, w, h = base.annotations[base.samples[i]["ann_id"]]["bbox"]
-                side = max(w, h) * float(torch.empty(()).uniform_(1.5, 3.0, generator=g))
-                x0, y0 = max(0, int(x + w / 2 - side / 2)), max(0, int(y + h / 2 - side / 2))
-                crop = images[base.samples[i]["file_name"]][:, y0:y0 + int(side) + 1,
-                                                            x0:x0 + int(side) + 1]  # uint8
-                crop = F.interpolate(crop[None].float() / 255, size=(size, size), mode="bilinear",
-                                     antialias=True)[0]  # (3, S, S)
-                crops.append((crop - mean) / std)
-            texts = [prompts[i] for i in picked]
-            image_embeds = clip.encode_image(torch.stack(crops))["cls"]  # (64, D)
-            image_embeds = F.normalize(image_embeds, dim=-1)
-            text_embeds = F.normalize(clip.encode_text(texts), dim=-1)  # (64, D)
-            logits = scale.exp().clamp(max=100) * image_embeds @ text_embeds.T  # (64, 64)
-            same = torch.tensor([[a == b for b in texts] for a in texts]).float()  # equal prompts
-            labels = same / same.sum(1, keepdim=True)  # duplicates are not negatives
-            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % 20 == 0:
-                progress.log(step, {"clip_loss": float(loss)}, lr=1e-3)
-    save_checkpoint(path, model=clip, step=cfg.toy_clip_steps, config=asdict(cfg),
-                    extra={"vocab": vocab, "key": key})
 
 
 # ---------------------------------------------------------------------------------- training

@@ -16,6 +16,7 @@ from common.datasets import collate_video
 from common.engine import read_checkpoint, setup_distributed
 from common.run import parse_config, predict_masks
 from common.text import build_vocab
+from data import toy_pretrain
 from data.toy import make_toy_video
 from ddp_launch import run_two_ranks
 
@@ -247,17 +248,17 @@ def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
 def test_toy_vita_stage_trains_then_is_reused(toy_root, tmp_path, capsys):
     cfg = toy_config(toy_root, tmp_path)
     ddp = setup_distributed(device="cpu")
-    path = dmvs.train_toy_vita(cfg, ddp, toy_root)
+    path = toy_pretrain.train_toy_vita(cfg, ddp, toy_root)
     saved = read_checkpoint(path)
-    assert saved["step"] == 2 and saved["extra"]["sizes"] == dmvs.vita_sizes(cfg)
+    assert saved["step"] == 2 and saved["extra"]["sizes"] == toy_pretrain.toy_vita_sizes(cfg)
     assert (toy_root / "train" / "instances_vis.json").is_file()
-    assert dmvs.train_toy_vita(cfg, ddp, toy_root) == path
+    assert toy_pretrain.train_toy_vita(cfg, ddp, toy_root) == path
     assert "reusing the toy VITA" in capsys.readouterr().out
     assert torch.equal(read_checkpoint(path)["model"]["class_head.weight"], saved["model"]["class_head.weight"])
     other = toy_config(toy_root, tmp_path, "--vita-video-queries", "8")
     with pytest.raises(SystemExit, match="other sizes"):
-        dmvs.train_toy_vita(other, ddp, toy_root)
-    assert dmvs.toy_vita_path(parse_config(dmvs.Config, dmvs.PRESETS, ["--data", "toy", "--train"])) == \
+        toy_pretrain.train_toy_vita(other, ddp, toy_root)
+    assert toy_pretrain.toy_vita_path(parse_config(dmvs.Config, dmvs.PRESETS, ["--data", "toy", "--train"])) == \
         Path("runs/vita-toy/last.pt")
 
 
@@ -317,7 +318,7 @@ def test_ddp_two_cpu_processes(toy_root, tmp_path):
                                             (["--vita-weights", "nowhere.pth"], "nowhere.pth")])
 def test_paper_configuration_needs_the_vita_weights(tmp_path, extra, message):
     cfg = parse_config(dmvs.Config, dmvs.PRESETS, ["--data", "mevis", "--train", *extra])
-    vita = dmvs.build_vita({**dmvs.TOY_VITA, "conv_dim": 32, "mask_dim": 32, "hidden": 32, "heads": 4, "ffn": 64,
+    vita = dmvs.build_vita({**toy_pretrain.TOY_VITA, "conv_dim": 32, "mask_dim": 32, "hidden": 32, "heads": 4, "ffn": 64,
                             "num_classes": 2, "frame_queries": 3, "video_queries": 3})
     with pytest.raises((SystemExit, FileNotFoundError), match=message):
         dmvs.load_vita(cfg, setup_distributed(device="cpu"), None, vita)

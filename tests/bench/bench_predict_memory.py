@@ -31,8 +31,9 @@ H0, W0, H, W = 720, 1280, 360, 640
 Hp, Wp = H + (-H % 32), W + (-W % 32)
 
 
-class Fixed:  # what DsHmp.infer returns for the video
+class Fixed(torch.nn.Module):  # what DsHmp.infer returns for the video
     def __init__(self):
+        super().__init__()
         self.logits = torch.zeros(10, 2)
         self.logits[:kept, 0] = 5.0  # these tokens pass the 0.5 threshold
         self.masks = torch.randn(10, frames, Hp // 4, Wp // 4)

@@ -7,16 +7,19 @@ the training steps (the last step of each run's log.jsonl).
 
 Each run is `python <method>.py --data toy --train --seed S --out <runs>/<variant>-seed<S> <flags>`;
 a run whose eval.json exists is not run again, so an interrupted table resumes. All runs and their
-numbers are also written to <runs>/table.json. The README block between
-<!-- toy-table:<block> --> and <!-- /toy-table:<block> --> is replaced with --readme (the block
-is named after the method unless --block names it). Image methods (vatex, mracl) get mIoU, oIoU,
-Pr@0.5, Oc-IoU and mIoU on the motion-only sentences instead of J&F.
+numbers are also written to <runs>/table.json. The block between <!-- toy-table:<block> --> and
+<!-- /toy-table:<block> --> of the file --readme names (tests/bench/README.md, where every toy
+table lives) is replaced (the block is named after the method unless --block names it). Image
+methods (vatex, mracl) get mIoU, oIoU, Pr@0.5, Oc-IoU and mIoU on the motion-only sentences
+instead of J&F. --summary writes the front page's one table instead: the full model of every
+method, from the table.json of each method's default runs folder (no training).
 
 With --jobs N, N runs train at a time, each with (CPU cores / N) threads (OMP_NUM_THREADS); the
 table says so, since a run's wall time then is not the time of a run alone.
 
-Run from the repository root (about 20 minutes a run on 2 CPU cores):
-    python tests/bench/toy_table.py --method dshmp --variants=",--no-hmp,--no-cl" --readme README.md
+Run from the repository root (10-20 minutes a run on 2 CPU cores):
+    python tests/bench/toy_table.py --method dshmp --variants=",--no-hmp" --readme tests/bench/README.md
+    python tests/bench/toy_table.py --summary --readme README.md
 """
 import argparse
 import json
@@ -31,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+METHODS = ("dshmp", "dmvs", "vatex", "mracl")
+METHOD_NAMES = {"dshmp": "DsHmp", "dmvs": "DMVS", "vatex": "VATEX", "mracl": "MRaCL"}
 IMAGE_COLUMNS = ["mIoU", "oIoU", "Pr@0.5", "Oc-IoU"]  # the image methods' eval.json keys in the table
 # the motion-only expressions split by whether the answer depends on which way time runs
 # (data.toy.motion_only_order_keys); runs evaluated before that split have no such columns
@@ -123,6 +128,34 @@ def table(method, records, extra):
     return "\n".join(lines)
 
 
+def summary(runs_root: Path) -> str:
+    """The front page's table: the full model of each method (the runs of its "" variant in
+    runs_root/toy-table-<method>/table.json), its main score and the motion-only one."""
+    lines = ["| method | command | seeds | J&F or mIoU | the same, motion-only | floor, motion-only | "
+             "wall time per run |", "|---|---|---|---|---|---|---|"]
+    threads = set()
+    for method in METHODS:
+        path = runs_root / f"toy-table-{method}" / "table.json"
+        if not path.is_file():
+            raise SystemExit(f"--summary: no {path} (run the method's toy table first)")
+        mine = [r for r in json.loads(path.read_text()) if r["variant"] == ""]
+        if not mine:
+            raise SystemExit(f"--summary: {path} has no run of the full model (variant \"\")")
+        video = "J&F" in mine[0]
+        score, motion = ("J&F", "motion_only") if video else ("mIoU", "motion mIoU")
+        floor = mine[0]["references"].get("motion_only", {}).get("every_look_alike", {}).get("J&F")
+        times = [r["seconds"] for r in mine if r["seconds"] is not None]
+        threads |= {r.get("threads") for r in mine if r.get("threads")}
+        lines.append(f"| {METHOD_NAMES[method]} | `python {method}.py --data toy --train` | {len(mine)} | "
+                     f"{mean_std([r.get(score) for r in mine])} ({score}) | {mean_std([r.get(motion) for r in mine])} | "
+                     f"{f'{floor:.3f}' if floor is not None else 'n/a'} | "
+                     f"{f'{statistics.mean(times):.0f} s' if times else 'n/a'} |")
+    shared = " Runs that shared the cores with other runs (--jobs) took longer than a run alone." if threads else ""
+    lines += ["", "Mean ± standard deviation over the seeds of each method's toy table (tests/bench/README.md), "
+              f"written by `tests/bench/toy_table.py --summary`.{shared}"]
+    return "\n".join(lines)
+
+
 def write_readme(readme: Path, method: str, block: str, tag: str = "toy-table") -> None:
     """Replace the text between <!-- tag:method --> and <!-- /tag:method --> with `block`."""
     text = readme.read_text()
@@ -145,7 +178,15 @@ def main(argv=None):
     parser.add_argument("--block", default="", help="the README block's name (default: the method)")
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the finished runs")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores / jobs threads")
+    parser.add_argument("--summary", action="store_true", help="the front page's table of every method's full "
+                        "model, from runs/toy-table-<method>/table.json (--runs: the folder holding them)")
     args = parser.parse_args(argv)
+    if args.summary:
+        block = summary(Path(args.runs or REPO / "runs"))
+        print(block)
+        if args.readme:
+            write_readme(Path(args.readme), "summary", block)
+        return
     runs = Path(args.runs or REPO / "runs" / f"toy-table-{args.method}")
     extra = args.extra.split()
     threads = threads_per_job(args.jobs)
