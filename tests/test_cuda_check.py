@@ -6,11 +6,14 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "bench"))
 import cuda_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_cuda_check_runs_every_method_under_bf16_autocast(tmp_path):
     out = tmp_path / "check.json"
     rows, ratios = cuda_check.main(["--device", "cpu", "--toy", "--cpu-autocast", "--same-process", "--out", str(out)])

@@ -301,6 +301,7 @@ cleanup_distributed()
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(toy_root, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
@@ -324,6 +325,7 @@ def test_paper_configuration_needs_the_vita_weights(tmp_path, extra, message):
         dmvs.load_vita(cfg, setup_distributed(device="cpu"), None, vita)
 
 
+@pytest.mark.slow
 def test_missing_mevis_exits_with_one_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "dmvs.py", "--data", "mevis", "--data-root", str(tmp_path / "nowhere"),
                              "--train"], cwd=REPO, capture_output=True, text=True, timeout=120)

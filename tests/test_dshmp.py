@@ -485,6 +485,7 @@ cleanup_distributed()
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(toy_root, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
@@ -499,6 +500,7 @@ def test_ddp_two_cpu_processes(toy_root, tmp_path):
     assert (r0["seed"], r1["seed"]) == (0, 1) and not torch.equal(r0["draws"], r1["draws"])
 
 
+@pytest.mark.slow
 def test_missing_mevis_exits_with_one_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "dshmp.py", "--data", "mevis", "--data-root", str(tmp_path / "nowhere"),
                              "--train"], cwd=REPO, capture_output=True, text=True, timeout=120)

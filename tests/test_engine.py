@@ -226,6 +226,7 @@ cleanup_distributed()
 DDP_STEPS = 4
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_job.py"
     script.write_text(DDP_SCRIPT.replace("STEPS", str(DDP_STEPS)))

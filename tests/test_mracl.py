@@ -301,7 +301,7 @@ def test_one_step_reaches_every_parameter_and_the_partners_get_no_segmentation_l
     torch.testing.assert_close(terms["ce"], ce)
 
 
-def test_train_resume_eval_and_ddp(toy_root, tmp_path, capsys, monkeypatch):
+def test_train_resume_and_eval(toy_root, tmp_path, capsys, monkeypatch):
     common = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path / "run"), *SMALL]
     args = [*common, "--log-every", "1", "--save-every", "2", "--train"]
     modes = []  # the model's mode each time the inference rule is called
@@ -320,7 +320,10 @@ def test_train_resume_eval_and_ddp(toy_root, tmp_path, capsys, monkeypatch):
     (tmp_path / "run" / "eval.json").unlink()
     mracl.main([*common, "--eval"])
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["per_expression"] == result["per_expression"]
-    # two processes
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(toy_root, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text("import sys, mracl\nmracl.main(sys.argv[1:])\n")
     ddp_args = ["--data", "toy", "--data-root", str(toy_root), "--out", str(tmp_path / "ddp"), *SMALL, "--steps", "2",
@@ -330,6 +333,7 @@ def test_train_resume_eval_and_ddp(toy_root, tmp_path, capsys, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_missing_refcocog_exits_with_one_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "mracl.py", "--data", "refcocog", "--data-root", str(tmp_path / "nowhere"),
                              "--train"], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -43,6 +43,7 @@ def test_parse_config_applies_defaults_then_preset_then_command_line():
     assert isinstance(cfg.lr, float)
 
 
+@pytest.mark.slow
 def test_help_lists_every_field_with_its_source_comment():
     comments = field_comments(Config)
     assert comments["lr"] == "paper Sec. 4 (a made-up source)"
@@ -308,6 +309,7 @@ def test_predict_files_on_a_folder_and_one_image(tmp_path):
         predict_files(tmp_path, "   ", predict, model=torch.nn.Identity(), out=tmp_path, short_side=10, max_size=100)
 
 
+@pytest.mark.slow
 def test_cli_errors_end_with_one_line(tmp_path):
     with pytest.raises(SystemExit) as excinfo, cli_errors("m"):
         raise FileNotFoundError(f"checkpoint file not found: {tmp_path / 'last.pt'}")

@@ -51,6 +51,7 @@ def _centroid(mask):
 
 
 # ---------------------------------------------------------------- generation
+@pytest.mark.slow
 def test_deterministic_by_seed_and_cli_matches_api(toy, tmp_path):
     again = tmp_path / "again"
     make_toy(again, seed=0, verbose=False, **SMALL)

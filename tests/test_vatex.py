@@ -367,6 +367,7 @@ def test_train_resume_and_eval_with_oc_iou(toy_root, tmp_path, capsys, monkeypat
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["per_expression"] == result["per_expression"]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(toy_root, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text("import sys, torch, vatex\nvatex.main(sys.argv[1:])\n")
@@ -379,6 +380,7 @@ def test_ddp_two_cpu_processes(toy_root, tmp_path):
 
 
 # --------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_missing_refcoco_exits_with_one_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "vatex.py", "--data", "refcoco", "--data-root", str(tmp_path / "nowhere"),
                              "--train"], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -386,6 +388,7 @@ def test_missing_refcoco_exits_with_one_clear_message(tmp_path):
     assert str(tmp_path / "nowhere") in result.stderr and "data/README.md" in result.stderr
 
 
+@pytest.mark.slow
 def test_unavailable_weights_name_the_model(toy_root, tmp_path):
     """The toy set read as RefCOCO (its layout is RefCOCO's), with no weights in an empty offline cache."""
     result = subprocess.run([sys.executable, "vatex.py", "--data", "refcoco", "--data-root", str(toy_root),
