@@ -10,7 +10,7 @@ five bases.
 Implements the LAVT base (BERT-base fine-tuned; LAVT's language-aware Swin-B, common.lavt; LAVT's
 lightweight mask decoder and its weighted cross-entropy) and MRaCL's two parts: verb-phrase
 augmentation (each training sentence with a motion-centric verb phrase gives one more sample of
-the same target; the phrase from common.text.verb_phrase in the figure's form, subject head noun
+the same target; the phrase from verb_phrase in the figure's form, subject head noun
 + verb + object, or an LLM's from --verb-phrases) and the MRaCL loss on fused image-text
 embeddings (angular distance, an additive angular margin on the positive, false negatives
 masked), with the page's Table 3 objectives as --loss; the motion-centric split of G-Ref (the
@@ -77,7 +77,7 @@ from common.lavt import LanguageAwareSwin
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_image,
                         load_trained, param_groups, parse_config, predict_files, resume, run_dir,
                         train_batches, wrap_ddp)
-from common.text import build_vocab, is_motion_expression, verb_phrase, word_tokenizer
+from common.text import build_vocab, head_noun, tag_words, word_tokenizer
 from data.toy import ensure_toy, motion_sentence_keys
 
 # Shapes: B samples in a step, P partner samples (verb phrases of the B, or their sentences),
@@ -217,6 +217,67 @@ def valid_mean(x, pad_mask=None):
 
 
 # ------------------------------------------------------------ verb phrases and the MRaCL loss
+# Appearance, possession and placement verbs: a tagger calls them verbs, but they do not make an
+# expression motion-centric and do not start a verb phrase (ours: the page's LLM prompt is not
+# public).
+STATIC_VERBS = set("""
+    wear have dress cover contain decorate paint print write label mark slice top stuff stack pile
+    fold wrap attach locate position picture display color colour shape plant frame include light
+    make park fill tie see show seat
+""".split())
+# Postures: motion by default (MeViS and the page's M-Bench examples use them as action cues).
+POSTURE_VERBS = set("stand sit lie lay hold lean rest perch kneel squat crouch hang wait stay "
+                    "remain sleep".split())
+CONNECTIVE_ADVERBS = set("then also again still meanwhile afterwards finally".split())
+
+
+def verb_phrase(expression: str, with_subject: bool = False) -> str:
+    """The motion-centric verb phrase of an expression, for the verb-phrase augmentation.
+
+    Rule (reconstructed: the page extracts these with an LLM whose prompt is not public): from the
+    first verb that is not an appearance/possession/placement verb (STATIC_VERBS: "wearing",
+    "has", "parked", ...) and not a noun modifier ("the running dog"), to the end of the
+    expression, minus trailing punctuation. Adverbs right before that verb are kept ("slowly
+    moving"), except connectives such as "then"; a relative pronoun or auxiliary before it ("that
+    is") is dropped. Returns "" when there is no such verb. "man in red shirt riding a bike" ->
+    "riding a bike". with_subject=True prefixes the head noun of the main noun phrase, the form
+    of the page's figure ("cat stretching its paw in the air"; the figure's LLM also drops "in
+    the air"). Words are tagged by common.text.tag_words ((word, start, end, POS, lemma); a lemma
+    starting with "~" marks a noun modifier).
+    """
+    tagged = tag_words(expression)
+    k = next((k for k, (_, _, _, pos, lemma) in enumerate(tagged)
+              if pos == "VERB" and not lemma.startswith("~") and lemma not in STATIC_VERBS), None)
+    if k is None:
+        return ""
+    while (k > 0 and tagged[k - 1][3] == "ADV"
+           and tagged[k - 1][0].lower() not in CONNECTIVE_ADVERBS):
+        k -= 1
+    last = max(m for m, t in enumerate(tagged) if t[3] != "PUNCT")
+    phrase = expression[tagged[k][1]:tagged[last][2]]
+    if with_subject:
+        head = head_noun(expression[:tagged[k][1]])
+        return f"{head} {phrase}" if head else phrase
+    return phrase
+
+
+def is_motion_expression(expression: str, include_posture: bool = True) -> bool:
+    """True when the expression has a verb that is not an appearance/possession/placement verb.
+
+    Noun modifiers count ("the running dog"). Posture and holding verbs ("standing", "sitting",
+    "lying", "holding", ...) count by default: MeViS describes motion with them ("standing on
+    hand, then flying away") and the page's M-Bench examples ("holding a selfie stick", "arms
+    crossed") treat them as action cues; include_posture=False leaves them out. Adverbs alone
+    ("the dog next to the car") do not count.
+    """
+    for _, _, _, pos, lemma in tag_words(expression):
+        lemma = lemma.lstrip("~")
+        if pos == "VERB" and lemma not in STATIC_VERBS and (include_posture
+                                                            or lemma not in POSTURE_VERBS):
+            return True
+    return False
+
+
 class VerbPhraseSamples(torch.utils.data.Dataset):
     """RefCOCO training items, each with its partner: a sentence's verb phrase (None when it has
     none, or when --filter once and its target's category appears more than once in the image),
@@ -252,7 +313,7 @@ class VerbPhraseSamples(torch.utils.data.Dataset):
 
 
 def load_phrases(cfg, samples) -> dict:
-    """{sent_id: motion-centric verb phrase}: from --verb-phrases, else common.text.verb_phrase,
+    """{sent_id: motion-centric verb phrase}: from --verb-phrases, else verb_phrase,
     by default in the page figure's form, subject head noun + verb + object ("a black and white
     cat stretching its paw in the air" -> "cat stretching its paw in the air"); trailing location
     and direction phrases are kept (the figure drops "in the air"; "to the left" is motion)."""
@@ -459,7 +520,7 @@ def train(cfg, ddp, root, out):
 # ------------------------------------------------------------------------------- evaluation
 def motion_split(samples) -> dict:
     """The page's M-Ref idea: sentence ids of the motion-centric sentences (a verb that is not an
-    appearance, possession or placement verb, common.text.is_motion_expression; the page does
+    appearance, possession or placement verb, is_motion_expression; the page does
     not say how it split G-Ref) and of the others."""
     motion = {str(s["sent_id"]) for s in samples if is_motion_expression(s["expression"])}
     return {"motion": motion, "static": {str(s["sent_id"]) for s in samples} - motion}

@@ -70,7 +70,8 @@ from transformers.models.mask2former.modeling_mask2former import \
 from common.backbones import (CLIPEncoder, clip_b16_config, clip_view, load_swin_backbone,
                               parameter_report, sine_position_embedding, swin_backbone,
                               swin_base_22k_config)
-from common.datasets import RefCOCO, collate_image, item_generator, resize_clip
+from common.datasets import (IMAGENET_MEAN, IMAGENET_STD, RefCOCO, collate_image, item_generator,
+                             resize_clip)
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, reduce_dict,
                            save_checkpoint, seed_everything, setup_distributed, to_device, unwrap)
 from common.mask2former import (MaskedAttentionDecoder, MaskedAttentionLayer, c2_xavier_fill_,
@@ -412,7 +413,8 @@ class VATEX(nn.Module):
         """Sec. 3.1: the heatmap of each caption's main noun phrase on its own image, in C."""
         if self.prior_proj is None:
             return None
-        views = clip_view(images, image_sizes, self.clip_image_size)  # (B, 3, S, S)
+        views = clip_view(images, image_sizes, self.clip_image_size, mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD)  # (B, 3, S, S)
         patches = self.clip.encode_image(views, patch_layernorm=False)["patch_tokens"]  # (B, P, D)
         prompts = [f"a photo of {main_noun_phrase(t)}" for t in texts]  # Sec. 3.1 template
         heatmap = clip_heatmap(patches[image_index], self.clip.encode_text(prompts))  # (N, P)

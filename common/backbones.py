@@ -31,11 +31,14 @@ from transformers import (
 )
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
 
-from common.datasets import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from common.mask2former import HF_DECODER_PREFIXES
 
 # Shapes: B images or sentences, L tokens, C channels, H W input image, N patch tokens, D joint
 # CLIP space.
+
+# CLIP's own input normalisation (RGB, [0, 1] scale; openai/clip-vit-base-patch16's
+# preprocessor_config.json)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 MASK2FORMER_SWIN_TINY = "facebook/mask2former-swin-tiny-coco-instance"
 MASK2FORMER_SWIN_BASE = "facebook/mask2former-swin-base-IN21k-coco-instance"
@@ -469,7 +472,7 @@ class CLIPEncoder(_Encoder):
         return cls(CLIPModel(config), tokenizer, max_length=max_length, freeze=freeze)
 
 
-def clip_view(images, sizes, size: int):
+def clip_view(images, sizes, size: int, *, mean, std):
     """transformers' CLIPImageProcessor as openai/clip-vit-base-patch16 configures it (short side
     `size`, bicubic, centre crop size x size, CLIP mean/std; VATEX's CLIP prior feeds it), on a
     batch the other encoders see. As the processor: the long side becomes int(size * long /
@@ -478,13 +481,14 @@ def clip_view(images, sizes, size: int):
     the resized image is clamped to [0, 1] (the processor resizes uint8). It differs from the
     processor's pixel_values only where the processor rounds and clips to uint8, after each of its
     two resize passes (tests/test_backbones.py measures it).
-    images (B, 3, Hp, Wp) ImageNet-normalised, sizes [(h, w)] unpadded -> (B, 3, size, size)."""
+    images (B, 3, Hp, Wp) normalised with per-channel `mean` and `std` ([0, 1] scale; ImageNet's for
+    the other encoders), sizes [(h, w)] unpadded -> (B, 3, size, size)."""
     def stats(values):
         return torch.tensor(values, device=images.device)[:, None, None]  # (3, 1, 1)
 
     views = []
     for image, (h, w) in zip(images, sizes):
-        rgb = image[:, :h, :w] * stats(IMAGENET_STD) + stats(IMAGENET_MEAN)  # (3, h, w) in [0, 1]
+        rgb = image[:, :h, :w] * stats(std) + stats(mean)  # (3, h, w) in [0, 1]
         long = int(size * max(h, w) / min(h, w))  # truncated, as transformers
         rh, rw = (size, long) if h <= w else (long, size)
         rgb = nn.functional.interpolate(rgb[None], size=(rh, rw), mode="bicubic",

@@ -20,15 +20,13 @@ from einops import rearrange
 from PIL import Image
 
 from common.coco_mask import polygons_to_mask, rle_decode, rle_has_pixels
-from common.text import normalize_expression
 
 # Shapes: B batch, T frames, N target objects, H W resized size, H0 W0 original size, Hp Wp padded
 # size
 
-# Input normalisation the pretrained models were trained with (RGB, [0, 1] scale): ImageNet's for
-# Swin / Mask2Former (their preprocessor_config.json), CLIP's own for the CLIP towers.
+# Input normalisation the pretrained image backbones were trained with (RGB, [0, 1] scale):
+# ImageNet's, as Swin's and Mask2Former's preprocessor_config.json (CLIP's own: common.backbones)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 # ---------------------------------------------------------------- file helpers
@@ -66,7 +64,7 @@ def _expression(exp, path: Path, dataset: str, where: str, key: str = "exp") -> 
         raise ValueError(f"{dataset}: {path} {where} has an empty expression ({text!r}); every "
                          f"expression needs "
                          f"text (see data/README.md)")
-    return normalize_expression(text)
+    return " ".join(text.lower().split())  # lower case, whitespace collapsed (MeViS loaders)
 
 
 def _as_list(value) -> list:

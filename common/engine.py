@@ -28,8 +28,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common.datasets import IMAGENET_MEAN, IMAGENET_STD
-
 # Shapes: T frames, H W image size, N rows (first dimension) of a gathered tensor.
 
 
@@ -453,12 +451,9 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------- overlays
-def denormalize(frames: torch.Tensor | np.ndarray, *, mean=IMAGENET_MEAN,
-                std=IMAGENET_STD) -> np.ndarray:
-    """Undo `(x / 255 - mean) / std`: float (..., 3, H, W) -> uint8 numpy (..., H, W, 3).
-
-    Defaults are ImageNet's mean and std in [0, 1] scale; pass CLIP's for CLIP-normalised frames.
-    """
+def denormalize(frames: torch.Tensor | np.ndarray, *, mean, std) -> np.ndarray:
+    """Undo `(x / 255 - mean) / std`: float (..., 3, H, W) -> uint8 numpy (..., H, W, 3), mean and
+    std per channel in [0, 1] scale (e.g. common.datasets.IMAGENET_MEAN / IMAGENET_STD)."""
     x = torch.as_tensor(frames).detach().float().cpu()  # (..., 3, H, W)
     if x.ndim < 3 or x.shape[-3] != 3:
         raise ValueError(f"denormalize: expected frames of shape (..., 3, H, W), got "

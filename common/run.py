@@ -403,7 +403,8 @@ def evaluate_video(dataset, predict, *, model: nn.Module, out: Path, data: str, 
         if shown < show and is_main():
             frames = F.interpolate(item["frames"], size=tuple(item["orig_size"]),
                                    mode="bilinear")  # (T, 3, H0, W0)
-            save_overlays(denormalize(frames), masks, Path(out) / "vis" / key.replace("/", "_"),
+            rgb = denormalize(frames, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # (T, H0, W0, 3)
+            save_overlays(rgb, masks, Path(out) / "vis" / key.replace("/", "_"),
                           name="overlay", gt=gt, caption=item["expression"],
                           scale=_overlay_scale(item["orig_size"]))
             shown += 1
@@ -529,7 +530,8 @@ def evaluate_image(dataset, predict, *, model: nn.Module, out: Path, split: str,
             if shown < show and is_main():
                 frame = F.interpolate(item["image"][None], size=tuple(item["orig_size"]),
                                       mode="bilinear")  # (1, 3, H0, W0)
-                save_overlays(denormalize(frame), mask[None], Path(out) / "vis",
+                rgb = denormalize(frame, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # (1, H0, W0, 3)
+                save_overlays(rgb, mask[None], Path(out) / "vis",
                               name=f"sent{item['sent_id']}", gt=gt[None],
                               caption=item["expression"], scale=_overlay_scale(item["orig_size"]))
                 shown += 1

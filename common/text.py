@@ -10,8 +10,7 @@
   A method with another rule passes its own word sets (`cues=`).
 - `main_noun_phrase`: the object phrase of VATEX's CLIP prior prompt "a photo of {}"
   (vatex/utils/noun_phrase.py: the spaCy noun chunk that holds the dependency root).
-- `verb_phrase`: the motion-centric verb phrase of MRaCL's augmentation (the paper uses an LLM).
-- `is_motion_expression`: the motion-centric / static split of expressions.
+- `head_noun`: the last noun of the main noun phrase.
 
 spaCy and its models are not dependencies of this repository, so a small rule-based tagger stands
 in for `en_core_web_sm`: word lists plus -ing/-ed/-s/-ly morphology and a few context rules, tuned
@@ -153,16 +152,6 @@ _ING_EXCEPTIONS = {"begin": "beginning", "travel": "traveling", "lie": "lying", 
 # Regular lemmas with no bare verb use in referring expressions ("slow car", "lower left").
 _NO_BASE = _words("slow lower")
 
-# Appearance, possession and placement verbs: DsHmp still calls them motion words (spaCy VERB),
-# but they do not make an expression motion-centric and do not start MRaCL's verb phrase.
-STATIC_VERBS = _words("""
-    wear have dress cover contain decorate paint print write label mark slice top stuff stack pile
-    fold wrap attach locate position picture display color colour shape plant frame include light
-    make park fill tie see show seat
-""")
-# Postures: kept as motion by default (MeViS and MRaCL's M-Bench use them as action cues).
-POSTURE_VERBS = _words("stand sit lie lay hold lean rest perch kneel squat crouch hang wait stay "
-                       "remain sleep")
 
 # -s forms that are usually plural nouns after another noun ("pizza slices", "bus stops").
 _COMPOUND_S3 = _words("""
@@ -219,7 +208,6 @@ _ADJ_OR_ADV = _words("""
     next
 """)
 _INTENSIFIERS = _words("very really quite so too rather slightly most more")
-_CONNECTIVE_ADV = _words("then also again still meanwhile afterwards finally")
 
 _ING_NOUNS = _words("""
     ceiling thing king ring wing string spring swing sling sting something nothing anything
@@ -300,7 +288,7 @@ _AMBIG_PAST = _words("saw bit shot cut hit set left lay put fell found read lit 
 
 
 def _guess_lemma(word: str, kind: str) -> str:
-    # Lemma of a verb form missing from the lexicon, good enough for the STATIC_VERBS test.
+    # Lemma of a verb form missing from the lexicon, good enough to look it up in a verb list.
     stem = word[:-3] if kind == "ing" else word[:-2]
     if stem and stem + "e" in _VERBS:
         return stem + "e"
@@ -653,60 +641,8 @@ def main_noun_phrase(expression: str) -> str:
     return expression.strip()
 
 
-def _head_noun(expression: str) -> str:
-    # Last noun of the main noun phrase: "a black and white cat" -> "cat"; "" when there is none.
+def head_noun(expression: str) -> str:
+    """The last noun of the main noun phrase: "a black and white cat" -> "cat"; "" when none."""
     nouns = [w for w, _, _, pos, _ in tag_words(main_noun_phrase(expression))
              if pos in ("NOUN", "NUM")]
     return nouns[-1] if nouns else ""
-
-
-# ------------------------------------------------------------------
-# MRaCL: verb phrase, motion split
-def _first_motion_verb(tagged: list) -> int | None:
-    for k, (_, _, _, pos, lemma) in enumerate(tagged):
-        if pos == "VERB" and not lemma.startswith("~") and lemma not in STATIC_VERBS:
-            return k
-    return None
-
-
-def verb_phrase(expression: str, with_subject: bool = False) -> str:
-    """The motion-centric verb phrase of an expression, for MRaCL's verb-phrase augmentation.
-
-    Rule (MRaCL extracts these with an LLM whose prompt is not public): from the first verb that
-    is not an appearance/possession/placement verb (STATIC_VERBS: "wearing", "has", "parked", ...)
-    and not a noun modifier ("the running dog"), to the end of the expression, minus trailing
-    punctuation. Adverbs right before that verb are kept ("slowly moving"), except connectives
-    such as "then"; a relative pronoun or auxiliary before it ("that is") is dropped. Returns ""
-    when there is no such verb. "man in red shirt riding a bike" -> "riding a bike".
-    with_subject=True prefixes the head noun of the main noun phrase, the form shown in MRaCL's
-    figure ("cat stretching its paw in the air"; the figure's LLM also drops "in the air").
-    """
-    tagged = tag_words(expression)
-    k = _first_motion_verb(tagged)
-    if k is None:
-        return ""
-    while k > 0 and tagged[k - 1][3] == "ADV" and tagged[k - 1][0].lower() not in _CONNECTIVE_ADV:
-        k -= 1
-    last = max(m for m, t in enumerate(tagged) if t[3] != "PUNCT")
-    phrase = expression[tagged[k][1]:tagged[last][2]]
-    if with_subject:
-        head = _head_noun(expression[:tagged[k][1]])
-        return f"{head} {phrase}" if head else phrase
-    return phrase
-
-
-def is_motion_expression(expression: str, include_posture: bool = True) -> bool:
-    """True when the expression has a verb that is not an appearance/possession/placement verb.
-
-    Noun modifiers count ("the running dog"). Posture and holding verbs ("standing", "sitting",
-    "lying", "holding", ...) count by default: MeViS describes motion with them ("standing on
-    hand, then flying away") and MRaCL's M-Bench examples ("holding a selfie stick", "arms
-    crossed") treat them as action cues; include_posture=False leaves them out. Adverbs alone
-    ("the dog next to the car") do not count.
-    """
-    for _, _, _, pos, lemma in tag_words(expression):
-        lemma = lemma.lstrip("~")
-        if pos == "VERB" and lemma not in STATIC_VERBS and (include_posture
-                                                            or lemma not in POSTURE_VERBS):
-            return True
-    return False

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.backbones import CLIPEncoder
-from common.datasets import CLIP_MEAN, CLIP_STD, YouTubeVIS, collate_vis, load_rgb
+from common.backbones import CLIP_MEAN, CLIP_STD, CLIPEncoder
+from common.datasets import YouTubeVIS, collate_vis, load_rgb
 from common.engine import (Progress, autocast, barrier, is_main, read_checkpoint, reduce_dict,
                            save_checkpoint, seed_everything, to_device)
 from common.run import check_finite, param_groups, resume, train_batches, wrap_ddp
@@ -82,12 +82,14 @@ def train_toy_vita(cfg, ddp, root) -> Path:
     vita = build_vita(sizes).to(ddp.device)
     optimizer = torch.optim.AdamW(param_groups(vita, lr=cfg.vita_lr, weight_decay=cfg.weight_decay),
                                   lr=cfg.vita_lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [cfg.vita_steps * 4 // 5], gamma=0.1)
+    milestones = [cfg.vita_steps * 4 // 5]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     step = resume(path, model=vita, optimizer=optimizer, scheduler=scheduler)[0] if done else 0
     batches = train_batches(dataset, batch_size=cfg.batch_size, collate=collate_vis, ddp=ddp,
                             seed=cfg.seed, workers=cfg.workers, start_step=step)
     vita = wrap_ddp(vita, ddp)
-    with Progress(total=cfg.vita_steps, initial=step, log_path=path.parent / "log.jsonl") as progress:
+    log_path = path.parent / "log.jsonl"
+    with Progress(total=cfg.vita_steps, initial=step, log_path=log_path) as progress:
         while step < cfg.vita_steps:
             batch = next(batches)
             frames, targets = to_device((batch["frames"], batch["targets"]), ddp.device)
@@ -159,7 +161,8 @@ def _train_toy_clip(cfg, dataset, vocab, path, key):
                                      antialias=True)[0]  # (3, S, S)
                 crops.append((crop - mean) / std)
             texts = [prompts[i] for i in picked]
-            image_embeds = F.normalize(clip.encode_image(torch.stack(crops))["cls"], dim=-1)  # (64, D)
+            image_embeds = clip.encode_image(torch.stack(crops))["cls"]  # (64, D)
+            image_embeds = F.normalize(image_embeds, dim=-1)
             text_embeds = F.normalize(clip.encode_text(texts), dim=-1)  # (64, D)
             logits = scale.exp().clamp(max=100) * image_embeds @ text_embeds.T  # (64, 64)
             same = torch.tensor([[a == b for b in texts] for a in texts]).float()  # equal prompts

@@ -258,7 +258,7 @@ def test_clip_view_equals_transformers_clip_image_processor(name):
     batch = torch.full((2, 3, 544, 736), 4.0)  # padded as a batch of the other encoders
     for b, image in enumerate((smooth, noisy)):
         batch[b, :, :image.shape[1], :image.shape[2]] = (image / 255 - mean) / std
-    ours = clip_view(batch, [(480, 720), (517, 389)], 224)  # (2, 3, 224, 224)
+    ours = clip_view(batch, [(480, 720), (517, 389)], 224, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # (2, 3, 224, 224)
     theirs = [processor(images=image, return_tensors="pt")["pixel_values"][0]
               for image in (smooth, noisy)]  # (3, 224, 224) each
     assert ours.shape == (2, 3, 224, 224) and theirs[0].shape == theirs[1].shape == (3, 224, 224)

@@ -387,10 +387,10 @@ def test_denormalize_inverts_imagenet_normalisation():
     frames = np.random.default_rng(1).integers(0, 256, size=(2, 5, 6, 3), dtype=np.uint8)  # (T, H, W, 3)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
     normalised = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    restored = denormalize(normalised)
+    restored = denormalize(normalised, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     assert restored.dtype == np.uint8 and restored.shape == (2, 5, 6, 3)
     assert np.array_equal(restored, frames)
-    assert np.array_equal(denormalize(normalised[0]), frames[0])
+    assert np.array_equal(denormalize(normalised[0], mean=IMAGENET_MEAN, std=IMAGENET_STD), frames[0])
 
 
 # ---------------------------------------------------------------------------------- autocast

@@ -1,5 +1,6 @@
 """Tests for common/text.py: the rule-based static/motion split (DsHmp), main noun phrase (VATEX),
-verb phrase and motion split (MRaCL), the token masks, and the word-level tokenizer.
+the token masks, and the word-level tokenizer; and for the rules mracl.py builds on its tagger
+(verb phrase, motion split), which share this file's cases.
 
 The expected values below are written by hand. For the split they are the spaCy en_core_web_sm
 universal POS tags as DsHmp uses them (VERB or ADV -> motion; AUX, ADJ, NOUN, ADP, DET, PRON,
@@ -16,15 +17,14 @@ from transformers import PreTrainedTokenizerFast
 from common.text import (
     batch_static_motion_token_masks,
     build_vocab,
-    is_motion_expression,
     main_noun_phrase,
     normalize_expression,
     split_static_motion,
     static_motion_token_masks,
     tag_words,
-    verb_phrase,
     word_tokenizer,
 )
+from mracl import is_motion_expression, verb_phrase
 
 # (expression, motion words, main noun phrase, verb phrase, is_motion, is_motion without postures)
 CASES = [

@@ -420,12 +420,14 @@ def test_count_params_matches_the_official_model():
 
 def test_clip_view_ignores_padding_crops_the_centre_and_uses_clip_statistics():
     from common.backbones import clip_view
-    from common.datasets import CLIP_MEAN, IMAGENET_MEAN, IMAGENET_STD
+    from common.backbones import CLIP_MEAN
+    from common.datasets import IMAGENET_MEAN, IMAGENET_STD
     rgb = torch.rand(3, 20, 40)  # a wide image in [0, 1]
     rgb[:, :, 10:30] = torch.tensor(CLIP_MEAN)[:, None, None]  # its centre half is CLIP's mean colour
     image = (rgb - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
     padded = F.pad(image, (0, 24, 0, 12), value=5.0)  # (3, 32, 64), padding that must not leak in
-    view = clip_view(padded[None], [(20, 40)], 10)  # short side 10: (3, 10, 20), centre crop 10x10
+    view = clip_view(padded[None], [(20, 40)], 10, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # short side 10: (3, 10, 20), centre crop 10x10
     assert view.shape == (1, 3, 10, 10)
     assert view[0, :, :, 2:8].abs().max() < 1e-4  # the centre: CLIP's mean -> 0
-    torch.testing.assert_close(view, clip_view(image[None], [(20, 40)], 10))
+    torch.testing.assert_close(view, clip_view(image[None], [(20, 40)], 10, mean=IMAGENET_MEAN,
+                                                       std=IMAGENET_STD))
