@@ -21,12 +21,12 @@ import os
 import pickle
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
 
 from common.backbones import PixelLevel, tiny_mask2former_config
-from common.engine import reduce_mean
 from common.mask2former import MLP, MaskedAttentionDecoder, c2_xavier_fill_, xavier_init_
 from common.matching import frame_targets, matched_pred_index, set_losses
 
@@ -351,8 +351,14 @@ def vita_losses(outputs, targets, *, w_cls=2.0, w_bce=5.0, w_dice=5.0, frame_no_
     targets = [{"masks": t["masks"][v], "labels": t["labels"][v]} for t, v in zip(targets, visible)]
     per_frame = frame_targets(targets)  # B*T dicts in (b t) order, as the frame outputs
 
-    def count(ts):  # target masks per process, averaged over the processes
-        return max(float(reduce_mean(torch.tensor(float(sum(len(t["labels"]) for t in ts))))), 1.0)
+    def count(ts):  # target masks per process, averaged over the processes (Mask2Former's
+        # num_masks, on the predictions' device: the one the process group communicates on)
+        n = sum(len(t["labels"]) for t in ts)
+        n = torch.tensor(float(n), device=outputs["pred_masks"].device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            n = n / dist.get_world_size()
+        return max(float(n), 1.0)
 
     costs = dict(w_cls=w_cls, w_bce=w_bce, w_dice=w_dice, num_points=num_points)
     frame_terms, frame_indices = set_losses(outputs["frame_outputs"], per_frame, **costs,
