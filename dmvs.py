@@ -240,12 +240,13 @@ class DecoderLayer(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
         xavier_init_(self)
 
-    def forward(self, queries, query_pos, words, word_mask, memory):
-        # queries, query_pos (B, M, C); words (B, L, C), word_mask (B, L); memory (B, K, C)
+    def forward(self, queries, query_pos, words, word_mask, motion_expr):
+        # queries, query_pos (B, M, C); words (B, L, C), word_mask (B, L); motion_expr (B, K, C)
         q = queries + query_pos
         attended = self.word_attn(q, words, words, key_padding_mask=~word_mask)[0]
         queries = self.norms[0](queries + attended)
-        queries = self.norms[1](queries + self.memory_attn(queries + query_pos, memory, memory)[0])
+        attended = self.memory_attn(queries + query_pos, motion_expr, motion_expr)[0]
+        queries = self.norms[1](queries + attended)
         q = queries + query_pos
         queries = self.norms[2](queries + self.self_attn(q, q, queries)[0])
         return self.norms[3](queries + self.ffn(queries))
@@ -344,16 +345,18 @@ class DMVS(nn.Module):
         """Eqs. (1)-(4), (7)-(10) on VITA's queries -> the outputs dict."""
         frame_queries = rearrange(found.frame_queries, "b t f c -> b (t f) c")  # (B, T*F, C)
         if self.encoder is not None:
-            memory = self.encoder(frame_queries, found.video_queries, text)  # F_me (B, 1, C)
+            motion_expr = self.encoder(frame_queries, found.video_queries,
+                                       text)  # F_me (B, 1, C)
         else:
-            memory = text.sentence  # Table 3 without MEE: F_se
+            motion_expr = text.sentence  # Table 3 without MEE: F_se
         if self.mqi != "video":  # Table 5: these queries read the video queries in the decoder
-            memory = torch.cat([memory, found.video_queries], 1)  # (B, 1+V, C)
+            motion_expr = torch.cat([motion_expr, found.video_queries], 1)  # (B, 1 + V, C)
         queries = self.initial_queries(found, text)  # (B, M, C)
         query_pos = repeat(self.query_pos.weight, "m c -> b m c", b=len(queries))
         preds = []
         for layer in self.layers:  # Eq. (8)
-            queries = layer(queries, query_pos, text.words, text.word_mask, memory)  # (B, M, C)
+            queries = layer(queries, query_pos, text.words, text.word_mask,
+                            motion_expr)  # (B, M, C)
             q = self.norm(queries)
             preds.append({"pred_logits": self.class_head(q),  # Eq. (9), (B, M, 2)
                           "pred_masks": einsum(self.mask_embed(q), found.mask_features,  # Eq. (10)

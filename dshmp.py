@@ -34,8 +34,7 @@ Deviations from the paper (and from the official code, which the paper does not 
     the gate's gradient is zero and it stays shut: we build no gate (--language-gate: LAVT's
     live one). Word cross-attention in every Mask2Former
     layer (static cues) and Motion-Decoder layer (motion cues, query positions added to the
-    queries; official: all words, no positions) and no BiAttention block. Without PWAM our toy
-    models segmented every object whatever the sentence.
+    queries; official: all words, no positions) and no BiAttention block.
   - No VITA similarity loss (official, weight 1.0); object tokens from the last Mask2Former layer
     only (official: the last 3 as extra batch entries in training); the same non-shifted windows
     in training and test (official: odd blocks shifted at test, from VITA).
@@ -149,9 +148,8 @@ class Config(RunConfig):
 
 PRESETS = {  # per-dataset deltas from the paper configuration above
     # toy (ours): a tiny model for 2 CPU cores; cl_start keeps the paper's 10,000 / 50,000 ratio;
-    # random init, so the backbone gets the full lr; 8 clips x 4 frames put twice the sentences of
-    # 4 x 8 in a step at the same cost and grounded the words faster (earlier runs); no loader
-    # worker: on 2 cores it competes with torch's threads (80 steps: 0.57 s/step vs 0.67-0.95).
+    # random init, so the backbone gets the full lr; 8 clips x 4 frames (twice the sentences of
+    # 4 x 8 in a step at the same cost); no loader worker (it competes with torch's threads).
     "toy": dict(dim=64, heads=4, ffn_dim=256, m2f_layers=3, hmp_blocks=2, num_points=1024,
                 steps=1500, lr=1e-3, lr_drop=1200, backbone_lr_mult=1.0, grad_clip=1.0,
                 cl_start=300, cl_dim=64, batch_size=8, num_frames=4, short_side=64, max_size=96,
@@ -296,7 +294,8 @@ class HierarchicalMotionPerception(nn.Module):
     """HMP (Sec. 3.2): object tokens O (B, T, Q, C) -> motion-aware tokens, in windows of K
     frames (a length that is not a multiple of K is zero-padded and masked). No temporal position
     (the paper names none, the official code adds none): a clip played backwards gives the same
-    tokens in reverse order, so "moving left" and "moving right" look alike (README toy results)."""
+    tokens in reverse order, so "moving left" and "moving right" look alike
+    (tests/test_dshmp.py::test_a_clip_played_backwards_gets_the_same_scores)."""
 
     def __init__(self, *, dim, heads, ffn_dim, num_blocks, num_stages, window, hierarchical):
         super().__init__()

@@ -322,9 +322,9 @@ class VatexDecoderLayer(MaskedAttentionLayer):
         super().__init__(word_attention=True, **kwargs)
         del self.word_norm
 
-    def forward(self, queries, query_pos, src, src_pos, attn_mask, words, word_pos, word_mask):
-        visual = self.cross_attn(queries + query_pos, src + src_pos, src, attn_mask=attn_mask,
-                                 need_weights=False)[0]  # (N, Q, C)
+    def forward(self, queries, query_pos, pixels, pixel_pos, attn_mask, words, word_pos, word_mask):
+        visual = self.cross_attn(queries + query_pos, pixels + pixel_pos, pixels,
+                                 attn_mask=attn_mask, need_weights=False)[0]  # (N, Q, C)
         text = self.word_attn(queries + query_pos, words + word_pos, words,
                               key_padding_mask=~word_mask, need_weights=False)[0]  # (N, Q, C)
         queries = self.cross_norm(queries + self.dropout(visual) + self.dropout(text))
@@ -349,7 +349,7 @@ class VatexDecoder(MaskedAttentionDecoder):
         self._reset_parameters()
 
     def forward(self, features, pos, mask_features, sentence, prior, words, word_pos, word_mask):
-        srcs, src_pos, sizes = self.flatten_levels(features, pos)
+        pixel_levels, pixel_pos, sizes = self.flatten_levels(features, pos)
         queries = repeat(sentence, "n c -> n q c", q=self.num_queries)  # f_o (Sec. 3.1)
         query_pos = repeat(self.query_pos.weight, "q c -> n q c", n=len(sentence))  # (N, Q, C)
         logits, masks, _, attn_mask = self.predict(queries, mask_features, sizes[0])
@@ -358,7 +358,7 @@ class VatexDecoder(MaskedAttentionDecoder):
             queries = queries + prior[:, None]  # Sec. 3.1: the heatmap, in C, added to every query
         for i, layer in enumerate(self.layers):
             level = i % self.num_levels  # round robin, coarse first
-            queries = layer(queries, query_pos, srcs[level], src_pos[level],
+            queries = layer(queries, query_pos, pixel_levels[level], pixel_pos[level],
                             None if i == 0 else attn_mask, words, word_pos, word_mask)
             logits, masks, _, attn_mask = self.predict(queries, mask_features,
                                                        sizes[(i + 1) % self.num_levels])
@@ -373,7 +373,8 @@ class VATEX(nn.Module):
     pred_logits (N, Q, 2), pred_masks (N, Q, H/4, W/4), aux_outputs, sentence (N, C): Eq. (5))."""
 
     def __init__(self, *, backbone, clip, dim, heads, ffn_dim, encoder_layers, encoder_ffn_dim,
-                 decoder_layers, num_queries, clip_image_size, clip_prior=True, cmd=True):
+                 decoder_layers, num_queries, clip_image_size, clip_prior=True,
+                 vision_aware_text=True):
         super().__init__()
         self.backbone, self.clip, self.clip_image_size = backbone, clip, clip_image_size
         # official "resizer" (an FFNLayer, xavier-initialised): CLIP's words (512) -> C, 2-layer
@@ -383,7 +384,7 @@ class VATEX(nn.Module):
             nn.LayerNorm(dim)))
         self.cmd = ContextualMultimodalDecoder(
             in_channels=backbone.channels, dim=dim, heads=heads, encoder_layers=encoder_layers,
-            encoder_ffn_dim=encoder_ffn_dim, update_words=cmd)
+            encoder_ffn_dim=encoder_ffn_dim, update_words=vision_aware_text)
         num_patches = (clip_image_size // clip.patch_size) ** 2  # P = HW/256 at 224 (CLS dropped)
         # Sec. 3.1 "changing the dimension of the similarity map to C" (official: MLP + LayerNorm,
         # an FFNLayer, xavier-initialised)
@@ -543,7 +544,8 @@ def build_model(cfg, *, vocab=None, pretrained=True, clip=None) -> VATEX:
     return VATEX(backbone=backbone, clip=clip, dim=cfg.dim, heads=cfg.heads, ffn_dim=cfg.ffn_dim,
                  encoder_layers=cfg.encoder_layers, encoder_ffn_dim=cfg.encoder_ffn_dim,
                  decoder_layers=cfg.decoder_layers, num_queries=cfg.num_queries,
-                 clip_image_size=cfg.clip_image_size, clip_prior=cfg.clip_prior, cmd=cfg.cmd)
+                 clip_image_size=cfg.clip_image_size, clip_prior=cfg.clip_prior,
+                 vision_aware_text=cfg.cmd)
 
 
 # ---------------------------------------------------------------------------------- training

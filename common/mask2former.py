@@ -89,15 +89,15 @@ class MaskedAttentionLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, queries, query_pos, src, src_pos, attn_mask, words=None, word_mask=None):
-        """queries, query_pos (B, Q, C); src, src_pos (B, H_l*W_l, C); attn_mask
+    def forward(self, queries, query_pos, pixels, pixel_pos, attn_mask, words=None, word_mask=None):
+        """queries, query_pos (B, Q, C); pixels, pixel_pos (B, H_l*W_l, C); attn_mask
         (B*heads, Q, H_l*W_l) bool, True where a query may not look; words (B, L, C) and word_mask
         (B, L) True on the words
         to attend, for a layer with word attention. Returns the updated queries (B, Q, C)."""
         # Eq. (2): X_l = softmax(M_{l-1} + Q_l K_l^T) V_l + X_{l-1}; positions go into queries and
         # keys only
         attended = self.cross_attn(
-            queries + query_pos, src + src_pos, src, attn_mask=attn_mask, need_weights=False
+            queries + query_pos, pixels + pixel_pos, pixels, attn_mask=attn_mask, need_weights=False
         )[0]  # (B, Q, C)
         queries = self.cross_norm(queries + self.dropout(attended))
         if hasattr(self, "word_attn"):
@@ -221,7 +221,7 @@ class MaskedAttentionDecoder(nn.Module):
                 f"expected {self.num_levels} feature maps and position embeddings, got "
                 f"{len(features)} and {len(pos)}"
             )
-        srcs, src_pos, sizes = [], [], []
+        pixel_levels, pixel_pos, sizes = [], [], []
         for level, (feature, level_pos) in enumerate(zip(features, pos)):
             if level_pos.shape[1] != self.hidden_dim:
                 raise ValueError(
@@ -229,15 +229,15 @@ class MaskedAttentionDecoder(nn.Module):
                     f"hidden_dim={self.hidden_dim}"
                 )
             sizes.append(feature.shape[-2:])
-            src = self.input_proj[level](feature)  # (B, C, H_l, W_l)
-            # (B, H_l*W_l, C)
-            srcs.append(rearrange(src, "b c h w -> b (h w) c") + self.level_embed.weight[level])
-            src_pos.append(rearrange(level_pos, "b c h w -> b (h w) c"))  # (B, H_l*W_l, C)
-        return srcs, src_pos, sizes
+            pixels = self.input_proj[level](feature)  # (B, C, H_l, W_l)
+            pixels = rearrange(pixels, "b c h w -> b (h w) c")  # (B, H_l*W_l, C)
+            pixel_levels.append(pixels + self.level_embed.weight[level])
+            pixel_pos.append(rearrange(level_pos, "b c h w -> b (h w) c"))  # (B, H_l*W_l, C)
+        return pixel_levels, pixel_pos, sizes
 
     def forward(self, features, pos, mask_features, queries=None, words=None, word_mask=None):
         batch = mask_features.shape[0]
-        srcs, src_pos, sizes = self.flatten_levels(features, pos)
+        pixel_levels, pixel_pos, sizes = self.flatten_levels(features, pos)
         query_pos = repeat(self.query_pos.weight, "q c -> b q c", b=batch)  # (B, Q, C)
         if queries is None:
             queries = repeat(self.query_feat.weight, "q c -> b q c", b=batch)  # (B, Q, C)
@@ -249,7 +249,7 @@ class MaskedAttentionDecoder(nn.Module):
         predictions, query_embeds = [{"pred_logits": logits, "pred_masks": masks}], [embeds]
         for i, layer in enumerate(self.layers):
             level = i % self.num_levels  # round robin over the scales (Sec. 3.2.2)
-            queries = layer(queries, query_pos, srcs[level], src_pos[level], attn_mask,
+            queries = layer(queries, query_pos, pixel_levels[level], pixel_pos[level], attn_mask,
                             words, word_mask)  # (B, Q, C)
             # The mask for the next layer is made at the next layer's level size.
             logits, masks, embeds, attn_mask = self.predict(queries, mask_features,
