@@ -111,6 +111,29 @@ def load_rgb(path: Path) -> torch.Tensor:
     return rearrange(torch.from_numpy(_read_rgb(path).copy()), "h w c -> c h w")  # (3, H0, W0)
 
 
+def decode_segmentation(segmentation, h: int, w: int, *, dataset: str, where: str) -> np.ndarray:
+    """A COCO-format segmentation -> (h, w) bool mask: a RLE dict (compressed string or list
+    counts), a non-empty polygon list, or a non-empty list of RLE dicts (merged). Anything else,
+    or a mask of another size, raises ValueError naming the dataset and `where`."""
+    try:
+        if isinstance(segmentation, dict):
+            mask = rle_decode(segmentation)
+        elif isinstance(segmentation, list) and segmentation \
+                and all(isinstance(p, list) for p in segmentation):
+            mask = polygons_to_mask(segmentation, h, w)
+        elif isinstance(segmentation, list) and segmentation \
+                and all(isinstance(p, dict) for p in segmentation):
+            mask = np.any([rle_decode(p) for p in segmentation], axis=0)
+        else:
+            raise ValueError("expected a COCO RLE dict, a polygon list or a list of RLE dicts")
+    except ValueError as err:
+        raise ValueError(f"{dataset}: bad segmentation in {where}: {err}") from err
+    if mask.shape != (h, w):
+        raise ValueError(f"{dataset}: segmentation in {where} is {list(mask.shape)}, expected "
+                         f"{[h, w]}")
+    return mask.astype(bool)  # (h, w)
+
+
 # ---------------------------------------------------------------- transforms
 
 def resized_size(height: int, width: int, *, short_side: int, max_size: int) -> tuple:
@@ -725,21 +748,8 @@ class YouTubeVIS(torch.utils.data.Dataset):
         return rearrange(torch.from_numpy(np.stack(frames)), "t h w c -> t c h w")  # (T, 3, H0, W0)
 
     def _decode(self, segmentation, video, ann, t) -> np.ndarray:
-        h, w = video["size"]
         where = f"{self.json_path}, annotation {ann['id']}, frame {t} of video {video['id']}"
-        try:
-            if isinstance(segmentation, dict):  # COCO RLE, compressed string or list counts
-                mask = rle_decode(segmentation)
-            elif isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation):
-                mask = polygons_to_mask(segmentation, h, w)
-            else:
-                raise ValueError("expected a COCO RLE dict, a polygon list or null")
-        except ValueError as err:
-            raise ValueError(f"{self.name}: bad segmentation in {where}: {err}") from err
-        if mask.shape != (h, w):
-            raise ValueError(f"{self.name}: segmentation in {where} is {list(mask.shape)}, but the "
-                             f"video is {[h, w]}")
-        return mask.astype(bool)  # (H0, W0)
+        return decode_segmentation(segmentation, *video["size"], dataset=self.name, where=where)
 
     def instance_masks(self, index, frame_idx=None) -> dict:
         """Ground truth of video `index` over `frame_idx` (default: every frame) at the original
@@ -885,26 +895,9 @@ class RefCOCO(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _mask(self, sample) -> np.ndarray:
-        h, w = sample["size"]
         segmentation = self.annotations[sample["ann_id"]].get("segmentation")
         where = f"{self.instances_path}, annotation {sample['ann_id']}"
-        try:
-            if isinstance(segmentation, dict):  # RLE (iscrowd), compressed or with list counts
-                mask = rle_decode(segmentation)
-            elif isinstance(segmentation, list) and segmentation \
-                    and all(isinstance(p, list) for p in segmentation):
-                mask = polygons_to_mask(segmentation, h, w)
-            elif isinstance(segmentation, list) and segmentation \
-                    and all(isinstance(p, dict) for p in segmentation):
-                mask = np.any([rle_decode(p) for p in segmentation], axis=0).astype(np.uint8)
-            else:
-                raise ValueError("expected a polygon list or a COCO RLE dict")
-        except ValueError as err:
-            raise ValueError(f"RefCOCO: bad segmentation in {where}: {err}") from err
-        if mask.shape != (h, w):
-            raise ValueError(f"RefCOCO: segmentation in {where} is {list(mask.shape)}, expected "
-                             f"the image's {[h, w]}")
-        return mask.astype(bool)
+        return decode_segmentation(segmentation, *sample["size"], dataset="RefCOCO", where=where)
 
     def __getitem__(self, index):
         sample = self.samples[index]

@@ -13,7 +13,7 @@ from PIL import Image
 from common.coco_mask import polygons_to_mask, rle_decode, rle_encode, rle_has_pixels
 from common.datasets import (
     IMAGENET_MEAN, IMAGENET_STD, MeViS, RefCOCO, RefDAVIS17, RefYouTubeVOS, YouTubeVIS, collate_image,
-    collate_video, collate_vis, sample_clip, swap_left_right,
+    collate_video, collate_vis, decode_segmentation, sample_clip, swap_left_right,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -844,3 +844,21 @@ def test_collate_image():
     assert torch.equal(batch["images"][1, :, :, :65], b["image"]) and batch["images"][1, :, :, 65:].abs().sum() == 0
     assert batch["targets"][0]["masks"].shape == (1, 64, 96) and batch["targets"][0]["masks"].sum() == 600
     assert batch["targets"][1]["labels"].tolist() == [0] and batch["expression"] == ["a", "b"]
+
+
+def test_decode_segmentation_reads_every_coco_form_and_names_bad_input():
+    a = np.zeros((6, 8), dtype=np.uint8)
+    a[1:3, 2:5] = 1
+    b = np.zeros((6, 8), dtype=np.uint8)
+    b[4:6, 0:2] = 1
+    kw = dict(dataset="RefCOCO", where="annotation 7")
+    assert np.array_equal(decode_segmentation(rle_encode(a), 6, 8, **kw), a.astype(bool))
+    merged = decode_segmentation([rle_encode(a), rle_encode(b)], 6, 8, **kw)  # a list of RLEs
+    assert np.array_equal(merged, (a | b).astype(bool))
+    square = decode_segmentation([[2, 1, 5, 1, 5, 3, 2, 3]], 6, 8, **kw)  # one polygon
+    assert np.array_equal(square, polygons_to_mask([[2, 1, 5, 1, 5, 3, 2, 3]], 6, 8).astype(bool))
+    for bad in ([], None, "x", [[1, 2, 3, 4, 5, 6], {"size": [6, 8]}]):
+        with pytest.raises(ValueError, match="RefCOCO: bad segmentation in annotation 7"):
+            decode_segmentation(bad, 6, 8, **kw)
+    with pytest.raises(ValueError, match=r"RefCOCO: segmentation in annotation 7 is \[6, 8\], expected \[6, 9\]"):
+        decode_segmentation(rle_encode(a), 6, 9, **kw)
