@@ -295,11 +295,6 @@ class DMVS(nn.Module):
         self.class_head = nn.Linear(dim, 2)  # Eq. (9): H_c, a single linear layer
         self.mask_embed = MLP(dim, dim, vita.mask_proj.out_channels, num_layers=3)  # Eq. (10): H_m
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vita.eval()  # frozen: no drop path, VITA's test-time windows, in training and test
-        return self
-
     def forward(self, frames, expressions):
         return self.decode(self.find_instances(frames), self.encode_text(expressions))
 
@@ -377,6 +372,11 @@ class DMVS(nn.Module):
         found = self.instances(frame_queries, self.vita.decode_video(frame_queries, mask_feats))
         out = self.decode(found, self.encode_text([expression]))
         return out["pred_logits"][0], out["pred_masks"][0]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vita.eval()  # frozen: no drop path, VITA's test-time windows, in training and test
+        return self
 
 
 # ---------------------------------------------------------------------------------- losses

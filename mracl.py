@@ -263,69 +263,6 @@ def verb_phrase(expression: str, with_subject: bool = False) -> str:
     return phrase
 
 
-def is_motion_expression(expression: str, include_posture: bool = True) -> bool:
-    """True when the expression has a verb that is not an appearance/possession/placement verb.
-
-    Noun modifiers count ("the running dog"). Posture and holding verbs ("standing", "sitting",
-    "lying", "holding", ...) count by default: MeViS describes motion with them ("standing on
-    hand, then flying away") and the page's M-Bench examples ("holding a selfie stick", "arms
-    crossed") treat them as action cues; include_posture=False leaves them out. Adverbs alone
-    ("the dog next to the car") do not count.
-    """
-    for _, _, _, pos, lemma in tag_words(expression):
-        lemma = lemma.lstrip("~")
-        if pos == "VERB" and lemma not in STATIC_VERBS and (include_posture
-                                                            or lemma not in POSTURE_VERBS):
-            return True
-    return False
-
-
-class VerbPhraseSamples(torch.utils.data.Dataset):
-    """RefCOCO training items, each with its partner: a sentence's verb phrase (None when it has
-    none, or when --filter once and its target's category appears more than once in the image),
-    and with vp=True one more item per phrase, the phrase as the expression of the same target,
-    whose partner is the sentence. "is_phrase" says which of the two an item is. phrases:
-    {sent_id: phrase}."""
-
-    def __init__(self, base: RefCOCO, phrases: dict, *, vp: bool, once: bool):
-        self.base, self.samples = base, base.samples
-        same_category = {}
-        for ann in base.annotations.values():
-            key = (ann["image_id"], ann["category_id"])
-            same_category[key] = same_category.get(key, 0) + 1
-        self.phrase = {}
-        for i, s in enumerate(base.samples):
-            phrase = phrases.get(str(s["sent_id"]), "")
-            if phrase and not (once and same_category[(s["image_id"], s["category_id"])] > 1):
-                self.phrase[i] = phrase
-        self.extra = sorted(self.phrase) if vp else []  # the augmented samples
-
-    def __len__(self):
-        return len(self.base) + len(self.extra)
-
-    def __getitem__(self, index):
-        if index < len(self.base):
-            item = self.base[index]
-            item["partner"], item["is_phrase"] = self.phrase.get(index), False
-        else:  # a verb-phrase sample: the same image and target mask
-            item = self.base[self.extra[index - len(self.base)]]
-            item["partner"], item["expression"] = item["expression"], self.phrase[item["index"]]
-            item["is_phrase"] = True
-        return item
-
-
-def load_phrases(cfg, samples) -> dict:
-    """{sent_id: motion-centric verb phrase}: from --verb-phrases, else verb_phrase,
-    by default in the page figure's form, subject head noun + verb + object ("a black and white
-    cat stretching its paw in the air" -> "cat stretching its paw in the air"); trailing location
-    and direction phrases are kept (the figure drops "in the air"; "to the left" is motion)."""
-    if cfg.verb_phrases:
-        with open(cfg.verb_phrases) as f:
-            return {str(k): v for k, v in json.load(f).items()}
-    return {str(s["sent_id"]): verb_phrase(s["expression"], with_subject=cfg.phrase_subject)
-            for s in samples}
-
-
 def pair_masks(ann_ids, image_ids, categories, positives, fn_filter, phrase=None):
     """(M, M) bool masks of the positives and the negatives. positives: (P, 2) index pairs. Self
     pairs are neither; with fn_filter, other samples of the same target or of the same image and
@@ -436,6 +373,52 @@ def compute_losses(cfg, outputs, batch, index):
 
 
 # ---------------------------------------------------------------------------------- building
+class VerbPhraseSamples(torch.utils.data.Dataset):
+    """RefCOCO training items, each with its partner: a sentence's verb phrase (None when it has
+    none, or when --filter once and its target's category appears more than once in the image),
+    and with vp=True one more item per phrase, the phrase as the expression of the same target,
+    whose partner is the sentence. "is_phrase" says which of the two an item is. phrases:
+    {sent_id: phrase}."""
+
+    def __init__(self, base: RefCOCO, phrases: dict, *, vp: bool, once: bool):
+        self.base, self.samples = base, base.samples
+        same_category = {}
+        for ann in base.annotations.values():
+            key = (ann["image_id"], ann["category_id"])
+            same_category[key] = same_category.get(key, 0) + 1
+        self.phrase = {}
+        for i, s in enumerate(base.samples):
+            phrase = phrases.get(str(s["sent_id"]), "")
+            if phrase and not (once and same_category[(s["image_id"], s["category_id"])] > 1):
+                self.phrase[i] = phrase
+        self.extra = sorted(self.phrase) if vp else []  # the augmented samples
+
+    def __len__(self):
+        return len(self.base) + len(self.extra)
+
+    def __getitem__(self, index):
+        if index < len(self.base):
+            item = self.base[index]
+            item["partner"], item["is_phrase"] = self.phrase.get(index), False
+        else:  # a verb-phrase sample: the same image and target mask
+            item = self.base[self.extra[index - len(self.base)]]
+            item["partner"], item["expression"] = item["expression"], self.phrase[item["index"]]
+            item["is_phrase"] = True
+        return item
+
+
+def load_phrases(cfg, samples) -> dict:
+    """{sent_id: motion-centric verb phrase}: from --verb-phrases, else verb_phrase,
+    by default in the page figure's form, subject head noun + verb + object ("a black and white
+    cat stretching its paw in the air" -> "cat stretching its paw in the air"); trailing location
+    and direction phrases are kept (the figure drops "in the air"; "to the left" is motion)."""
+    if cfg.verb_phrases:
+        with open(cfg.verb_phrases) as f:
+            return {str(k): v for k, v in json.load(f).items()}
+    return {str(s["sent_id"]): verb_phrase(s["expression"], with_subject=cfg.phrase_subject)
+            for s in samples}
+
+
 def make_dataset(cfg, root, split, *, train, seed=None):
     toy = cfg.data == "toy"
     base = RefCOCO(root, Path(root) / "images" if toy else cfg.image_root,
@@ -520,6 +503,23 @@ def train(cfg, ddp, root, out):
 
 
 # ------------------------------------------------------------------------------- evaluation
+def is_motion_expression(expression: str, include_posture: bool = True) -> bool:
+    """True when the expression has a verb that is not an appearance/possession/placement verb.
+
+    Noun modifiers count ("the running dog"). Posture and holding verbs ("standing", "sitting",
+    "lying", "holding", ...) count by default: MeViS describes motion with them ("standing on
+    hand, then flying away") and the page's M-Bench examples ("holding a selfie stick", "arms
+    crossed") treat them as action cues; include_posture=False leaves them out. Adverbs alone
+    ("the dog next to the car") do not count.
+    """
+    for _, _, _, pos, lemma in tag_words(expression):
+        lemma = lemma.lstrip("~")
+        if pos == "VERB" and lemma not in STATIC_VERBS and (include_posture
+                                                            or lemma not in POSTURE_VERBS):
+            return True
+    return False
+
+
 def motion_split(samples) -> dict:
     """The page's M-Ref idea: sentence ids of the motion-centric sentences (a verb that is not an
     appearance, possession or placement verb, is_motion_expression; the page does

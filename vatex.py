@@ -423,6 +423,46 @@ class VATEX(nn.Module):
 
 
 # ---------------------------------------------------------------- Sec. 3.3 MCC and the losses
+
+
+def mcc_loss(sentence, triplets):
+    """Eq. (6): -log(sim(p1, p2) / (sim(p1, n) + sim(p2, n))), sim = exp(cosine), averaged over
+    the triplets that have a negative. sentence (N, C), triplets (T, 3)."""
+    triplets = triplets[triplets[:, 2] >= 0]
+    if len(triplets) == 0:
+        return sentence.sum() * 0
+    p1, p2, n = (F.normalize(sentence[triplets[:, k]].float(), dim=-1) for k in range(3))
+    cos = lambda a, b: (a * b).sum(-1)  # noqa: E731
+    denominator = torch.logsumexp(torch.stack([cos(p1, n), cos(p2, n)]), 0)
+    return (denominator - cos(p1, p2)).mean()
+
+
+def infonce_loss(sentence, triplets, temperature):
+    """The official MCC: InfoNCE(q, p, negatives) + InfoNCE(p, q, negatives), every negative of the
+    batch shared ("unpaired"), L2-normalised features, logits / temperature."""
+    negatives = F.normalize(sentence[triplets[triplets[:, 2] >= 0, 2]].float(), dim=-1)  # (M, C)
+    if len(negatives) == 0:
+        return sentence.sum() * 0
+    q, p = (F.normalize(sentence[triplets[:, k]].float(), dim=-1) for k in range(2))  # (T, C)
+    def one_way(a, b):
+        logits = torch.cat([(a * b).sum(-1, keepdim=True), a @ negatives.T], 1) / temperature
+        return F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device))
+    return one_way(q, p) + one_way(p, q)
+
+
+def compute_losses(cfg, outputs, targets, triplets):
+    """The unweighted terms of Eq. (8): class CE, mask BCE and dice with deep supervision (one
+    target per caption, normalised by the captions of this process, official) and the MCC."""
+    terms, _ = set_losses(outputs, targets, w_cls=cfg.w_cls, w_bce=cfg.w_bce, w_dice=cfg.w_dice,
+                          no_object_weight=cfg.no_object_weight, num_points=cfg.num_points or None,
+                          num_masks=len(targets))
+    if cfg.mcc:
+        terms["mcc"] = (mcc_loss(outputs["sentence"], triplets) if cfg.mcc_loss == "paper"
+                        else infonce_loss(outputs["sentence"], triplets, cfg.mcc_temperature))
+    return terms
+
+
+# ---------------------------------------------------------------------------------- building
 class Triplets(torch.utils.data.Dataset):
     """RefCOCO items with the Sec. 3.3 triplet, sampled as the official dataset mapper: the
     positive is a random sentence of the same object (a "." appended when it is the expression
@@ -478,44 +518,6 @@ def captions_of(batch):
     return texts, torch.tensor(index), targets, torch.tensor(triplets)
 
 
-def mcc_loss(sentence, triplets):
-    """Eq. (6): -log(sim(p1, p2) / (sim(p1, n) + sim(p2, n))), sim = exp(cosine), averaged over
-    the triplets that have a negative. sentence (N, C), triplets (T, 3)."""
-    triplets = triplets[triplets[:, 2] >= 0]
-    if len(triplets) == 0:
-        return sentence.sum() * 0
-    p1, p2, n = (F.normalize(sentence[triplets[:, k]].float(), dim=-1) for k in range(3))
-    cos = lambda a, b: (a * b).sum(-1)  # noqa: E731
-    denominator = torch.logsumexp(torch.stack([cos(p1, n), cos(p2, n)]), 0)
-    return (denominator - cos(p1, p2)).mean()
-
-
-def infonce_loss(sentence, triplets, temperature):
-    """The official MCC: InfoNCE(q, p, negatives) + InfoNCE(p, q, negatives), every negative of the
-    batch shared ("unpaired"), L2-normalised features, logits / temperature."""
-    negatives = F.normalize(sentence[triplets[triplets[:, 2] >= 0, 2]].float(), dim=-1)  # (M, C)
-    if len(negatives) == 0:
-        return sentence.sum() * 0
-    q, p = (F.normalize(sentence[triplets[:, k]].float(), dim=-1) for k in range(2))  # (T, C)
-    def one_way(a, b):
-        logits = torch.cat([(a * b).sum(-1, keepdim=True), a @ negatives.T], 1) / temperature
-        return F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device))
-    return one_way(q, p) + one_way(p, q)
-
-
-def compute_losses(cfg, outputs, targets, triplets):
-    """The unweighted terms of Eq. (8): class CE, mask BCE and dice with deep supervision (one
-    target per caption, normalised by the captions of this process, official) and the MCC."""
-    terms, _ = set_losses(outputs, targets, w_cls=cfg.w_cls, w_bce=cfg.w_bce, w_dice=cfg.w_dice,
-                          no_object_weight=cfg.no_object_weight, num_points=cfg.num_points or None,
-                          num_masks=len(targets))
-    if cfg.mcc:
-        terms["mcc"] = (mcc_loss(outputs["sentence"], triplets) if cfg.mcc_loss == "paper"
-                        else infonce_loss(outputs["sentence"], triplets, cfg.mcc_temperature))
-    return terms
-
-
-# ---------------------------------------------------------------------------------- building
 def make_dataset(cfg, root, split, *, train, seed=None):
     toy = cfg.data == "toy"
     base = RefCOCO(root, Path(root) / "images" if toy else cfg.image_root,
