@@ -654,3 +654,13 @@ def test_youtube_vis_reader_reads_the_toy_vis_file(toy_vis):
                     rle = mask_dict[anno][t]
                     expected = np.zeros((VIDEO_H, VIDEO_W), bool) if rle is None else rle_decode(rle)
                     assert np.array_equal(item["masks"][k, j].numpy(), expected.astype(bool))
+
+
+def test_toy_table_gives_the_wall_time_of_runs_alone_only():
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    import toy_table
+    alone = [{"seconds": 600.0, "threads": None}, {"seconds": 700.0, "threads": None}]
+    shared = [{"seconds": 2000.0, "threads": 1}, {"seconds": None, "threads": None}]
+    assert toy_table.wall_time(alone) == "650 s"
+    assert toy_table.wall_time(alone + shared) == "650 s"
+    assert toy_table.wall_time(shared) == "shared"

@@ -80,6 +80,13 @@ def run(method, variant, seed, out, extra, train=True, threads=None):
                            for column, subset in {"motion_only": "motion_only", **ORDER_SUBSETS}.items()}}
 
 
+def wall_time(records) -> str:
+    """Mean seconds of the runs that trained alone on the machine; "shared" when none did (a run
+    that shared the cores, --jobs, or whose time was not recorded, is left out)."""
+    alone = [r["seconds"] for r in records if r["seconds"] is not None and not r.get("threads")]
+    return f"{statistics.mean(alone):.0f} s" if alone else "shared"
+
+
 def threads_per_job(jobs):
     """Torch threads of each of `jobs` runs sharing the CPU cores (None: one run, all threads)."""
     return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
@@ -104,8 +111,7 @@ def table(method, records, extra):
     for variant in dict.fromkeys(r["variant"] for r in records):
         mine = [r for r in records if r["variant"] == variant]
         command = " ".join(f"python {method}.py --data toy --train {variant} {' '.join(extra)}".split())
-        times = [r["seconds"] for r in mine if r["seconds"] is not None]
-        wall = f"{statistics.mean(times):.0f} s" if times else "n/a"
+        wall = wall_time(mine)
         values = " | ".join(mean_std([r.get(c) for r in mine]) for c in columns)
         lines.append(f"| `{command}` | {len(mine)} | {values} | {wall} |")
     references = records[0]["references"]
@@ -117,9 +123,9 @@ def table(method, records, extra):
     lines.append("")
     seeds = sorted({r["seed"] for r in records})
     import torch  # only to name the build the runs used
-    threads = sorted({r.get("threads") for r in records if r.get("threads")})
-    shared = (f" Runs with {' or '.join(map(str, threads))} thread(s) shared the cores with other runs "
-              f"(--jobs): their wall time is not that of a run alone.") if threads else ""
+    shared = (" A wall time is that of runs trained alone on the machine (train and evaluation); "
+              "\"shared\": the runs shared the cores with other runs (--jobs), so their time is "
+              "not given.") if any(r.get("threads") or r["seconds"] is None for r in records) else ""
     steps = sorted({r["steps"] for r in records if r.get("steps")})
     trained = f"{' or '.join(f'{s:,}' for s in steps)} training steps per run (log.jsonl); " if steps else ""
     lines.append(f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}, written by "
@@ -144,13 +150,13 @@ def summary(runs_root: Path) -> str:
         video = "J&F" in mine[0]
         score, motion = ("J&F", "motion_only") if video else ("mIoU", "motion mIoU")
         floor = mine[0]["references"].get("motion_only", {}).get("every_look_alike", {}).get("J&F")
-        times = [r["seconds"] for r in mine if r["seconds"] is not None]
         threads |= {r.get("threads") for r in mine if r.get("threads")}
         lines.append(f"| {METHOD_NAMES[method]} | `python {method}.py --data toy --train` | {len(mine)} | "
                      f"{mean_std([r.get(score) for r in mine])} ({score}) | {mean_std([r.get(motion) for r in mine])} | "
                      f"{f'{floor:.3f}' if floor is not None else 'n/a'} | "
-                     f"{f'{statistics.mean(times):.0f} s' if times else 'n/a'} |")
-    shared = " Runs that shared the cores with other runs (--jobs) took longer than a run alone." if threads else ""
+                     f"{wall_time(mine)} |")
+    shared = (" A wall time is that of runs trained alone (train and evaluation); \"shared\": they "
+              "shared the cores with other runs.") if threads else ""
     lines += ["", "Mean ± standard deviation over the seeds of each method's toy table (tests/bench/README.md), "
               f"written by `tests/bench/toy_table.py --summary`.{shared}"]
     return "\n".join(lines)
