@@ -102,6 +102,68 @@ def test_residual_attention_is_eqs_1_to_4_by_hand():
     assert torch.allclose(layer(x, y, mask), expected, atol=1e-5)
 
 
+def _identity_attention(attn, C):
+    with torch.no_grad():  # one head, identity projections: softmax(q k^T / sqrt(C)) v
+        attn.in_proj_weight.copy_(torch.eye(C).repeat(3, 1))
+        attn.in_proj_bias.zero_()
+        attn.out_proj.weight.copy_(torch.eye(C))
+        attn.out_proj.bias.zero_()
+
+
+def _attend(q, k, v, mask=None):  # (B, M, C) x (B, K, C) -> (B, M, C), one head
+    logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None], -math.inf)
+    return logits.softmax(-1) @ v
+
+
+def test_motion_query_decoder_layer_is_eq_8_by_hand():
+    """Eq. (8) with one head and identity projections: the words (padded ones get no weight),
+    then F_me, then self-attention, then the FFN, each a post-norm residual; the query positions
+    are added to the queries (and to the keys of the self-attention), never to the values."""
+    torch.manual_seed(0)
+    C = 8
+    layer = dmvs.DecoderLayer(dim=C, heads=1, ffn_dim=16)
+    for attn in (layer.word_attn, layer.memory_attn, layer.self_attn):
+        _identity_attention(attn, C)
+    queries, pos = torch.randn(2, 3, C), torch.randn(2, 3, C)
+    words, f_me = torch.randn(2, 5, C), torch.randn(2, 1, C)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    x = F.layer_norm(queries + _attend(queries + pos, words, words, mask), (C,))
+    x = F.layer_norm(x + _attend(x + pos, f_me, f_me), (C,))
+    x = F.layer_norm(x + _attend(x + pos, x + pos, x), (C,))
+    expected = F.layer_norm(x + layer.ffn(x), (C,))
+    assert torch.allclose(layer(queries, pos, words, mask, f_me), expected, atol=1e-5)
+
+
+def test_heads_are_eqs_9_and_10_on_every_layer(toy):
+    """Eq. (9): class logits H_c(q); Eq. (10): masks H_m(q) . mask features, for the normed
+    queries of every decoder layer (the last as the output, the others as aux_outputs)."""
+    cfg, model, batch = toy
+    torch.manual_seed(0)
+    B, T, h, w = 2, 3, 4, 5
+    found = dmvs.Instances(frame_queries=torch.randn(B, T, 4, cfg.dim),
+                           video_queries=torch.randn(B, 6, cfg.dim),
+                           scores=torch.rand(B, 6),
+                           mask_features=torch.randn(B, T, model.mask_embed.layers[-1].out_features, h, w))
+    text = model.encode_text(batch["expression"])
+    seen = []
+    hooks = [layer.register_forward_hook(lambda module, args, out: seen.append(out)) for layer in model.layers]
+    try:
+        out = model.decode(found, text)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    preds = [*out["aux_outputs"], out]
+    assert len(preds) == len(seen) == len(model.layers)
+    for pred, queries in zip(preds, seen):
+        q = F.layer_norm(queries, (cfg.dim,), model.norm.weight, model.norm.bias)
+        assert torch.allclose(pred["pred_logits"], q @ model.class_head.weight.T + model.class_head.bias, atol=1e-5)
+        embed = model.mask_embed(q)  # (B, M, D)
+        masks = (embed[:, :, None, :, None, None] * found.mask_features[:, None]).sum(3)  # (B, M, T, h, w)
+        assert torch.allclose(pred["pred_masks"], masks, atol=1e-4)
+
+
 def test_encoder_order_and_table_4_switches(toy):
     """Eq. (3) reads Q'_f (after Eq. 1), Eq. (4) reads Q'_v (after Eq. 2); without the cues the
     raw queries are read, and the Eq. (1)/(2) layers do not exist."""

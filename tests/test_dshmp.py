@@ -133,6 +133,28 @@ def test_static_motion_split_reaches_the_injections(toy):
     assert static_tokens == ["the", "red", "circle", "to", "the", "left"]
 
 
+def test_cue_injection_is_eqs_1_and_2_by_hand():
+    """Eqs. (1)-(2) with one head and identity projections, in eval mode (no dropout):
+    Q = Q_0 + scale * LN(Q_0 + softmax(Q_0 F^T / sqrt(C)) F), the words outside the cue set
+    (static words for Eq. 1, motion words for Eq. 2) getting no weight."""
+    torch.manual_seed(0)
+    C, scale = 8, 0.5
+    layer = dshmp.CueInjection(dim=C, heads=1, scale=scale).eval()
+    with torch.no_grad():
+        layer.attn.in_proj_weight.copy_(torch.eye(C).repeat(3, 1))
+        layer.attn.in_proj_bias.zero_()
+        layer.attn.out_proj.weight.copy_(torch.eye(C))
+        layer.attn.out_proj.bias.zero_()
+    queries, words = torch.randn(2, 3, C), torch.randn(2, 5, C)
+    cues = torch.tensor([[True, False, True, True, False], [False, True, False, False, False]])
+    logits = (queries @ words.transpose(1, 2) / math.sqrt(C)).masked_fill(~cues[:, None], -math.inf)
+    expected = queries + scale * F.layer_norm(queries + logits.softmax(-1) @ words, (C,))
+    assert torch.allclose(layer(queries, words, cues), expected, atol=1e-5)
+    other = words.clone()
+    other[~cues] = torch.randn(int((~cues).sum()), C)  # change only the words outside the cue set
+    assert torch.allclose(layer(queries, other, cues), expected, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- Sec. 3.2
 def test_hungarian_step_realigns_a_permuted_token_sequence():
     torch.manual_seed(0)

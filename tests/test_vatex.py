@@ -155,6 +155,62 @@ def test_deformable_encoder_and_cmd_start_as_the_official_code():
     assert not any(proj[0].bias.any() for proj in cmd.input_proj) and not cmd.mask_proj.bias.any()
 
 
+def test_cmd_levels_are_eq_4_by_hand():
+    """Eq. (4): F_i = Conv2d(V_i' + Ups(F_{i-1})), V_i' the BAT's pixels of level i (Eqs. 2-3),
+    Ups a bilinear resize to level i's size, no Ups term at level 1; the mask features are the
+    1x1 projection of F_4 (what Eq. 7 dots the queries with)."""
+    cmd = small_cmd().eval()
+    stages = [torch.randn(2, c, 64 // s, 96 // s) for c, s in zip([32, 64, 128, 256], [4, 8, 16, 32])]
+    words, pos, mask = torch.randn(2, 5, 64), torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.bool)
+    bat_pixels, fused_in, fused_out = [], [], []
+    hooks = [bat.register_forward_hook(lambda m, a, out: bat_pixels.append(out[0])) for bat in cmd.bats]
+    def keep(module, args, out):  # returns None: the output stays as it is
+        fused_in.append(args[0])
+        fused_out.append(out)
+    hooks += [f.register_forward_hook(keep) for f in cmd.fuse]
+    with torch.no_grad():
+        out = cmd(stages, words, pos, mask)
+    for hook in hooks:
+        hook.remove()
+    for i in range(4):
+        h, w = fused_out[i].shape[-2:]
+        v = bat_pixels[i].transpose(1, 2).reshape(2, 64, h, w)  # V_i' (N, C, h, w)
+        if i > 0:
+            v = v + F.interpolate(fused_out[i - 1], size=(h, w), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(fused_in[i], v)
+        torch.testing.assert_close(fused_out[i], cmd.fuse[i](v))
+    assert [tuple(f.shape[-2:]) for f in fused_out] == [(2, 3), (4, 6), (8, 12), (16, 24)]
+    torch.testing.assert_close(out["features"], fused_out[:3])
+    torch.testing.assert_close(out["mask_features"], cmd.mask_proj(fused_out[3]))
+
+
+def test_decoder_masks_are_eq_7_on_every_prediction(toy):
+    """Eq. (7): s = Sigmoid(F_4 . F_o^T): each prediction's mask logits are the mask embedding
+    of the normed queries dotted with the mask features (the sigmoid is applied by the loss and
+    at inference), for the first prediction (before any layer) and after every layer."""
+    _, _, model, batch = toy
+    decoder = model.decoder
+    torch.manual_seed(0)
+    N, C, h, w = 2, decoder.hidden_dim, 8, 12
+    features = [torch.randn(N, C, 2 * 2 ** i, 3 * 2 ** i) for i in range(3)]
+    pos = [torch.randn_like(f) for f in features]
+    mask_features, sentence = torch.randn(N, C, h, w), torch.randn(N, C)
+    words, word_pos = torch.randn(N, 4, C), torch.randn(N, 4, C)
+    seen = []  # the queries each prediction reads: the sentence repeated, then each layer's output
+    hooks = [layer.register_forward_hook(lambda m, a, out: seen.append(out)) for layer in decoder.layers]
+    with torch.no_grad():
+        out = decoder(features, pos, mask_features, sentence, None, words, word_pos,
+                      torch.ones(N, 4, dtype=torch.bool))
+    for hook in hooks:
+        hook.remove()
+    queries = [sentence[:, None].expand(N, decoder.num_queries, C), *seen]
+    preds = [*out["aux_outputs"], out]
+    assert len(preds) == len(queries) == len(decoder.layers) + 1
+    for pred, q in zip(preds, queries):
+        embed = decoder.mask_embed(decoder.decoder_norm(q))  # (N, Q, C)
+        torch.testing.assert_close(pred["pred_masks"], torch.einsum("nqc,nchw->nqhw", embed, mask_features))
+
+
 def test_cmd_runs_in_fp32_under_autocast():
     """As the official cmd.py (`autocast(enabled=False)`, inputs cast to float): under bf16 autocast
     (CPU here; CUDA's autocast casts Linear and Conv2d alike) and with bf16 inputs, the CMD's inner
