@@ -82,9 +82,9 @@ from common.vita import SWIN_L_OVIS, build_vita, load_official_vita_checkpoint
 from data.toy import ensure_toy, toy_video_evaluation
 from data.toy_pretrain import toy_vita_sizes, train_toy_vita
 
-# Shapes: B clips, T frames, F frame queries per frame (N_f), V video queries (N_v), M motion
-# queries (N_m), L text tokens (+1: the sentence embedding appended), C channels, D mask-feature
-# channels, h w mask-feature size (H/4, W/4).
+# Shapes: B clips, T frames, Q frame queries per frame (N_f), V video queries (N_v), M motion
+# queries (N_m), L text tokens (+1: the sentence embedding appended), C channels, C_m mask-feature
+# channels, H W frame size, h w mask-feature size (H/4, W/4).
 
 
 # ------------------------------------------------------------------------------------ config
@@ -205,7 +205,7 @@ class ResidualAttention(nn.Module):
 
 
 class MotionExpressionEncoder(nn.Module):
-    """Eqs. (1)-(4): frame queries (B, T*F, C) <- static cues, video queries (B, V, C) <- motion
+    """Eqs. (1)-(4): frame queries (B, T*Q, C) <- static cues, video queries (B, V, C) <- motion
     cues, then the sentence reads the frame queries and the video queries in turn -> F_me (B, 1, C).
     Without static / motion cues (Table 4) the unenhanced queries feed Eqs. (3) / (4)."""
 
@@ -255,10 +255,10 @@ class DecoderLayer(nn.Module):
 # ------------------------------------------------------------------------------------- model
 class Instances(NamedTuple):
     """What the frozen VITA hands DMVS (Sec. 3.1)."""
-    frame_queries: torch.Tensor  # (B, T, F, C) Q_f, Mask2Former's last layer
+    frame_queries: torch.Tensor  # (B, T, Q, C) Q_f, Mask2Former's last layer
     video_queries: torch.Tensor  # (B, V, C) Q_v
     scores: torch.Tensor  # (B, V) S_v: the largest class probability other than no-object
-    mask_features: torch.Tensor  # (B, T, D, h, w) F_mask, VITA's own projection
+    mask_features: torch.Tensor  # (B, T, C_m, h, w) F_mask, VITA's own projection
 
 
 def select_queries(video_queries, scores, k):
@@ -338,7 +338,7 @@ class DMVS(nn.Module):
 
     def decode(self, found: Instances, text: Text) -> dict:
         """Eqs. (1)-(4), (7)-(10) on VITA's queries -> the outputs dict."""
-        frame_queries = rearrange(found.frame_queries, "b t f c -> b (t f) c")  # (B, T*F, C)
+        frame_queries = rearrange(found.frame_queries, "b t f c -> b (t f) c")  # (B, T*Q, C)
         if self.encoder is not None:
             motion_expr = self.encoder(frame_queries, found.video_queries,
                                        text)  # F_me (B, 1, C)
@@ -366,8 +366,8 @@ class DMVS(nn.Module):
         for part in frames.split(chunk):
             H, W = part.shape[-2:]
             out, feats = self.vita.segment_frames(nn.functional.pad(part, (0, -W % 32, 0, -H % 32)))
-            frame_queries.append(out["query_embeds"][-1])  # (t, F, C)
-            mask_feats.append(feats)  # (t, D, h, w)
+            frame_queries.append(out["query_embeds"][-1])  # (t, Q, C)
+            mask_feats.append(feats)  # (t, C_m, h, w)
         frame_queries, mask_feats = torch.cat(frame_queries)[None], torch.cat(mask_feats)[None]
         found = self.instances(frame_queries, self.vita.decode_video(frame_queries, mask_feats))
         out = self.decode(found, self.encode_text([expression]))

@@ -84,8 +84,8 @@ from data.toy import ensure_toy, toy_video_evaluation
 # Shapes: B clips, T frames, Q object tokens per frame (the N_s static queries), M video tokens
 # (the N_m motion queries), L text tokens (+1: the sentence embedding appended), C channels, H W
 # frame size, h w mask-feature size (H/4, W/4), n windows of K frames, P trajectories (n*Q per
-# clip), S tokens per trajectory at a hierarchical stage, D contrastive width, E negatives,
-# G memory-bank targets.
+# clip), S tokens per trajectory at a hierarchical stage, D contrastive width, A anchors,
+# E negatives, G memory-bank targets.
 
 
 # ------------------------------------------------------------------------------------ config

@@ -80,8 +80,9 @@ from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate
 from common.text import build_vocab, head_noun, tag_words, word_tokenizer
 from data.toy import ensure_toy, motion_sentence_keys
 
-# Shapes: B samples in a step, P partner samples (verb phrases of the B, or their sentences),
-# M = B + P fused embeddings, D their width, L words, C_i Swin stage widths, H W input size.
+# Shapes: B samples in a step, R partner samples (verb phrases of the B, or their sentences),
+# N = B + R image-text pairs through the encoder, D the fused embedding width, A anchors, L words,
+# C_i Swin stage widths, H W input size, h w the last stage's size (H/32, W/32).
 
 
 # ------------------------------------------------------------------------------------ config
@@ -178,9 +179,9 @@ class SimpleDecoding(nn.Module):
 
 
 class LAVT(nn.Module):
-    """images (M, 3, H, W) ImageNet-normalised + M expressions -> dict(logits (B, 2, H, W) at
-    the input size of the first B = `samples` pairs (default all), embeds (M, D) the fused
-    embedding z of every pair (reconstructed Fuser; with proj_dim). pad_mask (M, H, W) True on
+    """images (N, 3, H, W) ImageNet-normalised + N expressions -> dict(logits (B, 2, H, W) at
+    the input size of the first B = `samples` pairs (default all), embeds (N, D) the fused
+    embedding z of every pair (reconstructed Fuser; with proj_dim). pad_mask (N, H, W) True on
     padding (default none): the embedding averages the valid pixels only."""
 
     def __init__(self, *, backbone, text_encoder, decoder_dim, proj_dim):
@@ -201,21 +202,21 @@ class LAVT(nn.Module):
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
         if self.fuser is None:
             return {"logits": logits}
-        # z, Fig. 2 "Fuser": the last fused map (M, C_4, H/32, W/32), pooled, projected
+        # z, Fig. 2 "Fuser": the last fused map (N, C_4, H/32, W/32), pooled, projected
         return {"logits": logits, "embeds": self.fuser(valid_mean(stages[3], pad_mask))}
 
 
 def valid_mean(x, pad_mask=None):
     """The mean of a stride-32 map over the valid input pixels, each cell weighted by its share of
     them, so that a batch's padding (a third of the canvas for a 3:2 image on a square one) does
-    not enter the embedding. x (M, C, h, w); pad_mask (M, H, W) True on padding, or None ->
-    (M, C)."""
+    not enter the embedding. x (N, C, h, w); pad_mask (N, H, W) True on padding, or None ->
+    (N, C)."""
     if pad_mask is None:
         return x.mean((2, 3))
     H, W = pad_mask.shape[-2:]
-    valid = F.pad((~pad_mask)[:, None].float(), (0, -W % 32, 0, -H % 32))  # (M, 1, 32 h, 32 w)
-    weight = F.avg_pool2d(valid, 32)  # (M, 1, h, w)
-    return (x.float() * weight).sum((2, 3)) / weight.sum((2, 3))  # (M, C)
+    valid = F.pad((~pad_mask)[:, None].float(), (0, -W % 32, 0, -H % 32))  # (N, 1, 32 h, 32 w)
+    weight = F.avg_pool2d(valid, 32)  # (N, 1, h, w)
+    return (x.float() * weight).sum((2, 3)) / weight.sum((2, 3))  # (N, C)
 
 
 # ------------------------------------------------------------ verb phrases and the MRaCL loss
@@ -264,9 +265,9 @@ def verb_phrase(expression: str, with_subject: bool = False) -> str:
 
 
 def pair_masks(ann_ids, image_ids, categories, positives, fn_filter, phrase=None):
-    """(M, M) bool masks of the positives and the negatives. positives: (P, 2) index pairs. Self
+    """(N, N) bool masks of the positives and the negatives. positives: (R, 2) index pairs. Self
     pairs are neither; with fn_filter, other samples of the same target or of the same image and
-    category are no negatives (reconstructed false-negative filtering). phrase (M,) bool, True
+    category are no negatives (reconstructed false-negative filtering). phrase (N,) bool, True
     on a verb phrase's embedding, given for verbonly: the negatives are only an original and a
     phrase of two pairs (the B' x B' block of originals x phrases, its diagonal the positives)."""
     m = len(ann_ids)
@@ -274,7 +275,7 @@ def pair_masks(ann_ids, image_ids, categories, positives, fn_filter, phrase=None
     positive[positives[:, 0], positives[:, 1]] = positive[positives[:, 1], positives[:, 0]] = True
     negative = ~positive & ~torch.eye(m, dtype=torch.bool)
     if phrase is not None:
-        paired = positive.any(1)  # (M,)
+        paired = positive.any(1)  # (N,)
         negative &= (phrase[:, None] != phrase) & paired[:, None] & paired
     if fn_filter:
         ann, img, cat = (torch.tensor(v) for v in (ann_ids, image_ids, categories))
@@ -288,11 +289,11 @@ def angular_contrastive_loss(embeds, positive, negative, *, margin, temperature,
     """MRaCL (reconstructed): theta = arccos(cos) with cos clamped to [-1 + eps, 1 - eps], since
     arccos has an unbounded gradient at +-1; s = 1 - 2 theta / pi; for every anchor with a
     positive, -log(exp(s_pos' / tau) / (exp(s_pos' / tau) + sum_neg exp(s / tau))) with
-    s_pos' = 1 - 2 (theta_pos + m) / pi. embeds (M, D); positive, negative (M, M) bool. The mean
-    over the anchors; with phrase (M,) bool, alpha x the originals' mean + (1 - alpha) x the
+    s_pos' = 1 - 2 (theta_pos + m) / pi. embeds (N, D); positive, negative (N, N) bool. The mean
+    over the anchors; with phrase (N,) bool, alpha x the originals' mean + (1 - alpha) x the
     phrases' (equal to the plain mean at alpha 0.5: every pair gives one of each)."""
     z = F.normalize(embeds.float(), dim=-1)
-    theta = torch.arccos((z @ z.T).clamp(-1 + eps, 1 - eps))  # (M, M)
+    theta = torch.arccos((z @ z.T).clamp(-1 + eps, 1 - eps))  # (N, N)
     similarity = 1 - 2 * theta / math.pi  # angular similarity (page Fig. 2: Theta in [-1, 1])
     margined = 1 - 2 * (theta + margin) / math.pi  # margin m on the positive's angle (page)
     return _contrastive(similarity, margined, positive, negative, temperature, phrase, alpha)
@@ -305,7 +306,7 @@ def _contrastive(similarity, positive_logit, positive, negative, temperature, ph
     anchors, partners = positive.nonzero(as_tuple=True)
     if len(anchors) == 0:
         return similarity.sum() * 0
-    negatives = (similarity / temperature).masked_fill(~negative, -math.inf)[anchors]  # (A, M)
+    negatives = (similarity / temperature).masked_fill(~negative, -math.inf)[anchors]  # (A, N)
     logits = torch.cat([(positive_logit[anchors, partners] / temperature)[:, None], negatives], 1)
     losses = -logits.log_softmax(1)[:, 0]  # (A,)
     if phrase is None:
@@ -325,7 +326,7 @@ def contrastive_terms(cfg, embeds, positive, negative, phrase=None):
                                         temperature=cfg.temperature, phrase=phrase,
                                         alpha=cfg.alpha)
     z = F.normalize(embeds.float(), dim=-1)
-    cosine = z @ z.T  # (M, M)
+    cosine = z @ z.T  # (N, N)
     if cfg.loss == "l2":
         a, b = positive.nonzero(as_tuple=True)
         return ((z[a] - z[b]) ** 2).sum(-1).mean() if len(a) else z.sum() * 0
@@ -343,7 +344,7 @@ def segmentation_loss(cfg, logits, targets, pad_mask):
 
 def with_partners(cfg, batch):
     """The texts of one forward pass: the B expressions and, when MRaCL is on, the partners of
-    those that have one (the same image, the other text). Returns (image index (M,), texts)."""
+    those that have one (the same image, the other text). Returns (image index (N,), texts)."""
     have = [i for i, p in enumerate(batch["partner"]) if p is not None] if cfg.mracl else []
     return list(range(len(batch["partner"]))) + have, batch["expression"] + [
         batch["partner"][i] for i in have]
@@ -352,7 +353,7 @@ def with_partners(cfg, batch):
 def compute_losses(cfg, outputs, batch, index):
     """The unweighted terms: LAVT's cross-entropy on the B samples (not on the partners: the page's
     figure sends only the original captions to the mask decoder) and the contrastive term over
-    the M fused embeddings (verbonly: their originals x phrases block), each partner the positive
+    the N fused embeddings (verbonly: their originals x phrases block), each partner the positive
     of its sample. index: the sample of each."""
     b = len(batch["expression"])
     terms = {"ce": segmentation_loss(cfg, outputs["logits"][:b], batch["targets"],
@@ -363,7 +364,7 @@ def compute_losses(cfg, outputs, batch, index):
         positives = torch.tensor([[i, k] for k, i in enumerate(index) if k >= b],
                                  dtype=torch.long).reshape(-1, 2)
         # a verb phrase's embedding: a phrase sample's, or the partner of a sentence sample
-        phrase = torch.tensor([p != (k >= b) for k, p in enumerate(pick("is_phrase"))])  # (M,)
+        phrase = torch.tensor([p != (k >= b) for k, p in enumerate(pick("is_phrase"))])  # (N,)
         positive, negative = pair_masks(pick("ann_id"), pick("image_id"), pick("category_id"),
                                         positives, cfg.fn_filter, phrase if cfg.verbonly else None)
         device = outputs["embeds"].device
@@ -478,7 +479,7 @@ def train(cfg, ddp, root, out):
             batch = next(batches)
             images, batch["targets"] = to_device((batch["images"], batch["targets"]), ddp.device)
             index, texts = with_partners(cfg, batch)
-            pad_mask = batch["pad_mask"].to(ddp.device)[index]  # (M, H, W)
+            pad_mask = batch["pad_mask"].to(ddp.device)[index]  # (N, H, W)
             with autocast(ddp.device):  # the B samples, then their partners (not decoded)
                 outputs = model(images[index], texts, pad_mask=pad_mask,
                                 samples=len(batch["expression"]))

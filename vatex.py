@@ -85,8 +85,8 @@ from data.toy import ensure_toy, motion_sentence_keys
 from data.toy_pretrain import pretrain_toy_clip, tiny_clip
 
 # Shapes: B images, N captions (3 per image in training: expression, positive, negative), Q the
-# N = 5 queries of the paper, L words, C channels, D CLIP's joint width, P CLIP patch tokens,
-# H W input size, h w mask features (H/4, W/4), S CLIP's input size.
+# N = 5 queries of the paper, L words, C channels, D CLIP's joint width, N_p CLIP patch tokens,
+# H W input size, h w mask features (H/4, W/4), H_c CLIP's input size.
 
 
 # ------------------------------------------------------------------------------------ config
@@ -165,10 +165,10 @@ def sine_positions_1d(mask, dim, temperature=10_000.0):
 
 # ---------------------------------------------------------------------- Sec. 3.1 CLIP Prior
 def clip_heatmap(patch_tokens, text_embeds):
-    """Eq. (1): the normalised cosine similarity of every patch token (N, P, D) with the text
-    embedding (N, D) of "a photo of {noun phrase}" -> (N, P), unit L2 norm per caption."""
+    """Eq. (1): the normalised cosine similarity of every patch token (N, N_p, D) with the text
+    embedding (N, D) of "a photo of {noun phrase}" -> (N, N_p), unit L2 norm per caption."""
     similarity = einsum(F.normalize(patch_tokens, dim=-1), F.normalize(text_embeds, dim=-1),
-                        "n p d, n d -> n p")  # (N, P)
+                        "n p d, n d -> n p")  # (N, N_p)
     return F.normalize(similarity, dim=-1)  # norm(.) of Eq. (1)
 
 
@@ -415,10 +415,11 @@ class VATEX(nn.Module):
         if self.prior_proj is None:
             return None
         views = clip_view(images, image_sizes, self.clip_image_size, mean=IMAGENET_MEAN,
-                          std=IMAGENET_STD)  # (B, 3, S, S)
-        patches = self.clip.encode_image(views, patch_layernorm=False)["patch_tokens"]  # (B, P, D)
+                          std=IMAGENET_STD)  # (B, 3, H_c, H_c)
+        encoded = self.clip.encode_image(views, patch_layernorm=False)
+        patches = encoded["patch_tokens"]  # (B, N_p, D)
         prompts = [f"a photo of {main_noun_phrase(t)}" for t in texts]  # Sec. 3.1 template
-        heatmap = clip_heatmap(patches[image_index], self.clip.encode_text(prompts))  # (N, P)
+        heatmap = clip_heatmap(patches[image_index], self.clip.encode_text(prompts))  # (N, N_p)
         return self.prior_proj(heatmap)  # (N, C)
 
 
