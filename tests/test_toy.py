@@ -664,3 +664,27 @@ def test_toy_table_gives_the_wall_time_of_runs_alone_only():
     assert toy_table.wall_time(alone) == "650 s"
     assert toy_table.wall_time(alone + shared) == "650 s"
     assert toy_table.wall_time(shared) == "shared"
+
+
+def test_toy_table_summary_takes_each_methods_full_model(tmp_path):
+    """--summary: one row per method from the "" (full model) runs of its table.json, the video
+    methods' J&F and the image methods' mIoU, each with its motion-only score; ablation rows are
+    left out."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    import toy_table
+    floors = {"motion_only": {"every_look_alike": {"J&F": 0.556}}}
+    for method in toy_table.METHODS:
+        video = method in ("dshmp", "dmvs")
+        records = [{"variant": variant, "seed": seed, "seconds": None, "references": floors if video else {},
+                    **({"J&F": base + 0.01 * seed, "motion_only": base - 0.1} if video
+                       else {"mIoU": base + 0.01 * seed, "motion mIoU": base - 0.1})}
+                   for variant, base in (("", 0.5), ("--no-x", 0.9)) for seed in (0, 1, 2)]
+        (tmp_path / f"toy-table-{method}").mkdir()
+        (tmp_path / f"toy-table-{method}" / "table.json").write_text(json.dumps(records))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- toy-table:summary -->\n<!-- /toy-table:summary -->\n")
+    toy_table.main(["--summary", "--runs", str(tmp_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "| DsHmp | `python dshmp.py --data toy --train` | 3 | 0.510 ± 0.010 (J&F) | 0.400 ± 0.000 | 0.556 |" in text
+    assert "| MRaCL | `python mracl.py --data toy --train` | 3 | 0.510 ± 0.010 (mIoU) | 0.400 ± 0.000 | n/a |" in text
+    assert "0.910" not in text  # the ablation rows stay in the method's own table

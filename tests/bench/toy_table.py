@@ -137,9 +137,8 @@ def table(method, records, extra):
 def summary(runs_root: Path) -> str:
     """The front page's table: the full model of each method (the runs of its "" variant in
     runs_root/toy-table-<method>/table.json), its main score and the motion-only one."""
-    lines = ["| method | command | seeds | J&F or mIoU | the same, motion-only | floor, motion-only | "
-             "wall time per run |", "|---|---|---|---|---|---|---|"]
-    threads = set()
+    lines = ["| method | command | seeds | J&F or mIoU | the same, motion-only | floor, motion-only |",
+             "|---|---|---|---|---|---|"]
     for method in METHODS:
         path = runs_root / f"toy-table-{method}" / "table.json"
         if not path.is_file():
@@ -150,15 +149,11 @@ def summary(runs_root: Path) -> str:
         video = "J&F" in mine[0]
         score, motion = ("J&F", "motion_only") if video else ("mIoU", "motion mIoU")
         floor = mine[0]["references"].get("motion_only", {}).get("every_look_alike", {}).get("J&F")
-        threads |= {r.get("threads") for r in mine if r.get("threads")}
         lines.append(f"| {METHOD_NAMES[method]} | `python {method}.py --data toy --train` | {len(mine)} | "
                      f"{mean_std([r.get(score) for r in mine])} ({score}) | {mean_std([r.get(motion) for r in mine])} | "
-                     f"{f'{floor:.3f}' if floor is not None else 'n/a'} | "
-                     f"{wall_time(mine)} |")
-    shared = (" A wall time is that of runs trained alone (train and evaluation); \"shared\": they "
-              "shared the cores with other runs.") if threads else ""
+                     f"{f'{floor:.3f}' if floor is not None else 'n/a'} |")
     lines += ["", "Mean ± standard deviation over the seeds of each method's toy table (tests/bench/README.md), "
-              f"written by `tests/bench/toy_table.py --summary`.{shared}"]
+              "written by `tests/bench/toy_table.py --summary`."]
     return "\n".join(lines)
 
 
