@@ -85,6 +85,21 @@ def test_common_imports_no_method_file_and_no_toy_data():
         assert not imports & {"data", "data.toy"}, f"{path} imports the toy data"
 
 
+# What each module of common/ may import from common/: the modules of the models it builds on,
+# so that it can be copied without the toolkit (README, "The shared package"); run.py is the toolkit.
+COMMON_NEEDS = {"vita": {"mask2former", "backbones", "matching"}, "backbones": {"mask2former"},
+                "datasets": {"coco_mask"}}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "common").glob("*.py")), ids=lambda p: p.name)
+def test_common_modules_import_only_the_models_they_build_on(path):
+    if path.stem in ("run", "__init__"):
+        return
+    imports = {name.split(".", 1)[1] for name in imported_modules(path) if name.startswith("common.")}
+    extra = imports - COMMON_NEEDS.get(path.stem, set())
+    assert not extra, f"common/{path.name} imports common.{sorted(extra)} (README: The shared package)"
+
+
 def test_the_checks_can_fail(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text('"""No cover page."""\nimport dshmp\nfrom data.toy import make_toy\n' + "x = 1  # " + "y" * 100)
