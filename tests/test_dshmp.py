@@ -253,9 +253,10 @@ def test_hmp_handles_lengths_that_are_not_a_window_multiple(toy):
 def test_a_clip_played_backwards_gets_the_same_scores(toy, monkeypatch):
     """No temporal position anywhere (paper and official code): a clip and the clip played
     backwards get the same scores and the same masks in reverse order, so a look-alike moving left
-    cannot be told from one moving right (README "Toy results"). Eq. (3)'s first frame as the
-    reference is the one step that sees the order; it is held at identity (the tracks of a scene
-    whose tokens keep their slots) so that the rest is compared exactly."""
+    cannot be told from one moving right (tests/bench/README.md, "What the toy set shows about
+    motion"). Eq. (3)'s first frame as the reference is the one step that sees the order; it is
+    held at identity (the tracks of a scene whose tokens keep their slots) so that the rest is
+    compared exactly."""
     _, _, model, batch = toy
     identity = lambda tokens: torch.arange(tokens.shape[2]).repeat(*tokens.shape[:2], 1)  # (B, T, Q)
     monkeypatch.setattr(dshmp, "align_tokens", identity)
