@@ -117,7 +117,9 @@ class Config(RunConfig):
     # phrases (its columns); the same split of the anchors with --no-verbonly. The other
     # reading: a weight between two loss terms.
     alpha: float = 0.5
-    w_mracl: float = 1.0  # (reconstructed) the page gives no weight
+    # The page gives no weight: 1.0 adds the term to LAVT's cross-entropy as a plain sum, the
+    # reading that assumes nothing (the toy preset's 0.001 comes from a toy sweep).
+    w_mracl: float = 1.0  # (reconstructed) the page gives no weight: a plain sum
     proj_dim: int = 256  # (reconstructed) width of the Fuser's projection
     # LAVT base
     weights: str = "microsoft/swin-base-patch4-window12-384-in22k"  # LAVT: Swin-B, ImageNet-22k
