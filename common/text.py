@@ -350,6 +350,147 @@ def _split_words(expression: str) -> list[tuple[str, int, int]]:
     return [(m.group(), m.start(), m.end()) for m in _WORD_RE.finditer(expression)]
 
 
+def _prev(tags: list[str], k: int = 1) -> str:
+    return tags[-k] if len(tags) >= k else "START"
+
+
+def _after_verb(tags: list[str]) -> bool:
+    # The word follows a verb, possibly through adverbs and conjunctions ("turning slowly
+    # around", "moving left and then right", "jumping up and down").
+    for t in reversed(tags):
+        if t == "VERB":
+            return True
+        if t not in ("ADV", "CCONJ"):
+            return False
+    return False
+
+
+def _coordinated_verb(tags: list[str]) -> bool:
+    # "runs and jumps": a CCONJ right before us, with a verb earlier in the expression.
+    return _prev(tags) == "CCONJ" and "VERB" in tags
+
+
+def _tag_closed_class(w: str, lex: str, tags: list[str], prev_word: str, nxt: str,
+                      nxt_word: str):
+    """(pos, lemma) of a function word, a direction word or a word of a closed list, by its
+    neighbours; None for every other word (_tag_open_word decides those)."""
+    prev = _prev(tags)
+    if lex == "PUNCT":
+        return "PUNCT", w
+    if w == "that":
+        return ("PRON" if prev in ("NOUN", "PUNCT", "VERB", "ADJ", "NUM") or nxt != "NOMINAL"
+                else "DET"), w
+    if w == "to":
+        nxt_form = _verb_form(nxt_word)
+        return ("PART" if nxt_form is not None and nxt_form[1] == "base" else "ADP"), w
+    if w == "'s":
+        return ("AUX" if prev_word in ("it", "he", "she", "that", "there", "who", "what")
+                else "PART"), w
+    if w in ("not", "n't"):
+        return "PART", w
+    if w == "there":
+        return ("PRON" if nxt == "AUX" else "ADV"), w
+    if w in _AUX:
+        return "AUX", "be" if w in _words("is are was were be been being am 's 're 'm") else w
+    if w in _HAVE:
+        nxt_form = _verb_form(nxt_word)
+        aux = nxt_word == "been" or (nxt_form is not None and nxt_form[1] == "past")
+        return ("AUX" if aux else "VERB"), "have"
+    if w in _DO:
+        nxt_form = _verb_form(nxt_word)
+        aux = nxt_word in ("not", "n't") or (nxt_form is not None and nxt_form[1] == "base")
+        return ("AUX" if aux else "VERB"), "do"
+    if w in ("left", "right"):
+        if w == "left" and prev_word in _REL_PRON | _HAVE:
+            return "VERB", "leave"  # "the car that left", "has left"
+        if prev in ("DET", "ADP", "ADJ", "PRON") or prev_word == "far":
+            return "NOUN", w  # "on the left", "far right"
+        if nxt == "NOMINAL" or nxt_word in ("most", "-"):
+            return "ADJ", w  # "left guy", "right most zebra"
+        return ("ADV" if _after_verb(tags) else "NOUN"), w  # "turning left"
+    if w in _ADJ_OR_ADV:
+        if nxt_word in ("to", "from", "away") and w in _words("close closer next far nearer"):
+            return "ADV", w  # "next to the car", "far from"
+        if _after_verb(tags) and nxt != "NOMINAL":
+            return "ADV", w  # "running fast", "walking straight"
+        if w == "far" and prev not in ("DET", "ADJ"):
+            return ("ADV" if nxt != "NOMINAL" else "ADJ"), w
+        return "ADJ", w
+    if w == "back":
+        return ("ADV" if _after_verb(tags) or prev == "START" and nxt != "NOMINAL" else "NOUN"), w
+    if w == "only":
+        return ("ADJ" if prev == "DET" else "ADV"), w
+    if w in _DET:
+        return "DET", w
+    if w in _PRON:
+        return "PRON", w
+    if w in _PARTICLES:
+        # A preposition takes a noun phrase; after a verb with nothing nominal next it is a
+        # particle.
+        takes_object = nxt in ("NOMINAL", "DET", "PRON") or nxt_word.isdigit()
+        return ("ADV" if _after_verb(tags) and not takes_object else "ADP"), w
+    for words, tag in ((_ADP, "ADP"), (_CCONJ, "CCONJ"), (_SCONJ, "SCONJ")):
+        if w in words:
+            return tag, w
+    if w in _NUM or w.isdigit():
+        return "NUM", w
+    if lex == "ADV":
+        return "ADV", w
+    if w in _ADJ or (w.endswith("est") and len(w) > 5 and w not in _words("forest interest")):
+        return "ADJ", w
+    return None
+
+
+def _tag_open_word(w: str, tags: list[str], prev_word: str, nxt: str, nxt_word: str):
+    """(pos, lemma) of a word no closed-class rule took: a verb form (-ing, past, -s, base) is a
+    VERB, NOUN or ADJ by its neighbours; any other word is a NOUN."""
+    form = _verb_form(w)
+    if form is None:
+        return "NOUN", w
+    verb_lemma, kind = form
+    prev = _prev(tags)
+    subject_before = prev in ("NOUN", "PRON", "ADV") or prev_word in _REL_PRON
+    determined = prev in ("DET", "ADJ", "NUM", "ADP") or prev_word in _POSSESSIVE
+    nominal_before = determined or prev in ("START", "PUNCT")
+    tag = "NOUN"
+    if kind == "ing":
+        if w in _AMBIG_ING and nominal_before:
+            tag = "NOUN"  # "the building"
+        elif w in _COMPOUND_ING and nxt == "NOMINAL" and nominal_before:
+            tag = "NOUN"  # "dining table"
+        else:
+            tag = "VERB"
+    elif kind == "past":
+        if determined or (w in _AMBIG_PAST and not (
+                subject_before or prev == "AUX" or _coordinated_verb(tags))):
+            tag = "ADJ" if nxt == "NOMINAL" else "NOUN"  # "the parked car", "a rose"
+        elif prev in ("START", "PUNCT") and nxt == "NOMINAL":
+            tag = "ADJ"  # "parked car on the left"
+        else:
+            tag = "VERB"
+    elif kind == "s3":
+        if determined:
+            tag = "NOUN"  # "the stands", "two drinks"
+        elif (prev in ("NOUN", "START") and verb_lemma in _COMPOUND_S3
+              and nxt in ("ADP", "PUNCT", "END", "CCONJ", "AUX")):
+            tag = "NOUN"  # "pizza slices on the plate", not "the cat stands still"
+        else:
+            tag = "VERB"
+    else:  # base form
+        adverb_before = prev == "ADV" and prev_word not in _INTENSIFIERS
+        plural_pron = prev_word in _words("they we i you")
+        prev_noun_plural = prev == "NOUN" and _is_plural_noun(prev_word)
+        if (prev_word in _REL_PRON or plural_pron or prev in ("PART", "AUX") or adverb_before
+                or prev_noun_plural or _coordinated_verb(tags) or _plural_subject(tags)):
+            tag = "VERB"
+    if tag != "VERB":
+        return tag, w
+    if (kind == "ing" and nominal_before and prev != "PUNCT" and nxt == "NOMINAL"
+            and nxt_word not in _words("left right")):
+        return "VERB", "~" + verb_lemma  # noun modifier: "the running dog", "walking man"
+    return "VERB", verb_lemma
+
+
 def tag_words(expression: str) -> list[tuple[str, int, int, str, str]]:
     """Rule-based universal POS tags for the words of `expression`.
 
@@ -357,149 +498,19 @@ def tag_words(expression: str) -> list[tuple[str, int, int, str, str]]:
     pos is a spaCy universal tag (VERB, ADV, AUX, NOUN, ADJ, DET, ADP, PRON, PART, NUM, CCONJ,
     SCONJ, PUNCT) and lemma is the verb lemma for VERB/AUX words and the lower-cased word otherwise.
     A VERB used as a noun modifier ("the running dog") has pos "VERB" and lemma prefixed with "~".
+    Left to right, each word is tagged from the tags before it and the words around it: first by
+    the closed-class rules (_tag_closed_class), else as an open-class word (_tag_open_word).
     """
     spans = _split_words(expression)
     low = [w.lower() for w, _, _ in spans]
     lex = [_lexical_class(w) for w in low]
     tags, lemmas = [], []
-
-    def prev(k=1):
-        return tags[-k] if len(tags) >= k else "START"
-
-    def after_verb() -> bool:
-        # The word follows a verb, possibly through adverbs and conjunctions ("turning slowly
-        # around", "moving left and then right", "jumping up and down").
-        for t in reversed(tags):
-            if t == "VERB":
-                return True
-            if t not in ("ADV", "CCONJ"):
-                return False
-        return False
-
-    def coordinated_verb() -> bool:
-        # "runs and jumps": a CCONJ right before us, with a verb earlier in the expression.
-        return prev() == "CCONJ" and "VERB" in tags
-
     for i, w in enumerate(low):
         nxt = lex[i + 1] if i + 1 < len(low) else "END"
         nxt_word = low[i + 1] if i + 1 < len(low) else ""
         prev_word = low[i - 1] if i > 0 else ""
-        prev_noun_plural = prev() == "NOUN" and _is_plural_noun(prev_word)
-        lemma = w
-        if lex[i] == "PUNCT":
-            tag = "PUNCT"
-        elif w == "that":
-            tag = "PRON" if prev() in ("NOUN", "PUNCT", "VERB", "ADJ", "NUM") or nxt != "NOMINAL" \
-                else "DET"
-        elif w == "to":
-            nxt_form = _verb_form(nxt_word)
-            tag = "PART" if nxt_form is not None and nxt_form[1] == "base" else "ADP"
-        elif w == "'s":
-            tag = "AUX" if prev_word in ("it", "he", "she", "that", "there", "who", "what") \
-                else "PART"
-        elif w in ("not", "n't"):
-            tag = "PART"
-        elif w == "there":
-            tag = "PRON" if nxt == "AUX" else "ADV"
-        elif w in _AUX:
-            tag, lemma = "AUX", \
-                "be" if w in _words("is are was were be been being am 's 're 'm") else w
-        elif w in _HAVE:
-            nxt_form = _verb_form(nxt_word)
-            aux = nxt_word == "been" or (nxt_form is not None and nxt_form[1] == "past")
-            tag, lemma = ("AUX" if aux else "VERB"), "have"
-        elif w in _DO:
-            nxt_form = _verb_form(nxt_word)
-            aux = nxt_word in ("not", "n't") or (nxt_form is not None and nxt_form[1] == "base")
-            tag, lemma = ("AUX" if aux else "VERB"), "do"
-        elif w in ("left", "right"):
-            if w == "left" and prev_word in _REL_PRON | _HAVE:
-                tag, lemma = "VERB", "leave"  # "the car that left", "has left"
-            elif prev() in ("DET", "ADP", "ADJ", "PRON") or prev_word == "far":
-                tag = "NOUN"  # "on the left", "far right"
-            elif nxt == "NOMINAL" or nxt_word in ("most", "-"):
-                tag = "ADJ"  # "left guy", "right most zebra"
-            elif after_verb():
-                tag = "ADV"  # "turning left"
-            else:
-                tag = "NOUN"
-        elif w in _ADJ_OR_ADV:
-            if nxt_word in ("to", "from", "away") and w in _words("close closer next far nearer"):
-                tag = "ADV"  # "next to the car", "far from"
-            elif after_verb() and nxt != "NOMINAL":
-                tag = "ADV"  # "running fast", "walking straight"
-            elif w == "far" and prev() not in ("DET", "ADJ"):
-                tag = "ADV" if nxt != "NOMINAL" else "ADJ"
-            else:
-                tag = "ADJ"
-        elif w == "back":
-            tag = "ADV" if after_verb() or prev() == "START" and nxt != "NOMINAL" else "NOUN"
-        elif w == "only":
-            tag = "ADJ" if prev() == "DET" else "ADV"
-        elif w in _DET:
-            tag = "DET"
-        elif w in _PRON:
-            tag = "PRON"
-        elif w in _PARTICLES:
-            # A preposition takes a noun phrase; after a verb with nothing nominal next it is a
-            # particle.
-            takes_object = nxt in ("NOMINAL", "DET", "PRON") or nxt_word.isdigit()
-            tag = "ADV" if after_verb() and not takes_object else "ADP"
-        elif w in _ADP:
-            tag = "ADP"
-        elif w in _CCONJ:
-            tag = "CCONJ"
-        elif w in _SCONJ:
-            tag = "SCONJ"
-        elif w in _NUM or w.isdigit():
-            tag = "NUM"
-        elif lex[i] == "ADV":
-            tag = "ADV"
-        elif w in _ADJ or (w.endswith("est") and len(w) > 5 and w not in _words("forest interest")):
-            tag = "ADJ"
-        else:
-            form = _verb_form(w)
-            tag = "NOUN"
-            if form is not None:
-                verb_lemma, kind = form
-                subject_before = prev() in ("NOUN", "PRON", "ADV") or prev_word in _REL_PRON
-                determined = prev() in ("DET", "ADJ", "NUM", "ADP") or prev_word in _POSSESSIVE
-                nominal_before = determined or prev() in ("START", "PUNCT")
-                if kind == "ing":
-                    if w in _AMBIG_ING and nominal_before:
-                        tag = "NOUN"  # "the building"
-                    elif w in _COMPOUND_ING and nxt == "NOMINAL" and nominal_before:
-                        tag = "NOUN"  # "dining table"
-                    else:
-                        tag = "VERB"
-                elif kind == "past":
-                    if determined or (w in _AMBIG_PAST and not (
-                            subject_before or prev() == "AUX" or coordinated_verb())):
-                        tag = "ADJ" if nxt == "NOMINAL" else "NOUN"  # "the parked car", "a rose"
-                    elif prev() in ("START", "PUNCT") and nxt == "NOMINAL":
-                        tag = "ADJ"  # "parked car on the left"
-                    else:
-                        tag = "VERB"
-                elif kind == "s3":
-                    if determined:
-                        tag = "NOUN"  # "the stands", "two drinks"
-                    elif (prev() in ("NOUN", "START") and verb_lemma in _COMPOUND_S3
-                          and nxt in ("ADP", "PUNCT", "END", "CCONJ", "AUX")):
-                        tag = "NOUN"  # "pizza slices on the plate", not "the cat stands still"
-                    else:
-                        tag = "VERB"
-                else:  # base form
-                    adverb_before = prev() == "ADV" and prev_word not in _INTENSIFIERS
-                    plural_pron = prev_word in _words("they we i you")
-                    if (prev_word in _REL_PRON or plural_pron or prev() in ("PART", "AUX")
-                            or adverb_before
-                            or prev_noun_plural or coordinated_verb() or _plural_subject(tags)):
-                        tag = "VERB"
-                if tag == "VERB":
-                    lemma = verb_lemma
-                    if (kind == "ing" and nominal_before and prev() != "PUNCT" and nxt == "NOMINAL"
-                            and nxt_word not in _words("left right")):
-                        lemma = "~" + verb_lemma  # noun modifier: "the running dog", "walking man"
+        tag, lemma = (_tag_closed_class(w, lex[i], tags, prev_word, nxt, nxt_word)
+                      or _tag_open_word(w, tags, prev_word, nxt, nxt_word))
         tags.append(tag)
         lemmas.append(lemma)
     return [(w, s, e, t, lm) for (w, s, e), t, lm in zip(spans, tags, lemmas)]
