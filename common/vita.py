@@ -258,20 +258,21 @@ class VITA(nn.Module):
 # DMVS's default (Sec. 4.2): the Swin-L model trained on OVIS (configs/ovis/vita_SWIN_bs8.yaml);
 # its YouTube-VIS 2019/2021 models (Table 7) differ in num_classes (40).
 SWIN_L_OVIS = dict(embed_dim=192, depths=(2, 2, 18, 2), swin_heads=(6, 12, 24, 48), window=12,
-                   conv_dim=256, mask_dim=256, pd_layers=6, pd_heads=8, pd_ffn=1024,
+                   conv_dim=256, mask_dim=256,
+                   pixel_decoder_layers=6, pixel_decoder_heads=8, pixel_decoder_ffn=1024,
                    hidden=256, heads=8, ffn=2048, frame_queries=200, dec_layers=9, num_classes=25,
                    enc_layers=6, vita_dec_layers=3, video_queries=100, enc_window=6)
 
 
 def build_vita(c: dict) -> VITA:
-    """Our VITA with the sizes `c` of an official configuration (the keys of SWIN_L_OVIS; pd_ffn,
-    ffn and enc_window default to 1024, 2048 and 6), random weights (load_official_vita fills
-    them)."""
+    """Our VITA with the sizes `c` of an official configuration (the keys of SWIN_L_OVIS;
+    pixel_decoder_ffn, ffn and enc_window default to 1024, 2048 and 6), random weights
+    (load_official_vita fills them)."""
     config = tiny_mask2former_config(
         embed_dim=c["embed_dim"], depths=c["depths"], swin_heads=c["swin_heads"],
-        window_size=c["window"], hidden_dim=c["conv_dim"], encoder_layers=c["pd_layers"],
-        encoder_ffn_dim=c.get("pd_ffn", 1024),
-        num_heads=c["pd_heads"], mask_feature_size=c["mask_dim"])
+        window_size=c["window"], hidden_dim=c["conv_dim"], encoder_layers=c["pixel_decoder_layers"],
+        encoder_ffn_dim=c.get("pixel_decoder_ffn", 1024),
+        num_heads=c["pixel_decoder_heads"], mask_feature_size=c["mask_dim"])
     ffn = c.get("ffn", 2048)
     decoder = MaskedAttentionDecoder(hidden_dim=c["hidden"], num_queries=c["frame_queries"],
                                      num_layers=c["dec_layers"], num_heads=c["heads"], ffn_dim=ffn,

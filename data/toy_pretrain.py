@@ -34,8 +34,9 @@ from data.toy import VIS_FILE, write_toy_vis
 # ---------------------------------------------------------------------------------- toy VITA
 # PixelLevel.tiny's Swin and pixel decoder, 3 Mask2Former layers, 2 + 3 VITA layers, windows of 4
 # frames; the widths and query counts come from the method's Config
-TOY_VITA = dict(embed_dim=32, depths=(1, 1, 1, 1), swin_heads=(1, 2, 2, 4), window=4, pd_layers=1,
-                pd_heads=4, pd_ffn=64, dec_layers=3, enc_layers=2, vita_dec_layers=3, enc_window=4)
+TOY_VITA = dict(embed_dim=32, depths=(1, 1, 1, 1), swin_heads=(1, 2, 2, 4), window=4,
+                pixel_decoder_layers=1, pixel_decoder_heads=4, pixel_decoder_ffn=64,
+                dec_layers=3, enc_layers=2, vita_dec_layers=3, enc_window=4)
 
 
 def toy_vita_sizes(cfg) -> dict:

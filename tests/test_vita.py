@@ -205,9 +205,9 @@ def test_vita_losses_reach_every_parameter():
 
 
 # ---------------------------------------------------------------- official checkpoints (converter)
-def official_vita_shapes(*, embed_dim, depths, swin_heads, window, conv_dim, mask_dim, pd_layers, pd_heads,
-                         hidden, heads, frame_queries, dec_layers, num_classes, enc_layers, vita_dec_layers,
-                         video_queries, pd_ffn=1024, ffn=2048, points=4, enc_window=6) -> dict:
+def official_vita_shapes(*, embed_dim, depths, swin_heads, window, conv_dim, mask_dim, pixel_decoder_layers,
+                         pixel_decoder_heads, hidden, heads, frame_queries, dec_layers, num_classes, enc_layers, vita_dec_layers,
+                         video_queries, pixel_decoder_ffn=1024, ffn=2048, points=4, enc_window=6) -> dict:
     """{key: shape} of an official VITA checkpoint, written from the constructors of the official
     modules (github.com/sukjunhwang/VITA @ 59c24ad) for a Swin backbone: D2SwinTransformer (patch 4,
     MLP ratio 4, qkv bias, patch norm, no APE, norm0-3), MSDeformAttnPixelDecoder (res3-res5 in the
@@ -268,15 +268,15 @@ def official_vita_shapes(*, embed_dim, depths, swin_heads, window, conv_dim, mas
         affine(f"{p}input_proj.{level}.0", conv_dim, embed_dim * 2 ** stage, 1, 1)
         affine(f"{p}input_proj.{level}.1", conv_dim)
     shapes[p + "transformer.level_embed"] = (3, conv_dim)
-    for i in range(pd_layers):
+    for i in range(pixel_decoder_layers):
         e = f"{p}transformer.encoder.layers.{i}."
-        affine(e + "self_attn.sampling_offsets", pd_heads * 3 * points * 2, conv_dim)
-        affine(e + "self_attn.attention_weights", pd_heads * 3 * points, conv_dim)
+        affine(e + "self_attn.sampling_offsets", pixel_decoder_heads * 3 * points * 2, conv_dim)
+        affine(e + "self_attn.attention_weights", pixel_decoder_heads * 3 * points, conv_dim)
         affine(e + "self_attn.value_proj", conv_dim, conv_dim)
         affine(e + "self_attn.output_proj", conv_dim, conv_dim)
         affine(e + "norm1", conv_dim)
-        affine(e + "linear1", pd_ffn, conv_dim)
-        affine(e + "linear2", conv_dim, pd_ffn)
+        affine(e + "linear1", pixel_decoder_ffn, conv_dim)
+        affine(e + "linear2", conv_dim, pixel_decoder_ffn)
         affine(e + "norm2", conv_dim)
     affine(p + "mask_features", mask_dim, conv_dim, 1, 1)
     affine(p + "adapter_1", conv_dim, embed_dim, 1, 1, bias=False)
@@ -323,7 +323,7 @@ def official_relative_position_index(window: int) -> torch.Tensor:
 
 # official configurations: Swin, pixel decoder (CONVS_DIM, MASK_DIM), Mask2Former (DEC_LAYERS - 1), VITA
 SMALL = dict(embed_dim=16, depths=(2, 1, 2, 1), swin_heads=(1, 2, 2, 4), window=4,
-             conv_dim=32, mask_dim=16, pd_layers=2, pd_heads=4, pd_ffn=64,
+             conv_dim=32, mask_dim=16, pixel_decoder_layers=2, pixel_decoder_heads=4, pixel_decoder_ffn=64,
              hidden=32, heads=4, ffn=64, frame_queries=5, dec_layers=3, num_classes=3,
              enc_layers=2, vita_dec_layers=2, video_queries=4)
 
