@@ -474,6 +474,23 @@ def _pixel_decoder_keys(pixel_decoder):
             yield from _affine(f"{name}.norm", f"{name}.1")
 
 
+def _decoder_layer_keys(i: int, ours: str, norms: tuple, *, second_linear: str):
+    """Layer i of an official masked-attention decoder (both of VITA's decoders keep the layers'
+    parts in three lists: cross-attention, self-attention, FFN, each with its LayerNorm) -> our
+    layer `ours`, whose three LayerNorms are named `norms` and whose FFN's second Linear is
+    `second_linear` (its index in our nn.Sequential)."""
+    cross_norm, self_norm, ffn_norm = norms
+    cross, self_, ffn = (f"transformer_{part}_layers.{i}." for part in ("cross_attention",
+                                                                          "self_attention", "ffn"))
+    yield from _attention(cross + "multihead_attn", ours + "cross_attn")
+    yield from _affine(cross + "norm", ours + cross_norm)
+    yield from _attention(self_ + "self_attn", ours + "self_attn")
+    yield from _affine(self_ + "norm", ours + self_norm)
+    yield from _affine(ffn + "linear1", ours + "ffn.0")
+    yield from _affine(ffn + "linear2", ours + second_linear)
+    yield from _affine(ffn + "norm", ours + ffn_norm)
+
+
 def _frame_decoder_keys(decoder):
     """Official VitaMultiScaleMaskedTransformerDecoder -> our MaskedAttentionDecoder
     (common.mask2former): masked cross-attention, self-attention and FFN layers, heads."""
@@ -484,16 +501,8 @@ def _frame_decoder_keys(decoder):
         if isinstance(proj, nn.Conv2d):  # only where the features' width differs from hidden_dim
             yield from _affine(f"input_proj.{level}", f"input_proj.{level}")
     for i in range(len(decoder.layers)):
-        ours = f"layers.{i}."
-        yield from _attention(f"transformer_cross_attention_layers.{i}.multihead_attn",
-                              ours + "cross_attn")
-        yield from _affine(f"transformer_cross_attention_layers.{i}.norm", ours + "cross_norm")
-        yield from _attention(f"transformer_self_attention_layers.{i}.self_attn",
-                              ours + "self_attn")
-        yield from _affine(f"transformer_self_attention_layers.{i}.norm", ours + "self_norm")
-        yield from _affine(f"transformer_ffn_layers.{i}.linear1", ours + "ffn.0")
-        yield from _affine(f"transformer_ffn_layers.{i}.linear2", ours + "ffn.3")
-        yield from _affine(f"transformer_ffn_layers.{i}.norm", ours + "ffn_norm")
+        yield from _decoder_layer_keys(i, f"layers.{i}.", ("cross_norm", "self_norm", "ffn_norm"),
+                                       second_linear="ffn.3")
     yield from _affine("decoder_norm", "decoder_norm")
     yield from _affine("class_embed", "class_head")
     for j in range(len(decoder.mask_embed.layers)):
@@ -513,16 +522,8 @@ def _vita_module_keys(model):
         yield from _affine(f"enc_ffn.{i}.norm", ours + "ffn_norm")
     for i in range(len(model.object_decoder.layers)):
         # norms.0, .1, .2 follow cross-attention, self-attention, FFN
-        ours = f"object_decoder.layers.{i}."
-        yield from _attention(f"transformer_cross_attention_layers.{i}.multihead_attn",
-                              ours + "cross_attn")
-        yield from _affine(f"transformer_cross_attention_layers.{i}.norm", ours + "norms.0")
-        yield from _attention(f"transformer_self_attention_layers.{i}.self_attn",
-                              ours + "self_attn")
-        yield from _affine(f"transformer_self_attention_layers.{i}.norm", ours + "norms.1")
-        yield from _affine(f"transformer_ffn_layers.{i}.linear1", ours + "ffn.0")
-        yield from _affine(f"transformer_ffn_layers.{i}.linear2", ours + "ffn.2")
-        yield from _affine(f"transformer_ffn_layers.{i}.norm", ours + "norms.2")
+        yield from _decoder_layer_keys(i, f"object_decoder.layers.{i}.",
+                                       ("norms.0", "norms.1", "norms.2"), second_linear="ffn.2")
     yield "query_feat.weight", ["object_decoder.query_feat.weight"]
     yield "query_embed.weight", ["object_decoder.query_pos.weight"]
     yield "fq_pos.weight", ["object_decoder.slot_pos.weight"]
