@@ -556,7 +556,8 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> DsHmp:
 
 # ---------------------------------------------------------------------------------- training
 def train(cfg, ddp, root, out):
-    """Sec. 4.2 recipe; returns the trained model (unwrapped) and the memory bank."""
+    """Sec. 4.2 recipe; returns the trained model (unwrapped), the memory bank of Sec. 3.3 (training
+    state, saved in last.pt) attached as `model.memory_bank`."""
     seed_everything(cfg.seed)  # identical initial weights on every process
     dataset = make_dataset(cfg, root, "train", train=True, seed=cfg.seed + ddp.rank)
     vocab = build_vocab([s["expression"] for s in dataset.samples]) if cfg.data == "toy" else None
@@ -608,7 +609,9 @@ def train(cfg, ddp, root, out):
                 save_checkpoint(out / "last.pt", model=model, optimizer=optimizer,
                                 scheduler=scheduler, step=step, config=asdict(cfg),
                                 extra={"vocab": vocab, "memory_bank": bank.centroids.cpu()})
-    return unwrap(model), bank
+    model = unwrap(model)
+    model.memory_bank = bank
+    return model
 
 
 def main(argv=None):
@@ -626,7 +629,7 @@ def main(argv=None):
             return print(parameter_report(build_model(cfg, vocab=["a"], pretrained=False)))
         root = data_root(cfg, "video", make_toy=ensure_toy) if cfg.train or cfg.eval else None
         if cfg.train:
-            model, trained = train(cfg, ddp, root, out)[0], cfg
+            model, trained = train(cfg, ddp, root, out), cfg
         else:
             model, trained = load_trained(checkpoint, Config, build_model, ddp.device)
         if cfg.predict:

@@ -397,7 +397,7 @@ def test_train_resume_and_eval_write_their_files(toy_root, tmp_path, capsys, mon
     # --resume restores the memory bank: resuming with nothing left to do returns the saved bank
     cfg = toy_config(toy_root, tmp_path, "--hmp-blocks", "1", "--cl-start", "0", "--steps", "3", "--resume")
     from common.engine import setup_distributed
-    _, bank = dshmp.train(cfg, setup_distributed(device="cpu"), toy_root, tmp_path)
+    bank = dshmp.train(cfg, setup_distributed(device="cpu"), toy_root, tmp_path).memory_bank
     saved = read_checkpoint(tmp_path / "last.pt")["extra"]["memory_bank"]
     assert torch.equal(bank.centroids, saved) and not torch.equal(saved, bank_at_2)
 
@@ -499,7 +499,8 @@ def recording(*args, **kwargs):  # the training set train() builds on this proce
     made.append(make_dataset(*args, **kwargs))
     return made[-1]
 dshmp.make_dataset = recording
-model, bank = dshmp.train(cfg, ddp, Path(cfg.data_root), Path(cfg.out))
+model = dshmp.train(cfg, ddp, Path(cfg.data_root), Path(cfg.out))
+bank = model.memory_bank
 torch.manual_seed(0)  # the same global RNG state on both processes: the draws differ by the data seed alone
 draws = torch.stack([made[0][0]["frame_idx"] for _ in range(4)])
 torch.save({"params": model.state_dict(), "bank": bank.centroids, "seed": made[0].seed, "draws": draws},
