@@ -164,7 +164,7 @@ ABLATIONS = ("ds", "hmp", "cl", "language_gate")  # named in the run folder: run
 # ------------------------------------------------------------------------ Sec. 3.1 decoupling
 class Text(NamedTuple):
     """The expression as the model uses it (`DsHmp.encode_text`), batch-first."""
-    words: torch.Tensor  # (B, L+1, C) word features and the sentence embedding, projected
+    cues: torch.Tensor  # (B, L+1, C) the word features and the sentence embedding, projected
     static_mask: torch.Tensor  # (B, L+1) True on the static cues and the sentence
     motion_mask: torch.Tensor  # (B, L+1) True on the motion cues and the sentence
     encoder_words: torch.Tensor  # (B, L, C_text) the text encoder's own features (for PWAM)
@@ -373,13 +373,13 @@ class DsHmp(nn.Module):
             static = motion = encoded["word_mask"]
         sentence = torch.ones_like(static[:, :1])  # (B, 1)
         static, motion = torch.cat([static, sentence], 1), torch.cat([motion, sentence], 1)
-        return Text(words=self.text_proj(words), static_mask=static.to(words.device),
+        return Text(cues=self.text_proj(words), static_mask=static.to(words.device),
                     motion_mask=motion.to(words.device), encoder_words=encoded["word_feats"],
                     encoder_mask=encoded["attn_mask"].to(words.device))
 
     def static_queries(self, text: Text):
-        q0 = repeat(self.decoder.query_feat.weight, "q c -> b q c", b=len(text.words))  # (B, Q, C)
-        return self.static_injection(q0, text.words, text.static_mask)  # Eq. (1)
+        q0 = repeat(self.decoder.query_feat.weight, "q c -> b q c", b=len(text.cues))  # (B, Q, C)
+        return self.static_injection(q0, text.cues, text.static_mask)  # Eq. (1)
 
     def segment_frames(self, frames, queries, text: Text):
         """Mask2Former on every frame: frames (B*T, 3, H, W), queries (B*T, Q, C), text repeated
@@ -391,13 +391,13 @@ class DsHmp(nn.Module):
 
         pixels = self.pixel_level(frames, encode=encode)
         out = self.decoder(pixels["features"], pixels["pos"], pixels["mask_features"],
-                           queries=queries, words=text.words, word_mask=text.static_mask)
+                           queries=queries, words=text.cues, word_mask=text.static_mask)
         return out, self.motion_mask_proj(pixels["mask_features"])  # (B*T, C, h, w)
 
     def decode_video(self, tokens, mask_feats, text: Text):
         """Object tokens O (B, T, Q, C) -> HMP -> Motion Decoder -> video tokens V -> class scores
         and video masks (each V dotted with every frame's mask features (B, T, C, h, w))."""
-        words, motion = text.words, text.motion_mask
+        words, motion = text.cues, text.motion_mask
         tokens = self.motion_perception(tokens, words, motion)  # (B, T, Q, C)
         q0 = repeat(self.motion_decoder.query_feat.weight, "m c -> b m c", b=len(tokens))  # Q_m^0
         queries = self.motion_injection(q0, words, motion)  # Eq. (2), (B, M, C)

@@ -98,7 +98,7 @@ def test_shapes_of_every_stage(toy):
     B, T, _, H, W = frames.shape
     N_s, N_m, C = cfg.num_static_queries, cfg.num_motion_queries, cfg.dim
     text = model.encode_text(expressions)
-    words, static_mask, motion_mask = text.words, text.static_mask, text.motion_mask
+    words, static_mask, motion_mask = text.cues, text.static_mask, text.motion_mask
     L = words.shape[1]
     assert words.shape == (B, L, C) and static_mask.shape == motion_mask.shape == (B, L)
     assert text.encoder_words.shape[:2] == text.encoder_mask.shape == (B, L - 1)  # no sentence token
@@ -238,7 +238,7 @@ def test_hierarchical_cross_attention_with_a_window_of_six():
 def test_hmp_handles_lengths_that_are_not_a_window_multiple(toy):
     cfg, _, model, _ = toy
     text = model.encode_text(["circle jumping"])
-    words, motion_mask = text.words, text.motion_mask
+    words, motion_mask = text.cues, text.motion_mask
     model.eval()
     tokens = torch.randn(1, 11, cfg.num_static_queries, cfg.dim)
     out = model.motion_perception(tokens, words, motion_mask)

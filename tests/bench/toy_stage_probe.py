@@ -61,14 +61,14 @@ def stage_features(model, frames, expression, orig_size):
     aligned = torch.gather(tokens[0], 1, perm[..., None].expand(-1, -1, tokens.shape[-1]))  # (T, Q, C)
     tubes = torch.gather(out["pred_masks"], 1, perm[..., None, None].expand(-1, -1, *out["pred_masks"].shape[-2:]))
     tubes = masks_at(tubes.transpose(0, 1), orig_size).numpy()  # (Q, T, H0, W0), trajectory order
-    hmp = model.motion_perception(tokens, text.words, text.motion_mask)[0]  # (T, Q, C), trajectory order
+    hmp = model.motion_perception(tokens, text.cues, text.motion_mask)[0]  # (T, Q, C), trajectory order
     captured = []
     hook = model.class_head.register_forward_hook(lambda m, inputs, output: captured.append(inputs[0]))
     video = model.decode_video(tokens, feats[None], text)
     hook.remove()
     video_tubes = masks_at(video["pred_masks"][0], orig_size).numpy()  # (M, T, H0, W0)
     per_traj = lambda x: [x[:, q] for q in range(x.shape[1])]  # noqa: E731
-    inputs = {"tokens": aligned, "words": text.words[0], "motion_mask": text.motion_mask[0], "hmp": hmp}
+    inputs = {"tokens": aligned, "words": text.cues[0], "motion_mask": text.motion_mask[0], "hmp": hmp}
     stages = {"frame_tokens_mean": list(zip([a.mean(0) for a in per_traj(aligned)], tubes)),
               "frame_tokens_std": list(zip([a.std(0) for a in per_traj(aligned)], tubes)),
               "hmp_mean": list(zip([h.mean(0) for h in per_traj(hmp)], tubes)),
