@@ -12,7 +12,7 @@ numbers are also written to <runs>/table.json. The block between <!-- toy-table:
 table lives) is replaced (the block is named after the method unless --block names it). Image
 methods (vatex, mracl) get mIoU, oIoU, Pr@0.5, Oc-IoU and mIoU on the motion-only sentences
 instead of J&F. --summary writes the front page's one table instead: the full model of every
-method, from the table.json of each method's default runs folder (no training).
+method, copied from the toy tables of tests/bench/README.md (no training).
 
 With --jobs N, N runs train at a time, each with (CPU cores / N) threads (OMP_NUM_THREADS); the
 table says so, since a run's wall time then is not the time of a run alone.
@@ -134,26 +134,31 @@ def table(method, records, extra):
     return "\n".join(lines)
 
 
-def summary(runs_root: Path) -> str:
-    """The front page's table: the full model of each method (the runs of its "" variant in
-    runs_root/toy-table-<method>/table.json), its main score and the motion-only one."""
+def summary(bench_readme: Path) -> str:
+    """The front page's table: the full model of each method, copied from that method's block of
+    the bench page (the row of its plain `python <method>.py --data toy --train` command and the
+    first floor row), so the front page shows exactly the numbers the toy table wrote there."""
+    text = bench_readme.read_text()
     lines = ["| method | command | seeds | J&F or mIoU | the same, motion-only | floor, motion-only |",
              "|---|---|---|---|---|---|"]
     for method in METHODS:
-        path = runs_root / f"toy-table-{method}" / "table.json"
-        if not path.is_file():
-            raise SystemExit(f"--summary: no {path} (run the method's toy table first)")
-        mine = [r for r in json.loads(path.read_text()) if r["variant"] == ""]
-        if not mine:
-            raise SystemExit(f"--summary: {path} has no run of the full model (variant \"\")")
-        video = "J&F" in mine[0]
-        score, motion = ("J&F", "motion_only") if video else ("mIoU", "motion mIoU")
-        floor = mine[0]["references"].get("motion_only", {}).get("every_look_alike", {}).get("J&F")
-        lines.append(f"| {METHOD_NAMES[method]} | `python {method}.py --data toy --train` | {len(mine)} | "
-                     f"{mean_std([r.get(score) for r in mine])} ({score}) | {mean_std([r.get(motion) for r in mine])} | "
-                     f"{f'{floor:.3f}' if floor is not None else 'n/a'} |")
-    lines += ["", "Mean ± standard deviation over the seeds of each method's toy table (tests/bench/README.md), "
-              "written by `tests/bench/toy_table.py --summary`."]
+        block = re.search(f"<!-- toy-table:{method} -->(.*?)<!-- /toy-table:{method} -->", text, re.DOTALL)
+        if block is None:
+            raise SystemExit(f"--summary: {bench_readme} has no toy-table:{method} block (write its table first)")
+        rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+                for line in block.group(1).splitlines() if line.startswith("|")]
+        full = [r for r in rows if r[0] == f"`python {method}.py --data toy --train`"]
+        if not full:
+            raise SystemExit(f"--summary: the toy-table:{method} block of {bench_readme} has no row of the full "
+                             f"model (variant \"\")")
+        header = rows[0]
+        score = "J&F" if "J&F" in header else "mIoU"
+        motion = header.index(f"{score}, motion-only")
+        floor = [r for r in rows if r[0] == FLOORS["every_look_alike"]]
+        lines.append(f"| {METHOD_NAMES[method]} | {full[0][0]} | {full[0][1]} | {full[0][2]} ({score}) | "
+                     f"{full[0][motion]} | {floor[0][motion] if floor else 'n/a'} |")
+    lines += ["", "Mean ± standard deviation over the seeds of each method's toy table in "
+              "[tests/bench/README.md](tests/bench/README.md), copied by `tests/bench/toy_table.py --summary`."]
     return "\n".join(lines)
 
 
@@ -180,10 +185,12 @@ def main(argv=None):
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the finished runs")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores / jobs threads")
     parser.add_argument("--summary", action="store_true", help="the front page's table of every method's full "
-                        "model, from runs/toy-table-<method>/table.json (--runs: the folder holding them)")
+                        "model, copied from the toy tables of the bench page (--bench)")
+    parser.add_argument("--bench", default="", help="--summary: the page holding the toy tables "
+                        "(default tests/bench/README.md)")
     args = parser.parse_args(argv)
     if args.summary:
-        block = summary(Path(args.runs or REPO / "runs"))
+        block = summary(Path(args.bench or REPO / "tests" / "bench" / "README.md"))
         print(block)
         if args.readme:
             write_readme(Path(args.readme), "summary", block)
