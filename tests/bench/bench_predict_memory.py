@@ -1,5 +1,5 @@
-"""Peak memory of DsHmp's inference rule (`dshmp.predict_masks`) on a long video at real resolution,
-against the rule as it was before it upsampled 5 frames at a time (all frames at once, in float32).
+"""Peak memory of DsHmp's inference rule (`common.run.predict_masks`, 5 frames upsampled at a time)
+on a long video at real resolution, against the same rule upsampling all frames at once in float32.
 
 The model is replaced by fixed outputs of the right shapes (the rule's own memory is what is
 measured): M = 10 video tokens, `--kept` of them above the threshold, mask logits at 1/4 of the
@@ -42,7 +42,7 @@ class Fixed(torch.nn.Module):  # what DsHmp.infer returns for the video
         return self.logits, self.masks
 
 
-def before(model, frames, expression, orig_size, *, threshold, chunk):  # the rule before chunking
+def all_at_once(model, frames, expression, orig_size, *, threshold, chunk):  # every frame at once
     h, w = frames.shape[-2:]
     padded = F.pad(frames, (0, -w % 32, 0, -h % 32))
     logits, masks = model.infer(padded, expression, chunk=chunk)
@@ -55,7 +55,7 @@ def before(model, frames, expression, orig_size, *, threshold, chunk):  # the ru
 model, video = Fixed(), torch.zeros(frames, 3, H, W)
 torch.set_num_threads(2)
 start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-rule = dshmp.predict_masks if variant == "chunked" else before
+rule = dshmp.predict_masks if variant == "chunked" else all_at_once
 out = rule(model, video, "x", (H0, W0), threshold=0.5, chunk=18)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"added_mib": (peak - start) / 1024, "output_mib": out.numel() * out.element_size() / 2**20,
@@ -70,8 +70,7 @@ def main():
     args = parser.parse_args()
     print(f"{args.frames} frames of 720x1280 (model input 360x640), {args.kept} kept video token(s); "
           f"peak memory added by the rule, each variant in a fresh process:")
-    for variant in ("all frames at once (before)", "5 frames at a time (now)"):
-        name = "chunked" if "now" in variant else "before"
+    for variant, name in (("all frames at once", "all_at_once"), ("5 frames at a time (ours)", "chunked")):
         out = subprocess.run([sys.executable, "-c", CHILD, str(REPO), str(args.frames), str(args.kept), name],
                              capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
