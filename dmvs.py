@@ -234,7 +234,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, *, dim, heads, ffn_dim):
         super().__init__()
         self.word_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.memory_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.motion_expr_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
@@ -245,7 +245,7 @@ class DecoderLayer(nn.Module):
         q = queries + query_pos
         attended = self.word_attn(q, words, words, key_padding_mask=~word_mask)[0]
         queries = self.norms[0](queries + attended)
-        attended = self.memory_attn(queries + query_pos, motion_expr, motion_expr)[0]
+        attended = self.motion_expr_attn(queries + query_pos, motion_expr, motion_expr)[0]
         queries = self.norms[1](queries + attended)
         q = queries + query_pos
         queries = self.norms[2](queries + self.self_attn(q, q, queries)[0])

@@ -132,11 +132,11 @@ class ObjectDecoderLayer(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4 if word_attention else 3))
         xavier_init_(self)  # official `_reset_parameters`
 
-    def forward(self, queries, query_pos, memory, memory_pos, words=None, word_mask=None):
-        # queries, query_pos (B, V, C); memory, memory_pos (B, T*Q, C); words (B, L, C),
-        # word_mask (B, L)
+    def forward(self, queries, query_pos, frames, frame_pos, words=None, word_mask=None):
+        # queries, query_pos (B, V, C); frames, frame_pos (B, T*Q, C) the frame queries of the
+        # clip and their slot positions; words (B, L, C), word_mask (B, L)
         norms = iter(self.norms)
-        attended = self.cross_attn(queries + query_pos, memory + memory_pos, memory)[0]  # (B, V, C)
+        attended = self.cross_attn(queries + query_pos, frames + frame_pos, frames)[0]  # (B, V, C)
         queries = next(norms)(queries + attended)
         if self.word_attn is not None:
             if words is None:
@@ -173,14 +173,14 @@ class ObjectDecoder(nn.Module):
     def forward(self, frame_queries: torch.Tensor, queries=None, words=None,
                 word_mask=None) -> list:
         B, T = frame_queries.shape[:2]
-        memory = rearrange(frame_queries, "b t q c -> b (t q) c")  # (B, T*Q, C)
-        memory_pos = repeat(self.slot_pos.weight, "q c -> b (t q) c", b=B, t=T)  # (B, T*Q, C)
+        frames = rearrange(frame_queries, "b t q c -> b (t q) c")  # (B, T*Q, C)
+        frame_pos = repeat(self.slot_pos.weight, "q c -> b (t q) c", b=B, t=T)  # (B, T*Q, C)
         query_pos = repeat(self.query_pos.weight, "v c -> b v c", b=B)  # (B, V, C)
         if queries is None:
             queries = repeat(self.query_feat.weight, "v c -> b v c", b=B)  # (B, V, C)
         outputs = []
         for layer in self.layers:
-            queries = layer(queries, query_pos, memory, memory_pos, words, word_mask)  # (B, V, C)
+            queries = layer(queries, query_pos, frames, frame_pos, words, word_mask)  # (B, V, C)
             outputs.append(self.norm(queries))
         return outputs
 

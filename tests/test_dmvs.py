@@ -124,7 +124,7 @@ def test_motion_query_decoder_layer_is_eq_8_by_hand():
     torch.manual_seed(0)
     C = 8
     layer = dmvs.DecoderLayer(dim=C, heads=1, ffn_dim=16)
-    for attn in (layer.word_attn, layer.memory_attn, layer.self_attn):
+    for attn in (layer.word_attn, layer.motion_expr_attn, layer.self_attn):
         _identity_attention(attn, C)
     queries, pos = torch.randn(2, 3, C), torch.randn(2, 3, C)
     words, f_me = torch.randn(2, 5, C), torch.randn(2, 1, C)
@@ -241,13 +241,13 @@ def test_ablations_wire_the_decoder_memory(toy_root, toy):
     text = model.encode_text(batch["expression"])
     found = model.find_instances(batch["frames"])
     seen = []
-    hook = model.layers[0].memory_attn.register_forward_hook(lambda m, args, out: seen.append(args[1].shape[1]))
+    hook = model.layers[0].motion_expr_attn.register_forward_hook(lambda m, args, out: seen.append(args[1].shape[1]))
     model.decode(found, text)
     V = found.video_queries.shape[1]
     for overrides, memory in [(dict(mqi="random"), 1 + V), (dict(mqi="text"), 1 + V), (dict(mee=False), 1),
                               (dict(mqi="random", mee=False), 1 + V)]:
         other, _ = toy_model(cfg, toy_root, **overrides)
-        other.layers[0].memory_attn.register_forward_hook(lambda m, args, out: seen.append(args[1].shape[1]))
+        other.layers[0].motion_expr_attn.register_forward_hook(lambda m, args, out: seen.append(args[1].shape[1]))
         other.decode(found, other.encode_text(batch["expression"]))
         assert seen[-1] == memory, overrides
         assert (other.encoder is None) == (not overrides.get("mee", True))
