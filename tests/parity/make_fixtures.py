@@ -1,0 +1,146 @@
+"""Parity fixtures: small modules of the official code, run on seeded inputs, saved as numbers
+(tests/fixtures/parity/<name>.pt) for tests/test_parity.py to compare our modules with.
+
+Run by hand, not by CI (it needs a local git mirror of the official repository; the test suite
+needs only the saved numbers). The official source is read from the mirror with `git show` and
+executed in memory; nothing of it is copied into this repository. The detectron2 / fvcore helpers
+the official module imports are replaced by the minimal stand-ins below.
+
+    git clone --mirror https://github.com/sukjunhwang/VITA /tmp/VITA.git
+    python tests/parity/make_fixtures.py --vita /tmp/VITA.git
+
+Each fixture holds: the repository, commit and file, the module's sizes, its state dict under the
+official key names (seeded random weights), and per case the inputs and the outputs (fp32, CPU).
+
+Written so far: the VITA module (vita/modeling/transformer_decoder/vita.py: the Object Encoder in
+training and at test with plain and shifted windows, the Object Decoder, the class, mask-embedding
+and similarity heads).
+"""
+import argparse
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "tests" / "fixtures" / "parity"
+
+
+def official_source(mirror: str, path: str, commit: str = "HEAD") -> tuple[str, str]:
+    """(the file's text at `commit`, the full commit hash) from a git mirror."""
+    git = ["git", f"--git-dir={mirror}"]
+    full = subprocess.run([*git, "rev-parse", commit], capture_output=True, text=True, check=True)
+    text = subprocess.run([*git, "show", f"{commit}:{path}"], capture_output=True, text=True,
+                          check=True)
+    return text.stdout, full.stdout.strip()
+
+
+def install_stand_ins() -> None:
+    """detectron2.config.configurable, detectron2.layers.Conv2d and fvcore's c2_xavier_fill, as
+    far as the official modules use them: the constructors are called with explicit arguments, so
+    `configurable` passes them through; Conv2d takes detectron2's extra norm / activation."""
+    def configurable(init):
+        return init
+
+    class Conv2d(nn.Conv2d):
+        def __init__(self, *args, norm=None, activation=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.norm, self.activation = norm, activation
+
+        def forward(self, x):
+            x = super().forward(x)
+            x = self.norm(x) if self.norm is not None else x
+            return self.activation(x) if self.activation is not None else x
+
+    def c2_xavier_fill(module):  # fvcore: kaiming_uniform_(a=1), zero bias
+        nn.init.kaiming_uniform_(module.weight, a=1)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+
+    modules = {name: types.ModuleType(name) for name in (
+        "detectron2", "detectron2.config", "detectron2.layers", "fvcore", "fvcore.nn",
+        "fvcore.nn.weight_init")}
+    modules["detectron2.config"].configurable = configurable
+    modules["detectron2.layers"].Conv2d = Conv2d
+    modules["fvcore.nn.weight_init"].c2_xavier_fill = c2_xavier_fill
+    modules["fvcore.nn"].weight_init = modules["fvcore.nn.weight_init"]
+    sys.modules.update(modules)
+
+
+def load_official(mirror: str, path: str, name: str):
+    """Execute the official file as module `name`; returns (module, commit)."""
+    text, commit = official_source(mirror, path)
+    module = types.ModuleType(name)
+    exec(compile(text, f"{Path(mirror).name}:{path}", "exec"), module.__dict__)
+    return module, commit
+
+
+# The VITA module at a small size: C = 32, 4 heads, FFN 64, Q = 5 frame queries, V = 4 video
+# queries, 3 + 1 classes, mask width 16; the cases vary the clip length T against the window K.
+VITA_SIZES = dict(hidden_dim=32, num_frame_queries=5, num_queries=4, nheads=4, dim_feedforward=64,
+                  enc_layers=3, dec_layers=3, num_classes=3, conv_dim=32, mask_dim=16)
+VITA_CASES = {  # name: (T frames, window K, training)
+    "vita_module_train_T6_K3": (6, 3, True),
+    "vita_module_train_T5_K3": (5, 3, True),  # T not a multiple of K: one padding frame
+    "vita_module_test_T7_K3": (7, 3, False),  # at test the odd layers use shifted windows
+    "vita_module_test_T2_K3": (2, 3, False),  # a clip shorter than one window
+    "vita_module_test_T8_K4": (8, 4, False),
+}
+
+
+def make_vita(mirror: str) -> None:
+    """One module (seeded weights, the same for every case: the sizes do not depend on T or K) and
+    its outputs on each case's clip; saved as vita_module.pt."""
+    vita, commit = load_official(mirror, "vita/modeling/transformer_decoder/vita.py",
+                                 "official_vita")
+    cases, state_dict = {}, None
+    for name, (T, window, training) in VITA_CASES.items():
+        torch.manual_seed(0)
+        args = dict(in_channels=VITA_SIZES["hidden_dim"], aux_loss=True, **VITA_SIZES,
+                    enc_window_size=window, pre_norm=False, enforce_input_project=True,
+                    num_frames=T, clip_last_layer_num=False, sim_use_clip=True, use_sim=True)
+        module = vita.VITA(**args).train(training)
+        with torch.no_grad():  # every tensor away from its initialisation (biases, norms too)
+            for p in module.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        if state_dict is None:
+            state_dict = module.state_dict()
+        assert all(torch.equal(v, state_dict[k]) for k, v in module.state_dict().items())
+        B = 2 if training else 1  # the official test path takes one clip
+        frame_query = torch.randn(1, B * T, VITA_SIZES["num_frame_queries"],
+                                  VITA_SIZES["hidden_dim"])  # (L = 1 layer, B*T, Q, C)
+        with torch.no_grad():
+            out = module(frame_query)
+        cases[name] = {
+            "frames": T, "window": window, "training": training, "clips": B,
+            "frame_query": frame_query,
+            "pred_logits": out["pred_logits"][0],  # (B, V, K+1)
+            "pred_mask_embed": out["pred_mask_embed"][0],  # (B, V, mask_dim)
+            "pred_fq_embed": out["pred_fq_embed"][0],  # (B, T, Q, C)
+            "pred_cq_embed": out["pred_cq_embed"][0],  # (B, V, C)
+            "aux_logits": [a["pred_logits"][0] for a in out["aux_outputs"]],  # training only
+        }
+    save("vita_module", repo="sukjunhwang/VITA", commit=commit,
+         path="vita/modeling/transformer_decoder/vita.py", sizes=VITA_SIZES,
+         state_dict=state_dict, cases=cases)
+
+
+def save(name: str, **fixture) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    torch.save(fixture, OUT / f"{name}.pt")
+    print(f"wrote {OUT / name}.pt", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vita", required=True, help="a git mirror of github.com/sukjunhwang/VITA")
+    args = parser.parse_args(argv)
+    install_stand_ins()
+    make_vita(args.vita)
+
+
+if __name__ == "__main__":
+    main()
