@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
 
-from common.backbones import PixelLevel, tiny_mask2former_config
+from common.backbones import PixelLevel, official_swin_keys, tiny_mask2former_config
 from common.mask2former import MLP, MaskedAttentionDecoder, c2_xavier_fill_, xavier_init_
 from common.matching import frame_targets, matched_pred_index, set_losses
 
@@ -419,37 +419,6 @@ def _attention(theirs: str, ours: str):
         yield f"{theirs}.{p}", [f"{ours}.{p}"]
 
 
-def _swin_keys(backbone):
-    """Official D2SwinTransformer -> transformers' SwinBackbone (`PixelLevel.backbone`)."""
-    yield from _affine("patch_embed.proj", "swin.embeddings.patch_embeddings.projection")
-    yield from _affine("patch_embed.norm", "swin.embeddings.norm")
-    for s, stage in enumerate(backbone.swin.encoder.layers):
-        for b in range(len(stage.blocks)):
-            theirs, ours = f"layers.{s}.blocks.{b}.", f"swin.encoder.layers.{s}.blocks.{b}."
-            yield from _affine(theirs + "norm1", ours + "layernorm_before")
-            # one Linear(C, 3C) -> three Linear(C, C): q, k, v, in that order
-            for p in ("weight", "bias"):
-                yield theirs + f"attn.qkv.{p}", [ours + f"attention.{x}_proj.{p}" for x in "qkv"]
-            yield from _affine(theirs + "attn.proj", ours + "attention.o_proj")
-            rel = ours + "attention.relative_position_bias."
-            yield theirs + "attn.relative_position_bias_table", \
-                [rel + "relative_position_bias_table"]
-            # a buffer on both sides: compared with ours, not loaded (see convert_official_vita)
-            yield theirs + "attn.relative_position_index", [rel + "relative_position_index"]
-            yield from _affine(theirs + "norm2", ours + "layernorm_after")
-            yield from _affine(theirs + "mlp.fc1", ours + "mlp.fc1")
-            yield from _affine(theirs + "mlp.fc2", ours + "mlp.fc2")
-        if stage.downsample is not None:  # patch merging after every stage but the last
-            theirs, ours = f"layers.{s}.downsample.", f"swin.encoder.layers.{s}.downsample."
-            # Linear(4C, 2C) without bias
-            yield theirs + "reduction.weight", [ours + "reduction.weight"]
-            yield from _affine(theirs + "norm", ours + "norm")
-    # stage{i+1} (output res{i+2}): official norm{i}
-    for stage_name in backbone.hidden_states_norms:
-        i = int(stage_name.removeprefix("stage")) - 1
-        yield from _affine(f"norm{i}", f"hidden_states_norms.{stage_name}")
-
-
 def _pixel_decoder_keys(pixel_decoder):
     """Official MSDeformAttnPixelDecoder -> transformers' Mask2FormerPixelDecoder. Both order the
     input projections and level embeddings coarse to fine (res5, res4, res3); detectron2's Conv2d
@@ -543,7 +512,7 @@ def official_vita_key_map(model: VITA) -> dict:
     a non-persistent buffer of ours (Swin's relative_position_index) is checked, not loaded."""
     backbone, pixel_decoder = model.pixel_level.backbone, model.pixel_level.pixel_decoder
     sections = [  # (official prefix, our prefix, the pairs below these prefixes)
-        ("backbone.", "pixel_level.backbone.", _swin_keys(backbone)),
+        ("backbone.", "pixel_level.backbone.", official_swin_keys(backbone)),
         ("sem_seg_head.pixel_decoder.", "pixel_level.pixel_decoder.",
          _pixel_decoder_keys(pixel_decoder)),
         ("sem_seg_head.predictor.", "decoder.", _frame_decoder_keys(model.decoder)),

@@ -107,3 +107,81 @@ def test_vita_parity_fails_on_a_broken_port():
     no_shift = max(float((ours[k] - case[k]).abs().max()) for k in ("pred_logits", "pred_fq_embed"))
     print(f"swapped norms {swapped:.2e}, window 2 {other_window:.2e}, no shift {no_shift:.2e}")
     assert min(swapped, other_window, no_shift) > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------------------------ LAVT
+LAVT = load("lavt")
+
+
+def our_lavt(key_map_edit=None):
+    """MRaCL's LAVT at the fixture's sizes (no text encoder: the words are given), loaded from the
+    official state dict by mracl.load_official_lavt (mracl.official_lavt_key_map, edited by
+    `key_map_edit` for the broken variants)."""
+    import types
+
+    import mracl
+    from common.backbones import swin_backbone, swin_base_22k_config
+    s = LAVT["sizes"]
+    backbone = swin_backbone(swin_base_22k_config(image_size=224, embed_dim=s["embed_dim"],
+                                                  depths=s["depths"], num_heads=s["num_heads"],
+                                                  window_size=s["window_size"], drop_path_rate=0.0))
+    model = mracl.LAVT(backbone=backbone, text_encoder=types.SimpleNamespace(hidden_size=768),
+                       decoder_dim=4 * s["embed_dim"], proj_dim=0)
+    state = LAVT["state_dict"]
+    if key_map_edit is not None:  # the same loader, on a state dict renamed as the edit says
+        state = {key_map_edit.get(k, k): v for k, v in state.items()}
+    mracl.load_official_lavt(model, state)
+    return model.eval()
+
+
+def lavt_differences(model):
+    words, mask = LAVT["words"].transpose(1, 2), LAVT["word_mask"][..., 0].bool()  # (B, L, C_w)
+    with torch.no_grad():
+        stages = model.fusion(model.backbone, LAVT["images"], words, mask)
+        logits = model.decoder(stages)
+        model.decoder.train()
+        train_logits = model.decoder(stages)
+        model.decoder.eval()
+    return {"stages": max(float((a - b).abs().max()) for a, b in zip(stages, LAVT["stages"],
+                                                                      strict=True)),
+            "logits": float((logits - LAVT["logits"]).abs().max()),
+            "train_logits": float((train_logits - LAVT["train_logits"]).abs().max())}
+
+
+def test_lavt_encoder_and_decoder_equal_the_official():
+    """LAVT's language-aware Swin (Swin blocks with plain and shifted windows on maps that are not
+    multiples of the window, PWAM with padded words, the live gate into the next stage, patch
+    merging of odd sizes, the per-stage norms) and its decoder, in eval mode and with batch
+    statistics."""
+    differences = lavt_differences(our_lavt())
+    print(f"LAVT max abs differences {differences} (official {LAVT['repo']} @ {LAVT['commit'][:7]})")
+    assert max(differences.values()) <= TOLERANCE
+
+
+def test_lavt_parity_fails_on_a_broken_port():
+    """The gate reading the wrong input (its two Linear layers swapped) and a padded word left
+    visible to PWAM land above the tolerance."""
+    swap = {f"backbone.layers.0.res_gate.{a}.weight": f"backbone.layers.0.res_gate.{b}.weight"
+            for a, b in ((0, 2), (2, 0))}
+    swapped = lavt_differences(our_lavt(swap))["stages"]
+    model = our_lavt()
+    words, mask = LAVT["words"].transpose(1, 2), torch.ones(2, 6, dtype=torch.bool)
+    with torch.no_grad():
+        stages = model.fusion(model.backbone, LAVT["images"], words, mask)
+    unmasked = max(float((a - b).abs().max()) for a, b in zip(stages, LAVT["stages"]))
+    print(f"gate layers swapped {swapped:.2e}, padded words visible {unmasked:.2e}")
+    assert min(swapped, unmasked) > 100 * TOLERANCE
+
+
+def test_load_official_lavt_lists_what_does_not_match():
+    import mracl
+    state = dict(LAVT["state_dict"])
+    del state["classifier.conv1_1.bias"]
+    state["backbone.layers.0.extra.weight"] = torch.zeros(1)
+    state["backbone.norm0.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError) as error:
+        mracl.load_official_lavt(our_lavt().train(), state)
+    message = str(error.value)
+    assert "no place for backbone.layers.0.extra.weight" in message
+    assert "nothing for decoder.classifier.bias" in message
+    assert "backbone.hidden_states_norms.stage1.weight (8,) <- backbone.norm0.weight (3,)" in message

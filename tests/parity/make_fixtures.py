@@ -7,14 +7,17 @@ executed in memory; nothing of it is copied into this repository. The detectron2
 the official module imports are replaced by the minimal stand-ins below.
 
     git clone --mirror https://github.com/sukjunhwang/VITA /tmp/VITA.git
-    python tests/parity/make_fixtures.py --vita /tmp/VITA.git
+    git clone --mirror https://github.com/yz93/LAVT-RIS /tmp/LAVT-RIS.git
+    python tests/parity/make_fixtures.py --vita /tmp/VITA.git --lavt /tmp/LAVT-RIS.git
 
 Each fixture holds: the repository, commit and file, the module's sizes, its state dict under the
 official key names (seeded random weights), and per case the inputs and the outputs (fp32, CPU).
 
-Written so far: the VITA module (vita/modeling/transformer_decoder/vita.py: the Object Encoder in
-training and at test with plain and shifted windows, the Object Decoder, the class, mask-embedding
-and similarity heads).
+Written so far: vita_module.pt, the VITA module (vita/modeling/transformer_decoder/vita.py: the
+Object Encoder in training and at test with plain and shifted windows, the Object Decoder, the
+class, mask-embedding and similarity heads); lavt.pt, LAVT's language-aware Swin with PWAM and the
+gates (lib/backbone.py) and its decoder (lib/mask_predictor.py). The detectron2, fvcore, timm and
+mmseg names the official files import are stand-ins (install_stand_ins).
 """
 import argparse
 import subprocess
@@ -63,6 +66,16 @@ def install_stand_ins() -> None:
     modules = {name: types.ModuleType(name) for name in (
         "detectron2", "detectron2.config", "detectron2.layers", "fvcore", "fvcore.nn",
         "fvcore.nn.weight_init")}
+    modules.update({name: types.ModuleType(name) for name in (
+        "timm", "timm.models", "timm.models.layers", "mmseg", "mmseg.utils", "lavt_lib",
+        "lavt_lib.mmcv_custom")})
+    layers = modules["timm.models.layers"]  # LAVT's Swin: drop path 0 here, so never applied
+    layers.DropPath = lambda p: nn.Identity()
+    layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+    layers.trunc_normal_ = nn.init.trunc_normal_
+    modules["mmseg.utils"].get_root_logger = lambda: None
+    modules["lavt_lib.mmcv_custom"].load_checkpoint = None  # only for pretrained weights
+    modules["lavt_lib"].__path__ = []
     modules["detectron2.config"].configurable = configurable
     modules["detectron2.layers"].Conv2d = Conv2d
     modules["fvcore.nn.weight_init"].c2_xavier_fill = c2_xavier_fill
@@ -70,10 +83,12 @@ def install_stand_ins() -> None:
     sys.modules.update(modules)
 
 
-def load_official(mirror: str, path: str, name: str):
-    """Execute the official file as module `name`; returns (module, commit)."""
+def load_official(mirror: str, path: str, name: str, package: str = ""):
+    """Execute the official file as module `name` (in `package`, for its relative imports);
+    returns (module, commit)."""
     text, commit = official_source(mirror, path)
     module = types.ModuleType(name)
+    module.__package__ = package
     exec(compile(text, f"{Path(mirror).name}:{path}", "exec"), module.__dict__)
     return module, commit
 
@@ -103,9 +118,7 @@ def make_vita(mirror: str) -> None:
                     enc_window_size=window, pre_norm=False, enforce_input_project=True,
                     num_frames=T, clip_last_layer_num=False, sim_use_clip=True, use_sim=True)
         module = vita.VITA(**args).train(training)
-        with torch.no_grad():  # every tensor away from its initialisation (biases, norms too)
-            for p in module.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+        perturb(module)
         if state_dict is None:
             state_dict = module.state_dict()
         assert all(torch.equal(v, state_dict[k]) for k, v in module.state_dict().items())
@@ -128,6 +141,50 @@ def make_vita(mirror: str) -> None:
          state_dict=state_dict, cases=cases)
 
 
+def perturb(module: nn.Module) -> None:
+    """Every parameter away from its initialisation (biases, norms and zero-initialised gates
+    too), reproducibly."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+
+def make_lavt(mirror: str) -> None:
+    """LAVT's language-aware Swin (lib/backbone.py: Swin blocks, PWAM, the gate, patch merging, the
+    per-stage norms) on two images and padded words, and its decoder (lib/mask_predictor.py) on
+    the encoder's outputs: eval mode (the decoder's BatchNorm running statistics perturbed too),
+    and the decoder once more in training mode (batch statistics). Saved as lavt.pt."""
+    backbone, commit = load_official(mirror, "lib/backbone.py", "lavt_lib.backbone", "lavt_lib")
+    predictor, _ = load_official(mirror, "lib/mask_predictor.py", "lavt_lib.mask_predictor",
+                                 "lavt_lib")
+    sizes = dict(embed_dim=8, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=4)
+    torch.manual_seed(0)
+    encoder = backbone.MultiModalSwinTransformer(**sizes, drop_path_rate=0.0)
+    encoder.eval()  # (its train() override returns None)
+    decoder = predictor.SimpleDecoding(8 * sizes["embed_dim"]).eval()
+    perturb(encoder)
+    perturb(decoder)
+    with torch.no_grad():
+        for m in decoder.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    images = torch.randn(2, 3, 72, 56)  # stage maps 18x14 .. 3x2: windows padded
+    words = torch.randn(2, 768, 6)  # LAVT's layout: (B, C_w, L); the PWAMs take 768 wide words
+    word_mask = torch.tensor([[1.0] * 6, [1.0] * 3 + [0.0] * 3])[..., None]  # (B, L, 1)
+    state = {**{f"backbone.{k}": v.clone() for k, v in encoder.state_dict().items()},
+             **{f"classifier.{k}": v.clone() for k, v in decoder.state_dict().items()}}
+    with torch.no_grad():
+        stages = encoder(images, words, word_mask)
+        logits = decoder(*stages[::-1])
+        decoder.train()  # (updates the running statistics: the state above is from before)
+        train_logits = decoder(*stages[::-1])
+    save("lavt", repo="yz93/LAVT-RIS", commit=commit,
+         path="lib/backbone.py, lib/mask_predictor.py", sizes=sizes, state_dict=state,
+         images=images, words=words, word_mask=word_mask, stages=list(stages), logits=logits,
+         train_logits=train_logits)
+
+
 def save(name: str, **fixture) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.save(fixture, OUT / f"{name}.pt")
@@ -136,10 +193,16 @@ def save(name: str, **fixture) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vita", required=True, help="a git mirror of github.com/sukjunhwang/VITA")
+    parser.add_argument("--vita", help="a git mirror of github.com/sukjunhwang/VITA")
+    parser.add_argument("--lavt", help="a git mirror of github.com/yz93/LAVT-RIS")
     args = parser.parse_args(argv)
+    if not (args.vita or args.lavt):
+        parser.error("name at least one mirror (--vita, --lavt)")
     install_stand_ins()
-    make_vita(args.vita)
+    if args.vita:
+        make_vita(args.vita)
+    if args.lavt:
+        make_lavt(args.lavt)
 
 
 if __name__ == "__main__":
