@@ -185,3 +185,17 @@ def test_load_official_lavt_lists_what_does_not_match():
     assert "no place for backbone.layers.0.extra.weight" in message
     assert "nothing for decoder.classifier.bias" in message
     assert "backbone.hidden_states_norms.stage1.weight (8,) <- backbone.norm0.weight (3,)" in message
+
+
+def test_lavt_weighted_cross_entropy_equals_the_official():
+    """mracl.segmentation_loss (no padding: LAVT's square inputs have none) against train.py's
+    criterion on the official decoder's logits; class weights swapped must differ."""
+    import mracl
+    cfg = mracl.Config()
+    targets = [{"masks": t[None]} for t in LAVT["target"]]  # one (1, h, w) mask per image
+    pad_mask = torch.zeros_like(LAVT["target"], dtype=torch.bool)
+    ours = mracl.segmentation_loss(cfg, LAVT["logits"], targets, pad_mask)
+    swapped = mracl.segmentation_loss(mracl.Config(w_background=cfg.w_target, w_target=cfg.w_background),
+                                      LAVT["logits"], targets, pad_mask)
+    print(f"LAVT cross-entropy: ours {float(ours):.6f}, official {float(LAVT['loss']):.6f}")
+    assert abs(float(ours - LAVT["loss"])) <= TOLERANCE < abs(float(swapped - LAVT["loss"]))

@@ -16,10 +16,12 @@ official key names (seeded random weights), and per case the inputs and the outp
 Written so far: vita_module.pt, the VITA module (vita/modeling/transformer_decoder/vita.py: the
 Object Encoder in training and at test with plain and shifted windows, the Object Decoder, the
 class, mask-embedding and similarity heads); lavt.pt, LAVT's language-aware Swin with PWAM and the
-gates (lib/backbone.py) and its decoder (lib/mask_predictor.py). The detectron2, fvcore, timm and
+gates (lib/backbone.py), its decoder (lib/mask_predictor.py) and its weighted cross-entropy
+(train.py's criterion). The detectron2, fvcore, timm and
 mmseg names the official files import are stand-ins (install_stand_ins).
 """
 import argparse
+import ast
 import subprocess
 import sys
 import types
@@ -141,6 +143,17 @@ def make_vita(mirror: str) -> None:
          state_dict=state_dict, cases=cases)
 
 
+def official_function(mirror: str, path: str, name: str, namespace: dict):
+    """Only the top-level function `name` of an official file (the rest of the file, a training
+    script's imports included, is not executed), defined in `namespace`."""
+    text, commit = official_source(mirror, path)
+    tree = ast.parse(text)
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    exec(compile(ast.Module([node], type_ignores=[]), f"{Path(mirror).name}:{path}", "exec"),
+         namespace)
+    return namespace[name], commit
+
+
 def perturb(module: nn.Module) -> None:
     """Every parameter away from its initialisation (biases, norms and zero-initialised gates
     too), reproducibly."""
@@ -179,10 +192,18 @@ def make_lavt(mirror: str) -> None:
         logits = decoder(*stages[::-1])
         decoder.train()  # (updates the running statistics: the state above is from before)
         train_logits = decoder(*stages[::-1])
+    # train.py's criterion, LAVT's weighted cross-entropy: its `.cuda()` is a no-op here (CPU)
+    criterion, _ = official_function(mirror, "train.py", "criterion", {"torch": torch, "nn": nn})
+    cuda, torch.Tensor.cuda = torch.Tensor.cuda, lambda self, *args, **kwargs: self
+    try:
+        target = (torch.rand(2, *logits.shape[-2:]) > 0.6).long()  # (B, h, w) 0 / 1
+        loss = criterion(logits, target)
+    finally:
+        torch.Tensor.cuda = cuda
     save("lavt", repo="yz93/LAVT-RIS", commit=commit,
-         path="lib/backbone.py, lib/mask_predictor.py", sizes=sizes, state_dict=state,
+         path="lib/backbone.py, lib/mask_predictor.py, train.py", sizes=sizes, state_dict=state,
          images=images, words=words, word_mask=word_mask, stages=list(stages), logits=logits,
-         train_logits=train_logits)
+         train_logits=train_logits, target=target, loss=loss)
 
 
 def save(name: str, **fixture) -> None:
