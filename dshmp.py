@@ -226,6 +226,19 @@ def merge_neighbours(x, weights, valid):
     return merged, rearrange(valid, "... (s two) -> ... s two", two=2).any(-1)  # (..., S/2)
 
 
+def frame_attention(q, k, v, valid, word_mask):
+    """Eqs. (4)-(5) on trajectories of S tokens: q (B, P, S, C), k and v (B, L, C) the motion
+    cues, valid (B, P, S), word_mask (B, L) -> (the words each token reads (B, P, S, C), the frame
+    weights w^h (B, P, S)). The attention is a softmax over the frames, per word (Eq. 4); a frame's
+    weight is its attention summed over the words (Eq. 5), which then renormalises its row."""
+    logits = einsum(q, k, "b p s c, b l c -> b p s l") / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(~valid[..., None], -math.inf)  # (B, P, S, L)
+    attn = logits.softmax(dim=2) * word_mask[:, None, None, :]  # Eq. (4): over frames
+    weights = attn.sum(-1)  # (B, P, S), Eq. (5): frame weights w^h
+    attn = attn / (weights[..., None] + 1e-8)
+    return einsum(attn, v, "b p s l, b l c -> b p s c"), weights
+
+
 class HierarchicalCrossAttention(nn.Module):
     """Sec. 3.2, Eqs. (4)-(7): each object trajectory attends to the motion cues at L scales.
 
@@ -247,12 +260,8 @@ class HierarchicalCrossAttention(nn.Module):
         k, v = self.to_k(words), self.to_v(words)  # (B, L, C)
         x, stage_valid, stages = traj, valid, []
         for proj, norm in zip(self.proj, self.norms):
-            logits = einsum(self.to_q(x), k, "b p s c, b l c -> b p s l") / math.sqrt(x.shape[-1])
-            logits = logits.masked_fill(~stage_valid[..., None], -math.inf)  # (B, P, S, L)
-            attn = logits.softmax(dim=2) * word_mask[:, None, None, :]  # Eq. (4): over frames
-            weights = attn.sum(-1)  # (B, P, S), Eq. (5): frame weights w^h
-            attn = attn / (weights[..., None] + 1e-8)
-            enriched = norm(x + proj(einsum(attn, v, "b p s l, b l c -> b p s c")))  # Eq. (5)
+            attended, weights = frame_attention(self.to_q(x), k, v, stage_valid, word_mask)
+            enriched = norm(x + proj(attended))  # Eq. (5)
             x, stage_valid = merge_neighbours(enriched, weights, stage_valid)  # Eq. (6): S -> S/2
             span = 2 ** (len(stages) + 1)  # frames per merged token at this stage
             stages.append(x.repeat_interleave(span, dim=2)[:, :, : traj.shape[2]])  # (B, P, K, C)

@@ -199,3 +199,55 @@ def test_lavt_weighted_cross_entropy_equals_the_official():
                                       LAVT["logits"], targets, pad_mask)
     print(f"LAVT cross-entropy: ours {float(ours):.6f}, official {float(LAVT['loss']):.6f}")
     assert abs(float(ours - LAVT["loss"])) <= TOLERANCE < abs(float(swapped - LAVT["loss"]))
+
+
+# ------------------------------------------------------------------------------ DsHmp
+DSHMP = load("dshmp")
+
+
+def test_dshmp_matching_equals_the_official_where_its_permutation_is_right():
+    """Eq. (3) on frames that swap the first frame's tokens in pairs (a permutation that is its own
+    inverse): dshmp.align_tokens orders every frame as the official `sort_embedding` does."""
+    import dshmp
+    case = DSHMP["matching"]["swaps"]
+    frames = case["frames"]  # (T, Q, C)
+    perm = dshmp.align_tokens(frames[None])[0]  # (T, Q)
+    ours = torch.stack([frames[t, perm[t]] for t in range(len(frames))])
+    print(f"swaps: max abs difference {float((ours - case['aligned']).abs().max()):.2e}")
+    assert torch.equal(ours, case["aligned"])
+
+
+def test_dshmp_matching_differs_from_the_official_on_a_cycle_as_documented():
+    """On a 3-cycle the official code applies the inverse of the permutation it found (dshmp.py's
+    align_tokens docstring; the official builds the cost as (previous, current), transposes it and
+    indexes the current frame with the result): its frame 1 is ours permuted by the inverse, and
+    its trajectories leave the first frame's tokens, while ours keep them."""
+    import dshmp
+    case = DSHMP["matching"]["cycle"]
+    frames, official = case["frames"], case["aligned"]  # (T, Q, C)
+    perm = dshmp.align_tokens(frames[None])[0]  # (T, Q)
+    ours = torch.stack([frames[t, perm[t]] for t in range(len(frames))])
+    assert torch.equal(official[1], frames[1][perm[1].argsort()])  # the inverse permutation
+    assert (ours - frames[0]).abs().max() < 0.1  # ours: every frame aligned to frame 0's tokens
+    assert (official[1:] - frames[0]).abs().max() > 1.0  # the official's: not
+
+
+def test_dshmp_frame_attention_equals_the_official():
+    """Eqs. (4)-(5): dshmp.frame_attention against the official `get_attn` (softmax over the
+    frames per word, frame weights summed over the words, rows renormalised by them), each
+    trajectory with its own keys and values; a softmax over the words instead must differ."""
+    import dshmp
+    a = DSHMP["attention"]
+    outs, weights = [], []
+    for q, k, v in zip(a["q"], a["k"], a["v"]):  # (W, C), (M, C), (M, C)
+        valid, words = torch.ones(1, 1, len(q), dtype=torch.bool), torch.ones(1, len(k), dtype=torch.bool)
+        out, weight = dshmp.frame_attention(q[None, None], k[None], v[None], valid, words)
+        outs.append(out[0, 0])
+        weights.append(weight[0, 0])
+    difference = max(float((torch.stack(outs) - a["out"]).abs().max()),
+                     float((torch.stack(weights) - a["weight"]).abs().max()))
+    print(f"frame attention: max abs difference {difference:.2e} (official {DSHMP['repo']} @ "
+          f"{DSHMP['commit'][:7]})")
+    assert difference <= TOLERANCE
+    over_words = (a["q"] @ a["k"].transpose(1, 2) / a["q"].shape[-1] ** 0.5).softmax(-1) @ a["v"]
+    assert float((over_words - a["out"]).abs().max()) > 100 * TOLERANCE

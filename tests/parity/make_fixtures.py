@@ -3,22 +3,24 @@
 
 Run by hand, not by CI (it needs a local git mirror of the official repository; the test suite
 needs only the saved numbers). The official source is read from the mirror with `git show` and
-executed in memory; nothing of it is copied into this repository. The detectron2 / fvcore helpers
-the official module imports are replaced by the minimal stand-ins below.
+executed in memory; nothing of it is copied into this repository.
 
     git clone --mirror https://github.com/sukjunhwang/VITA /tmp/VITA.git
     git clone --mirror https://github.com/yz93/LAVT-RIS /tmp/LAVT-RIS.git
-    python tests/parity/make_fixtures.py --vita /tmp/VITA.git --lavt /tmp/LAVT-RIS.git
+    git clone --mirror https://github.com/heshuting555/DsHmp /tmp/DsHmp.git
+    python tests/parity/make_fixtures.py --vita /tmp/VITA.git --lavt /tmp/LAVT-RIS.git --dshmp /tmp/DsHmp.git
 
-Each fixture holds: the repository, commit and file, the module's sizes, its state dict under the
-official key names (seeded random weights), and per case the inputs and the outputs (fp32, CPU).
+Each fixture holds: the repository, commit and file, the module's sizes and its state dict under
+the official key names (seeded random weights) where it has weights, and the inputs and the
+outputs (fp32, CPU).
 
 Written so far: vita_module.pt, the VITA module (vita/modeling/transformer_decoder/vita.py: the
 Object Encoder in training and at test with plain and shifted windows, the Object Decoder, the
 class, mask-embedding and similarity heads); lavt.pt, LAVT's language-aware Swin with PWAM and the
 gates (lib/backbone.py), its decoder (lib/mask_predictor.py) and its weighted cross-entropy
-(train.py's criterion). The detectron2, fvcore, timm and
-mmseg names the official files import are stand-ins (install_stand_ins).
+(train.py's criterion); dshmp.pt, DsHmp's matching of adjacent frames (Eq. 3) and its frame
+attention and weights (Eqs. 4-5). The detectron2, fvcore, timm and mmseg names the official files
+import are stand-ins (install_stand_ins).
 """
 import argparse
 import ast
@@ -78,6 +80,9 @@ def install_stand_ins() -> None:
     modules["mmseg.utils"].get_root_logger = lambda: None
     modules["lavt_lib.mmcv_custom"].load_checkpoint = None  # only for pretrained weights
     modules["lavt_lib"].__path__ = []
+    modules.update({name: types.ModuleType(name) for name in ("dshmp_lib", "dshmp_lib.fuse_modules")})
+    modules["dshmp_lib"].__path__ = []
+    modules["dshmp_lib.fuse_modules"].BiAttentionBlock = None  # not in the modules compared
     modules["detectron2.config"].configurable = configurable
     modules["detectron2.layers"].Conv2d = Conv2d
     modules["fvcore.nn.weight_init"].c2_xavier_fill = c2_xavier_fill
@@ -206,6 +211,34 @@ def make_lavt(mirror: str) -> None:
          train_logits=train_logits, target=target, loss=loss)
 
 
+def make_dshmp(mirror: str) -> None:
+    """The sub-steps of DsHmp's hierarchical cross-attention whose structure is the paper's
+    (dshmp/modeling/transformer_decoder/dshmp_decoder.py, HierarchicalCrossAttentionLayer): Eq.
+    (3)'s matching of adjacent frames (`sort_embedding`) on clips whose frames permute the first
+    frame's tokens, by swaps (a permutation that is its own inverse) and by a 3-cycle, and Eqs.
+    (4)-(5)'s frame attention and weights (`get_attn`). Saved as dshmp.pt."""
+    decoder, commit = load_official(mirror, "dshmp/modeling/transformer_decoder/dshmp_decoder.py",
+                                    "dshmp_lib.dshmp_decoder", "dshmp_lib")
+    torch.manual_seed(0)
+    C, Q = 16, 4
+    layer = decoder.HierarchicalCrossAttentionLayer(C, 1)
+    base = torch.randn(Q, C)
+    permutations = {"swaps": [[0, 1, 2, 3], [1, 0, 3, 2], [0, 1, 2, 3]],  # frame t = base[perm]
+                    "cycle": [[0, 1, 2, 3], [1, 2, 0, 3], [2, 0, 1, 3]]}
+    matching = {}
+    for name, perms in permutations.items():
+        frames = torch.stack([base[p] + 0.01 * torch.randn(Q, C) for p in perms])  # (T, Q, C)
+        frame_query = frames[:, :, None]  # (T, fQ, L = 1, C), the official layout
+        aligned, _ = layer.sort_embedding(frame_query.clone())
+        matching[name] = {"frames": frames, "permutations": torch.tensor(perms),
+                          "aligned": aligned[:, :, 0]}  # (T, Q, C) in the official order
+    q, k, v = torch.randn(3, 8, C), torch.randn(3, 5, C), torch.randn(3, 5, C)  # (N, W, C), (N, M, C)
+    out, weight = layer.get_attn(q, k, v)
+    save("dshmp", repo="heshuting555/DsHmp", commit=commit,
+         path="dshmp/modeling/transformer_decoder/dshmp_decoder.py", matching=matching,
+         attention={"q": q, "k": k, "v": v, "out": out, "weight": weight[..., 0]})
+
+
 def save(name: str, **fixture) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.save(fixture, OUT / f"{name}.pt")
@@ -216,14 +249,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vita", help="a git mirror of github.com/sukjunhwang/VITA")
     parser.add_argument("--lavt", help="a git mirror of github.com/yz93/LAVT-RIS")
+    parser.add_argument("--dshmp", help="a git mirror of github.com/heshuting555/DsHmp")
     args = parser.parse_args(argv)
-    if not (args.vita or args.lavt):
-        parser.error("name at least one mirror (--vita, --lavt)")
+    if not (args.vita or args.lavt or args.dshmp):
+        parser.error("name at least one mirror (--vita, --lavt, --dshmp)")
     install_stand_ins()
     if args.vita:
         make_vita(args.vita)
     if args.lavt:
         make_lavt(args.lavt)
+    if args.dshmp:
+        make_dshmp(args.dshmp)
 
 
 if __name__ == "__main__":
