@@ -198,6 +198,16 @@ class BAT(nn.Module):
         return attended * visual, words  # Eq. (3)
 
 
+def official_bat_keys(theirs: str, ours: str):
+    """(official key, our key) pairs of one BAT: the official BAT (modeling/attention/
+    visual_lang.py) keeps the words' attention as multihead_attn_text_1 and the pixels' as
+    multihead_attn_visual_1, both nn.MultiheadAttention as ours."""
+    for official, name in (("multihead_attn_text_1", "text_attn"),
+                           ("multihead_attn_visual_1", "visual_attn")):
+        for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+            yield f"{theirs}{official}.{p}", f"{ours}{name}.{p}"
+
+
 def conv_gn(in_channels, out_channels, kernel_size, *, bias=True, relu=False):
     layers = [nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
                         bias=bias), nn.GroupNorm(32, out_channels)]

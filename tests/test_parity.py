@@ -251,3 +251,57 @@ def test_dshmp_frame_attention_equals_the_official():
     assert difference <= TOLERANCE
     over_words = (a["q"] @ a["k"].transpose(1, 2) / a["q"].shape[-1] ** 0.5).softmax(-1) @ a["v"]
     assert float((over_words - a["out"]).abs().max()) > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------------------------ VATEX
+VATEX = load("vatex")
+
+
+def our_bat(edit=None):
+    import vatex
+    bat = vatex.BAT(dim=VATEX["sizes"]["dim"], heads=VATEX["sizes"]["heads"])
+    pairs = dict(vatex.official_bat_keys("", ""))
+    if edit is not None:
+        pairs = edit(pairs)
+    bat.load_state_dict({ours: VATEX["state_dict"][theirs] for theirs, ours in pairs.items()})
+    assert set(pairs) == set(VATEX["state_dict"])
+    return bat
+
+
+def bat_difference(bat, case, word_mask):
+    """Our BAT in our layout (N, HW, C), (N, L, C) against the official outputs."""
+    with torch.no_grad():
+        pixels, words = bat(VATEX["visual"].transpose(0, 1), VATEX["words"].transpose(0, 1),
+                            VATEX["word_pos"].transpose(0, 1), word_mask)
+    return max(float((pixels - case["pixels"].transpose(0, 1)).abs().max()),
+               float((words - case["words"].transpose(0, 1)).abs().max()))
+
+
+def test_vatex_bat_equals_the_official_without_padded_words():
+    """Eqs. (2)-(3): the words attend to the pixels and are gated by themselves, the pixels attend
+    to the updated words and are gated by themselves (vatex.official_bat_keys); on a batch without
+    padded words. The two attentions swapped in the key map must differ."""
+    case = VATEX["cases"]["no_padding"]
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    difference = bat_difference(our_bat(), case, mask)
+    swapped = bat_difference(our_bat(lambda pairs: {t: o.replace("text_attn", "X").replace(
+        "visual_attn", "text_attn").replace("X", "visual_attn") for t, o in pairs.items()}), case, mask)
+    print(f"BAT: max abs difference {difference:.2e}, attentions swapped {swapped:.2e} (official "
+          f"{VATEX['repo']} @ {VATEX['commit'][:7]})")
+    assert difference <= TOLERANCE < swapped / 100
+
+
+def test_vatex_bat_differs_from_the_official_on_padded_words_as_documented():
+    """vatex.py's Deviations: our key-padding mask is bool (pads blocked); the official one is the
+    float caption mask, which PyTorch adds to the logits (pads attended with +1). The word update
+    (Eq. 2, no mask on either side) is the same; the pixels' update differs only where a sample
+    has pads."""
+    case = VATEX["cases"]["padding"]
+    mask = case["word_mask"] == 0  # (N, L) True on real words
+    with torch.no_grad():
+        pixels, words = our_bat()(VATEX["visual"].transpose(0, 1), VATEX["words"].transpose(0, 1),
+                                  VATEX["word_pos"].transpose(0, 1), mask)
+    official_pixels, official_words = case["pixels"].transpose(0, 1), case["words"].transpose(0, 1)
+    assert float((words - official_words).abs().max()) <= TOLERANCE
+    assert float((pixels[0] - official_pixels[0]).abs().max()) <= TOLERANCE  # sample 0: no pads
+    assert float((pixels[1] - official_pixels[1]).abs().max()) > 100 * TOLERANCE

@@ -8,7 +8,9 @@ executed in memory; nothing of it is copied into this repository.
     git clone --mirror https://github.com/sukjunhwang/VITA /tmp/VITA.git
     git clone --mirror https://github.com/yz93/LAVT-RIS /tmp/LAVT-RIS.git
     git clone --mirror https://github.com/heshuting555/DsHmp /tmp/DsHmp.git
-    python tests/parity/make_fixtures.py --vita /tmp/VITA.git --lavt /tmp/LAVT-RIS.git --dshmp /tmp/DsHmp.git
+    git clone --mirror https://github.com/nero1342/VATEX /tmp/VATEX.git
+    python tests/parity/make_fixtures.py --vita /tmp/VITA.git --lavt /tmp/LAVT-RIS.git \\
+        --dshmp /tmp/DsHmp.git --vatex /tmp/VATEX.git
 
 Each fixture holds: the repository, commit and file, the module's sizes and its state dict under
 the official key names (seeded random weights) where it has weights, and the inputs and the
@@ -19,8 +21,9 @@ Object Encoder in training and at test with plain and shifted windows, the Objec
 class, mask-embedding and similarity heads); lavt.pt, LAVT's language-aware Swin with PWAM and the
 gates (lib/backbone.py), its decoder (lib/mask_predictor.py) and its weighted cross-entropy
 (train.py's criterion); dshmp.pt, DsHmp's matching of adjacent frames (Eq. 3) and its frame
-attention and weights (Eqs. 4-5). The detectron2, fvcore, timm and mmseg names the official files
-import are stand-ins (install_stand_ins).
+attention and weights (Eqs. 4-5); vatex.pt, VATEX's BAT (Eqs. 2-3) as the CMD calls it. The
+detectron2, fvcore, timm and mmseg names the official files import are stand-ins
+(install_stand_ins).
 """
 import argparse
 import ast
@@ -82,6 +85,8 @@ def install_stand_ins() -> None:
     modules["lavt_lib"].__path__ = []
     modules.update({name: types.ModuleType(name) for name in ("dshmp_lib", "dshmp_lib.fuse_modules")})
     modules["dshmp_lib"].__path__ = []
+    modules["vatex_attention"] = types.ModuleType("vatex_attention")
+    modules["vatex_attention"].__path__ = []
     modules["dshmp_lib.fuse_modules"].BiAttentionBlock = None  # not in the modules compared
     modules["detectron2.config"].configurable = configurable
     modules["detectron2.layers"].Conv2d = Conv2d
@@ -239,6 +244,37 @@ def make_dshmp(mirror: str) -> None:
          attention={"q": q, "k": k, "v": v, "out": out, "weight": weight[..., 0]})
 
 
+def make_vatex(mirror: str) -> None:
+    """VATEX's BAT (vatex/modeling/attention/visual_lang.py) as the CMD calls it (pixels as
+    `tgt` without positions, words as `memory` with their positions, the float word mask), on
+    words without padding and on words with padding (where the official float mask adds its value
+    to the logits instead of blocking the pads: a documented deviation). Saved as vatex.pt."""
+    layers, commit = load_official(mirror, "vatex/modeling/attention/attention_layer.py",
+                                   "vatex_attention.attention_layer", "vatex_attention")
+    sys.modules["vatex_attention.attention_layer"] = layers
+    visual_lang, _ = load_official(mirror, "vatex/modeling/attention/visual_lang.py",
+                                   "vatex_attention.visual_lang", "vatex_attention")
+    torch.manual_seed(0)
+    C, heads = 16, 8
+    bat = visual_lang.BAT(C, nhead=heads)
+    perturb(bat)
+    visual = torch.randn(12, 2, C)  # (HW, N, C), the official layout
+    words, word_pos = torch.randn(5, 2, C), torch.randn(5, 2, C)  # (L, N, C)
+    cases = {}
+    for name, pads in (("no_padding", [0, 0]), ("padding", [0, 2])):
+        mask = torch.zeros(2, 5)  # (N, L) float, 1.0 on a pad, as the official caption holds it
+        for n, k in enumerate(pads):
+            if k:
+                mask[n, -k:] = 1.0
+        with torch.no_grad():
+            pixels, updated = bat(tgt=visual, memory=words, memory_key_padding_mask=mask,
+                                  pos=word_pos, query_pos=None)
+        cases[name] = {"word_mask": mask, "pixels": pixels, "words": updated}
+    save("vatex", repo="nero1342/VATEX", commit=commit,
+         path="vatex/modeling/attention/visual_lang.py", sizes={"dim": C, "heads": heads},
+         state_dict=bat.state_dict(), visual=visual, words=words, word_pos=word_pos, cases=cases)
+
+
 def save(name: str, **fixture) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.save(fixture, OUT / f"{name}.pt")
@@ -250,9 +286,10 @@ def main(argv=None):
     parser.add_argument("--vita", help="a git mirror of github.com/sukjunhwang/VITA")
     parser.add_argument("--lavt", help="a git mirror of github.com/yz93/LAVT-RIS")
     parser.add_argument("--dshmp", help="a git mirror of github.com/heshuting555/DsHmp")
+    parser.add_argument("--vatex", help="a git mirror of github.com/nero1342/VATEX")
     args = parser.parse_args(argv)
-    if not (args.vita or args.lavt or args.dshmp):
-        parser.error("name at least one mirror (--vita, --lavt, --dshmp)")
+    if not (args.vita or args.lavt or args.dshmp or args.vatex):
+        parser.error("name at least one mirror (--vita, --lavt, --dshmp, --vatex)")
     install_stand_ins()
     if args.vita:
         make_vita(args.vita)
@@ -260,6 +297,8 @@ def main(argv=None):
         make_lavt(args.lavt)
     if args.dshmp:
         make_dshmp(args.dshmp)
+    if args.vatex:
+        make_vatex(args.vatex)
 
 
 if __name__ == "__main__":
