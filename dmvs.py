@@ -70,10 +70,10 @@ from transformers import RobertaModel
 from common.backbones import TextEncoder, parameter_report, roberta_base_config
 from common.datasets import MeViS, RefDAVIS17, RefYouTubeVOS, collate_video
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, read_checkpoint,
-                           reduce_dict, reduce_mean, save_checkpoint, seed_everything,
+                           reduce_dict, save_checkpoint, seed_everything,
                            setup_distributed, to_device, unwrap)
 from common.mask2former import MLP, xavier_init_
-from common.matching import set_losses
+from common.matching import num_masks, set_losses, visible_objects
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
                         load_trained, param_groups, parse_config, predict_files, predict_masks,
                         resume, run_dir, train_batches, wrap_ddp)
@@ -383,13 +383,10 @@ class DMVS(nn.Module):
 def compute_losses(cfg, outputs, targets):
     """Eq. (11)'s unweighted terms (ce, bce, dice), every decoder layer, Hungarian-matched to the
     referred objects visible in the clip."""
-    visible = [t["masks"].flatten(1).any(1) for t in targets]
-    targets = [{"masks": t["masks"][v], "labels": t["labels"][v]} for t, v in zip(targets, visible)]
-    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)))
-    num_masks = max(float(reduce_mean(count)), 1.0)  # per process, averaged over the processes
+    targets = visible_objects(targets)  # (VITA, DsHmp)
     return set_losses(outputs, targets, w_cls=cfg.w_cls, w_bce=cfg.w_bce, w_dice=cfg.w_dice,
                       no_object_weight=cfg.no_object_weight, num_points=cfg.num_points or None,
-                      num_masks=num_masks)[0]
+                      num_masks=num_masks(targets, outputs["pred_masks"].device))[0]
 
 
 # ---------------------------------------------------------------------------------- building

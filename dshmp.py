@@ -32,9 +32,9 @@ Deviations from the paper (and from the official code, which the paper does not 
     official code also builds LAVT's tanh gate that would feed it into the next stage, but
     zero-initialises both of its layers (mask2former/modeling/backbone/swin.py, MMBasicLayer), so
     the gate's gradient is zero and it stays shut: we build no gate (--language-gate: LAVT's
-    live one). Word cross-attention in every Mask2Former
-    layer (static cues) and Motion-Decoder layer (motion cues, query positions added to the
-    queries; official: all words, no positions) and no BiAttention block.
+    live one). Word cross-attention in every Mask2Former layer (static cues) and Motion-Decoder
+    layer (motion cues, query positions added to the queries; official: all words, no positions)
+    and no BiAttention block.
   - No VITA similarity loss (official, weight 1.0); object tokens from the last Mask2Former layer
     only (official: the last 3 as extra batch entries in training); the same non-shifted windows
     in training and test (official: odd blocks shifted at test, from VITA).
@@ -68,12 +68,12 @@ from common.backbones import (PixelLevel, TextEncoder, load_mask2former, paramet
                               roberta_base_config, swin_tiny_coco_config)
 from common.datasets import MeViS, RefDAVIS17, RefYouTubeVOS, collate_video
 from common.engine import (Progress, all_gather_cat, autocast, cleanup_distributed, is_main,
-                           reduce_dict, reduce_mean, save_checkpoint, seed_everything,
+                           reduce_dict, save_checkpoint, seed_everything,
                            setup_distributed, to_device, unwrap)
 from common.lavt import LanguageAwareSwin
 from common.mask2former import (MLP, MaskedAttentionDecoder, c2_xavier_fill_,
                                 decoder_kwargs_from_hf, load_decoder_weights, xavier_init_)
-from common.matching import frame_targets, set_losses
+from common.matching import frame_targets, num_masks, set_losses, visible_objects
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
                         load_trained, param_groups, parse_config, predict_files, predict_masks,
                         resume, run_dir, train_batches, wrap_ddp)
@@ -227,10 +227,8 @@ def merge_neighbours(x, weights, valid):
 
 
 def frame_attention(q, k, v, valid, word_mask):
-    """Eqs. (4)-(5) on trajectories of S tokens: q (B, P, S, C), k and v (B, L, C) the motion
-    cues, valid (B, P, S), word_mask (B, L) -> (the words each token reads (B, P, S, C), the frame
-    weights w^h (B, P, S)). The attention is a softmax over the frames, per word (Eq. 4); a frame's
-    weight is its attention summed over the words (Eq. 5), which then renormalises its row."""
+    """Eqs. (4)-(5): trajectories q (B, P, S, C), motion cues k, v (B, L, C), valid (B, P, S),
+    word_mask (B, L) -> (the cues each token reads (B, P, S, C), frame weights w^h (B, P, S))."""
     logits = einsum(q, k, "b p s c, b l c -> b p s l") / math.sqrt(q.shape[-1])
     logits = logits.masked_fill(~valid[..., None], -math.inf)  # (B, P, S, L)
     attn = logits.softmax(dim=2) * word_mask[:, None, None, :]  # Eq. (4): over frames
@@ -500,14 +498,12 @@ def compute_losses(cfg, outputs, targets, *, bank=None, bank_targets=None):
     (B, D) for the memory bank and which of them have a matched target (B,); None without one)."""
     weights = dict(w_cls=cfg.w_cls, w_bce=cfg.w_bce, w_dice=cfg.w_dice,
                    no_object_weight=cfg.no_object_weight, num_points=cfg.num_points or None)
-    visible = [t["masks"].flatten(1).any(1) for t in targets]  # official: absent objects dropped
-    targets = [{"masks": t["masks"][v], "labels": t["labels"][v]} for t, v in zip(targets, visible)]
-    per_frame = frame_targets(targets)
-    def count(ts):  # masks per process, averaged over the processes
-        return max(float(reduce_mean(torch.tensor(float(sum(len(t["labels"]) for t in ts))))), 1.0)
-    frame_terms, _ = set_losses(outputs["frame_outputs"], per_frame, num_masks=count(per_frame),
-                                **weights)
-    video_terms, indices = set_losses(outputs, targets, num_masks=count(targets), **weights)
+    targets = visible_objects(targets)  # official: objects absent from the clip dropped
+    per_frame, device = frame_targets(targets), outputs["pred_masks"].device
+    frame_terms, _ = set_losses(outputs["frame_outputs"], per_frame,
+                                num_masks=num_masks(per_frame, device), **weights)
+    video_terms, indices = set_losses(outputs, targets, num_masks=num_masks(targets, device),
+                                      **weights)
     terms = {**{f"frame_{k}": v for k, v in frame_terms.items()},
              **{f"video_{k}": v for k, v in video_terms.items()}}
     anchors = matched = None

@@ -68,7 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
-from common.backbones import (TextEncoder, load_swin_backbone, official_swin_keys,
+from common.backbones import (TextEncoder, load_swin_backbone, official_swin_keys, param_keys,
                               parameter_report, swin_backbone, swin_base_22k_config)
 from common.datasets import RefCOCO, collate_image
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, reduce_dict,
@@ -469,25 +469,24 @@ def official_lavt_key_map(model: LAVT) -> dict:
     reshapes them)."""
     pairs = [(f"backbone.{t}", [f"backbone.{o}" for o in ours])
              for t, ours in official_swin_keys(model.backbone)]
-    def affine(theirs, ours, params=("weight", "bias")):
-        pairs.extend((f"{theirs}.{p}", [f"{ours}.{p}"]) for p in params)
     for s in range(len(model.fusion.pwams)):
         theirs, ours = f"backbone.layers.{s}.", f"fusion.pwams.{s}."
-        affine(theirs + "fusion.vis_project.0", ours + "vis.0")
+        pairs += param_keys(theirs + "fusion.vis_project.0", ours + "vis.0")
         for official, name in (("f_query.0", "query.0"), ("f_key.0", "key"),
                                ("f_value.0", "value"), ("W.0", "out.0")):
-            affine(theirs + "fusion.image_lang_att." + official, ours + name)
-        affine(theirs + "fusion.project_mm.0", ours + "mm.0")
+            pairs += param_keys(theirs + "fusion.image_lang_att." + official, ours + name)
+        pairs += param_keys(theirs + "fusion.project_mm.0", ours + "mm.0")
         if model.fusion.gates is not None and s < len(model.fusion.gates):
             for j in (0, 2):  # Linear, ReLU, Linear, Tanh; no biases
-                affine(theirs + f"res_gate.{j}", f"fusion.gates.{s}.mlp.{j}", ("weight",))
+                pairs += param_keys(theirs + f"res_gate.{j}", f"fusion.gates.{s}.mlp.{j}",
+                                    ("weight",))
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     for k, level in enumerate((4, 3, 2)):  # conv1_4 ... bn2_2: our blocks 0, 1, 2
         for j, (conv, norm) in enumerate(((f"conv1_{level}", f"bn1_{level}"),
                                           (f"conv2_{level}", f"bn2_{level}"))):
-            affine(f"classifier.{conv}", f"decoder.blocks.{k}.{3 * j}", ("weight",))
-            affine(f"classifier.{norm}", f"decoder.blocks.{k}.{3 * j + 1}", bn)
-    affine("classifier.conv1_1", "decoder.classifier")
+            pairs += param_keys(f"classifier.{conv}", f"decoder.blocks.{k}.{3 * j}", ("weight",))
+            pairs += param_keys(f"classifier.{norm}", f"decoder.blocks.{k}.{3 * j + 1}", bn)
+    pairs += param_keys("classifier.conv1_1", "decoder.classifier")
     return dict(pairs)
 
 
@@ -496,6 +495,7 @@ def load_official_lavt(model: LAVT, official_state: dict) -> None:
     MRaCL's projection are left as they are). Raises ValueError listing every official key with no
     place, every key of ours left without a tensor and every size that differs."""
     key_map, own = official_lavt_key_map(model), model.state_dict()
+    buffers = dict(model.named_buffers())  # Swin's relative_position_index: compared, not loaded
     problems = [f"no place for {k}" for k in official_state
                 if k not in key_map and k not in OFFICIAL_LAVT_KEYS_NOT_LOADED]
     problems += [f"nothing for {ours}" for theirs, targets in key_map.items()
@@ -510,7 +510,7 @@ def load_official_lavt(model: LAVT, official_state: dict) -> None:
                 problems.append(f"{ours} {tuple(own[ours].shape)} <- {theirs} {tuple(part.shape)}")
             elif ours in own:
                 converted[ours] = part.reshape(own[ours].shape)
-            elif not torch.equal(part.flatten(), dict(model.named_buffers())[ours].flatten()):
+            elif not torch.equal(part.flatten(), buffers[ours].flatten()):
                 problems.append(f"{theirs} differs from our {ours} (another window size?)")
     if problems:
         raise ValueError("the official LAVT weights do not match this model:\n  "

@@ -80,7 +80,7 @@ from common.matching import set_losses
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_image,
                         load_trained, param_groups, parse_config, predict_files, resume, run_dir,
                         train_batches, wrap_ddp)
-from common.text import build_vocab, main_noun_phrase, word_tokenizer
+from common.text import main_noun_phrase, word_tokenizer
 from data.toy import ensure_toy, motion_sentence_keys
 from data.toy_pretrain import pretrain_toy_clip, tiny_clip
 
@@ -196,16 +196,6 @@ class BAT(nn.Module):
         attended = self.visual_attn(visual, words + word_pos, words, key_padding_mask=~word_mask,
                                     need_weights=False)[0]  # (N, HW, C)
         return attended * visual, words  # Eq. (3)
-
-
-def official_bat_keys(theirs: str, ours: str):
-    """(official key, our key) pairs of one BAT: the official BAT (modeling/attention/
-    visual_lang.py) keeps the words' attention as multihead_attn_text_1 and the pixels' as
-    multihead_attn_visual_1, both nn.MultiheadAttention as ours."""
-    for official, name in (("multihead_attn_text_1", "text_attn"),
-                           ("multihead_attn_visual_1", "visual_attn")):
-        for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
-            yield f"{theirs}{official}.{p}", f"{ours}{name}.{p}"
 
 
 def conv_gn(in_channels, out_channels, kernel_size, *, bias=True, relu=False):
@@ -566,11 +556,8 @@ def train(cfg, ddp, root, out):
     """Sec. 4.1 recipe; returns the trained model (unwrapped)."""
     seed_everything(cfg.seed)  # identical initial weights on every process
     dataset = make_dataset(cfg, root, "train", train=True, seed=cfg.seed + ddp.rank)
-    clip, vocab = None, None
-    if cfg.data == "toy":
-        vocab = build_vocab([s["expression"] for s in dataset.samples] + ["a photo of ."])
-        clip, vocab = pretrain_toy_clip(cfg, dataset, vocab,
-                                        out.parent / "clip-toy" / f"seed{cfg.seed}.pt")
+    clip, vocab = (pretrain_toy_clip(cfg, dataset, out.parent / "clip-toy" / f"seed{cfg.seed}.pt")
+                   if cfg.data == "toy" else (None, None))
     model = build_model(cfg, vocab=vocab, clip=clip).to(ddp.device)
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           backbone_lr_mult=cfg.backbone_lr_mult, backbone=("backbone",))

@@ -197,6 +197,13 @@ def swin_backbone(config: SwinConfig) -> SwinBackbone:
     return backbone
 
 
+def param_keys(theirs: str, ours: str, params=("weight", "bias")):
+    """(official key, [our key]) pairs of one layer's tensors under both names (by default the
+    weight and bias of a Linear, Conv or norm layer), for the official-checkpoint key maps."""
+    for p in params:
+        yield f"{theirs}.{p}", [f"{ours}.{p}"]
+
+
 def official_swin_keys(backbone):
     """(official key, [our keys]) pairs: the Swin of the official code (Swin-Transformer's own
     layout, kept by detectron2's D2SwinTransformer in VITA and by mmseg's in LAVT:
@@ -204,37 +211,33 @@ def official_swin_keys(backbone):
     for its numbers of stages and blocks. Several keys of ours: the official tensor is cut into
     that many equal parts along dim 0. relative_position_index is a buffer on both sides (to
     compare, not to load)."""
-    def _affine(theirs, ours):  # the weight and bias of a Linear, Conv2d or LayerNorm
-        for p in ("weight", "bias"):
-            yield f"{theirs}.{p}", [f"{ours}.{p}"]
-
-    yield from _affine("patch_embed.proj", "swin.embeddings.patch_embeddings.projection")
-    yield from _affine("patch_embed.norm", "swin.embeddings.norm")
+    yield from param_keys("patch_embed.proj", "swin.embeddings.patch_embeddings.projection")
+    yield from param_keys("patch_embed.norm", "swin.embeddings.norm")
     for s, stage in enumerate(backbone.swin.encoder.layers):
         for b in range(len(stage.blocks)):
             theirs, ours = f"layers.{s}.blocks.{b}.", f"swin.encoder.layers.{s}.blocks.{b}."
-            yield from _affine(theirs + "norm1", ours + "layernorm_before")
+            yield from param_keys(theirs + "norm1", ours + "layernorm_before")
             # one Linear(C, 3C) -> three Linear(C, C): q, k, v, in that order
             for p in ("weight", "bias"):
                 yield theirs + f"attn.qkv.{p}", [ours + f"attention.{x}_proj.{p}" for x in "qkv"]
-            yield from _affine(theirs + "attn.proj", ours + "attention.o_proj")
+            yield from param_keys(theirs + "attn.proj", ours + "attention.o_proj")
             rel = ours + "attention.relative_position_bias."
             yield theirs + "attn.relative_position_bias_table", \
                 [rel + "relative_position_bias_table"]
             # a buffer on both sides: compared with ours, not loaded
             yield theirs + "attn.relative_position_index", [rel + "relative_position_index"]
-            yield from _affine(theirs + "norm2", ours + "layernorm_after")
-            yield from _affine(theirs + "mlp.fc1", ours + "mlp.fc1")
-            yield from _affine(theirs + "mlp.fc2", ours + "mlp.fc2")
+            yield from param_keys(theirs + "norm2", ours + "layernorm_after")
+            yield from param_keys(theirs + "mlp.fc1", ours + "mlp.fc1")
+            yield from param_keys(theirs + "mlp.fc2", ours + "mlp.fc2")
         if stage.downsample is not None:  # patch merging after every stage but the last
             theirs, ours = f"layers.{s}.downsample.", f"swin.encoder.layers.{s}.downsample."
             # Linear(4C, 2C) without bias
             yield theirs + "reduction.weight", [ours + "reduction.weight"]
-            yield from _affine(theirs + "norm", ours + "norm")
+            yield from param_keys(theirs + "norm", ours + "norm")
     # stage{i+1} (output res{i+2}): official norm{i}
     for stage_name in backbone.hidden_states_norms:
         i = int(stage_name.removeprefix("stage")) - 1
-        yield from _affine(f"norm{i}", f"hidden_states_norms.{stage_name}")
+        yield from param_keys(f"norm{i}", f"hidden_states_norms.{stage_name}")
 
 
 def load_swin_backbone(name_or_path: str = SWIN_BASE_22K, *, drop_path_rate: float = 0.3,

@@ -12,6 +12,7 @@ the losses return unweighted values, so the weighted sum is one visible line in 
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from scipy.optimize import linear_sum_assignment
@@ -370,6 +371,24 @@ def set_losses(outputs, targets, *, w_cls, w_bce, w_dice, no_object_weight, num_
         terms["bce"], terms["dice"] = terms["bce"] + mask_terms["bce"], \
             terms["dice"] + mask_terms["dice"]
     return terms, final_indices
+
+
+def visible_objects(targets):
+    """Video targets [{"masks": (N, T, H, W), "labels": (N,), ...}] without the objects that
+    appear in no frame of their clip (official VITA and DsHmp: `valid_bool_clip`)."""
+    keep = [t["masks"].flatten(1).any(1) for t in targets]  # (N,) per clip
+    return [{"masks": t["masks"][k], "labels": t["labels"][k]} for t, k in zip(targets, keep)]
+
+
+def num_masks(targets, device) -> float:
+    """Mask2Former's normaliser of the mask losses: the target masks of this process, averaged
+    over the processes when a process group is up (all-reduced on `device`, the predictions'
+    device, the one the group communicates on), at least 1."""
+    n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return max(float(n), 1.0)
 
 
 def frame_targets(targets):

@@ -21,14 +21,15 @@ import os
 import pickle
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
 
-from common.backbones import PixelLevel, official_swin_keys, tiny_mask2former_config
+from common.backbones import (PixelLevel, official_swin_keys, param_keys,
+                              tiny_mask2former_config)
 from common.mask2former import MLP, MaskedAttentionDecoder, c2_xavier_fill_, xavier_init_
-from common.matching import frame_targets, matched_pred_index, set_losses
+from common.matching import (frame_targets, matched_pred_index, num_masks, set_losses,
+                             visible_objects)
 
 # Shapes: B clips, T frames, Q frame queries per frame, V video queries, C channels, L words,
 # n windows of K frames.
@@ -348,26 +349,16 @@ def vita_losses(outputs, targets, *, w_cls=2.0, w_bce=5.0, w_dice=5.0, frame_no_
     and frame (MASK_FORMER.TRAIN_NUM_POINTS 112 * 112; None: whole masks), each divided by the
     number of target masks averaged over the processes, at least 1 (official: frame targets for
     the frame level, clip objects x L for the video level, with L = 1 frame-query layer here)."""
-    visible = [t["masks"].flatten(2).any(2).any(1) for t in targets]  # (N,) per clip
-    targets = [{"masks": t["masks"][v], "labels": t["labels"][v]} for t, v in zip(targets, visible)]
+    targets = visible_objects(targets)
     per_frame = frame_targets(targets)  # B*T dicts in (b t) order, as the frame outputs
-
-    def count(ts):  # target masks per process, averaged over the processes (Mask2Former's
-        # num_masks, on the predictions' device: the one the process group communicates on)
-        n = sum(len(t["labels"]) for t in ts)
-        n = torch.tensor(float(n), device=outputs["pred_masks"].device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            n = n / dist.get_world_size()
-        return max(float(n), 1.0)
-
+    device = outputs["pred_masks"].device
     costs = dict(w_cls=w_cls, w_bce=w_bce, w_dice=w_dice, num_points=num_points)
     frame_terms, frame_indices = set_losses(outputs["frame_outputs"], per_frame, **costs,
                                             no_object_weight=frame_no_object_weight,
-                                            num_masks=count(per_frame))
+                                            num_masks=num_masks(per_frame, device))
     video_terms, video_indices = set_losses(outputs, targets, **costs,
                                             no_object_weight=video_no_object_weight,
-                                            num_masks=count(targets))
+                                            num_masks=num_masks(targets, device))
     # similarity loss: the matched frame queries, then the matched video queries (loss_fg_sim)
     sim_frame = rearrange(outputs["sim_frame"], "b t q c -> (b t) q c")  # (B*T, Q, C)
     sim_video, T = outputs["sim_video"], outputs["sim_frame"].shape[1]  # (B, V, C)
@@ -406,12 +397,6 @@ OFFICIAL_KEYS_NOT_LOADED = ("criterion.empty_weight", "vita_criterion.empty_weig
 OUR_KEYS_NOT_LOADED = tuple(f"pixel_level.backbone.swin.layernorm.{p}" for p in ("weight", "bias"))
 
 
-def _affine(theirs: str, ours: str):
-    """The weight and bias of a Linear, Conv2d, LayerNorm or GroupNorm under both names."""
-    for p in ("weight", "bias"):
-        yield f"{theirs}.{p}", [f"{ours}.{p}"]
-
-
 def _attention(theirs: str, ours: str):
     """An nn.MultiheadAttention on both sides: the same four tensors (in_proj packs q, k, v along
     dim 0 in both)."""
@@ -425,22 +410,22 @@ def _pixel_decoder_keys(pixel_decoder):
     keeps its GroupNorm as a `.norm` child, transformers an nn.Sequential(conv, norm)."""
     for level in range(len(pixel_decoder.input_projections)):
         for j in (0, 1):  # nn.Sequential(Conv2d, GroupNorm) on both sides
-            yield from _affine(f"input_proj.{level}.{j}", f"input_projections.{level}.{j}")
+            yield from param_keys(f"input_proj.{level}.{j}", f"input_projections.{level}.{j}")
     yield "transformer.level_embed", ["level_embed"]
     for i in range(len(pixel_decoder.encoder.layers)):
         theirs, ours = f"transformer.encoder.layers.{i}.", f"encoder.layers.{i}."
         for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
-            yield from _affine(theirs + f"self_attn.{name}", ours + f"self_attn.{name}")
-        yield from _affine(theirs + "norm1", ours + "self_attn_layer_norm")
-        yield from _affine(theirs + "linear1", ours + "fc1")
-        yield from _affine(theirs + "linear2", ours + "fc2")
-        yield from _affine(theirs + "norm2", ours + "final_layer_norm")
-    yield from _affine("mask_features", "mask_projection")
+            yield from param_keys(theirs + f"self_attn.{name}", ours + f"self_attn.{name}")
+        yield from param_keys(theirs + "norm1", ours + "self_attn_layer_norm")
+        yield from param_keys(theirs + "linear1", ours + "fc1")
+        yield from param_keys(theirs + "linear2", ours + "fc2")
+        yield from param_keys(theirs + "norm2", ours + "final_layer_norm")
+    yield from param_keys("mask_features", "mask_projection")
     # the FPN convs on res2, bias-free (norm "GN")
     for k in range(1, pixel_decoder.num_fpn_levels + 1):
         for name in (f"adapter_{k}", f"layer_{k}"):
             yield f"{name}.weight", [f"{name}.0.weight"]
-            yield from _affine(f"{name}.norm", f"{name}.1")
+            yield from param_keys(f"{name}.norm", f"{name}.1")
 
 
 def _decoder_layer_keys(i: int, ours: str, norms: tuple, *, second_linear: str):
@@ -452,12 +437,12 @@ def _decoder_layer_keys(i: int, ours: str, norms: tuple, *, second_linear: str):
     cross, self_, ffn = (f"transformer_{part}_layers.{i}." for part in ("cross_attention",
                                                                           "self_attention", "ffn"))
     yield from _attention(cross + "multihead_attn", ours + "cross_attn")
-    yield from _affine(cross + "norm", ours + cross_norm)
+    yield from param_keys(cross + "norm", ours + cross_norm)
     yield from _attention(self_ + "self_attn", ours + "self_attn")
-    yield from _affine(self_ + "norm", ours + self_norm)
-    yield from _affine(ffn + "linear1", ours + "ffn.0")
-    yield from _affine(ffn + "linear2", ours + second_linear)
-    yield from _affine(ffn + "norm", ours + ffn_norm)
+    yield from param_keys(self_ + "norm", ours + self_norm)
+    yield from param_keys(ffn + "linear1", ours + "ffn.0")
+    yield from param_keys(ffn + "linear2", ours + second_linear)
+    yield from param_keys(ffn + "norm", ours + ffn_norm)
 
 
 def _frame_decoder_keys(decoder):
@@ -468,27 +453,27 @@ def _frame_decoder_keys(decoder):
     yield "level_embed.weight", ["level_embed.weight"]
     for level, proj in enumerate(decoder.input_proj):
         if isinstance(proj, nn.Conv2d):  # only where the features' width differs from hidden_dim
-            yield from _affine(f"input_proj.{level}", f"input_proj.{level}")
+            yield from param_keys(f"input_proj.{level}", f"input_proj.{level}")
     for i in range(len(decoder.layers)):
         yield from _decoder_layer_keys(i, f"layers.{i}.", ("cross_norm", "self_norm", "ffn_norm"),
                                        second_linear="ffn.3")
-    yield from _affine("decoder_norm", "decoder_norm")
-    yield from _affine("class_embed", "class_head")
+    yield from param_keys("decoder_norm", "decoder_norm")
+    yield from param_keys("class_embed", "class_head")
     for j in range(len(decoder.mask_embed.layers)):
-        yield from _affine(f"mask_embed.layers.{j}", f"mask_embed.layers.{j}")
+        yield from param_keys(f"mask_embed.layers.{j}", f"mask_embed.layers.{j}")
 
 
 def _vita_module_keys(model):
     """Official `VITA` (vita_module) -> our input_proj, ObjectEncoder, ObjectDecoder and heads."""
     # a Linear: ENFORCE_INPUT_PROJ is True by default
-    yield from _affine("input_proj_dec", "input_proj")
+    yield from param_keys("input_proj_dec", "input_proj")
     for i in range(len(model.encoder.layers)):
         ours = f"encoder.layers.{i}."
         yield from _attention(f"enc_self_attn.{i}.self_attn", ours + "self_attn")
-        yield from _affine(f"enc_self_attn.{i}.norm", ours + "self_norm")
-        yield from _affine(f"enc_ffn.{i}.linear1", ours + "ffn.0")
-        yield from _affine(f"enc_ffn.{i}.linear2", ours + "ffn.2")
-        yield from _affine(f"enc_ffn.{i}.norm", ours + "ffn_norm")
+        yield from param_keys(f"enc_self_attn.{i}.norm", ours + "self_norm")
+        yield from param_keys(f"enc_ffn.{i}.linear1", ours + "ffn.0")
+        yield from param_keys(f"enc_ffn.{i}.linear2", ours + "ffn.2")
+        yield from param_keys(f"enc_ffn.{i}.norm", ours + "ffn_norm")
     for i in range(len(model.object_decoder.layers)):
         # norms.0, .1, .2 follow cross-attention, self-attention, FFN
         yield from _decoder_layer_keys(i, f"object_decoder.layers.{i}.",
@@ -496,13 +481,13 @@ def _vita_module_keys(model):
     yield "query_feat.weight", ["object_decoder.query_feat.weight"]
     yield "query_embed.weight", ["object_decoder.query_pos.weight"]
     yield "fq_pos.weight", ["object_decoder.slot_pos.weight"]
-    yield from _affine("decoder_norm", "object_decoder.norm")
-    yield from _affine("class_embed", "class_head")
+    yield from param_keys("decoder_norm", "object_decoder.norm")
+    yield from param_keys("class_embed", "class_head")
     for j in range(len(model.mask_embed.layers)):
-        yield from _affine(f"mask_embed.layers.{j}", f"mask_embed.layers.{j}")
-    yield from _affine("vita_mask_features", "mask_proj")
-    yield from _affine("sim_embed_frame", "sim_frame")
-    yield from _affine("sim_embed_clip", "sim_video")
+        yield from param_keys(f"mask_embed.layers.{j}", f"mask_embed.layers.{j}")
+    yield from param_keys("vita_mask_features", "mask_proj")
+    yield from param_keys("sim_embed_frame", "sim_frame")
+    yield from param_keys("sim_embed_clip", "sim_video")
 
 
 def official_vita_key_map(model: VITA) -> dict:

@@ -24,7 +24,7 @@ from common.datasets import YouTubeVIS, collate_vis, load_rgb
 from common.engine import (Progress, autocast, barrier, is_main, read_checkpoint, reduce_dict,
                            save_checkpoint, seed_everything, to_device)
 from common.run import check_finite, param_groups, resume, train_batches, wrap_ddp
-from common.text import main_noun_phrase, word_tokenizer
+from common.text import build_vocab, main_noun_phrase, word_tokenizer
 from common.vita import VITA_LOSS_WEIGHTS, build_vita, vita_losses
 from data.toy import VIS_FILE, write_toy_vis
 
@@ -122,16 +122,18 @@ def tiny_clip(vocab, image_size) -> CLIPEncoder:
                             image_size=image_size, patch_size=8, freeze=False)
 
 
-def pretrain_toy_clip(cfg, dataset, vocab, path):
+def pretrain_toy_clip(cfg, dataset, path):
     """The toy CLIP trained for cfg.toy_clip_steps steps on the RefCOCO-layout training set
-    `dataset.base` (crops 1.5-3x each referred object's box, resized to cfg.clip_image_size), kept
-    in `path` and reused (its vocabulary too) by every run with the same data, seed, steps and
-    size. Returns (the CLIP, its vocabulary)."""
+    `dataset.base` (crops 1.5-3x each referred object's box, resized to cfg.clip_image_size), its
+    word vocabulary the training expressions' and the prompt's, kept in `path` and reused (its
+    vocabulary too) by every run with the same data, seed, steps and size. Returns (the CLIP, its
+    vocabulary)."""
     key = {"data": str(Path(dataset.base.image_root).resolve()), "seed": cfg.seed,
            "steps": cfg.toy_clip_steps, "size": cfg.clip_image_size}
     if Path(path).is_file() and read_checkpoint(path)["extra"].get("key") == key:
         print(f"reusing the toy CLIP {path}")
     elif is_main():  # trained once, on the main process; every process loads the file
+        vocab = build_vocab([s["expression"] for s in dataset.samples] + ["a photo of ."])
         _train_toy_clip(cfg, dataset, vocab, path, key)
     barrier()
     state = read_checkpoint(path)

@@ -138,3 +138,19 @@ def test_toy_table_summary_takes_each_methods_full_model(tmp_path):
     bench.write_text(bench.read_text().replace("`python vatex.py --data toy --train` |", "`python vatex.py` |"))
     with pytest.raises(SystemExit, match="no row of the full model"):
         toy_table.main(["--summary", "--bench", str(bench)])
+
+
+def test_toy_table_of_one_seed_gives_wall_times_and_no_scores():
+    """A score of one run is not a result: with one seed per variant the block holds the command,
+    the seed count and the wall time of a run alone, and says why there are no scores."""
+    records = [{"variant": "", "seed": 0, "seconds": 612.4, "threads": None, "steps": 1500,
+                "J&F": 0.579, "motion_only": 0.463,
+                "references": {"motion_only": {"every_look_alike": {"J&F": 0.556},
+                                               "wrong_look_alikes": {"J&F": 0.0}}}}]
+    text = toy_table.table("dshmp", records, [])
+    assert "| command | seeds | wall time per run |" in text
+    assert "| `python dshmp.py --data toy --train` | 1 | 612 s |" in text
+    assert "0.579" not in text and "0.463" not in text and "floor" not in text
+    assert text.splitlines()[-1].startswith("Seed 0 only, so no scores")
+    records.append({**records[0], "seed": 1, "J&F": 0.581})
+    assert "0.580 ± 0.001" in toy_table.table("dshmp", records, [])  # two seeds: scores again

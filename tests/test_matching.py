@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from common.matching import (
+    num_masks,
+    visible_objects,
     batch_dice_cost,
     batch_sigmoid_bce_cost,
     classification_loss,
@@ -356,3 +358,14 @@ def test_point_sample_reads_bf16_logits_at_exact_coordinates():
     # the ramp's value at x, read exactly: bf16-rounded coordinates would miss it by up to ~0.2
     expected = -50 + 100 * (coords[0, :, 0] * 200 - 0.5) / 199  # pixel centres at (i + 0.5) / 200
     assert (bf16[0, 0] - expected).abs().max() < 0.15  # bf16 logits are within 0.125 of the ramp
+
+
+def test_visible_objects_drops_the_objects_absent_from_the_clip_and_num_masks_counts_the_rest():
+    masks = torch.zeros(3, 2, 4, 4, dtype=torch.bool)  # (N, T, H, W)
+    masks[0, 1, 0, 0] = masks[2, 0, 1, 1] = True  # object 1 is in no frame
+    empty = {"masks": masks[:0], "labels": torch.zeros(0, dtype=torch.long)}
+    kept = visible_objects([{"masks": masks, "labels": torch.tensor([5, 6, 7])}, empty])
+    assert kept[0]["labels"].tolist() == [5, 7] and torch.equal(kept[0]["masks"], masks[[0, 2]])
+    assert len(kept[1]["labels"]) == 0
+    assert num_masks(kept, "cpu") == 2.0  # no process group: this process's count
+    assert num_masks(kept[1:], "cpu") == 1.0  # at least 1

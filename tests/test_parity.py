@@ -23,6 +23,13 @@ def load(name):
 VITA = load("vita_module")
 
 
+def vita_module_keys(model):
+    """The `vita_module.` part of common.vita.official_vita_key_map, without the prefix."""
+    return {theirs.removeprefix("vita_module."): ours
+            for theirs, ours in official_vita_key_map(model).items()
+            if theirs.startswith("vita_module.")}
+
+
 def our_vita(window: int, key_map=None):
     """Our VITA at the fixture's sizes (the Swin, pixel decoder and frame decoder are tiny and
     unused here), its VITA module loaded from the official state dict through
@@ -37,13 +44,11 @@ def our_vita(window: int, key_map=None):
                             num_classes=s["num_classes"], enc_layers=s["enc_layers"],
                             vita_dec_layers=s["dec_layers"], video_queries=s["num_queries"],
                             enc_window=window))
-    if key_map is None:
-        key_map = {theirs.removeprefix("vita_module."): ours
-                   for theirs, ours in official_vita_key_map(model).items()
-                   if theirs.startswith("vita_module.")}
+    key_map = vita_module_keys(model) if key_map is None else key_map
     official = VITA["state_dict"]
     assert set(key_map) == set(official), set(key_map) ^ set(official)  # every official tensor used
-    state = {ours: official[theirs] for theirs, targets in key_map.items() for ours in targets}
+    assert all(len(targets) == 1 for targets in key_map.values())  # no tensor cut in the module
+    state = {targets[0]: official[theirs] for theirs, targets in key_map.items()}
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     assert not [k for k in result.missing_keys  # nothing of our VITA module left unloaded
@@ -93,9 +98,7 @@ def test_vita_parity_fails_on_a_broken_port():
     replaced by the training-time plain ones."""
     case = VITA["cases"]["vita_module_test_T7_K3"]
     model = our_vita(3)
-    key_map = {theirs.removeprefix("vita_module."): ours
-               for theirs, ours in official_vita_key_map(model).items()
-               if theirs.startswith("vita_module.")}
+    key_map = vita_module_keys(model)
     for p in ("weight", "bias"):  # layer 0 of the Object Decoder: norms.0 <-> norms.1
         cross = f"transformer_cross_attention_layers.0.norm.{p}"
         self_ = f"transformer_self_attention_layers.0.norm.{p}"
@@ -113,10 +116,10 @@ def test_vita_parity_fails_on_a_broken_port():
 LAVT = load("lavt")
 
 
-def our_lavt(key_map_edit=None):
+def our_lavt(rename=None):
     """MRaCL's LAVT at the fixture's sizes (no text encoder: the words are given), loaded from the
-    official state dict by mracl.load_official_lavt (mracl.official_lavt_key_map, edited by
-    `key_map_edit` for the broken variants)."""
+    official state dict by mracl.load_official_lavt (mracl.official_lavt_key_map); `rename` maps
+    official keys to other official keys first (the broken variants)."""
     import types
 
     import mracl
@@ -128,8 +131,8 @@ def our_lavt(key_map_edit=None):
     model = mracl.LAVT(backbone=backbone, text_encoder=types.SimpleNamespace(hidden_size=768),
                        decoder_dim=4 * s["embed_dim"], proj_dim=0)
     state = LAVT["state_dict"]
-    if key_map_edit is not None:  # the same loader, on a state dict renamed as the edit says
-        state = {key_map_edit.get(k, k): v for k, v in state.items()}
+    if rename is not None:  # the same loader, on a state dict with some tensors swapped
+        state = {rename.get(k, k): v for k, v in state.items()}
     mracl.load_official_lavt(model, state)
     return model.eval()
 
@@ -159,8 +162,8 @@ def test_lavt_encoder_and_decoder_equal_the_official():
 
 
 def test_lavt_parity_fails_on_a_broken_port():
-    """The gate reading the wrong input (its two Linear layers swapped) and a padded word left
-    visible to PWAM land above the tolerance."""
+    """The first gate's two Linear layers swapped and a padded word left visible to PWAM land
+    above the tolerance."""
     swap = {f"backbone.layers.0.res_gate.{a}.weight": f"backbone.layers.0.res_gate.{b}.weight"
             for a, b in ((0, 2), (2, 0))}
     swapped = lavt_differences(our_lavt(swap))["stages"]
@@ -257,10 +260,19 @@ def test_dshmp_frame_attention_equals_the_official():
 VATEX = load("vatex")
 
 
+# The official BAT's two attentions (vatex/modeling/attention/visual_lang.py) -> ours, both
+# nn.MultiheadAttention; written here while no VATEX checkpoint loader needs it (it would belong in
+# vatex.py with the rest of the CMD's key map).
+BAT_KEYS = {f"{official}.{p}": f"{ours}.{p}"
+            for official, ours in (("multihead_attn_text_1", "text_attn"),
+                                   ("multihead_attn_visual_1", "visual_attn"))
+            for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")}
+
+
 def our_bat(edit=None):
     import vatex
     bat = vatex.BAT(dim=VATEX["sizes"]["dim"], heads=VATEX["sizes"]["heads"])
-    pairs = dict(vatex.official_bat_keys("", ""))
+    pairs = dict(BAT_KEYS)
     if edit is not None:
         pairs = edit(pairs)
     bat.load_state_dict({ours: VATEX["state_dict"][theirs] for theirs, ours in pairs.items()})
@@ -279,7 +291,7 @@ def bat_difference(bat, case, word_mask):
 
 def test_vatex_bat_equals_the_official_without_padded_words():
     """Eqs. (2)-(3): the words attend to the pixels and are gated by themselves, the pixels attend
-    to the updated words and are gated by themselves (vatex.official_bat_keys); on a batch without
+    to the updated words and are gated by themselves (BAT_KEYS); on a batch without
     padded words. The two attentions swapped in the key map must differ."""
     case = VATEX["cases"]["no_padding"]
     mask = torch.ones(2, 5, dtype=torch.bool)

@@ -100,22 +100,26 @@ def mean_std(values):
 
 
 def table(method, records, extra):
-    """The markdown block: one row per variant, then the floors and how the numbers were made."""
+    """The markdown block: one row per variant, then the floors and how the numbers were made. With
+    one seed per variant only the wall times are written: a score of one run is not a result."""
     video = "J&F" in records[0]
     columns = ["J&F", "motion_only", *(c for c in ORDER_SUBSETS if any(r.get(c) is not None for r in records))] \
         if video else [*IMAGE_COLUMNS, "motion mIoU"]
+    one_seed = len({r["seed"] for r in records}) == 1
+    columns = [] if one_seed else columns
     names = {"motion_only": "J&F, motion-only", "motion mIoU": "mIoU, motion-only",
              "order_free": "motion-only, order-free", "order_dependent": "motion-only, order-dependent"}
-    lines = ["| command | seeds | " + " | ".join(names.get(c, c) for c in columns) + " | wall time per run |",
+    def row(cells):
+        return "| " + " | ".join(cells) + " |"
+    lines = [row(["command", "seeds", *(names.get(c, c) for c in columns), "wall time per run"]),
              "|---|---|" + "---|" * len(columns) + "---|"]
     for variant in dict.fromkeys(r["variant"] for r in records):
         mine = [r for r in records if r["variant"] == variant]
         command = " ".join(f"python {method}.py --data toy --train {variant} {' '.join(extra)}".split())
-        wall = wall_time(mine)
-        values = " | ".join(mean_std([r.get(c) for r in mine]) for c in columns)
-        lines.append(f"| `{command}` | {len(mine)} | {values} | {wall} |")
+        lines.append(row([f"`{command}`", str(len(mine)),
+                          *(mean_std([r.get(c) for r in mine]) for c in columns), wall_time(mine)]))
     references = records[0]["references"]
-    if video and references.get("motion_only"):  # the same for every run: from the ground truth
+    if video and references.get("motion_only") and columns:  # the same for every run: from the ground truth
         for floor, label in FLOORS.items():
             cells = [label, "", *(f"{references[c][floor]['J&F']:.3f}" if references.get(c) else ""
                                   for c in columns), ""]
@@ -128,7 +132,9 @@ def table(method, records, extra):
               "not given.") if any(r.get("threads") or r["seconds"] is None for r in records) else ""
     steps = sorted({r["steps"] for r in records if r.get("steps")})
     trained = f"{' or '.join(f'{s:,}' for s in steps)} training steps per run (log.jsonl); " if steps else ""
-    lines.append(f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}, written by "
+    made = (f"Seed {seeds[0]} only, so no scores (the 3-seed tables give them), written by "
+            if one_seed else f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}, written by ")
+    lines.append(f"{made}"
                  f"`tests/bench/toy_table.py` from the runs' eval.json files; {trained}{os.cpu_count()} CPU cores "
                  f"({platform.machine()}), torch {torch.__version__}.{shared}")
     return "\n".join(lines)

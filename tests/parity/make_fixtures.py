@@ -5,16 +5,16 @@ Run by hand, not by CI (it needs a local git mirror of the official repository; 
 needs only the saved numbers). The official source is read from the mirror with `git show` and
 executed in memory; nothing of it is copied into this repository.
 
-    git clone --mirror https://github.com/sukjunhwang/VITA /tmp/VITA.git
-    git clone --mirror https://github.com/yz93/LAVT-RIS /tmp/LAVT-RIS.git
-    git clone --mirror https://github.com/heshuting555/DsHmp /tmp/DsHmp.git
-    git clone --mirror https://github.com/nero1342/VATEX /tmp/VATEX.git
-    python tests/parity/make_fixtures.py --vita /tmp/VITA.git --lavt /tmp/LAVT-RIS.git \\
-        --dshmp /tmp/DsHmp.git --vatex /tmp/VATEX.git
+    git clone --mirror https://github.com/sukjunhwang/VITA MIRRORS/VITA.git
+    git clone --mirror https://github.com/yz93/LAVT-RIS MIRRORS/LAVT-RIS.git
+    git clone --mirror https://github.com/heshuting555/DsHmp MIRRORS/DsHmp.git
+    git clone --mirror https://github.com/nero1342/VATEX MIRRORS/VATEX.git
+    python tests/parity/make_fixtures.py --vita MIRRORS/VITA.git --lavt MIRRORS/LAVT-RIS.git \\
+        --dshmp MIRRORS/DsHmp.git --vatex MIRRORS/VATEX.git
 
-Each fixture holds: the repository, commit and file, the module's sizes and its state dict under
-the official key names (seeded random weights) where it has weights, and the inputs and the
-outputs (fp32, CPU).
+MIRRORS is a folder of your choice outside the repository. Each fixture holds: the repository,
+commit and file, the module's sizes and its state dict under the official key names (seeded
+random weights) where it has weights, and the inputs and the outputs (fp32, CPU).
 
 Written so far: vita_module.pt, the VITA module (vita/modeling/transformer_decoder/vita.py: the
 Object Encoder in training and at test with plain and shifted windows, the Object Decoder, the
