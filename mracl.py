@@ -456,8 +456,9 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> LAVT:
 
 
 # The official LAVT's visual encoder and decoder (yz93/LAVT-RIS lib/backbone.py and
-# lib/mask_predictor.py) under its model's names (`backbone.`, `classifier.`); the official code
-# saves BERT apart. LAVT builds a gate on the last stage too and never uses it: not loaded.
+# lib/mask_predictor.py) under its model's names (`backbone.`, `classifier.`); its BERT is not
+# mapped (train.py saves it as 'bert_model', or inside 'model' as `text_encoder.` for LAVTOne).
+# LAVT builds a gate on the last stage too and never uses it: not loaded.
 OFFICIAL_LAVT_KEYS_NOT_LOADED = ("backbone.layers.3.res_gate.0.weight",
                                  "backbone.layers.3.res_gate.2.weight")
 
@@ -491,9 +492,10 @@ def official_lavt_key_map(model: LAVT) -> dict:
 
 
 def load_official_lavt(model: LAVT, official_state: dict) -> None:
-    """Load the official LAVT's `backbone.` and `classifier.` tensors into `model` (its BERT and
-    MRaCL's projection are left as they are). Raises ValueError listing every official key with no
-    place, every key of ours left without a tensor and every size that differs."""
+    """Load the official LAVT's `backbone.` and `classifier.` tensors (of a checkpoint's 'model';
+    leave LAVTOne's `text_encoder.` ones out) into `model`; its BERT and MRaCL's projection are
+    left as they are. Raises ValueError listing every official key with no place, every key of
+    ours left without a tensor and every size that differs."""
     key_map, own = official_lavt_key_map(model), model.state_dict()
     buffers = dict(model.named_buffers())  # Swin's relative_position_index: compared, not loaded
     problems = [f"no place for {k}" for k in official_state
