@@ -57,6 +57,9 @@ Run (every option: --help):
   python dmvs.py --count-params              # learnable / frozen parameters, paper configuration
   ablations: --mqi random|text (Table 5), --no-mee (Table 3), --no-static-cues, --no-motion-cues
   (Table 4); Table 3's Baseline is --mqi random --no-mee
+  diagnostic (ours, outside the paper's equations): --token-position adds to each video query an
+  embedding of its track (its mask's displacement from the first frame it is seen in) and to each
+  frame query one of its mask's centre, before the MEE
 """
 
 from dataclasses import asdict, dataclass
@@ -72,7 +75,7 @@ from common.datasets import MeViS, RefDAVIS17, RefYouTubeVOS, collate_video
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, read_checkpoint,
                            reduce_dict, save_checkpoint, seed_everything,
                            setup_distributed, to_device, unwrap)
-from common.mask2former import MLP, xavier_init_
+from common.mask2former import MLP, PositionEmbedding, mask_position, xavier_init_
 from common.matching import num_masks, set_losses, visible_objects
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
                         load_trained, param_groups, parse_config, predict_files, predict_masks,
@@ -97,6 +100,9 @@ class Config(RunConfig):
     mee: bool = True  # Motion Expression Encoder, Eqs. (1)-(4); --no-mee: Table 3 without MEE
     static_cues: bool = True  # Eq. (1); --no-static-cues: Table 4, Q_f in place of Q'_f in Eq. (3)
     motion_cues: bool = True  # Eq. (2); --no-motion-cues: Table 4, Q_v in place of Q'_v in Eq. (4)
+    # (ours, not in the paper) a diagnostic: each video query gets an embedding of its track (its
+    # mask's displacement over the clip), each frame query one of its mask's centre, before the MEE
+    token_position: bool = False
     # the frozen VITA, Sec. 3.1 / 4.2
     vita_weights: str = ""  # official VITA .pth/.pkl (paper: Swin-L, OVIS); toy: toy_vita_path
     vita_classes: int = 25  # OVIS (VITA config); the YouTube-VIS models of Table 7 have 40
@@ -148,7 +154,8 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
     "ytvos": dict(eval_split="valid", top1=True),  # one target, always there: top-1 (Sec. 3.3)
     "davis": dict(eval_split="valid", top1=True),
 }
-ABLATIONS = ("mqi", "mee", "static_cues", "motion_cues")  # named in the run folder
+# named in the run folder: runs/dmvs-toy-mqi-random, runs/dmvs-toy-token-position
+ABLATIONS = ("mqi", "mee", "static_cues", "motion_cues", "token_position")
 
 
 # ------------------------------------------------------------------------ Sec. 3.2 text
@@ -259,6 +266,19 @@ class Instances(NamedTuple):
     video_queries: torch.Tensor  # (B, V, C) Q_v
     scores: torch.Tensor  # (B, V) S_v: the largest class probability other than no-object
     mask_features: torch.Tensor  # (B, T, C_m, h, w) F_mask, VITA's own projection
+    frame_masks: torch.Tensor = None  # (B, T, Q, h, w) the frame queries' mask logits
+    video_masks: torch.Tensor = None  # (B, V, T, h, w) the video queries' mask logits
+
+
+def track_displacement(video_masks):
+    """(ours, the --token-position diagnostic) video_masks (B, V, T, h, w) logits -> (B, V, T, 2):
+    each frame's mask centre minus the centre in the first frame where the mask is not empty
+    (common.mask2former.mask_position; zero in the frames where it is empty). Detached."""
+    position = mask_position(video_masks)  # (B, V, T, 3): x, y, area
+    visible = position[..., 2] > 0  # (B, V, T)
+    first = visible.float().argmax(-1)  # (B, V): the first visible frame (0 when none)
+    start = torch.gather(position[..., :2], 2, repeat(first, "b v -> b v 1 two", two=2))
+    return (position[..., :2] - start) * visible[..., None]  # (B, V, T, 2)
 
 
 def select_queries(video_queries, scores, k):
@@ -273,7 +293,8 @@ class DMVS(nn.Module):
     no object, pred_masks (B, M, T, h, w) of the last decoder layer, aux_outputs (the others)."""
 
     def __init__(self, *, vita, text_encoder, dim, heads, ffn_dim, num_motion_queries,
-                 decoder_layers, mqi="video", mee=True, static_cues=True, motion_cues=True):
+                 decoder_layers, mqi="video", mee=True, static_cues=True, motion_cues=True,
+                 token_position=False):
         super().__init__()
         if mqi not in ("video", "random", "text"):
             raise ValueError(f"mqi must be video, random or text, got {mqi!r}")
@@ -294,6 +315,8 @@ class DMVS(nn.Module):
         self.norm = nn.LayerNorm(dim)  # (VITA decoder_norm) before the heads of every layer
         self.class_head = nn.Linear(dim, 2)  # Eq. (9): H_c, a single linear layer
         self.mask_embed = MLP(dim, dim, vita.mask_proj.out_channels, num_layers=3)  # Eq. (10): H_m
+        # --token-position (ours, a diagnostic), built last so every other module starts the same
+        self.token_position = PositionEmbedding(2, dim) if token_position else None
 
     def forward(self, frames, expressions):
         return self.decode(self.find_instances(frames), self.encode_text(expressions))
@@ -305,13 +328,14 @@ class DMVS(nn.Module):
         B = frames.shape[0]
         frame_queries = rearrange(out["frame_outputs"]["query_embeds"][-1], "(b t) f c -> b t f c",
                                   b=B)
-        return self.instances(frame_queries, out)
+        frame_masks = rearrange(out["frame_outputs"]["pred_masks"], "(b t) f h w -> b t f h w", b=B)
+        return self.instances(frame_queries, frame_masks, out)
 
     @staticmethod
-    def instances(frame_queries, vita_out) -> Instances:
+    def instances(frame_queries, frame_masks, vita_out) -> Instances:
         scores = vita_out["pred_logits"].float().softmax(-1)[..., :-1].amax(-1)  # (B, V): S_v
         return Instances(frame_queries, vita_out["video_queries"], scores,
-                         vita_out["mask_features"])
+                         vita_out["mask_features"], frame_masks, vita_out["pred_masks"])
 
     def encode_text(self, expressions) -> Text:
         """Sec. 3.2: word features F_w, the pooled sentence F_se, and the static / motion cues."""
@@ -338,6 +362,11 @@ class DMVS(nn.Module):
 
     def decode(self, found: Instances, text: Text) -> dict:
         """Eqs. (1)-(4), (7)-(10) on VITA's queries -> the outputs dict."""
+        if self.token_position is not None:  # (ours, a diagnostic): where the queries' masks lie
+            tracks = self.token_position(track_displacement(found.video_masks))  # (B, V, T, C)
+            centres = mask_position(found.frame_masks)[..., :2]  # (B, T, Q, 2)
+            found = found._replace(video_queries=found.video_queries + tracks.mean(2),
+                                   frame_queries=found.frame_queries + self.token_position(centres))
         frame_queries = rearrange(found.frame_queries, "b t f c -> b (t f) c")  # (B, T*Q, C)
         if self.encoder is not None:
             motion_expr = self.encoder(frame_queries, found.video_queries,
@@ -362,14 +391,16 @@ class DMVS(nn.Module):
     def infer(self, frames, expression, *, chunk):
         """A whole video (Sec. 3.3): frames (T, 3, H, W) through Mask2Former in chunks padded to
         multiples of 32, then VITA's module and DMVS once -> (M, 2), (M, T, Hp/4, Wp/4)."""
-        frame_queries, mask_feats = [], []
+        frame_queries, frame_masks, mask_feats = [], [], []
         for part in frames.split(chunk):
             H, W = part.shape[-2:]
             out, feats = self.vita.segment_frames(nn.functional.pad(part, (0, -W % 32, 0, -H % 32)))
             frame_queries.append(out["query_embeds"][-1])  # (t, Q, C)
+            frame_masks.append(out["pred_masks"])  # (t, Q, h, w)
             mask_feats.append(feats)  # (t, C_m, h, w)
         frame_queries, mask_feats = torch.cat(frame_queries)[None], torch.cat(mask_feats)[None]
-        found = self.instances(frame_queries, self.vita.decode_video(frame_queries, mask_feats))
+        found = self.instances(frame_queries, torch.cat(frame_masks)[None],
+                               self.vita.decode_video(frame_queries, mask_feats))
         out = self.decode(found, self.encode_text([expression]))
         return out["pred_logits"][0], out["pred_masks"][0]
 
@@ -415,7 +446,8 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> DMVS:
     return DMVS(vita=vita, text_encoder=text_encoder, dim=cfg.dim, heads=cfg.heads,
                 ffn_dim=cfg.ffn_dim, num_motion_queries=cfg.num_motion_queries,
                 decoder_layers=cfg.decoder_layers, mqi=cfg.mqi, mee=cfg.mee,
-                static_cues=cfg.static_cues, motion_cues=cfg.motion_cues)
+                static_cues=cfg.static_cues, motion_cues=cfg.motion_cues,
+                token_position=cfg.token_position)
 
 
 def load_vita(cfg, ddp, root, vita) -> None:

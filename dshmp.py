@@ -51,6 +51,8 @@ Run (every option: --help):
   torchrun --nproc_per_node 8 dshmp.py --data mevis --train  # paper configuration, data/mevis
   python dshmp.py --data toy --predict FRAMES_DIR --text "the red circle moving to the left"
   ablations (paper Table 1): --no-ds, --no-hmp, --no-cl
+  diagnostic (ours, outside the paper's equations): --token-position adds to each frame token O an
+  embedding of where its own mask lies (centre, area) before HMP
 """
 
 import math
@@ -71,8 +73,9 @@ from common.engine import (Progress, all_gather_cat, autocast, cleanup_distribut
                            reduce_dict, save_checkpoint, seed_everything,
                            setup_distributed, to_device, unwrap)
 from common.lavt import LanguageAwareSwin
-from common.mask2former import (MLP, MaskedAttentionDecoder, c2_xavier_fill_,
-                                decoder_kwargs_from_hf, load_decoder_weights, xavier_init_)
+from common.mask2former import (MLP, MaskedAttentionDecoder, PositionEmbedding, c2_xavier_fill_,
+                                decoder_kwargs_from_hf, load_decoder_weights, mask_position,
+                                xavier_init_)
 from common.matching import frame_targets, num_masks, set_losses, visible_objects
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
                         load_trained, param_groups, parse_config, predict_files, predict_masks,
@@ -101,6 +104,9 @@ class Config(RunConfig):
     # (the official gate is zero-initialised in both its layers, so it never opens; common.lavt);
     # --language-gate: LAVT's live gate feeding stages 1-3 back (ours, for comparison)
     language_gate: bool = False
+    # (ours, not in the paper) a diagnostic: each frame token O gets an embedding of where its own
+    # mask lies in its frame (centre, area; common.mask2former.mask_position) before HMP
+    token_position: bool = False
     # model
     weights: str = "facebook/mask2former-swin-tiny-coco-instance"  # Sec. 4.4 Swin-T; COCO: official
     text_weights: str = "FacebookAI/roberta-base"  # paper Sec. 4.2
@@ -158,7 +164,8 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
     "ytvos": dict(eval_split="valid", top1=True),  # one target, always there: official codes' top-1
     "davis": dict(eval_split="valid", top1=True),
 }
-ABLATIONS = ("ds", "hmp", "cl", "language_gate")  # named in the run folder: runs/dshmp-toy-no-hmp
+# named in the run folder: runs/dshmp-toy-no-hmp, runs/dshmp-toy-token-position
+ABLATIONS = ("ds", "hmp", "cl", "language_gate", "token_position")
 
 
 # ------------------------------------------------------------------------ Sec. 3.1 decoupling
@@ -334,7 +341,8 @@ class DsHmp(nn.Module):
 
     def __init__(self, *, pixel_level, decoder, text_encoder, dim, heads, ffn_dim,
                  num_motion_queries, hmp_blocks, hmp_stages, window, decoder_layers, inject_scale,
-                 cl_dim, decouple=True, hierarchical=True, contrastive=True, language_gate=False):
+                 cl_dim, decouple=True, hierarchical=True, contrastive=True, language_gate=False,
+                 token_position=False):
         super().__init__()
         self.decouple = decouple
         self.pixel_level = pixel_level  # Swin + multi-scale deformable pixel decoder (transformers)
@@ -358,6 +366,8 @@ class DsHmp(nn.Module):
         self.class_head = nn.Linear(dim, 2)
         self.mask_embed = MLP(dim, dim, dim, num_layers=3)
         self.contrastive_head = MLP(dim, dim, cl_dim, num_layers=3) if contrastive else None
+        # --token-position (ours, a diagnostic), built last so every other module starts the same
+        self.token_position = PositionEmbedding(3, dim) if token_position else None
 
     def forward(self, frames, expressions):
         B, T = frames.shape[:2]
@@ -367,8 +377,10 @@ class DsHmp(nn.Module):
         frames = rearrange(frames, "b t c h w -> (b t) c h w")
         frame_out, mask_feats = self.segment_frames(frames, queries, frame_text)
         tokens = rearrange(frame_out["query_embeds"][-1], "(b t) q c -> b t q c", b=B)  # O
+        token_masks = rearrange(frame_out["pred_masks"], "(b t) q h w -> b t q h w", b=B)
         mask_feats = rearrange(mask_feats, "(b t) c h w -> b t c h w", b=B)
-        return {**self.decode_video(tokens, mask_feats, text), "frame_outputs": frame_out}
+        out = self.decode_video(tokens, mask_feats, text, token_masks)
+        return {**out, "frame_outputs": frame_out}
 
     def encode_text(self, expressions) -> Text:
         """Sec. 3.1: word features, the sentence embedding, and where the static and the motion
@@ -401,10 +413,13 @@ class DsHmp(nn.Module):
                            queries=queries, words=text.cues, word_mask=text.static_mask)
         return out, self.motion_mask_proj(pixels["mask_features"])  # (B*T, C, h, w)
 
-    def decode_video(self, tokens, mask_feats, text: Text):
+    def decode_video(self, tokens, mask_feats, text: Text, token_masks):
         """Object tokens O (B, T, Q, C) -> HMP -> Motion Decoder -> video tokens V -> class scores
-        and video masks (each V dotted with every frame's mask features (B, T, C, h, w))."""
+        and video masks (each V dotted with every frame's mask features (B, T, C, h, w)).
+        token_masks (B, T, Q, h, w): each token's own mask logits, read by --token-position."""
         words, motion = text.cues, text.motion_mask
+        if self.token_position is not None:  # (ours, a diagnostic): where each token's mask lies
+            tokens = tokens + self.token_position(mask_position(token_masks))  # (B, T, Q, C)
         tokens = self.motion_perception(tokens, words, motion)  # (B, T, Q, C)
         q0 = repeat(self.motion_decoder.query_feat.weight, "m c -> b m c", b=len(tokens))  # Q_m^0
         queries = self.motion_injection(q0, words, motion)  # Eq. (2), (B, M, C)
@@ -424,15 +439,17 @@ class DsHmp(nn.Module):
         multiples of 32, then HMP and the Motion Decoder once -> (M, 2), (M, T, Hp/4, Wp/4)."""
         text = self.encode_text([expression])
         queries = self.static_queries(text)  # (1, Q, C)
-        tokens, mask_feats = [], []
+        tokens, token_masks, mask_feats = [], [], []
         for part in frames.split(chunk):
             t, (H, W) = len(part), part.shape[-2:]
             part = F.pad(part, (0, -W % 32, 0, -H % 32))  # (t, 3, Hp, Wp)
             chunk_text = Text(*(x.expand(t, *x.shape[1:]) for x in text))
             out, feats = self.segment_frames(part, queries.expand(t, -1, -1), chunk_text)
             tokens.append(out["query_embeds"][-1])  # (t, Q, C)
+            token_masks.append(out["pred_masks"])  # (t, Q, h, w)
             mask_feats.append(feats)  # (t, C, h, w)
-        out = self.decode_video(torch.cat(tokens)[None], torch.cat(mask_feats)[None], text)
+        out = self.decode_video(torch.cat(tokens)[None], torch.cat(mask_feats)[None], text,
+                                torch.cat(token_masks)[None])
         return out["pred_logits"][0], out["pred_masks"][0]
 
 
@@ -556,7 +573,7 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> DsHmp:
                  hmp_blocks=cfg.hmp_blocks, hmp_stages=cfg.hmp_stages, window=cfg.window,
                  decoder_layers=cfg.decoder_layers, inject_scale=cfg.inject_scale,
                  cl_dim=cfg.cl_dim, decouple=cfg.ds, hierarchical=cfg.hmp, contrastive=cfg.cl,
-                 language_gate=cfg.language_gate)
+                 language_gate=cfg.language_gate, token_position=cfg.token_position)
 
 
 # ---------------------------------------------------------------------------------- training

@@ -18,6 +18,8 @@ paper's setting is dropout 0 (Sec. 3.2.3), where the two agree.
 The pixel-level module (Swin backbone + deformable-attention pixel decoder) that feeds this decoder
 is transformers' own: `common.backbones.PixelLevel`.
 """
+import math
+
 import einops
 import torch
 import torch.nn.functional as F
@@ -257,6 +259,41 @@ class MaskedAttentionDecoder(nn.Module):
             predictions.append({"pred_logits": logits, "pred_masks": masks})
             query_embeds.append(embeds)
         return {**predictions[-1], "aux_outputs": predictions[:-1], "query_embeds": query_embeds}
+
+
+# --------------------------------------------- where a query's mask lies (a diagnostic, ours)
+@torch.no_grad()
+def mask_position(mask_logits: torch.Tensor) -> torch.Tensor:
+    """(ours, not in any of the papers: the --token-position diagnostic of dshmp.py and dmvs.py)
+    Where predicted masks lie: mask logits (..., h, w) -> (..., 3) the centre x, y and the area of
+    the sigmoid probabilities, probability-weighted and divided by the mask map's width and height
+    (so in [0, 1]); all three zero for an empty mask (under one pixel of probability). Detached."""
+    probs = mask_logits.detach().float().sigmoid()
+    h, w = probs.shape[-2:]
+    mass = probs.sum((-2, -1))  # (...)
+    xs = (torch.arange(w, device=probs.device) + 0.5) / w  # pixel centres
+    ys = (torch.arange(h, device=probs.device) + 0.5) / h
+    x = (probs.sum(-2) * xs).sum(-1) / mass.clamp_min(1e-6)
+    y = (probs.sum(-1) * ys).sum(-1) / mass.clamp_min(1e-6)
+    return torch.stack([x, y, mass / (h * w)], -1) * (mass >= 1).unsqueeze(-1)
+
+
+class PositionEmbedding(nn.Module):
+    """(ours, the --token-position diagnostic) n numbers (..., n) -> (..., dim): each number as
+    the sines and cosines of Mask2Former's sine position embedding (2 pi v / 10000^(2i / F), F
+    features per number), then one Linear."""
+
+    def __init__(self, num_values: int, dim: int, num_feats: int = 32):
+        super().__init__()
+        self.num_feats = num_feats
+        self.proj = nn.Linear(num_values * num_feats, dim)
+
+    def forward(self, values):
+        i = torch.arange(self.num_feats // 2, device=values.device, dtype=values.dtype)
+        freqs = 2 * math.pi / 10000 ** (2 * i / self.num_feats)  # (F/2,)
+        angles = values[..., None] * freqs  # (..., n, F/2)
+        features = torch.cat([angles.sin(), angles.cos()], -1)  # (..., n, F)
+        return self.proj(rearrange(features, "... n f -> ... (n f)"))
 
 
 # ----------------------------------------------------------------- weights from transformers

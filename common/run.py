@@ -181,14 +181,15 @@ EVAL_ONLY = {"davis": "ytvos"}  # Ref-DAVIS17 is scored zero-shot with a Ref-You
 
 def run_dir(cfg, method: str, ablations=()) -> Path:
     """--out, else runs/<method>-<data> plus, for each ablation field that differs from the
-    default, -no-<name> (a boolean switched off) or -<name>-<value>."""
+    default, -no-<name> (a boolean switched off), -<name> (one switched on) or -<name>-<value>."""
     if cfg.out:
         return Path(cfg.out)
     defaults, suffix = type(cfg)(), ""
     for name in ablations:
         value = getattr(cfg, name)
         if value != getattr(defaults, name):
-            suffix += f"-no-{name}" if value is False else f"-{name}-{value}"
+            suffix += (f"-no-{name}" if value is False else f"-{name}" if value is True
+                       else f"-{name}-{value}")
     return Path("runs") / f"{method}-{cfg.data}{suffix.replace('_', '-')}"
 
 

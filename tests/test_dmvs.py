@@ -291,6 +291,77 @@ def test_chunked_inference_equals_the_whole_clip(toy):
     model.train()
 
 
+def square_track(T, h, w, columns):
+    """(T, h, w) mask logits: a 4 x 2 square at rows 2-5 and the given first column per frame
+    (None: empty in that frame)."""
+    masks = torch.full((T, h, w), -30.0)
+    for t, c in enumerate(columns):
+        if c is not None:
+            masks[t, 2:6, c:c + 2] = 30.0
+    return masks
+
+
+def test_track_displacement_is_the_centre_minus_the_first_visible_centre():
+    T, h, w = 3, 8, 10
+    masks = torch.stack([square_track(T, h, w, [1, 3, 5]),  # moving right 2 pixels a frame
+                         square_track(T, h, w, [4, 4, 4]),  # still
+                         square_track(T, h, w, [None, 2, 4])])[None]  # entering at frame 1
+    expected = torch.tensor([[[0, 0], [0.2, 0], [0.4, 0]], [[0, 0]] * 3, [[0, 0], [0, 0], [0.2, 0]]])
+    torch.testing.assert_close(dmvs.track_displacement(masks)[0], expected)
+
+
+def test_token_position_is_off_by_default_and_embeds_the_tracks(toy_root, toy):
+    """--token-position (ours, a diagnostic outside the paper): off by default, and built last, so
+    DMVS's other weights start as without it. On, before the MEE each video query gets the mean
+    over the frames of PositionEmbedding(its track's displacement): the same for every still track
+    wherever it sits, another for a moving one; each frame query gets that of its mask's centre.
+    infer() (chunks) reads the same masks as forward()."""
+    cfg, _, batch = toy
+    assert not cfg.token_position
+    plain, _ = toy_model(cfg, toy_root)
+    flagged, _ = toy_model(cfg, toy_root, token_position=True)
+    assert plain.token_position is None
+    extra = {k: v for k, v in flagged.state_dict().items() if k not in plain.state_dict()}
+    assert sorted(extra) == ["token_position.proj.bias", "token_position.proj.weight"]
+    assert all(torch.equal(v, flagged.state_dict()[k]) for k, v in plain.state_dict().items())
+
+    torch.manual_seed(0)
+    B, T, Q, V, h, w = 1, 3, 4, 6, 8, 10
+    tracks = [[1, 3, 5], [4, 4, 4], [6, 6, 6], [None, 2, 4], [None] * 3, [None] * 3]
+    video_masks = torch.stack([square_track(T, h, w, c) for c in tracks])[None]  # (1, V, T, h, w)
+    found = dmvs.Instances(frame_queries=torch.randn(B, T, Q, cfg.dim), video_queries=torch.randn(B, V, cfg.dim),
+                           scores=torch.rand(B, V),
+                           mask_features=torch.randn(B, T, plain.mask_embed.layers[-1].out_features, h, w),
+                           frame_masks=video_masks[0, :Q].transpose(0, 1)[None], video_masks=video_masks)
+    seen = []
+    text = plain.encode_text(batch["expression"][:1])
+    for model in (flagged, plain):
+        model.eval()
+        hook = model.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[:2]))
+        with torch.no_grad():
+            model.decode(found, text)
+        hook.remove()
+    (frame_in, video_in), (plain_frame_in, plain_video_in) = seen
+    embed = flagged.token_position
+    expected = found.video_queries + embed(dmvs.track_displacement(video_masks)).mean(2)
+    torch.testing.assert_close(video_in, expected)
+    added = video_in - found.video_queries  # (1, V, C)
+    torch.testing.assert_close(added[0, 1], added[0, 2])  # two still tracks, in different places
+    torch.testing.assert_close(added[0, 1], embed(torch.zeros(2)))
+    assert not torch.allclose(added[0, 0], added[0, 1], atol=1e-3)  # moving against still
+    centres = dmvs.mask_position(found.frame_masks)[..., :2]  # (1, T, Q, 2)
+    torch.testing.assert_close(frame_in, (found.frame_queries + embed(centres)).flatten(1, 2))
+    assert torch.equal(plain_video_in, found.video_queries)  # off: no position
+    assert torch.equal(plain_frame_in, found.frame_queries.flatten(1, 2))
+
+    frames = batch["frames"][:1]  # (1, T, 3, H, W), H and W multiples of 32
+    with torch.no_grad():
+        whole = flagged(frames, batch["expression"][:1])
+        logits, masks = flagged.infer(frames[0], batch["expression"][0], chunk=3)
+    torch.testing.assert_close(logits, whole["pred_logits"][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(masks, whole["pred_masks"][0], atol=1e-3, rtol=0)
+
+
 def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
     cfg = toy_config(toy_root, tmp_path)
     model, batch = toy_model(cfg, toy_root)

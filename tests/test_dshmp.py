@@ -272,6 +272,60 @@ def test_a_clip_played_backwards_gets_the_same_scores(toy, monkeypatch):
     assert not torch.allclose(forward["pred_logits"], shuffled["pred_logits"], atol=1e-4)
 
 
+def moving_and_still_masks(T, Q, h, w, step=3):
+    """Mask logits (T, Q, h, w): query 0 a square moving right by `step` pixels a frame, query 1 a
+    square that stays, the others empty."""
+    masks = torch.full((T, Q, h, w), -30.0)
+    for t in range(T):
+        masks[t, 0, 2:6, 2 + step * t:6 + step * t] = 30.0
+        masks[t, 1, 8:12, 4:8] = 30.0
+    return masks
+
+
+def test_token_position_is_off_by_default_and_reads_where_each_mask_lies(toy, toy_root, tmp_path):
+    """--token-position (ours, a diagnostic outside the paper): off by default, and built last, so
+    the other weights start as without it. On, each frame token O gets PositionEmbedding(centre,
+    area of its own mask) before HMP: the same in every frame for a token whose mask stays,
+    different for one whose mask moves; infer() (chunks) reads the same masks as forward()."""
+    cfg, dataset, _, batch = toy
+    assert not cfg.token_position
+    torch.manual_seed(0)
+    plain = dshmp.build_model(cfg, vocab=toy_vocab(dataset))
+    torch.manual_seed(0)
+    flagged = dshmp.build_model(toy_config(toy_root, tmp_path, "--token-position"), vocab=toy_vocab(dataset))
+    assert plain.token_position is None
+    extra = {k: v for k, v in flagged.state_dict().items() if k not in plain.state_dict()}
+    assert sorted(extra) == ["token_position.proj.bias", "token_position.proj.weight"]
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, flagged.state_dict()[key]), key
+
+    T, Q, C, h, w = 3, cfg.num_static_queries, cfg.dim, 16, 24
+    tokens = torch.randn(1, 1, Q, C).expand(1, T, Q, C)  # every frame the same tokens
+    masks = moving_and_still_masks(T, Q, h, w)[None]  # (1, T, Q, h, w)
+    mask_feats, text = torch.randn(1, T, C, h, w), flagged.encode_text(batch["expression"][:1])
+    seen = []
+    for model in (flagged, plain):
+        model.eval()
+        hook = model.motion_perception.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        with torch.no_grad():
+            model.decode_video(tokens, mask_feats, text, masks)
+            model.decode_video(tokens, mask_feats, text, masks.roll(5, dims=-1))
+        hook.remove()
+    hmp_in, moved_in, plain_in, plain_moved_in = seen  # what HMP received
+    torch.testing.assert_close(hmp_in, tokens + flagged.token_position(dshmp.mask_position(masks)))
+    assert not torch.allclose(hmp_in[0, 0, 0], hmp_in[0, 1, 0], atol=1e-3)  # query 0 moves
+    torch.testing.assert_close(hmp_in[0, 0, 1:], hmp_in[0, 1, 1:])  # query 1 stays, the rest empty
+    assert not torch.allclose(hmp_in[0, :, 1], moved_in[0, :, 1], atol=1e-3)  # elsewhere: another
+    assert torch.equal(plain_in, tokens) and torch.equal(plain_moved_in, tokens)  # off: no position
+
+    frames = batch["frames"][0]  # (T, 3, 64, 96): no padding, so infer sees forward's masks
+    with torch.no_grad():
+        whole = flagged(frames[None], batch["expression"][:1])
+        logits, pred = flagged.infer(frames, batch["expression"][0], chunk=3)
+    torch.testing.assert_close(logits, whole["pred_logits"][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(pred, whole["pred_masks"][0], atol=1e-4, rtol=0)
+
+
 # ---------------------------------------------------------------------------------- Sec. 3.3
 def test_memory_bank_update_is_eq8():
     bank = dshmp.MemoryBank(dim=4, target_video=torch.tensor([0, 0, 1]), momentum=0.2)

@@ -16,9 +16,11 @@ from common.backbones import (
 from common.mask2former import (
     HF_DECODER_PREFIXES,
     MaskedAttentionDecoder,
+    PositionEmbedding,
     decoder_kwargs_from_hf,
     hf_decoder_key_map,
     load_decoder_weights,
+    mask_position,
 )
 
 TOL = 1e-4
@@ -258,3 +260,23 @@ def test_word_attention_loads_mask2former_weights_and_reads_the_words():
         other = decoder(pix["features"], pix["pos"], pix["mask_features"], words=torch.randn(2, 5, 32), word_mask=mask)
     torch.testing.assert_close(same["pred_masks"], out["pred_masks"])
     assert not torch.allclose(other["pred_masks"], out["pred_masks"], atol=1e-3)
+
+
+# --------------------------------------------------- the --token-position diagnostic (ours)
+def test_mask_position_is_the_centre_and_area_of_the_probabilities():
+    logits = torch.full((3, 8, 10), -30.0)  # sigmoid(-30) ~ 1e-13: nothing outside the square
+    logits[0, 2:4, 6:10] = 30.0  # rows 2-3, columns 6-9
+    logits[1, :, :] = 0.0  # p = 0.5 everywhere: centre of the frame, half its area
+    pos = mask_position(logits)  # logits[2]: empty
+    torch.testing.assert_close(pos[0], torch.tensor([8 / 10, 3 / 8, 8 / 80]))  # pixel centres 6.5..9.5
+    torch.testing.assert_close(pos[1], torch.tensor([0.5, 0.5, 0.5]))
+    assert not pos[2].any()
+    assert not mask_position(logits.requires_grad_()).requires_grad
+
+
+def test_position_embedding_is_mask2formers_sines_then_a_linear():
+    embed = PositionEmbedding(2, 16, num_feats=4)
+    values = torch.tensor([[0.25, 0.5]])
+    angles = torch.tensor([[0.25, 0.25 / 100], [0.5, 0.5 / 100]]) * 2 * torch.pi  # 10000^(2i/4), i = 0, 1
+    features = torch.cat([angles.sin(), angles.cos()], -1).reshape(1, 8)
+    torch.testing.assert_close(embed(values), features @ embed.proj.weight.T + embed.proj.bias)

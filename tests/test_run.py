@@ -29,6 +29,7 @@ class Config(RunConfig):
     fancy: bool = True  # the paper's module; --no-fancy drops it
     loss: str = "ours"  # ours | theirs
     width: int = 8
+    diagnostic: bool = False  # (ours) off by default
 
 
 PRESETS = {"real": dict(), "toy": dict(lr=1e-3, width=2)}
@@ -95,6 +96,8 @@ def test_run_dir_names_the_ablations():
     assert run_dir(Config(data="toy"), "m", ablations) == Path("runs/m-toy")
     assert run_dir(Config(data="toy", fancy=False, loss="theirs"), "m", ablations) == Path("runs/m-toy-no-fancy-loss-theirs")
     assert run_dir(Config(data="toy", fancy=False, out="elsewhere"), "m", ablations) == Path("elsewhere")
+    assert run_dir(Config(data="toy", width=1), "m", ("width",)) == Path("runs/m-toy-width-1")  # not "-width"
+    assert run_dir(Config(data="toy", diagnostic=True), "m", ("diagnostic",)) == Path("runs/m-toy-diagnostic")
 
 
 # ---------------------------------------------------------------------------------- optimiser

@@ -52,14 +52,15 @@ def main():
         item = dataset[i]
         frames, size = item["frames"], item["orig_size"]
         if item["video"] not in cache:  # VITA's queries depend on the video only
-            fq, mf = [], []
+            fq, fm, mf = [], [], []
             for part in frames.split(cfg.eval_chunk):
                 H, W = part.shape[-2:]
                 out, feats = model.vita.segment_frames(torch.nn.functional.pad(part, (0, -W % 32, 0, -H % 32)))
                 fq.append(out["query_embeds"][-1])
+                fm.append(out["pred_masks"])
                 mf.append(feats)
             out = model.vita.decode_video(torch.cat(fq)[None], torch.cat(mf)[None])
-            found = model.instances(torch.cat(fq)[None], out)
+            found = model.instances(torch.cat(fq)[None], torch.cat(fm)[None], out)
             masks = out["pred_masks"][0]  # (V, T, h, w)
             tubes = [predict_masks(Selected(masks, torch.arange(len(masks)) == q), frames, "", size, threshold=0.5,
                                    chunk=cfg.eval_chunk) for q in range(len(masks))]  # V x (T, H0, W0)

@@ -15,7 +15,8 @@ instead of J&F. --summary writes the front page's one table instead: the full mo
 method, copied from the toy tables of tests/bench/README.md (no training).
 
 With --jobs N, N runs train at a time, each with (CPU cores / N) threads (OMP_NUM_THREADS); the
-table says so, since a run's wall time then is not the time of a run alone.
+table says so, since a run's wall time then is not the time of a run alone. --threads N gives each
+run N threads (for two tables trained side by side, each --threads 1); the table says so too.
 
 Run from the repository root (10-20 minutes a run on 2 CPU cores):
     python tests/bench/toy_table.py --method dshmp --variants=",--no-hmp" --readme tests/bench/README.md
@@ -128,7 +129,7 @@ def table(method, records, extra):
     seeds = sorted({r["seed"] for r in records})
     import torch  # only to name the build the runs used
     shared = (" A wall time is that of runs trained alone on the machine (train and evaluation); "
-              "\"shared\": the runs shared the cores with other runs (--jobs), so their time is "
+              "\"shared\": the runs shared the cores with other runs (--jobs, --threads), so their time is "
               "not given.") if any(r.get("threads") or r["seconds"] is None for r in records) else ""
     steps = sorted({r["steps"] for r in records if r.get("steps")})
     trained = f"{' or '.join(f'{s:,}' for s in steps)} training steps per run (log.jsonl); " if steps else ""
@@ -190,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--block", default="", help="the README block's name (default: the method)")
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the finished runs")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores / jobs threads")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of each run (default: cores / jobs); "
+                        "runs given threads are marked as sharing the cores")
     parser.add_argument("--summary", action="store_true", help="the front page's table of every method's full "
                         "model, copied from the toy tables of the bench page (--bench)")
     parser.add_argument("--bench", default="", help="--summary: the page holding the toy tables "
@@ -203,7 +206,7 @@ def main(argv=None):
         return
     runs = Path(args.runs or REPO / "runs" / f"toy-table-{args.method}")
     extra = args.extra.split()
-    threads = threads_per_job(args.jobs)
+    threads = args.threads or threads_per_job(args.jobs)
     tasks = [(variant, seed, runs / f"{variant.replace('--', '').replace(' ', '_') or 'full'}-seed{seed}")
              for variant in args.variants.split(",") for seed in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on the subprocesses
