@@ -181,10 +181,11 @@ class SimpleDecoding(nn.Module):
 
 
 class LAVT(nn.Module):
-    """images (N, 3, H, W) ImageNet-normalised + N expressions -> dict(logits (B, 2, H, W) at
-    the input size of the first B = `samples` pairs (default all), embeds (N, D) the fused
-    embedding z of every pair (reconstructed Fuser; with proj_dim). pad_mask (N, H, W) True on
-    padding (default none): the embedding averages the valid pixels only."""
+    """images (N, 3, H, W) ImageNet-normalised + N expressions -> dict(pred_masks (B, 2, H, W):
+    LAVT's background / target logits of every pixel at the input size, for the first B =
+    `samples` pairs (default all); embeds (N, D): the fused embedding z of every pair
+    (reconstructed Fuser; with proj_dim)). pad_mask (N, H, W) True on padding (default none): the
+    embedding averages the valid pixels only."""
 
     def __init__(self, *, backbone, text_encoder, decoder_dim, proj_dim):
         super().__init__()
@@ -203,9 +204,9 @@ class LAVT(nn.Module):
         logits = self.decoder([x[:samples] for x in stages])  # (B, 2, H/4, W/4)
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
         if self.fuser is None:
-            return {"logits": logits}
+            return {"pred_masks": logits}
         # z, Fig. 2 "Fuser": the last fused map (N, C_4, H/32, W/32), pooled, projected
-        return {"logits": logits, "embeds": self.fuser(valid_mean(stages[3], pad_mask))}
+        return {"pred_masks": logits, "embeds": self.fuser(valid_mean(stages[3], pad_mask))}
 
 
 def valid_mean(x, pad_mask=None):
@@ -358,8 +359,8 @@ def compute_losses(cfg, outputs, batch, index):
     the N fused embeddings (verbonly: their originals x phrases block), each partner the positive
     of its sample. index: the sample of each."""
     b = len(batch["expression"])
-    terms = {"ce": segmentation_loss(cfg, outputs["logits"][:b], batch["targets"],
-                                     batch["pad_mask"].to(outputs["logits"].device))}
+    terms = {"ce": segmentation_loss(cfg, outputs["pred_masks"][:b], batch["targets"],
+                                     batch["pad_mask"].to(outputs["pred_masks"].device))}
     if cfg.mracl:
         def pick(key):
             return [batch[key][i] for i in index]
@@ -602,7 +603,7 @@ def predict_masks(model, images, expression, orig_size):
     H, W = images.shape[-2:]
     padded = F.pad(images, (0, -W % 32, 0, -H % 32))  # (1, 3, Hp, Wp)
     with autocast(images.device):
-        logits = model(padded, [expression])["logits"][..., :H, :W].float()  # (1, 2, H, W)
+        logits = model(padded, [expression])["pred_masks"][..., :H, :W].float()  # (1, 2, H, W)
     logits = F.interpolate(logits, size=tuple(orig_size), mode="bilinear", align_corners=True)
     return logits[0].argmax(0).bool()  # (H0, W0)
 

@@ -68,7 +68,7 @@ def batch_loss(*flags):
     index, _ = mracl.with_partners(cfg, batch)
     assert index == [0, 1, 2, 3, 0, 1, 3]
     embeds = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
-    outputs = {"logits": torch.zeros(4, 2, 8, 8), "embeds": embeds}
+    outputs = {"pred_masks": torch.zeros(4, 2, 8, 8), "embeds": embeds}
     return mracl.compute_losses(cfg, outputs, batch, index)["mracl"], embeds
 
 
@@ -264,8 +264,8 @@ def test_the_partners_stay_out_of_the_mask_decoder():
         return outputs, [torch.cat([n.running_mean, n.running_var]) for n in norms]
 
     (alone, stats_alone), (paired, stats_paired) = run([0, 1]), run([0, 1, 0])
-    assert paired["logits"].shape == (2, 2, 96, 96) and paired["embeds"].shape[0] == 3
-    torch.testing.assert_close(paired["logits"], alone["logits"])
+    assert paired["pred_masks"].shape == (2, 2, 96, 96) and paired["embeds"].shape[0] == 3
+    torch.testing.assert_close(paired["pred_masks"], alone["pred_masks"])
     torch.testing.assert_close(stats_paired, stats_alone)
 
 
@@ -290,14 +290,14 @@ def test_one_step_reaches_every_parameter_and_the_partners_get_no_segmentation_l
     index, texts = mracl.with_partners(cfg, batch)
     assert index == [0, 1, 2, 3, 0, 1] and texts[4:] == [dataset.phrase[i] for i in with_phrase]
     outputs = model(batch["images"][index], texts, pad_mask=batch["pad_mask"][index], samples=4)
-    assert outputs["logits"].shape[0] == 4 and outputs["embeds"].shape[0] == 6
+    assert outputs["pred_masks"].shape[0] == 4 and outputs["embeds"].shape[0] == 6
     terms = mracl.compute_losses(cfg, outputs, batch, index)
     model.zero_grad()
     (terms["ce"] + terms["mracl"]).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not missing, missing
     # the cross-entropy reads the four samples only
-    ce = mracl.segmentation_loss(cfg, outputs["logits"][:4], batch["targets"], batch["pad_mask"])
+    ce = mracl.segmentation_loss(cfg, outputs["pred_masks"][:4], batch["targets"], batch["pad_mask"])
     torch.testing.assert_close(terms["ce"], ce)
 
 

@@ -105,7 +105,7 @@ def training_step(module, method, model, cfg, inputs, device):
     index, texts = module.with_partners(cfg, batch)
     outputs = model(batch["images"][index], texts, pad_mask=batch["pad_mask"].to(device)[index], samples=n)
     terms = module.compute_losses(cfg, outputs, batch, index)
-    return sum(terms.values()), outputs["logits"].dtype
+    return sum(terms.values()), outputs["pred_masks"].dtype
 
 
 def measure(method: str, *, device: str, toy: bool, cpu_autocast: bool, steps: int = 2) -> dict:
