@@ -9,6 +9,10 @@ expressions, J&F = (J + F) / 2.
 Images (RefCOCO/+/g): IoU per sample, mIoU, oIoU and Pr@X as LAVT test.py (yz93/LAVT-RIS,
 `evaluate` and `computeIoU`); Oc-IoU as the VATEX paper, Sec. 4.3, Eqs. (9)-(10).
 
+A2D-Sentences and JHMDB-Sentences: mAP@0.5:0.95 (and AP@0.5, AP@0.75, AP S/M/L) equal to
+pycocotools' COCOeval(iouType="segm") as the ReferFormer / MTTR protocol runs it, and its overall
+IoU, mean IoU and P@X (ReferFormer datasets/a2d_eval.py), in numpy; `a2d_map` says how.
+
 J and F come twice: `reference_jaccard` / `reference_boundary_f` are the davis2017 algorithm
 written plainly, one numpy frame at a time (copy these to understand or port the metric), and
 `jaccard` / `boundary_f` compute the same numbers batched over frames on any torch device, tens
@@ -27,6 +31,8 @@ video functions run batched over frames on the masks' device, without OpenCV: th
     oc_iou([(gt, preds), ...])       # float, preds (K, H, W) for the K expressions of one object
     davis_unsupervised(gt_labels,
                        pred_labels)  # Ref-DAVIS17: J and F of each GT object, Hungarian-matched
+    a2d_map(gts, preds, scores)      # A2D / JHMDB {"mAP", "AP@0.5", ...}; per sample a gt (H, W),
+    a2d_iou(gts, preds, scores)      # {"oIoU", "mIoU", "P@0.5", ...}; preds (K, H, W), scores (K,)
 """
 import math
 
@@ -425,4 +431,183 @@ def davis_unsupervised(gt_labels, pred_labels) -> tuple:
                 boundary_f(proposal, target).numpy()
     rows, cols = linear_sum_assignment(-(j.mean(2) + f.mean(2)) / 2)
     return j[rows, cols], f[rows, cols]
+
+
+# ------------------------------------------ A2D-Sentences / JHMDB-Sentences (ReferFormer protocol)
+# pycocotools cocoeval.py, Params.setDetParams: the parameters COCOeval(iouType="segm") runs with
+COCO_IOU_THRESHOLDS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True)
+COCO_RECALL_THRESHOLDS = np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1,
+                                     endpoint=True)
+COCO_MAX_DETS = 100  # maxDets[-1] = [1, 10, 100][-1], the one stats[0:6] read
+COCO_AREA_RANGES = {"all": (0 ** 2, 1e5 ** 2), "small": (0 ** 2, 32 ** 2),
+                    "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, 1e5 ** 2)}
+A2D_EPS = 1e-6  # compute_iou(..., EPS=1e-6) of MTTR metrics.py / ReferFormer datasets/a2d_eval.py
+
+
+def _a2d_samples(gt_masks, pred_masks, pred_scores) -> list:
+    """[(gt (H, W) bool, preds (K, H, W) bool, scores (K,) float64)] of each sample."""
+    if not len(gt_masks) == len(pred_masks) == len(pred_scores):
+        raise ValueError(f"expected one entry per sample in gt_masks, pred_masks and pred_scores, "
+                         f"got {len(gt_masks)}, {len(pred_masks)} and {len(pred_scores)}")
+    samples = []
+    for i, (gt, preds, scores) in enumerate(zip(gt_masks, pred_masks, pred_scores)):
+        gt = np.asarray(gt) != 0  # (H, W)
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)  # (K,)
+        preds = np.asarray(preds) != 0  # (K, H, W)
+        if gt.ndim == 2 and len(scores) == 0 and preds.size == 0:
+            preds = preds.reshape(0, *gt.shape)  # no prediction, given as [] for instance
+        if gt.ndim != 2 or preds.shape != (len(scores), *gt.shape):
+            raise ValueError(f"sample {i}: expected gt (H, W), preds (K, H, W) of the same H, W "
+                             f"and K scores, got gt {gt.shape}, preds {preds.shape} and "
+                             f"{len(scores)} scores")
+        samples.append((gt, preds, scores))
+    return samples
+
+
+def _coco_precision(tp, fp, num_gt: int) -> np.ndarray:
+    """COCOeval.accumulate for one area range: tp, fp (T, D) bool over the detections of all
+    images in score order (an ignored detection is neither). Returns precision (T, R) at the R =
+    101 recall thresholds, -1 everywhere when no ground truth counts."""
+    precision = -np.ones((len(COCO_IOU_THRESHOLDS), len(COCO_RECALL_THRESHOLDS)))  # (T, R)
+    if num_gt == 0:
+        return precision
+    tp_sum = np.cumsum(tp, axis=1).astype(dtype=float)  # (T, D)
+    fp_sum = np.cumsum(fp, axis=1).astype(dtype=float)
+    for t, (tps, fps) in enumerate(zip(tp_sum, fp_sum)):
+        recall = tps / num_gt  # (D,)
+        prec = tps / (fps + tps + np.spacing(1))
+        prec = np.maximum.accumulate(prec[::-1])[::-1]  # the best precision at this recall or more
+        at = np.searchsorted(recall, COCO_RECALL_THRESHOLDS, side="left")  # (R,)
+        reached = at < len(prec)  # beyond the last recall reached the precision stays 0
+        precision[t] = 0.0
+        precision[t, reached] = prec[at[reached]]
+    return precision
+
+
+def _coco_average(precision: np.ndarray) -> float:
+    # COCOeval.summarize: the mean of the entries > -1, and -1 when there are none
+    kept = precision[precision > -1]
+    return float(np.mean(kept)) if len(kept) else -1.0
+
+
+def a2d_map(gt_masks, pred_masks, pred_scores, image_ids=None) -> dict:
+    """mAP@0.5:0.95, AP@0.5, AP@0.75 and AP small / medium / large of A2D-Sentences and
+    JHMDB-Sentences: COCOeval's stats[0:6] in the ReferFormer protocol, without pycocotools.
+
+    The protocol (wjn922/ReferFormer @ 06fc218, engine.py `evaluate_a2d`; the same code as
+    mttr2021/MTTR @ 2cc35ab, trainer.py `evaluate_a2d`):
+    - Ground truth: a COCO json made once by MTTR's datasets/a2d_sentences/
+      create_gt_in_coco_format.py (JHMDB: datasets/jhmdb_sentences/create_gt_in_coco_format.py).
+      One image per annotated (frame, sentence) sample, its id a string
+      "v_<video>_f_<frame>_i_<instance>" (JHMDB "v_<video>_f_<frame>"), with exactly one
+      annotation: the referred object's mask as pycocotools RLE, category_id 1 (a dummy class),
+      iscrowd 0, area = float(mask.area(rle)), the pixel count.
+    - Predictions: every query's mask of that frame with its score, all on the sample's image id,
+      category_id 1 (ReferFormer: 5 queries; models/postprocessors.py A2DSentencesPostProcess:
+      mask = sigmoid > 0.5 at the frame's original size, RLE by pycocotools mask.encode,
+      score = sigmoid of the logit, `s.item()`). coco_gt.loadRes(predictions) adds area and
+      iscrowd 0.
+    - COCOeval(coco_gt, coco_pred, iouType="segm"), params.useCats = 0, the rest default: iouThrs
+      0.5:0.05:0.95, recThrs 0:0.01:1, maxDets [1, 10, 100], areaRng all [0, 1e10], small
+      [0, 1024], medium [1024, 9216], large [9216, 1e10]; evaluate(), accumulate(), summarize(),
+      and stats[:6] reported as 'mAP 0.5:0.95', 'AP 0.5', 'AP 0.75', 'AP 0.5:0.95 S', 'M', 'L'.
+      The papers' mAP is stats[0].
+
+    COCOeval's steps for this case (pycocotools cocoeval.py, maskApi.c rleIou): per image the
+    detections are sorted by score (stable) and the first 100 kept; mask IoU = |P & G| / |P | G|,
+    0 when either mask is empty. With one non-crowd ground truth per image, the greedy matching at
+    a threshold t gives it to the first detection in score order whose IoU >= t; the others are
+    false positives. In an area range a ground truth outside it is ignored (and the detection
+    matched to it), and so is an unmatched detection outside it. Then over all images, in sorted
+    id order, the detections are sorted by score (stable, so equal scores keep that order): TP and
+    FP counts give recall and precision, the precision is made non-increasing from the right and
+    read at the 101 recall thresholds (0 beyond the last recall reached), and AP is the mean of
+    these T x 101 values (-1 where no ground truth counts in the range, as pycocotools).
+
+    gt_masks: N masks (H_i, W_i), nonzero = foreground, one per sample.
+    pred_masks: N arrays (K_i, H_i, W_i) of the sample's predictions (K_i may be 0).
+    pred_scores: N arrays (K_i,) of their scores.
+    image_ids: the samples' COCO image ids; COCOeval visits the images in sorted id order, which
+    decides between equal scores of different images. None: the samples are in that order.
+    Returns {"mAP", "AP@0.5", "AP@0.75", "AP_small", "AP_medium", "AP_large"}, Python floats.
+    """
+    samples = _a2d_samples(gt_masks, pred_masks, pred_scores)
+    if not samples:
+        raise ValueError("a2d_map needs at least one sample")
+    order = range(len(samples))
+    if image_ids is not None:
+        ids = np.asarray(list(image_ids))
+        if len(ids) != len(samples) or len(np.unique(ids)) != len(ids):
+            raise ValueError(f"expected {len(samples)} distinct image ids, got {len(ids)} ids "
+                             f"of which {len(np.unique(ids))} distinct")
+        order = np.argsort(ids, kind="stable")  # COCOeval: p.imgIds = np.unique(imgIds)
+    scores, matched, dt_areas, dt_gt, gt_areas = [], [], [], [], []  # per image
+    for n, i in enumerate(order):
+        gt, preds, score = samples[i]
+        rank = np.argsort(-score, kind="mergesort")[:COCO_MAX_DETS]  # (D,)
+        preds, score = preds[rank], score[rank]
+        inter = (preds & gt).sum((1, 2))  # (D,)
+        union = (preds | gt).sum((1, 2))
+        iou = np.where(inter > 0, inter / np.maximum(union, 1), 0.0)  # (D,)
+        # the ground truth goes to the first detection reaching t (COCOeval compares the IoU with
+        # min(t, 1 - 1e-10) = t)
+        hits = iou[:, None] >= COCO_IOU_THRESHOLDS  # (D, T)
+        matched.append((hits & (np.cumsum(hits, axis=0) == 1)).T)  # (T, D)
+        scores.append(score)
+        dt_areas.append(preds.sum((1, 2)))
+        dt_gt.append(np.full(len(score), n))  # the image of each detection, in visiting order
+        gt_areas.append(gt.sum())
+    scores, dt_areas, dt_gt = np.concatenate(scores), np.concatenate(dt_areas), \
+        np.concatenate(dt_gt)  # (D_all,)
+    matched, gt_areas = np.concatenate(matched, axis=1), np.array(gt_areas)  # (T, D_all), (N,)
+    by_score = np.argsort(-scores, kind="mergesort")  # (D_all,)
+    matched, dt_areas, dt_gt = matched[:, by_score], dt_areas[by_score], dt_gt[by_score]
+    precision = {}
+    for name, (low, high) in COCO_AREA_RANGES.items():
+        gt_ignored = (gt_areas < low) | (gt_areas > high)  # (N,)
+        dt_outside = (dt_areas < low) | (dt_areas > high)  # (D_all,)
+        ignored = np.where(matched, gt_ignored[dt_gt], dt_outside)  # (T, D_all)
+        precision[name] = _coco_precision(matched & ~ignored, ~matched & ~ignored,
+                                          int(np.count_nonzero(~gt_ignored)))
+    at_50, at_75 = (np.where(COCO_IOU_THRESHOLDS == t)[0] for t in (.5, .75))
+    return {"mAP": _coco_average(precision["all"]),
+            "AP@0.5": _coco_average(precision["all"][at_50]),
+            "AP@0.75": _coco_average(precision["all"][at_75]),
+            "AP_small": _coco_average(precision["small"]),
+            "AP_medium": _coco_average(precision["medium"]),
+            "AP_large": _coco_average(precision["large"])}
+
+
+def a2d_iou(gt_masks, pred_masks, pred_scores) -> dict:
+    """Overall IoU, mean IoU and P@0.5-0.9 of A2D-Sentences and JHMDB-Sentences, as ReferFormer
+    @ 06fc218 datasets/a2d_eval.py `calculate_precision_at_k_and_iou_metrics` (a copy of MTTR
+    @ 2cc35ab metrics.py) computes them on the COCO ground truth and predictions of `a2d_map`.
+
+    Each sample (the ground truth's images, in its order) is scored by its highest-scoring
+    prediction (`sorted(preds, key=score)[-1]`: among equal scores the last listed). I and U are
+    pixel counts (torch float32 sums there, exact below 2**24 pixels) and the sample's
+    IoU = (I + 1e-6) / (U + 1e-6) in float32 (`compute_iou`), so 1 when both masks are empty.
+    oIoU = sum I / sum U (NaN when that is 0, where the official code divides by zero),
+    mIoU = np.mean of the IoUs, P@X = the share of samples with IoU > X (strict).
+    Every sample needs a prediction (the official code raises IndexError otherwise).
+
+    gt_masks, pred_masks, pred_scores: as `a2d_map`, in the ground truth's image order.
+    Returns {"oIoU", "mIoU", "P@0.5", ..., "P@0.9", "IoU": [per sample], "n"}.
+    """
+    eps = np.float32(A2D_EPS)
+    ious, cum_i, cum_u = [], 0, 0
+    for i, (gt, preds, scores) in enumerate(_a2d_samples(gt_masks, pred_masks, pred_scores)):
+        if len(scores) == 0:
+            raise ValueError(f"sample {i} has no prediction; the A2D IoU metrics score each "
+                             f"sample by its highest-scoring one")
+        best = len(scores) - 1 - int(np.argmax(scores[::-1]))  # the last of the highest scores
+        inter, union = int((preds[best] & gt).sum()), int((preds[best] | gt).sum())
+        ious.append(float((np.float32(inter) + eps) / (np.float32(union) + eps)))
+        cum_i, cum_u = cum_i + inter, cum_u + union
+    n = len(ious)
+    out = {"oIoU": cum_i / cum_u if cum_u else math.nan,
+           "mIoU": float(np.mean(ious)) if n else math.nan}
+    for x in PR_THRESHOLDS:  # the official [0.5, 0.6, 0.7, 0.8, 0.9]
+        out[f"P@{x}"] = sum(iou > x for iou in ious) / n if n else math.nan
+    return {**out, "IoU": ious, "n": n}
 

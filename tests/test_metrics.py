@@ -3,7 +3,9 @@
 tests/fixtures/metric_cases.{json,npz} hold masks with the values that davis2017-evaluation with
 MeViS's averaging (video cases) and LAVT test.py (image cases, plus VATEX's strict Pr@X under
 "vatex") compute on them; the json's "about" says how they were made. Oc-IoU (VATEX Eqs. 9-10) has
-no official code, so its cases are worked out by hand here.
+no official code, so its cases are worked out by hand here. tests/fixtures/a2d_map_cases.json
+holds A2D-Sentences / JHMDB-Sentences cases with pycocotools' COCOeval values
+(tests/fixtures/make_map_cases.py).
 """
 import json
 import math
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 import common.metrics as metrics
+from common.coco_mask import rle_decode
 from common.metrics import ImageMetrics, VideoMetrics, boundary_f, jaccard, oc_iou
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -246,3 +249,111 @@ def test_davis_unsupervised_matches_proposals_to_objects_by_hand():
     np.testing.assert_allclose(sorted(j.mean(1)), [0.0, 1.0])
     with pytest.raises(ValueError, match="at most 20"):
         metrics.davis_unsupervised(gt, np.full_like(gt, 21))
+
+
+# ------------------------------------------ A2D-Sentences / JHMDB-Sentences (ReferFormer protocol)
+# tests/fixtures/a2d_map_cases.json: seeded cases and what the official protocol computes on them
+# with pycocotools (COCOeval stats[:6]; P@X, oIoU, mIoU), made by tests/fixtures/make_map_cases.py.
+A2D = json.loads((FIXTURES / "a2d_map_cases.json").read_text())
+A2D_CASES = {case["case"]: case for case in A2D["cases"]}
+A2D_IOU_CASES = [name for name, case in A2D_CASES.items() if case["official_iou"] is not None]
+A2D_STATS = ("mAP", "AP@0.5", "AP@0.75", "AP_small", "AP_medium", "AP_large")
+A2D_TOL = 1e-12
+
+
+def _a2d_inputs(case):
+    """gt_masks, pred_masks, pred_scores and image ids of a case, in its ground truth's order."""
+    gts, preds, scores, ids = [], [], [], []
+    for image in case["images"]:
+        size = [image["height"], image["width"]]
+        gts.append(rle_decode({"size": size, "counts": image["gt"]}))
+        preds.append(np.array([rle_decode({"size": size, "counts": counts})
+                               for counts, _ in image["preds"]]).reshape(-1, *size))
+        scores.append(np.array([score for _, score in image["preds"]]))
+        ids.append(image["id"])
+    return gts, preds, scores, ids
+
+
+def _official_torch_iou(gts, preds, scores):
+    """MTTR metrics.py / ReferFormer datasets/a2d_eval.py `compute_iou` and
+    `calculate_precision_at_k_and_iou_metrics` verbatim in torch, lists for the COCO objects."""
+    def compute_iou(outputs: torch.Tensor, labels: torch.Tensor, EPS=1e-6):
+        outputs = outputs.int()
+        intersection = (outputs & labels).float().sum((1, 2))
+        union = (outputs | labels).float().sum((1, 2))
+        iou = (intersection + EPS) / (union + EPS)
+        return iou, intersection, union
+
+    counters_by_iou = {iou: 0 for iou in [0.5, 0.6, 0.7, 0.8, 0.9]}
+    total_intersection_area, total_union_area, ious_list = 0, 0, []
+    for gt_mask, masks, image_scores in zip(gts, preds, scores):
+        pred_annots = [{"mask": m, "score": float(s)} for m, s in zip(masks, image_scores)]
+        pred_mask = sorted(pred_annots, key=lambda a: a['score'])[-1]["mask"]
+        iou, intersection, union = compute_iou(torch.tensor(pred_mask).unsqueeze(0),
+                                               torch.tensor(gt_mask).unsqueeze(0))
+        iou, intersection, union = iou.item(), intersection.item(), union.item()
+        for iou_threshold in counters_by_iou.keys():
+            if iou > iou_threshold:
+                counters_by_iou[iou_threshold] += 1
+        total_intersection_area += intersection
+        total_union_area += union
+        ious_list.append(iou)
+    precision_at_k = np.array(list(counters_by_iou.values())) / len(ious_list)
+    return precision_at_k, total_intersection_area / total_union_area, np.mean(ious_list), \
+        ious_list
+
+
+def test_a2d_fixture_holds_enough_pycocotools_cases():
+    assert A2D["pycocotools"] and len(A2D_CASES) >= 20 and len(A2D_IOU_CASES) >= 15
+    assert (FIXTURES / "a2d_map_cases.json").stat().st_size < 2**20
+    assert any(not image["preds"] for case in A2D["cases"] for image in case["images"])
+    assert any(len(image["preds"]) > metrics.COCO_MAX_DETS
+               for case in A2D["cases"] for image in case["images"])
+
+
+@pytest.mark.parametrize("name", list(A2D_CASES))
+def test_a2d_map_equals_pycocotools(name):
+    gts, preds, scores, ids = _a2d_inputs(A2D_CASES[name])
+    got = metrics.a2d_map(gts, preds, scores, image_ids=ids)
+    for key, want in zip(A2D_STATS, A2D_CASES[name]["coco_stats"], strict=True):
+        assert abs(got[key] - want) <= A2D_TOL, (key, got[key], want)
+
+
+@pytest.mark.parametrize("name", A2D_IOU_CASES)
+def test_a2d_iou_equals_the_official_code(name):
+    gts, preds, scores, _ = _a2d_inputs(A2D_CASES[name])
+    want = A2D_CASES[name]["official_iou"]
+    got = metrics.a2d_iou(gts, preds, scores)
+    assert got["oIoU"] == want["oIoU"] and got["mIoU"] == want["mIoU"]
+    assert [got[f"P@{x}"] for x in metrics.PR_THRESHOLDS] == want["P@"]
+    assert got["IoU"] == want["IoU"] and got["n"] == len(gts)
+    # the generator wrote the official torch float32 arithmetic in numpy: torch itself agrees
+    p_at_k, oiou, miou, ious = _official_torch_iou(gts, preds, scores)
+    assert (list(p_at_k), oiou, miou, ious) == (want["P@"], want["oIoU"], want["mIoU"], want["IoU"])
+
+
+def test_a2d_metrics_can_fail():
+    """Reversed scores, another image order for ties between images, and the first instead of the
+    last of equal scores each change a fixture value."""
+    gts, preds, scores, ids = _a2d_inputs(A2D_CASES["referformer_like_5_queries"])
+    reversed_map = metrics.a2d_map(gts, preds, [-s for s in scores], image_ids=ids)["mAP"]
+    assert abs(reversed_map - A2D_CASES["referformer_like_5_queries"]["coco_stats"][0]) > 1e-3
+    gts, preds, scores, ids = _a2d_inputs(A2D_CASES["ties_across_images"])
+    unsorted = metrics.a2d_map(gts, preds, scores)  # the listed order is not the sorted id order
+    assert [unsorted[key] for key in A2D_STATS] != A2D_CASES["ties_across_images"]["coco_stats"]
+    gts, preds, scores, _ = _a2d_inputs(A2D_CASES["ties_within_image"])
+    first_of_ties = metrics.a2d_iou(gts, [p[::-1] for p in preds], [s[::-1] for s in scores])
+    assert first_of_ties["IoU"] != A2D_CASES["ties_within_image"]["official_iou"]["IoU"]
+
+
+def test_a2d_bad_inputs_raise_clear_errors():
+    gt, pred = np.zeros((4, 5)), np.zeros((1, 4, 5))
+    with pytest.raises(ValueError, match="one entry per sample"):
+        metrics.a2d_map([gt], [pred, pred], [[0.5]])
+    with pytest.raises(ValueError, match="sample 0"):
+        metrics.a2d_map([gt], [np.zeros((1, 5, 4))], [[0.5]])
+    with pytest.raises(ValueError, match="distinct image ids"):
+        metrics.a2d_map([gt, gt], [pred, pred], [[0.5], [0.5]], image_ids=["a", "a"])
+    with pytest.raises(ValueError, match="no prediction"):
+        metrics.a2d_iou([gt], [[]], [[]])
+    assert metrics.a2d_map([gt], [[]], [[]])["mAP"] == 0.0  # no detection, one ground truth
