@@ -68,8 +68,8 @@ from transformers.models.mask2former.modeling_mask2former import \
     Mask2FormerPixelDecoderEncoderOnly
 
 from common.backbones import (CLIPEncoder, clip_b16_config, clip_view, load_swin_backbone,
-                              parameter_report, sine_position_embedding, swin_backbone,
-                              swin_base_22k_config)
+                              param_keys, parameter_report, sine_position_embedding,
+                              swin_backbone, swin_base_22k_config)
 from common.datasets import (IMAGENET_MEAN, IMAGENET_STD, RefCOCO, collate_image, item_generator,
                              resize_clip)
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, reduce_dict,
@@ -313,6 +313,44 @@ class ContextualMultimodalDecoder(nn.Module):
                     "words": words}
 
 
+def official_cmd_key_map(cmd: ContextualMultimodalDecoder) -> dict:
+    """Official key -> our key(s) of `cmd.state_dict()` (as common.vita's map), for its number of
+    encoder layers: the official modeling/pixel_decoder/cmd.py, ContextualMultimodalDecoder (in a
+    checkpoint under `sem_seg_head.pixel_decoder.`; ours: VATEX's `pixel_decoder.`). Its FPN
+    modules are numbered fine to coarse (adapter_1, layer_1 on res2), ours coarse to fine; its
+    fusion2_4 is level 1's BAT. fuse.0, Eq. (4)'s conv at level 1, has no official counterpart
+    (Deviations); with --no-cmd the official word attentions have no place."""
+    def bat(theirs, module, ours):  # visual_lang.py's BAT: two nn.MultiheadAttention
+        names = [("multihead_attn_visual_1", "visual_attn")]
+        if module.text_attn is not None:
+            names.append(("multihead_attn_text_1", "text_attn"))
+        return [pair for official, name in names for pair in param_keys(
+            f"{theirs}.{official}", f"{ours}.{name}",
+            ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"))]
+
+    pairs = [("transformer.level_embed", ["level_embed"])]
+    for i in range(3):  # res5, res4, res3 on both sides
+        pairs += [*param_keys(f"input_proj.{i}.0", f"input_proj.{i}.0"),
+                  *param_keys(f"input_proj.{i}.1", f"input_proj.{i}.1"),
+                  *bat(f"fusion_{i + 1}", cmd.early_bats[i], f"early_bats.{i}")]
+    for i in range(len(cmd.encoder.layers)):  # msdeformattn.py -> transformers' encoder
+        theirs, ours = f"transformer.encoder.layers.{i}.", f"encoder.layers.{i}."
+        for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
+            pairs += param_keys(theirs + f"self_attn.{name}", ours + f"self_attn.{name}")
+        for official, name in (("norm1", "self_attn_layer_norm"), ("linear1", "fc1"),
+                               ("linear2", "fc2"), ("norm2", "final_layer_norm")):
+            pairs += param_keys(theirs + official, ours + name)
+    pairs += bat("fusion2_4", cmd.bats[0], "bats.0")
+    for i in (1, 2, 3):  # levels 2-4: 1/16, 1/8, 1/4; bias-free convs with a GroupNorm
+        pairs += bat(f"fusion2_{i}", cmd.bats[i], f"bats.{i}")
+        for official, ours in ((f"adapter_{4 - i}", f"lateral.{i - 1}"),
+                               (f"layer_{4 - i}", f"fuse.{i}")):
+            pairs += [(f"{official}.weight", [f"{ours}.0.weight"]),
+                      *param_keys(f"{official}.norm", f"{ours}.1")]
+    pairs += param_keys("mask_features", "mask_proj")
+    return dict(pairs)
+
+
 # -------------------------------------------------------- Sec. 3.4 masked-attention decoder
 class VatexDecoderLayer(MaskedAttentionLayer):
     """One decoder layer as the official code: visual and word cross-attention side by side,
@@ -337,7 +375,10 @@ class VatexDecoderLayer(MaskedAttentionLayer):
 class VatexDecoder(MaskedAttentionDecoder):
     """Mask2Former's decoder with VATEX's queries: content = the vision-aware sentence feature
     repeated N times (f_o), the learnable embeddings only as positions; the first prediction is
-    made before the CLIP prior is added (official); layer 1 attends without a mask (official)."""
+    made before the CLIP prior is added (official); layer 1 attends without a mask (official).
+    The pixel positions are Mask2Former's 2-D sine (the official: a 3-D sine over one frame, which
+    adds one constant vector per level to every key; the softmax cancels it, so the outputs agree,
+    tests/test_parity.py)."""
 
     def __init__(self, *, hidden_dim, num_queries, num_layers, num_heads, ffn_dim):
         super().__init__(hidden_dim=hidden_dim, num_queries=num_queries, num_layers=num_layers,
@@ -366,6 +407,30 @@ class VatexDecoder(MaskedAttentionDecoder):
         return {**predictions[-1], "aux_outputs": predictions[:-1]}
 
 
+def official_decoder_key_map(decoder: VatexDecoder) -> dict:
+    """Official key -> our key(s) of `decoder.state_dict()`, for its number of layers: the official
+    modeling/transformer_decoder/vatext_trans_decoder.py, VATEXTransformerDecoder (in a checkpoint
+    under `sem_seg_head.predictor.`; ours: VATEX's `decoder.`). Its three lists of per-layer
+    modules are our layers' parts; its input projections are identities (C in = C), as ours."""
+    attn = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+    pairs = [("query_embed.weight", ["query_pos.weight"]),
+             ("level_embed.weight", ["level_embed.weight"]),
+             *param_keys("decoder_norm", "decoder_norm"), *param_keys("class_embed", "class_head")]
+    for j in range(len(decoder.mask_embed.layers)):
+        pairs += param_keys(f"mask_embed.layers.{j}", f"mask_embed.layers.{j}")
+    for i in range(len(decoder.layers)):
+        cross, ours = f"transformer_cross_attention_layers.{i}", f"layers.{i}"
+        pairs += [*param_keys(f"{cross}.multihead_attn", f"{ours}.cross_attn", attn),
+                  *param_keys(f"{cross}.multihead_attn_text", f"{ours}.word_attn", attn),
+                  *param_keys(f"{cross}.norm", f"{ours}.cross_norm"),
+                  *param_keys(f"transformer_self_attention_layers.{i}.self_attn",
+                              f"{ours}.self_attn", attn),
+                  *param_keys(f"transformer_self_attention_layers.{i}.norm", f"{ours}.self_norm")]
+        for official, name in (("linear1", "ffn.0"), ("linear2", "ffn.3"), ("norm", "ffn_norm")):
+            pairs += param_keys(f"transformer_ffn_layers.{i}.{official}", f"{ours}.{name}")
+    return dict(pairs)
+
+
 # ------------------------------------------------------------------------------------ model
 class VATEX(nn.Module):
     """forward(images (B, 3, H, W) ImageNet-normalised, H W multiples of 32, image_sizes [(h, w)]
@@ -382,7 +447,7 @@ class VATEX(nn.Module):
         self.text_proj = xavier_init_(nn.Sequential(
             nn.Linear(clip.text_hidden_size, dim), nn.ReLU(), nn.Dropout(0.1), nn.Linear(dim, dim),
             nn.LayerNorm(dim)))
-        self.cmd = ContextualMultimodalDecoder(
+        self.pixel_decoder = ContextualMultimodalDecoder(  # the CMD (--no-cmd: no word update)
             in_channels=backbone.channels, dim=dim, heads=heads, encoder_layers=encoder_layers,
             encoder_ffn_dim=encoder_ffn_dim, update_words=vision_aware_text)
         num_patches = (clip_image_size // clip.patch_size) ** 2  # P = HW/256 at 224 (CLS dropped)
@@ -400,7 +465,7 @@ class VATEX(nn.Module):
         words = self.text_proj(encoded["word_feats"])  # (N, L, C): f_w
         word_pos = sine_positions_1d(word_mask, words.shape[-1])  # (N, L, C)
         stages = [s[image_index] for s in self.backbone(images).feature_maps]  # (N, C_s, h_s, w_s)
-        pixels = self.cmd(stages, words, word_pos, word_mask)
+        pixels = self.pixel_decoder(stages, words, word_pos, word_mask)
         words = pixels["words"]  # F_4^w (N, L, C); f_w as it came with --no-cmd
         weights = word_mask.to(words.dtype)  # (N, L)
         sentence = einsum(words, weights, "n l c, n l -> n c") / weights.sum(1, keepdim=True)

@@ -106,6 +106,26 @@ def test_toy_curve_script_trains_in_resumed_segments(tmp_path, monkeypatch):
     assert commands == []  # every point exists
 
 
+def test_toy_table_threads_sets_each_runs_threads_and_marks_its_time_shared(tmp_path, monkeypatch):
+    """--threads N (two tables trained side by side): every run gets OMP_NUM_THREADS=N, and the
+    table gives no wall time for them, since they shared the cores (the training is faked)."""
+    envs = []
+
+    def fake_run(command, cwd, check, env):
+        envs.append(env.get("OMP_NUM_THREADS"))
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "eval.json").write_text(json.dumps({"J&F": 0.5, "J": 0.5, "F": 0.5,
+                                                   "motion_only": {"J&F": 0.4}}))
+
+    monkeypatch.setattr(toy_table.subprocess, "run", fake_run)
+    toy_table.main(["--seeds", "0", "1", "--runs", str(tmp_path), "--threads", "1"])
+    records = json.loads((tmp_path / "table.json").read_text())
+    assert envs == ["1", "1"] and [r["threads"] for r in records] == [1, 1]
+    text = toy_table.table("dshmp", records, [])
+    assert "| 2 | 0.500 ± 0.000 | 0.400 ± 0.000 | shared |" in text and "(--jobs, --threads)" in text
+
+
 def test_toy_table_gives_the_wall_time_of_runs_alone_only():
     alone = [{"seconds": 600.0, "threads": None}, {"seconds": 700.0, "threads": None}]
     shared = [{"seconds": 2000.0, "threads": 1}, {"seconds": None, "threads": None}]
@@ -154,3 +174,19 @@ def test_toy_table_of_one_seed_gives_wall_times_and_no_scores():
     assert text.splitlines()[-1].startswith("Seed 0 only, so no scores")
     records.append({**records[0], "seed": 1, "J&F": 0.581})
     assert "0.580 ± 0.001" in toy_table.table("dshmp", records, [])  # two seeds: scores again
+
+
+def test_parity_table_takes_the_largest_difference_of_ours_and_the_smallest_broken():
+    """tests/parity/parity_table.py reads the suite's PARITY lines: one row per module, in the
+    order reported, the worst case of ours and the closest broken variant."""
+    sys.path.insert(0, str(REPO / "tests" / "parity"))
+    import parity_table
+    output = ("tests/test_parity.py::x PARITY | VITA module | a/b @ 1234567 | ours | 3.0e-06\n"
+              ".PARITY | LAVT | c/d @ 89abcde | broken | 2.0e+00\n"
+              "PARITY | VITA module | a/b @ 1234567 | ours | 8.6e-06\n"
+              "PARITY | VITA module | a/b @ 1234567 | broken | 1.1e+00\nunrelated | line\n")
+    rows = parity_table.read_lines(output)
+    assert list(rows) == ["VITA module", "LAVT"]
+    text = parity_table.table(rows, "2.x")
+    assert "| VITA module | a/b @ 1234567 | 8.6e-06 | 1.1e+00 |" in text
+    assert "| LAVT | c/d @ 89abcde | n/a | 2.0e+00 |" in text

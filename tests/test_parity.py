@@ -2,8 +2,10 @@
 random weights under the official key names), their inputs and their outputs, written by
 tests/parity/make_fixtures.py from a mirror of the official repository. Each test loads the
 official weights into our module through the project's own key map, runs the same inputs and
-compares (fp32, max abs difference at most 1e-4, printed); a deliberately broken variant of each
-must land above that tolerance, so the comparison can fail."""
+compares (fp32, max abs difference at most 1e-4); a deliberately broken variant of each must land
+above that tolerance, so the comparison can fail. Each test prints its differences as `PARITY |`
+lines (`report`), from which tests/parity/parity_table.py writes the parity table of
+tests/bench/README.md: `python tests/parity/parity_table.py --readme tests/bench/README.md`."""
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,13 @@ TOLERANCE = 1e-4
 
 def load(name):
     return torch.load(FIXTURES / f"{name}.pt", weights_only=True)
+
+
+def report(module, fixture, difference, broken=False):
+    """One line of the parity table: the max abs difference of our `module` from the official
+    code of `fixture` (broken=True: of a deliberately broken variant)."""
+    print(f"PARITY | {module} | {fixture['repo']} @ {fixture['commit'][:7]} | "
+          f"{'broken' if broken else 'ours'} | {difference:.1e}")
 
 
 # ------------------------------------------------------------------------------ VITA module
@@ -86,8 +95,7 @@ def test_vita_module_equals_the_official(name):
     the official module's own mode (training: every layer's class logits; test: the last)."""
     case = VITA["cases"][name]
     difference = max_difference(vita_outputs(our_vita(case["window"]), case), case)
-    print(f"{name}: max abs difference {difference:.2e} (official "
-          f"{VITA['repo']} @ {VITA['commit'][:7]})")
+    report("VITA module: Object Encoder (train, test), Object Decoder, heads", VITA, difference)
     assert difference <= TOLERANCE
 
 
@@ -109,7 +117,89 @@ def test_vita_parity_fails_on_a_broken_port():
     ours = vita_outputs(model, plain)
     no_shift = max(float((ours[k] - case[k]).abs().max()) for k in ("pred_logits", "pred_fq_embed"))
     print(f"swapped norms {swapped:.2e}, window 2 {other_window:.2e}, no shift {no_shift:.2e}")
+    report("VITA module: Object Encoder (train, test), Object Decoder, heads", VITA, min(swapped, other_window, no_shift), broken=True)
     assert min(swapped, other_window, no_shift) > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------------------------ VITA, whole model
+VITA_FULL = load("vita_full")
+
+
+def our_vita_full(rename=None):
+    """Our VITA (common.vita.build_vita) at the fixture's sizes, eval mode, loaded from the official
+    state dict by the project's converter (common.vita.load_official_vita); `rename` maps official
+    keys to other official keys first (the broken variants)."""
+    from common.vita import load_official_vita
+    state = VITA_FULL["state_dict"]
+    if rename is not None:  # the same loader, on a state dict with some tensors swapped
+        state = {rename.get(k, k): v for k, v in state.items()}
+    model = build_vita(VITA_FULL["sizes"]).eval()
+    load_official_vita(model, state)
+    return model
+
+
+def vita_full_differences(model) -> dict:
+    """Our VITA on the fixture's clip (uint8 frames normalised with detectron2's pixel mean and std
+    as the official `Vita.inference` does) against the official outputs: {output: max abs
+    difference}; the frame decoder's earlier predictions and the video masks of all video queries
+    included."""
+    mean, std = (VITA_FULL[k].view(-1, 1, 1) for k in ("pixel_mean", "pixel_std"))
+    frames = (VITA_FULL["frames"] - mean) / std  # (T, 3, H, W)
+    with torch.no_grad():
+        out = model(frames[None])  # one clip
+        mask_embed = model.mask_embed(out["video_queries"])[0]  # (V, D)
+    frame, official = out["frame_outputs"], VITA_FULL["frame_outputs"]
+    pairs = {  # ours (batch of T frames / one clip), official
+        "frame pred_logits": (frame["pred_logits"], official["pred_logits"]),  # (T, Q, K+1)
+        "frame pred_masks": (frame["pred_masks"], official["pred_masks"]),  # (T, Q, h, w)
+        "frame queries": (frame["query_embeds"][-1], official["frame_queries"]),  # (T, Q, C)
+        "VITA mask features": (out["mask_features"][0], VITA_FULL["mask_features"]),
+        "video pred_logits": (out["pred_logits"][0], VITA_FULL["pred_logits"]),  # (V, K+1)
+        "video pred_masks": (out["pred_masks"][0], VITA_FULL["pred_masks"]),  # (V, T, h, w)
+        "video mask embed": (mask_embed, VITA_FULL["pred_mask_embed"]),  # (V, D)
+        "sim_frame": (out["sim_frame"][0], VITA_FULL["pred_fq_embed"]),  # (T, Q, C)
+        "sim_video": (out["sim_video"][0], VITA_FULL["pred_cq_embed"]),  # (V, C)
+    }
+    differences = {k: float((a - b).abs().max()) for k, (a, b) in pairs.items()}
+    for key, name in (("pred_logits", "aux_logits"), ("pred_masks", "aux_masks")):
+        differences[f"frame aux {key}"] = max(
+            float((a[key] - b).abs().max())
+            for a, b in zip(frame["aux_outputs"], official[name], strict=True))
+    return differences
+
+
+def test_vita_whole_model_equals_the_official():
+    """VITA's whole inference path (official vita_model.py `Vita.inference`): Swin with padded and
+    shifted windows in every stage, the deformable pixel decoder (official pure-PyTorch sampling),
+    Mask2Former's masked-attention decoder on every frame (the resized mask logits that set its
+    attention masks are at least 8e-4 from 0 in this clip), the VITA module (one padded frame, a shifted-window layer) and
+    the video logits and masks, every official tensor loaded by load_official_vita. The
+    deviations documented in common/vita.py coincide with the official code at test: frame queries
+    from the last layer (official: the last 3 in training only), VITA's masks from the raw pixel
+    decoder map (official `clip_mask_features`), shifted windows in the Object Encoder's odd
+    layers; so every output is compared."""
+    differences = vita_full_differences(our_vita_full())
+    print("VITA whole model, max abs differences: " + ", ".join(
+        f"{k} {v:.1e}" for k, v in differences.items())
+        + f" (official {VITA_FULL['repo']} @ {VITA_FULL['commit'][:7]})")
+    report("VITA whole inference path: Swin, pixel decoder, frame decoder, VITA, video masks", VITA_FULL, max(differences.values()))
+    assert max(differences.values()) <= TOLERANCE
+
+
+def test_vita_whole_model_parity_fails_on_a_broken_port():
+    """The second Swin block of stage 1 without its window shift, and the pixel decoder's two
+    FPN GroupNorms (adapter_1.norm, layer_1.norm) swapped in the checkpoint, land far above the
+    tolerance."""
+    model = our_vita_full()
+    model.pixel_level.backbone.swin.encoder.layers[0].blocks[1].shift_size = 0
+    no_shift = max(vita_full_differences(model).values())
+    norms = {f"sem_seg_head.pixel_decoder.{a}.norm.{p}": f"sem_seg_head.pixel_decoder.{b}.norm.{p}"
+             for a, b in (("adapter_1", "layer_1"), ("layer_1", "adapter_1"))
+             for p in ("weight", "bias")}
+    swapped = max(vita_full_differences(our_vita_full(norms)).values())
+    print(f"no shift in stage 1 {no_shift:.2e}, FPN norms swapped {swapped:.2e}")
+    report("VITA whole inference path: Swin, pixel decoder, frame decoder, VITA, video masks", VITA_FULL, min(no_shift, swapped), broken=True)
+    assert min(no_shift, swapped) > 100 * TOLERANCE
 
 
 # ------------------------------------------------------------------------------ LAVT
@@ -158,6 +248,7 @@ def test_lavt_encoder_and_decoder_equal_the_official():
     statistics."""
     differences = lavt_differences(our_lavt())
     print(f"LAVT max abs differences {differences} (official {LAVT['repo']} @ {LAVT['commit'][:7]})")
+    report("LAVT language-aware Swin (Swin blocks, PWAM, gate, patch merging), SimpleDecoding", LAVT, max(differences.values()))
     assert max(differences.values()) <= TOLERANCE
 
 
@@ -173,6 +264,7 @@ def test_lavt_parity_fails_on_a_broken_port():
         stages = model.fusion(model.backbone, LAVT["images"], words, mask)
     unmasked = max(float((a - b).abs().max()) for a, b in zip(stages, LAVT["stages"]))
     print(f"gate layers swapped {swapped:.2e}, padded words visible {unmasked:.2e}")
+    report("LAVT language-aware Swin (Swin blocks, PWAM, gate, patch merging), SimpleDecoding", LAVT, min(swapped, unmasked), broken=True)
     assert min(swapped, unmasked) > 100 * TOLERANCE
 
 
@@ -201,7 +293,9 @@ def test_lavt_weighted_cross_entropy_equals_the_official():
     swapped = mracl.segmentation_loss(mracl.Config(w_background=cfg.w_target, w_target=cfg.w_background),
                                       LAVT["logits"], targets, pad_mask)
     print(f"LAVT cross-entropy: ours {float(ours):.6f}, official {float(LAVT['loss']):.6f}")
-    assert abs(float(ours - LAVT["loss"])) <= TOLERANCE < abs(float(swapped - LAVT["loss"]))
+    report("LAVT weighted cross-entropy", LAVT, abs(float(ours - LAVT["loss"])))
+    report("LAVT weighted cross-entropy", LAVT, abs(float(swapped - LAVT["loss"])), broken=True)
+    assert abs(float(ours - LAVT["loss"])) <= TOLERANCE < abs(float(swapped - LAVT["loss"])) / 100
 
 
 # ------------------------------------------------------------------------------ DsHmp
@@ -210,14 +304,20 @@ DSHMP = load("dshmp")
 
 def test_dshmp_matching_equals_the_official_where_its_permutation_is_right():
     """Eq. (3) on frames that swap the first frame's tokens in pairs (a permutation that is its own
-    inverse): dshmp.align_tokens orders every frame as the official `sort_embedding` does."""
+    inverse): dshmp.align_tokens orders every frame as the official `sort_embedding` does; the
+    frames left unmatched (a broken port: no Eq. 3) differ."""
     import dshmp
     case = DSHMP["matching"]["swaps"]
     frames = case["frames"]  # (T, Q, C)
     perm = dshmp.align_tokens(frames[None])[0]  # (T, Q)
     ours = torch.stack([frames[t, perm[t]] for t in range(len(frames))])
+    unmatched = float((frames - case["aligned"]).abs().max())
     print(f"swaps: max abs difference {float((ours - case['aligned']).abs().max()):.2e}")
-    assert torch.equal(ours, case["aligned"])
+    report("DsHmp Eq. (3) matching, a permutation the official code inverts correctly", DSHMP,
+           float((ours - case["aligned"]).abs().max()))
+    report("DsHmp Eq. (3) matching, a permutation the official code inverts correctly", DSHMP,
+           unmatched, broken=True)
+    assert torch.equal(ours, case["aligned"]) and unmatched > 100 * TOLERANCE
 
 
 def test_dshmp_matching_differs_from_the_official_on_a_cycle_as_documented():
@@ -251,9 +351,11 @@ def test_dshmp_frame_attention_equals_the_official():
                      float((torch.stack(weights) - a["weight"]).abs().max()))
     print(f"frame attention: max abs difference {difference:.2e} (official {DSHMP['repo']} @ "
           f"{DSHMP['commit'][:7]})")
-    assert difference <= TOLERANCE
     over_words = (a["q"] @ a["k"].transpose(1, 2) / a["q"].shape[-1] ** 0.5).softmax(-1) @ a["v"]
-    assert float((over_words - a["out"]).abs().max()) > 100 * TOLERANCE
+    broken = float((over_words - a["out"]).abs().max())
+    report("DsHmp Eqs. (4)-(5) frame attention and frame weights", DSHMP, difference)
+    report("DsHmp Eqs. (4)-(5) frame attention and frame weights", DSHMP, broken, broken=True)
+    assert difference <= TOLERANCE < broken / 100
 
 
 # ------------------------------------------------------------------------------ VATEX
@@ -300,6 +402,8 @@ def test_vatex_bat_equals_the_official_without_padded_words():
         "visual_attn", "text_attn").replace("X", "visual_attn") for t, o in pairs.items()}), case, mask)
     print(f"BAT: max abs difference {difference:.2e}, attentions swapped {swapped:.2e} (official "
           f"{VATEX['repo']} @ {VATEX['commit'][:7]})")
+    report("VATEX BAT, Eqs. (2)-(3), no padded words", VATEX, difference)
+    report("VATEX BAT, Eqs. (2)-(3), no padded words", VATEX, swapped, broken=True)
     assert difference <= TOLERANCE < swapped / 100
 
 
@@ -317,3 +421,198 @@ def test_vatex_bat_differs_from_the_official_on_padded_words_as_documented():
     assert float((words - official_words).abs().max()) <= TOLERANCE
     assert float((pixels[0] - official_pixels[0]).abs().max()) <= TOLERANCE  # sample 0: no pads
     assert float((pixels[1] - official_pixels[1]).abs().max()) > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------------------------ VATEX CMD
+VATEX_CMD = load("vatex_cmd")
+STAGES = ("res2", "res3", "res4", "res5")
+
+
+def our_cmd(edit=None):
+    """Our ContextualMultimodalDecoder at the fixture's sizes, loaded from the official state dict
+    through vatex.official_cmd_key_map (`edit` changes the map first: the broken variants), fuse.0
+    (Eq. 4's conv at level 1, which cmd.py does not have: vatex.py's Deviations) replaced by the
+    identity."""
+    import vatex
+    s, stages = VATEX_CMD["sizes"], VATEX_CMD["stages"]
+    cmd = vatex.ContextualMultimodalDecoder(
+        in_channels=[stages[k][0] for k in STAGES], dim=s["conv_dim"],
+        heads=s["transformer_nheads"], encoder_layers=s["transformer_enc_layers"],
+        encoder_ffn_dim=s["transformer_dim_feedforward"])
+    key_map = vatex.official_cmd_key_map(cmd)
+    if edit is not None:
+        key_map = edit(key_map)
+    official = VATEX_CMD["state_dict"]
+    assert set(key_map) == set(official), set(key_map) ^ set(official)  # every official tensor
+    result = cmd.load_state_dict({ours[0]: official[theirs] for theirs, ours in key_map.items()},
+                                 strict=False)
+    assert not result.unexpected_keys
+    assert sorted(result.missing_keys) == ["fuse.0.0.weight", "fuse.0.1.bias", "fuse.0.1.weight"]
+    cmd.fuse[0] = torch.nn.Identity()
+    return cmd.eval()
+
+
+def cmd_differences(cmd):
+    """Max abs difference per output: levels 1-4 (level 4 as the input of the mask projection),
+    the mask features and the words F_4^w; in our layout (N, L, C)."""
+    f, level4 = VATEX_CMD, []
+    hook = cmd.mask_proj.register_forward_hook(lambda module, args, out: level4.append(args[0]))
+    with torch.no_grad():
+        out = cmd([f["features"][k] for k in STAGES], f["words"].transpose(0, 1),
+                  f["word_pos"].transpose(0, 1), f["word_mask"] == 0)
+    hook.remove()
+    differences = {f"level {i + 1}": float((ours - theirs).abs().max()) for i, (ours, theirs) in
+                   enumerate(zip([*out["features"], level4[0]], f["levels"], strict=True))}
+    differences["mask_features"] = float((out["mask_features"] - f["mask_features"]).abs().max())
+    differences["words"] = float((out["words"] - f["out_words"].transpose(0, 1)).abs().max())
+    return differences
+
+
+def swap(key_map, a, b):
+    """The key map with the official modules `a` and `b` exchanged."""
+    other = {a: b, b: a}
+    return {next((other[p] + t[len(p):] for p in other if t.startswith(p + ".")), t): ours
+            for t, ours in key_map.items()}
+
+
+def test_vatex_cmd_equals_the_official_without_padded_words():
+    """The CMD (vatex.official_cmd_key_map): the early BATs on res5, res4, res3, the deformable
+    encoder (transformers' against msdeformattn.py with the official pure-PyTorch sampling), each
+    level's BAT (Eqs. 2-3), the lateral convs, the bilinear upsampling and the FPN convs (Eq. 4),
+    the mask projection and the words the BATs update, on maps no level divides evenly. Level 1
+    is compared without our fuse.0 (the official code has no conv there; as each level adds the
+    upsampled one before, the conv would carry into levels 2-4): its BAT's output. No padded
+    words: there the BAT's float mask differs as documented (test_vatex_bat_differs_...)."""
+    differences = cmd_differences(our_cmd())
+    print(f"CMD max abs differences { {k: f'{v:.1e}' for k, v in differences.items()} } "
+          f"(official {VATEX_CMD['repo']} @ {VATEX_CMD['commit'][:7]})")
+    report("VATEX CMD: early BATs, deformable encoder, levels 2-4 (Eq. 4), no padded words", VATEX_CMD, max(differences.values()))
+    assert max(differences.values()) <= TOLERANCE
+
+
+def test_vatex_cmd_parity_fails_on_a_broken_port():
+    """The BATs of levels 2 and 3 swapped in the key map, or the GroupNorms of their FPN convs,
+    land far above the tolerance."""
+    bats = max(cmd_differences(our_cmd(lambda m: swap(m, "fusion2_1", "fusion2_2"))).values())
+    norms = max(cmd_differences(our_cmd(lambda m: swap(m, "layer_3.norm", "layer_2.norm")))
+                .values())
+    print(f"CMD: level BATs swapped {bats:.2e}, FPN norms swapped {norms:.2e}")
+    report("VATEX CMD: early BATs, deformable encoder, levels 2-4 (Eq. 4), no padded words", VATEX_CMD, min(bats, norms), broken=True)
+    assert min(bats, norms) > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------------------------ VATEX decoder
+VATEX_DECODER = load("vatex_decoder")
+
+
+def our_vatex_decoder(edit=None):
+    """Our VatexDecoder at the fixture's sizes, loaded (strict) from the official state dict
+    through vatex.official_decoder_key_map (`edit` changes the map first: the broken variants)."""
+    import vatex
+    s = VATEX_DECODER["sizes"]
+    decoder = vatex.VatexDecoder(hidden_dim=s["hidden_dim"], num_queries=s["num_queries"],
+                                 num_layers=s["dec_layers"], num_heads=s["nheads"],
+                                 ffn_dim=s["dim_feedforward"])
+    key_map = vatex.official_decoder_key_map(decoder)
+    if edit is not None:
+        key_map = edit(key_map)
+    official = VATEX_DECODER["state_dict"]
+    assert set(key_map) == set(official), set(key_map) ^ set(official)  # every official tensor
+    decoder.load_state_dict({ours[0]: official[theirs] for theirs, ours in key_map.items()})
+    return decoder
+
+
+def vatex_decoder_difference(decoder, case):
+    """Max abs difference over every prediction (the one from the sentence-feature queries, then
+    each layer's): class logits and mask logits. Our positions of the levels are our own (the
+    2-D sine the CMD gives the decoder); the words in our layout (N, L, C), the mask True on the
+    real words."""
+    from common.backbones import sine_position_embedding
+    f = VATEX_DECODER
+    prior = f["list_vis"][0] if case == "prior" else None  # (N, C)
+    with torch.no_grad():
+        out = decoder(f["maps"], [sine_position_embedding(m, m.shape[1]) for m in f["maps"]],
+                      f["mask_features"], f["sentence"], prior, f["words"].transpose(0, 1),
+                      f["word_pos"].transpose(0, 1), ~f["word_mask"])
+    predictions = [*out["aux_outputs"], out]
+    theirs = f["cases"][case]
+    assert len(predictions) == len(theirs["pred_logits"])
+    return max(max(float((p["pred_logits"] - logits).abs().max()),
+                   float((p["pred_masks"] - masks).abs().max()))
+               for p, logits, masks in zip(predictions, theirs["pred_logits"],
+                                           theirs["pred_masks"], strict=True))
+
+
+@pytest.mark.parametrize("case", ["prior", "no_prior"])
+def test_vatex_decoder_equals_the_official(case):
+    """Sec. 3.4's decoder (vatex.official_decoder_key_map): the queries = the sentence feature F_s
+    repeated, the first prediction, the CLIP prior added to every query (case "prior"; "no_prior":
+    --no-clip-prior, the official list_vis None), then per layer the visual (masked from the
+    second layer on, an all-blocked row unblocked) and word cross-attention summed under one
+    LayerNorm, self-attention, FFN, and the class and mask heads of every prediction, round robin
+    over levels 1-3 of sizes that do not divide the mask features'. With padded words: the
+    official decoder's word mask is the caption's bool mask (True on a pad), the same as ours,
+    so the BAT's float-mask deviation does not arise here. No other documented deviation is in
+    the decoder; the official positions are the 3-D sine of one frame (position_encoding.py),
+    which adds one constant vector to every key of a level, a shift of each query's logits that
+    the softmax removes: ours (2-D) are compared as they are. Official in training mode (one
+    frame per clip; at test it reads a batch as one clip), dropout 0."""
+    difference = vatex_decoder_difference(our_vatex_decoder(), case)
+    print(f"decoder ({case}): max abs difference {difference:.2e} (official "
+          f"{VATEX_DECODER['repo']} @ {VATEX_DECODER['commit'][:7]})")
+    report("VATEX decoder (Sec. 3.4), padded words", VATEX_DECODER, difference)
+    assert difference <= TOLERANCE
+
+
+def test_vatex_decoder_parity_fails_on_a_broken_port():
+    """The visual and word cross-attention of the second layer swapped in the key map, or the
+    LayerNorms of the first layer's cross- and self-attention, land far above the tolerance."""
+    attentions = vatex_decoder_difference(our_vatex_decoder(lambda m: swap(
+        m, "transformer_cross_attention_layers.1.multihead_attn",
+        "transformer_cross_attention_layers.1.multihead_attn_text")), "prior")
+    norms = vatex_decoder_difference(our_vatex_decoder(lambda m: swap(
+        m, "transformer_cross_attention_layers.0.norm",
+        "transformer_self_attention_layers.0.norm")), "prior")
+    print(f"decoder: cross-attentions swapped {attentions:.2e}, norms swapped {norms:.2e}")
+    report("VATEX decoder (Sec. 3.4), padded words", VATEX_DECODER, min(attentions, norms),
+           broken=True)
+    assert min(attentions, norms) > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------------------------ VATEX MCC loss
+VATEX_MCC = load("vatex_mcc")
+
+
+def infonce_difference(triplets):
+    """Our `--mcc-loss infonce` (vatex.infonce_loss at the Config's temperature) on the fixture's
+    sentence features: max abs difference of the loss and of its gradient from the official."""
+    import vatex
+    sentence = VATEX_MCC["sentence"].clone().requires_grad_()
+    loss = vatex.infonce_loss(sentence, triplets, vatex.Config().mcc_temperature)
+    loss.backward()
+    return max(float((loss.detach() - VATEX_MCC["loss"]).abs()),
+               float((sentence.grad - VATEX_MCC["grad"]).abs().max()))
+
+
+def test_vatex_infonce_equals_the_official_mcc_loss():
+    """The official MCC (criterion.py loss_contrastive: the `info-nce-pytorch` InfoNCE, unpaired
+    negatives, temperature 0.1, both ways) against ours, loss and gradient, on one process, where
+    the official all-gather (vatex.py's Deviations: ours takes this process's negatives) is the
+    identity, and with a negative in every triplet (the official "None" caption of a triplet
+    without one is the other deviation: none here). The official caption order per image is
+    (expression, negative, positive); our triplets name them. Read in our own order instead
+    (positive and negative exchanged), the loss lands far above the tolerance. Our default
+    temperature is the official InfoNCE's."""
+    import vatex
+    assert vatex.Config().mcc_temperature == VATEX_MCC["temperature"]
+    T = len(VATEX_MCC["sentence"]) // 3
+    official = torch.tensor([[3 * t, 3 * t + 2, 3 * t + 1] for t in range(T)])  # p1, p2, n
+    difference = infonce_difference(official)
+    swapped = infonce_difference(official[:, [0, 2, 1]])
+    print(f"MCC InfoNCE: max abs difference {difference:.2e}, positive and negative exchanged "
+          f"{swapped:.2e} (official {VATEX_MCC['repo']} @ {VATEX_MCC['commit'][:7]})")
+    report("VATEX MCC, official symmetric InfoNCE (--mcc-loss infonce), one process", VATEX_MCC,
+           difference)
+    report("VATEX MCC, official symmetric InfoNCE (--mcc-loss infonce), one process", VATEX_MCC,
+           swapped, broken=True)
+    assert difference <= TOLERANCE < swapped / 100

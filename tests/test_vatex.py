@@ -98,15 +98,15 @@ def test_no_cmd_keeps_text_guided_pixels_and_drops_only_the_word_update(toy, toy
     plain_cfg = toy_config(toy_root, tmp_path, "--no-cmd")
     torch.manual_seed(0)
     plain = vatex.build_model(plain_cfg, vocab=vocab)
-    bats = [*plain.cmd.early_bats, *plain.cmd.bats]
+    bats = [*plain.pixel_decoder.early_bats, *plain.pixel_decoder.bats]
     assert len(bats) == 7 and all(b.text_attn is None for b in bats)
-    assert all(b.text_attn is not None for b in [*model.cmd.early_bats, *model.cmd.bats])
+    assert all(b.text_attn is not None for b in [*model.pixel_decoder.early_bats, *model.pixel_decoder.bats])
     texts = ["the red circle", "the small blue square on the left that is moving up"]
     image, size = batch["images"][:1], batch["image_sizes"][:1]
     for m, updates_words in ((plain, False), (model, True)):
         seen, training = {}, m.training
         hooks = [m.text_proj.register_forward_hook(lambda mod, a, out: seen.update(f_w=out)),
-                 m.cmd.register_forward_hook(lambda mod, a, out: seen.update(pixels=out)),
+                 m.pixel_decoder.register_forward_hook(lambda mod, a, out: seen.update(pixels=out)),
                  m.decoder.register_forward_pre_hook(
                      lambda mod, args: seen.update(sentence=args[3], words=args[5]))]
         m.eval()
@@ -260,7 +260,7 @@ def test_sentence_feature_is_a_per_sample_masked_mean(toy):
     _, _, model, batch = toy
     texts = ["the red circle", "the small blue square on the left that is moving up"]
     captured = {}
-    model.cmd.register_forward_hook(lambda m, a, out: captured.update(words=out["words"]))
+    model.pixel_decoder.register_forward_hook(lambda m, a, out: captured.update(words=out["words"]))
     model.eval()
     with torch.no_grad():
         out = model(batch["images"][:1], batch["image_sizes"][:1], texts, torch.zeros(2, dtype=torch.long))
@@ -353,7 +353,7 @@ def assert_gradients_reach_every_trainable_parameter(model):
     """A gradient for every trainable parameter (DDP waits for each), non-zero except the level
     embedding's: it reaches the loss only through the deformable encoder's offset and
     attention-weight projections, which start at zero (Deformable DETR's initialisation)."""
-    starts_at_zero = {"cmd.level_embed"}
+    starts_at_zero = {"pixel_decoder.level_embed"}
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (
         p.grad is None or (n not in starts_at_zero and not p.grad.any()))]
     assert not missing, missing
@@ -469,7 +469,7 @@ def test_count_params_matches_the_official_model():
     level1_conv = 256 * 256 * 9 + 2 * 256
     assert trainable == 114_513_978 + level1_conv
     assert frozen == 149_620_736 + 1 + 2 * 1024
-    cmd = sum(p.numel() for p in model.cmd.parameters())
+    cmd = sum(p.numel() for p in model.pixel_decoder.parameters())
     assert cmd == 10_541_504 + level1_conv
     assert sum(p.numel() for p in model.decoder.parameters()) == 16_777_730
 
