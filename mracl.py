@@ -73,7 +73,7 @@ from common.backbones import (TextEncoder, load_swin_backbone, official_swin_key
 from common.datasets import RefCOCO, collate_image
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, reduce_dict,
                            save_checkpoint, seed_everything, setup_distributed, to_device, unwrap)
-from common.lavt import LanguageAwareSwin
+from common.lavt import LanguageAwareSwin, official_fusion_keys
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_image,
                         load_trained, param_groups, parse_config, predict_files, resume, run_dir,
                         train_batches, wrap_ddp)
@@ -466,22 +466,11 @@ OFFICIAL_LAVT_KEYS_NOT_LOADED = ("backbone.layers.3.res_gate.0.weight",
 
 def official_lavt_key_map(model: LAVT) -> dict:
     """Official LAVT key -> our key(s) of `model.state_dict()` (as common.vita's map: several keys
-    of ours cut the official tensor along dim 0). The official 1x1 Conv1d of PWAM are our 1x1
-    Conv2d (pixels) and Linear (words): the same numbers in another shape (load_official_lavt
-    reshapes them)."""
+    of ours cut the official tensor along dim 0): the Swin (common.backbones.official_swin_keys),
+    PWAM and the gates (common.lavt.official_fusion_keys), and the decoder (SimpleDecoding)."""
     pairs = [(f"backbone.{t}", [f"backbone.{o}" for o in ours])
              for t, ours in official_swin_keys(model.backbone)]
-    for s in range(len(model.fusion.pwams)):
-        theirs, ours = f"backbone.layers.{s}.", f"fusion.pwams.{s}."
-        pairs += param_keys(theirs + "fusion.vis_project.0", ours + "vis.0")
-        for official, name in (("f_query.0", "query.0"), ("f_key.0", "key"),
-                               ("f_value.0", "value"), ("W.0", "out.0")):
-            pairs += param_keys(theirs + "fusion.image_lang_att." + official, ours + name)
-        pairs += param_keys(theirs + "fusion.project_mm.0", ours + "mm.0")
-        if model.fusion.gates is not None and s < len(model.fusion.gates):
-            for j in (0, 2):  # Linear, ReLU, Linear, Tanh; no biases
-                pairs += param_keys(theirs + f"res_gate.{j}", f"fusion.gates.{s}.mlp.{j}",
-                                    ("weight",))
+    pairs += [(t, [f"fusion.{o}" for o in ours]) for t, ours in official_fusion_keys(model.fusion)]
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     for k, level in enumerate((4, 3, 2)):  # conv1_4 ... bn2_2: our blocks 0, 1, 2
         for j, (conv, norm) in enumerate(((f"conv1_{level}", f"bn1_{level}"),

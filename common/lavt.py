@@ -100,3 +100,27 @@ class LanguageAwareSwin(nn.Module):
             hidden = stage.downsample(rearrange(x, "b c h w -> b (h w) c"), (h, w))
             h, w = (h + 1) // 2, (w + 1) // 2
         return outputs
+
+
+# ----------------------------------------------------------------- weights of the official LAVT
+def official_fusion_keys(fusion: LanguageAwareSwin) -> list:
+    """(official key, [our key]) pairs of the language-aware parts of the official encoder
+    (yz93/LAVT-RIS lib/backbone.py, in a checkpoint under `backbone.`: each stage's `fusion`, the
+    PWAM, and its `res_gate`) -> `fusion.state_dict()`. The official 1x1 Conv1d are our 1x1
+    Conv2d (pixels) and Linear (words), the same numbers in another shape (the loader reshapes).
+    The Swin around them maps with common.backbones.official_swin_keys."""
+    def layer(theirs, ours, params=("weight", "bias")):
+        return [(f"{theirs}.{p}", [f"{ours}.{p}"]) for p in params]
+
+    pairs = []
+    for s in range(len(fusion.pwams)):
+        theirs, ours = f"backbone.layers.{s}.", f"pwams.{s}."
+        pairs += layer(theirs + "fusion.vis_project.0", ours + "vis.0")
+        for official, name in (("f_query.0", "query.0"), ("f_key.0", "key"),
+                               ("f_value.0", "value"), ("W.0", "out.0")):
+            pairs += layer(theirs + "fusion.image_lang_att." + official, ours + name)
+        pairs += layer(theirs + "fusion.project_mm.0", ours + "mm.0")
+        if fusion.gates is not None and s < len(fusion.gates):
+            for j in (0, 2):  # Linear, ReLU, Linear, Tanh; no biases
+                pairs += layer(theirs + f"res_gate.{j}", f"gates.{s}.mlp.{j}", ("weight",))
+    return pairs
