@@ -51,8 +51,7 @@ Run (every option: --help):
   torchrun --nproc_per_node 8 dshmp.py --data mevis --train  # paper configuration, data/mevis
   python dshmp.py --data toy --predict FRAMES_DIR --text "the red circle moving to the left"
   ablations (paper Table 1): --no-ds, --no-hmp, --no-cl
-  diagnostic (ours, outside the paper's equations): --token-position adds to each frame token O an
-  embedding of where its own mask lies (centre, area) before HMP
+  diagnostic (ours, not the paper's): --token-position, each token O + where its mask lies
 """
 
 import math
@@ -104,9 +103,7 @@ class Config(RunConfig):
     # (the official gate is zero-initialised in both its layers, so it never opens; common.lavt);
     # --language-gate: LAVT's live gate feeding stages 1-3 back (ours, for comparison)
     language_gate: bool = False
-    # (ours, not in the paper) a diagnostic: each frame token O gets an embedding of where its own
-    # mask lies in its frame (centre, area; common.mask2former.mask_position) before HMP
-    token_position: bool = False
+    token_position: bool = False  # (ours) a diagnostic: frame_tokens, O + where its mask lies
     # model
     weights: str = "facebook/mask2former-swin-tiny-coco-instance"  # Sec. 4.4 Swin-T; COCO: official
     text_weights: str = "FacebookAI/roberta-base"  # paper Sec. 4.2
@@ -164,8 +161,7 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
     "ytvos": dict(eval_split="valid", top1=True),  # one target, always there: official codes' top-1
     "davis": dict(eval_split="valid", top1=True),
 }
-# named in the run folder: runs/dshmp-toy-no-hmp, runs/dshmp-toy-token-position
-ABLATIONS = ("ds", "hmp", "cl", "language_gate", "token_position")
+ABLATIONS = ("ds", "hmp", "cl", "language_gate", "token_position")  # name the run folder
 
 
 # ------------------------------------------------------------------------ Sec. 3.1 decoupling
@@ -376,11 +372,9 @@ class DsHmp(nn.Module):
         frame_text = Text(*(x.repeat_interleave(T, 0) for x in text))  # (B*T, ...)
         frames = rearrange(frames, "b t c h w -> (b t) c h w")
         frame_out, mask_feats = self.segment_frames(frames, queries, frame_text)
-        tokens = rearrange(frame_out["query_embeds"][-1], "(b t) q c -> b t q c", b=B)  # O
-        token_masks = rearrange(frame_out["pred_masks"], "(b t) q h w -> b t q h w", b=B)
+        tokens = rearrange(self.frame_tokens(frame_out), "(b t) q c -> b t q c", b=B)  # O
         mask_feats = rearrange(mask_feats, "(b t) c h w -> b t c h w", b=B)
-        out = self.decode_video(tokens, mask_feats, text, token_masks)
-        return {**out, "frame_outputs": frame_out}
+        return {**self.decode_video(tokens, mask_feats, text), "frame_outputs": frame_out}
 
     def encode_text(self, expressions) -> Text:
         """Sec. 3.1: word features, the sentence embedding, and where the static and the motion
@@ -413,13 +407,18 @@ class DsHmp(nn.Module):
                            queries=queries, words=text.cues, word_mask=text.static_mask)
         return out, self.motion_mask_proj(pixels["mask_features"])  # (B*T, C, h, w)
 
-    def decode_video(self, tokens, mask_feats, text: Text, token_masks):
+    def frame_tokens(self, frame_out):
+        """The object tokens O (N, Q, C) of N frames: the frame decoder's last-layer queries; with
+        --token-position (ours, a diagnostic) plus an embedding of where each one's mask lies."""
+        tokens = frame_out["query_embeds"][-1]
+        if self.token_position is not None:
+            tokens = tokens + self.token_position(mask_position(frame_out["pred_masks"]))
+        return tokens
+
+    def decode_video(self, tokens, mask_feats, text: Text):
         """Object tokens O (B, T, Q, C) -> HMP -> Motion Decoder -> video tokens V -> class scores
-        and video masks (each V dotted with every frame's mask features (B, T, C, h, w)).
-        token_masks (B, T, Q, h, w): each token's own mask logits, read by --token-position."""
+        and video masks (each V dotted with every frame's mask features (B, T, C, h, w))."""
         words, motion = text.cues, text.motion_mask
-        if self.token_position is not None:  # (ours, a diagnostic): where each token's mask lies
-            tokens = tokens + self.token_position(mask_position(token_masks))  # (B, T, Q, C)
         tokens = self.motion_perception(tokens, words, motion)  # (B, T, Q, C)
         q0 = repeat(self.motion_decoder.query_feat.weight, "m c -> b m c", b=len(tokens))  # Q_m^0
         queries = self.motion_injection(q0, words, motion)  # Eq. (2), (B, M, C)
@@ -439,17 +438,15 @@ class DsHmp(nn.Module):
         multiples of 32, then HMP and the Motion Decoder once -> (M, 2), (M, T, Hp/4, Wp/4)."""
         text = self.encode_text([expression])
         queries = self.static_queries(text)  # (1, Q, C)
-        tokens, token_masks, mask_feats = [], [], []
+        tokens, mask_feats = [], []
         for part in frames.split(chunk):
             t, (H, W) = len(part), part.shape[-2:]
             part = F.pad(part, (0, -W % 32, 0, -H % 32))  # (t, 3, Hp, Wp)
             chunk_text = Text(*(x.expand(t, *x.shape[1:]) for x in text))
             out, feats = self.segment_frames(part, queries.expand(t, -1, -1), chunk_text)
-            tokens.append(out["query_embeds"][-1])  # (t, Q, C)
-            token_masks.append(out["pred_masks"])  # (t, Q, h, w)
+            tokens.append(self.frame_tokens(out))  # (t, Q, C)
             mask_feats.append(feats)  # (t, C, h, w)
-        out = self.decode_video(torch.cat(tokens)[None], torch.cat(mask_feats)[None], text,
-                                torch.cat(token_masks)[None])
+        out = self.decode_video(torch.cat(tokens)[None], torch.cat(mask_feats)[None], text)
         return out["pred_logits"][0], out["pred_masks"][0]
 
 

@@ -68,8 +68,8 @@ from transformers.models.mask2former.modeling_mask2former import \
     Mask2FormerPixelDecoderEncoderOnly
 
 from common.backbones import (CLIPEncoder, clip_b16_config, clip_view, load_swin_backbone,
-                              param_keys, parameter_report, sine_position_embedding,
-                              swin_backbone, swin_base_22k_config)
+                              parameter_report, sine_position_embedding, swin_backbone,
+                              swin_base_22k_config)
 from common.datasets import (IMAGENET_MEAN, IMAGENET_STD, RefCOCO, collate_image, item_generator,
                              resize_clip)
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, reduce_dict,
@@ -313,44 +313,6 @@ class ContextualMultimodalDecoder(nn.Module):
                     "words": words}
 
 
-def official_cmd_key_map(cmd: ContextualMultimodalDecoder) -> dict:
-    """Official key -> our key(s) of `cmd.state_dict()` (as common.vita's map), for its number of
-    encoder layers: the official modeling/pixel_decoder/cmd.py, ContextualMultimodalDecoder (in a
-    checkpoint under `sem_seg_head.pixel_decoder.`; ours: VATEX's `pixel_decoder.`). Its FPN
-    modules are numbered fine to coarse (adapter_1, layer_1 on res2), ours coarse to fine; its
-    fusion2_4 is level 1's BAT. fuse.0, Eq. (4)'s conv at level 1, has no official counterpart
-    (Deviations); with --no-cmd the official word attentions have no place."""
-    def bat(theirs, module, ours):  # visual_lang.py's BAT: two nn.MultiheadAttention
-        names = [("multihead_attn_visual_1", "visual_attn")]
-        if module.text_attn is not None:
-            names.append(("multihead_attn_text_1", "text_attn"))
-        return [pair for official, name in names for pair in param_keys(
-            f"{theirs}.{official}", f"{ours}.{name}",
-            ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"))]
-
-    pairs = [("transformer.level_embed", ["level_embed"])]
-    for i in range(3):  # res5, res4, res3 on both sides
-        pairs += [*param_keys(f"input_proj.{i}.0", f"input_proj.{i}.0"),
-                  *param_keys(f"input_proj.{i}.1", f"input_proj.{i}.1"),
-                  *bat(f"fusion_{i + 1}", cmd.early_bats[i], f"early_bats.{i}")]
-    for i in range(len(cmd.encoder.layers)):  # msdeformattn.py -> transformers' encoder
-        theirs, ours = f"transformer.encoder.layers.{i}.", f"encoder.layers.{i}."
-        for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
-            pairs += param_keys(theirs + f"self_attn.{name}", ours + f"self_attn.{name}")
-        for official, name in (("norm1", "self_attn_layer_norm"), ("linear1", "fc1"),
-                               ("linear2", "fc2"), ("norm2", "final_layer_norm")):
-            pairs += param_keys(theirs + official, ours + name)
-    pairs += bat("fusion2_4", cmd.bats[0], "bats.0")
-    for i in (1, 2, 3):  # levels 2-4: 1/16, 1/8, 1/4; bias-free convs with a GroupNorm
-        pairs += bat(f"fusion2_{i}", cmd.bats[i], f"bats.{i}")
-        for official, ours in ((f"adapter_{4 - i}", f"lateral.{i - 1}"),
-                               (f"layer_{4 - i}", f"fuse.{i}")):
-            pairs += [(f"{official}.weight", [f"{ours}.0.weight"]),
-                      *param_keys(f"{official}.norm", f"{ours}.1")]
-    pairs += param_keys("mask_features", "mask_proj")
-    return dict(pairs)
-
-
 # -------------------------------------------------------- Sec. 3.4 masked-attention decoder
 class VatexDecoderLayer(MaskedAttentionLayer):
     """One decoder layer as the official code: visual and word cross-attention side by side,
@@ -405,30 +367,6 @@ class VatexDecoder(MaskedAttentionDecoder):
                                                        sizes[(i + 1) % self.num_levels])
             predictions.append({"pred_logits": logits, "pred_masks": masks})  # Eq. (7), as logits
         return {**predictions[-1], "aux_outputs": predictions[:-1]}
-
-
-def official_decoder_key_map(decoder: VatexDecoder) -> dict:
-    """Official key -> our key(s) of `decoder.state_dict()`, for its number of layers: the official
-    modeling/transformer_decoder/vatext_trans_decoder.py, VATEXTransformerDecoder (in a checkpoint
-    under `sem_seg_head.predictor.`; ours: VATEX's `decoder.`). Its three lists of per-layer
-    modules are our layers' parts; its input projections are identities (C in = C), as ours."""
-    attn = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
-    pairs = [("query_embed.weight", ["query_pos.weight"]),
-             ("level_embed.weight", ["level_embed.weight"]),
-             *param_keys("decoder_norm", "decoder_norm"), *param_keys("class_embed", "class_head")]
-    for j in range(len(decoder.mask_embed.layers)):
-        pairs += param_keys(f"mask_embed.layers.{j}", f"mask_embed.layers.{j}")
-    for i in range(len(decoder.layers)):
-        cross, ours = f"transformer_cross_attention_layers.{i}", f"layers.{i}"
-        pairs += [*param_keys(f"{cross}.multihead_attn", f"{ours}.cross_attn", attn),
-                  *param_keys(f"{cross}.multihead_attn_text", f"{ours}.word_attn", attn),
-                  *param_keys(f"{cross}.norm", f"{ours}.cross_norm"),
-                  *param_keys(f"transformer_self_attention_layers.{i}.self_attn",
-                              f"{ours}.self_attn", attn),
-                  *param_keys(f"transformer_self_attention_layers.{i}.norm", f"{ours}.self_norm")]
-        for official, name in (("linear1", "ffn.0"), ("linear2", "ffn.3"), ("norm", "ffn_norm")):
-            pairs += param_keys(f"transformer_ffn_layers.{i}.{official}", f"{ours}.{name}")
-    return dict(pairs)
 
 
 # ------------------------------------------------------------------------------------ model

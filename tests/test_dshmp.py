@@ -300,23 +300,32 @@ def test_token_position_is_off_by_default_and_reads_where_each_mask_lies(toy, to
         assert torch.equal(value, flagged.state_dict()[key]), key
 
     T, Q, C, h, w = 3, cfg.num_static_queries, cfg.dim, 16, 24
-    tokens = torch.randn(1, 1, Q, C).expand(1, T, Q, C)  # every frame the same tokens
-    masks = moving_and_still_masks(T, Q, h, w)[None]  # (1, T, Q, h, w)
-    mask_feats, text = torch.randn(1, T, C, h, w), flagged.encode_text(batch["expression"][:1])
-    seen = []
-    for model in (flagged, plain):
-        model.eval()
-        hook = model.motion_perception.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-        with torch.no_grad():
-            model.decode_video(tokens, mask_feats, text, masks)
-            model.decode_video(tokens, mask_feats, text, masks.roll(5, dims=-1))
-        hook.remove()
-    hmp_in, moved_in, plain_in, plain_moved_in = seen  # what HMP received
-    torch.testing.assert_close(hmp_in, tokens + flagged.token_position(dshmp.mask_position(masks)))
-    assert not torch.allclose(hmp_in[0, 0, 0], hmp_in[0, 1, 0], atol=1e-3)  # query 0 moves
-    torch.testing.assert_close(hmp_in[0, 0, 1:], hmp_in[0, 1, 1:])  # query 1 stays, the rest empty
-    assert not torch.allclose(hmp_in[0, :, 1], moved_in[0, :, 1], atol=1e-3)  # elsewhere: another
-    assert torch.equal(plain_in, tokens) and torch.equal(plain_moved_in, tokens)  # off: no position
+    tokens = torch.randn(1, Q, C).expand(T, Q, C)  # every frame the same tokens
+    masks = moving_and_still_masks(T, Q, h, w)  # (T, Q, h, w)
+    with torch.no_grad():
+        got, moved, plain_got = (model.frame_tokens({"query_embeds": [tokens], "pred_masks": m})
+                                 for model, m in ((flagged, masks), (flagged, masks.roll(5, dims=-1)),
+                                                  (plain, masks)))
+    torch.testing.assert_close(got, tokens + flagged.token_position(dshmp.mask_position(masks)))
+    assert not torch.allclose(got[0, 0], got[1, 0], atol=1e-3)  # query 0 moves
+    torch.testing.assert_close(got[0, 1:], got[1, 1:])  # query 1 stays, the rest empty
+    assert not torch.allclose(got[:, 1], moved[:, 1], atol=1e-3)  # elsewhere: another embedding
+    assert torch.equal(plain_got, tokens)  # off: no position
+
+    flagged.eval()  # forward hands frame_tokens' output, position included, to HMP
+    made, seen = [], []
+    frame_tokens = flagged.frame_tokens
+
+    def recorded(out):
+        made.append(frame_tokens(out))
+        return made[-1]
+    flagged.frame_tokens = recorded
+    hook = flagged.motion_perception.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        flagged(batch["frames"][:1], batch["expression"][:1])
+    hook.remove()
+    del flagged.frame_tokens
+    assert torch.equal(seen[0][0], made[0]) and flagged.token_position is not None
 
     frames = batch["frames"][0]  # (T, 3, 64, 96): no padding, so infer sees forward's masks
     with torch.no_grad():

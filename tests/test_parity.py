@@ -1,7 +1,8 @@
 """Parity with the official code: tests/fixtures/parity/ holds small official modules (seeded
 random weights under the official key names), their inputs and their outputs, written by
 tests/parity/make_fixtures.py from a mirror of the official repository. Each test loads the
-official weights into our module through the project's own key map, runs the same inputs and
+official weights into our module through a key map (the project's own where it loads
+official checkpoints: VITA, LAVT; VATEX's here), runs the same inputs and
 compares (fp32, max abs difference at most 1e-4); a deliberately broken variant of each must land
 above that tolerance, so the comparison can fail. Each test prints its differences as `PARITY |`
 lines (`report`), from which tests/parity/parity_table.py writes the parity table of
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.backbones import param_keys
 from common.vita import build_vita, official_vita_key_map
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "parity"
@@ -362,9 +364,10 @@ def test_dshmp_frame_attention_equals_the_official():
 VATEX = load("vatex")
 
 
+# VATEX's key maps (the BAT's, the CMD's, the decoder's) are written here, with their only user:
+# the repository has no loader of the official VATEX checkpoint (one would bring them to vatex.py).
 # The official BAT's two attentions (vatex/modeling/attention/visual_lang.py) -> ours, both
-# nn.MultiheadAttention; written here while no VATEX checkpoint loader needs it (it would belong in
-# vatex.py with the rest of the CMD's key map).
+# nn.MultiheadAttention.
 BAT_KEYS = {f"{official}.{p}": f"{ours}.{p}"
             for official, ours in (("multihead_attn_text_1", "text_attn"),
                                    ("multihead_attn_visual_1", "visual_attn"))
@@ -428,9 +431,51 @@ VATEX_CMD = load("vatex_cmd")
 STAGES = ("res2", "res3", "res4", "res5")
 
 
+def cmd_key_map(cmd) -> dict:
+    """Official key -> our key(s) of `cmd.state_dict()` (as common.vita's map), for its number of
+    encoder layers: the official modeling/pixel_decoder/cmd.py, ContextualMultimodalDecoder (in a
+    checkpoint under `sem_seg_head.pixel_decoder.`; ours: VATEX's `pixel_decoder.`). Its FPN
+    modules are numbered fine to coarse (adapter_1, layer_1 on res2), ours coarse to fine; its
+    fusion2_4 is level 1's BAT. fuse.0, Eq. (4)'s conv at level 1, has no official counterpart
+    (Deviations); with --no-cmd the official word attentions have no place."""
+    def bat(theirs, module, ours):  # BAT_KEYS; an early BAT has no word attention
+        return [(f"{theirs}.{t}", [f"{ours}.{o}"]) for t, o in BAT_KEYS.items()
+                if module.text_attn is not None or not o.startswith("text_attn")]
+
+    pairs = [("transformer.level_embed", ["level_embed"])]
+    for i in range(3):  # res5, res4, res3 on both sides
+        pairs += [*param_keys(f"input_proj.{i}.0", f"input_proj.{i}.0"),
+                  *param_keys(f"input_proj.{i}.1", f"input_proj.{i}.1"),
+                  *bat(f"fusion_{i + 1}", cmd.early_bats[i], f"early_bats.{i}")]
+    for i in range(len(cmd.encoder.layers)):  # msdeformattn.py -> transformers' encoder
+        theirs, ours = f"transformer.encoder.layers.{i}.", f"encoder.layers.{i}."
+        for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
+            pairs += param_keys(theirs + f"self_attn.{name}", ours + f"self_attn.{name}")
+        for official, name in (("norm1", "self_attn_layer_norm"), ("linear1", "fc1"),
+                               ("linear2", "fc2"), ("norm2", "final_layer_norm")):
+            pairs += param_keys(theirs + official, ours + name)
+    pairs += bat("fusion2_4", cmd.bats[0], "bats.0")
+    for i in (1, 2, 3):  # levels 2-4: 1/16, 1/8, 1/4; bias-free convs with a GroupNorm
+        pairs += bat(f"fusion2_{i}", cmd.bats[i], f"bats.{i}")
+        for official, ours in ((f"adapter_{4 - i}", f"lateral.{i - 1}"),
+                               (f"layer_{4 - i}", f"fuse.{i}")):
+            pairs += [(f"{official}.weight", [f"{ours}.0.weight"]),
+                      *param_keys(f"{official}.norm", f"{ours}.1")]
+    pairs += param_keys("mask_features", "mask_proj")
+    return dict(pairs)
+
+
+def load_mapped(module, key_map, official, strict=True):
+    """Load the official state dict into `module` through `key_map` (official key -> [our key]),
+    asserting that the map uses every official tensor; returns load_state_dict's result."""
+    assert set(key_map) == set(official), set(key_map) ^ set(official)
+    return module.load_state_dict({ours[0]: official[theirs] for theirs, ours in key_map.items()},
+                                  strict=strict)
+
+
 def our_cmd(edit=None):
     """Our ContextualMultimodalDecoder at the fixture's sizes, loaded from the official state dict
-    through vatex.official_cmd_key_map (`edit` changes the map first: the broken variants), fuse.0
+    through cmd_key_map (`edit` changes the map first: the broken variants), fuse.0
     (Eq. 4's conv at level 1, which cmd.py does not have: vatex.py's Deviations) replaced by the
     identity."""
     import vatex
@@ -439,13 +484,9 @@ def our_cmd(edit=None):
         in_channels=[stages[k][0] for k in STAGES], dim=s["conv_dim"],
         heads=s["transformer_nheads"], encoder_layers=s["transformer_enc_layers"],
         encoder_ffn_dim=s["transformer_dim_feedforward"])
-    key_map = vatex.official_cmd_key_map(cmd)
-    if edit is not None:
-        key_map = edit(key_map)
-    official = VATEX_CMD["state_dict"]
-    assert set(key_map) == set(official), set(key_map) ^ set(official)  # every official tensor
-    result = cmd.load_state_dict({ours[0]: official[theirs] for theirs, ours in key_map.items()},
-                                 strict=False)
+    key_map = cmd_key_map(cmd)
+    result = load_mapped(cmd, edit(key_map) if edit else key_map, VATEX_CMD["state_dict"],
+                         strict=False)
     assert not result.unexpected_keys
     assert sorted(result.missing_keys) == ["fuse.0.0.weight", "fuse.0.1.bias", "fuse.0.1.weight"]
     cmd.fuse[0] = torch.nn.Identity()
@@ -476,7 +517,7 @@ def swap(key_map, a, b):
 
 
 def test_vatex_cmd_equals_the_official_without_padded_words():
-    """The CMD (vatex.official_cmd_key_map): the early BATs on res5, res4, res3, the deformable
+    """The CMD (cmd_key_map): the early BATs on res5, res4, res3, the deformable
     encoder (transformers' against msdeformattn.py with the official pure-PyTorch sampling), each
     level's BAT (Eqs. 2-3), the lateral convs, the bilinear upsampling and the FPN convs (Eq. 4),
     the mask projection and the words the BATs update, on maps no level divides evenly. Level 1
@@ -505,20 +546,40 @@ def test_vatex_cmd_parity_fails_on_a_broken_port():
 VATEX_DECODER = load("vatex_decoder")
 
 
+def decoder_key_map(decoder) -> dict:
+    """Official key -> our key(s) of `decoder.state_dict()`, for its number of layers: the official
+    modeling/transformer_decoder/vatext_trans_decoder.py, VATEXTransformerDecoder (in a checkpoint
+    under `sem_seg_head.predictor.`; ours: VATEX's `decoder.`). Its three lists of per-layer
+    modules are our layers' parts; its input projections are identities (C in = C), as ours."""
+    attn = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+    pairs = [("query_embed.weight", ["query_pos.weight"]),
+             ("level_embed.weight", ["level_embed.weight"]),
+             *param_keys("decoder_norm", "decoder_norm"), *param_keys("class_embed", "class_head")]
+    for j in range(len(decoder.mask_embed.layers)):
+        pairs += param_keys(f"mask_embed.layers.{j}", f"mask_embed.layers.{j}")
+    for i in range(len(decoder.layers)):
+        cross, ours = f"transformer_cross_attention_layers.{i}", f"layers.{i}"
+        pairs += [*param_keys(f"{cross}.multihead_attn", f"{ours}.cross_attn", attn),
+                  *param_keys(f"{cross}.multihead_attn_text", f"{ours}.word_attn", attn),
+                  *param_keys(f"{cross}.norm", f"{ours}.cross_norm"),
+                  *param_keys(f"transformer_self_attention_layers.{i}.self_attn",
+                              f"{ours}.self_attn", attn),
+                  *param_keys(f"transformer_self_attention_layers.{i}.norm", f"{ours}.self_norm")]
+        for official, name in (("linear1", "ffn.0"), ("linear2", "ffn.3"), ("norm", "ffn_norm")):
+            pairs += param_keys(f"transformer_ffn_layers.{i}.{official}", f"{ours}.{name}")
+    return dict(pairs)
+
+
 def our_vatex_decoder(edit=None):
     """Our VatexDecoder at the fixture's sizes, loaded (strict) from the official state dict
-    through vatex.official_decoder_key_map (`edit` changes the map first: the broken variants)."""
+    through decoder_key_map (`edit` changes the map first: the broken variants)."""
     import vatex
     s = VATEX_DECODER["sizes"]
     decoder = vatex.VatexDecoder(hidden_dim=s["hidden_dim"], num_queries=s["num_queries"],
                                  num_layers=s["dec_layers"], num_heads=s["nheads"],
                                  ffn_dim=s["dim_feedforward"])
-    key_map = vatex.official_decoder_key_map(decoder)
-    if edit is not None:
-        key_map = edit(key_map)
-    official = VATEX_DECODER["state_dict"]
-    assert set(key_map) == set(official), set(key_map) ^ set(official)  # every official tensor
-    decoder.load_state_dict({ours[0]: official[theirs] for theirs, ours in key_map.items()})
+    key_map = decoder_key_map(decoder)
+    load_mapped(decoder, edit(key_map) if edit else key_map, VATEX_DECODER["state_dict"])
     return decoder
 
 
@@ -545,7 +606,7 @@ def vatex_decoder_difference(decoder, case):
 
 @pytest.mark.parametrize("case", ["prior", "no_prior"])
 def test_vatex_decoder_equals_the_official(case):
-    """Sec. 3.4's decoder (vatex.official_decoder_key_map): the queries = the sentence feature F_s
+    """Sec. 3.4's decoder (decoder_key_map): the queries = the sentence feature F_s
     repeated, the first prediction, the CLIP prior added to every query (case "prior"; "no_prior":
     --no-clip-prior, the official list_vis None), then per layer the visual (masked from the
     second layer on, an all-blocked row unblocked) and word cross-attention summed under one

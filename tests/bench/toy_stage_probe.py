@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dshmp  # noqa: E402
 from common.run import load_trained  # noqa: E402
-from common.mask2former import mask_position  # noqa: E402
 from toy_probe import auc, fit_logistic, held_moving, held_object, object_masks  # noqa: E402
 
 STAGES = ("frame_tokens_mean", "frame_tokens_std", "hmp_mean", "hmp_std", "video_tokens")
@@ -62,12 +61,11 @@ def stage_features(model, frames, expression, orig_size):
     aligned = torch.gather(tokens[0], 1, perm[..., None].expand(-1, -1, tokens.shape[-1]))  # (T, Q, C)
     tubes = torch.gather(out["pred_masks"], 1, perm[..., None, None].expand(-1, -1, *out["pred_masks"].shape[-2:]))
     tubes = masks_at(tubes.transpose(0, 1), orig_size).numpy()  # (Q, T, H0, W0), trajectory order
-    token_masks = out["pred_masks"][None]  # (1, T, Q, h, w)
-    hmp_in = tokens if model.token_position is None else tokens + model.token_position(mask_position(token_masks))
+    hmp_in = model.frame_tokens(out)[None]  # O, plus its position with --token-position
     hmp = model.motion_perception(hmp_in, text.cues, text.motion_mask)[0]  # (T, Q, C), trajectory order
     captured = []
     hook = model.class_head.register_forward_hook(lambda m, inputs, output: captured.append(inputs[0]))
-    video = model.decode_video(tokens, feats[None], text, token_masks)
+    video = model.decode_video(hmp_in, feats[None], text)
     hook.remove()
     video_tubes = masks_at(video["pred_masks"][0], orig_size).numpy()  # (M, T, H0, W0)
     per_traj = lambda x: [x[:, q] for q in range(x.shape[1])]  # noqa: E731
