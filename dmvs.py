@@ -38,6 +38,10 @@ sibling code whose choice is taken, "(ours)" our own):
     L_mask = BCE + dice, whose plain reading is 2 : 1 : 1; we take LMPM's 2 / 5 / 5 over it.
     Optimiser (LMPM): AdamW, weight decay 0.05, gradient clip 0.01, 8 clips a step. Attention and
     FFN layers xavier-initialised (VITA).
+  - Ref-YouTube-VOS trains jointly with Ref-COCO+/g pseudo-videos "follow[ing] VITA" (Sec. 4.2):
+    VITA's recipe for COCO images (common.datasets.PseudoVideo) on the train refs of both sets,
+    mixed as VITA mixes COCO with YouTube-VIS 2019: DATASET_RATIO 1.0 (images) : 0.75 (videos)
+    (VITA; its OVIS configs: 0.25, YouTube-VIS 2021: 0.8), --pseudo-videos, --video-ratio.
 
 Deviations from the paper:
   - N_f: the OVIS Swin-L VITA checkpoint has 200 frame queries (Sec. 4.2 says 100); we follow the
@@ -46,7 +50,6 @@ Deviations from the paper:
   - Static and motion cues (Sec. 3.2, `decoupled_cues`): the paper's word classes read off the
     rule-based tagger of common.text (the paper names a scene-graph parser [37]); where its rule
     and its example disagree (a preposition after a verb), the example is followed.
-  - Ref-YouTube-VOS trains without the RefCOCO pseudo-videos of Sec. 4.2 (not implemented yet).
   - Toy (ours): a tiny VITA is first trained on the toy videos (YouTube-VIS format, classes =
     shapes) with VITA's losses, then frozen (data/toy_pretrain.py); the tiny text encoder is
     trained (nothing is pretrained on toy).
@@ -71,16 +74,17 @@ from einops import einsum, rearrange, repeat
 from transformers import RobertaModel
 
 from common.backbones import TextEncoder, parameter_report, roberta_base_config
-from common.datasets import MeViS, RefDAVIS17, RefYouTubeVOS, collate_video
+from common.datasets import MeViS, MixedClips, RefDAVIS17, RefYouTubeVOS, collate_video
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, read_checkpoint,
                            reduce_dict, save_checkpoint, seed_everything,
                            setup_distributed, to_device, unwrap)
 from common.mask2former import MLP, PositionEmbedding, mask_position, xavier_init_
 from common.matching import num_masks, set_losses, visible_objects
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
-                        load_trained, param_groups, parse_config, predict_files, predict_masks,
-                        resume, run_dir, train_batches, wrap_ddp)
-from common.text import batch_static_motion_token_masks, build_vocab, tag_words, word_tokenizer
+                        init_weights, load_trained, param_groups, parse_config, predict_files,
+                        pseudo_videos, resume, run_dir, toy_vocab, train_batches,
+                        video_query_masks, wrap_ddp)
+from common.text import batch_static_motion_token_masks, tag_words, word_tokenizer
 from common.vita import SWIN_L_OVIS, build_vita, load_official_vita_checkpoint
 from data.toy import ensure_toy, toy_video_evaluation
 from data.toy_pretrain import toy_vita_sizes, train_toy_vita
@@ -137,6 +141,10 @@ class Config(RunConfig):
     score_threshold: float = 0.7  # sigma, paper Sec. 4.2
     top1: bool = False  # the best motion query instead of the union (Ref-YouTube-VOS, Ref-DAVIS17)
     eval_chunk: int = 18  # (VITA TEST_RUN_CHUNK_SIZE) frames per chunk through Mask2Former
+    # joint training with pseudo-videos (Sec. 4.2: Ref-COCO+/g with Ref-YouTube-VOS, as VITA)
+    pseudo_videos: str = ""  # refer sets, comma-separated (ytvos: refcoco+,refcocog); "": none
+    refer_root: str = ""  # their RefCOCO tree (data/README.md); default data/refer
+    video_ratio: float = 0.75  # (VITA) video clips per pseudo-video, DATASET_RATIO [1.0, 0.75]
     # toy only: the VITA stage (VITA's losses and weights; recipe ours, as the toy DsHmp)
     vita_steps: int = 0  # 0: VITA is not trained here (paper: the official weights)
     vita_lr: float = 1e-3
@@ -151,7 +159,8 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
                 lr=1e-3, lr_drop=1200, grad_clip=1.0, num_frames=8, short_side=64, max_size=96,
                 eval_chunk=32, vita_steps=1000, workers=0, log_every=10, save_every=250),
     "mevis": dict(),
-    "ytvos": dict(eval_split="valid", top1=True),  # one target, always there: top-1 (Sec. 3.3)
+    "ytvos": dict(eval_split="valid", top1=True,  # one target, always there: top-1 (Sec. 3.3)
+                  pseudo_videos="refcoco+,refcocog"),  # joint training, Sec. 4.2
     "davis": dict(eval_split="valid", top1=True),
 }
 # named in the run folder: runs/dmvs-toy-mqi-random, runs/dmvs-toy-token-position
@@ -250,9 +259,10 @@ class DecoderLayer(nn.Module):
     def forward(self, queries, query_pos, words, word_mask, motion_expr):
         # queries, query_pos (B, M, C); words (B, L, C), word_mask (B, L); motion_expr (B, K, C)
         q = queries + query_pos
-        attended = self.word_attn(q, words, words, key_padding_mask=~word_mask)[0]
+        attended = self.word_attn(q, words, words, key_padding_mask=~word_mask)[0]  # (B, M, C)
         queries = self.norms[0](queries + attended)
-        attended = self.motion_expr_attn(queries + query_pos, motion_expr, motion_expr)[0]
+        attended = self.motion_expr_attn(queries + query_pos, motion_expr,
+                                         motion_expr)[0]  # (B, M, C)
         queries = self.norms[1](queries + attended)
         q = queries + query_pos
         queries = self.norms[2](queries + self.self_attn(q, q, queries)[0])
@@ -326,9 +336,10 @@ class DMVS(nn.Module):
         """Sec. 3.1: the frozen VITA on frames (B, T, 3, H, W)."""
         out = self.vita(frames)
         B = frames.shape[0]
-        frame_queries = rearrange(out["frame_outputs"]["query_embeds"][-1], "(b t) f c -> b t f c",
-                                  b=B)
-        frame_masks = rearrange(out["frame_outputs"]["pred_masks"], "(b t) f h w -> b t f h w", b=B)
+        frame_queries = rearrange(out["frame_outputs"]["query_embeds"][-1], "(b t) q c -> b t q c",
+                                  b=B)  # (B, T, Q, C)
+        frame_masks = rearrange(out["frame_outputs"]["pred_masks"], "(b t) q h w -> b t q h w",
+                                b=B)  # (B, T, Q, h, w)
         return self.instances(frame_queries, frame_masks, out)
 
     @staticmethod
@@ -367,7 +378,7 @@ class DMVS(nn.Module):
             centres = mask_position(found.frame_masks)[..., :2]  # (B, T, Q, 2)
             found = found._replace(video_queries=found.video_queries + tracks.mean(2),
                                    frame_queries=found.frame_queries + self.token_position(centres))
-        frame_queries = rearrange(found.frame_queries, "b t f c -> b (t f) c")  # (B, T*Q, C)
+        frame_queries = rearrange(found.frame_queries, "b t q c -> b (t q) c")  # (B, T*Q, C)
         if self.encoder is not None:
             motion_expr = self.encoder(frame_queries, found.video_queries,
                                        text)  # F_me (B, 1, C)
@@ -376,7 +387,7 @@ class DMVS(nn.Module):
         if self.mqi != "video":  # Table 5: these queries read the video queries in the decoder
             motion_expr = torch.cat([motion_expr, found.video_queries], 1)  # (B, 1 + V, C)
         queries = self.initial_queries(found, text)  # (B, M, C)
-        query_pos = repeat(self.query_pos.weight, "m c -> b m c", b=len(queries))
+        query_pos = repeat(self.query_pos.weight, "m c -> b m c", b=len(queries))  # (B, M, C)
         preds = []
         for layer in self.layers:  # Eq. (8)
             queries = layer(queries, query_pos, text.words, text.word_mask,
@@ -423,9 +434,14 @@ def compute_losses(cfg, outputs, targets):
 # ---------------------------------------------------------------------------------- building
 def make_dataset(cfg, root, split, *, train, seed=None):
     reader = {"toy": MeViS, "mevis": MeViS, "ytvos": RefYouTubeVOS, "davis": RefDAVIS17}[cfg.data]
-    return reader(root, split, train=train, num_frames=cfg.num_frames, frame_range=cfg.frame_range,
-                  short_side=cfg.short_side, max_size=cfg.max_size,
-                  seed=cfg.seed if seed is None else seed)
+    seed = cfg.seed if seed is None else seed
+    videos = reader(root, split, train=train, num_frames=cfg.num_frames,
+                    frame_range=cfg.frame_range, short_side=cfg.short_side,
+                    max_size=cfg.max_size, seed=seed)
+    if not (train and cfg.pseudo_videos):
+        return videos
+    images = pseudo_videos(cfg, cfg.pseudo_videos.split(","), cfg.refer_root, seed=seed)
+    return MixedClips([videos, images], [cfg.video_ratio, 1.0], seed=seed)  # Sec. 4.2, VITA's mix
 
 
 def build_model(cfg, *, vocab=None, pretrained=True) -> DMVS:
@@ -464,9 +480,9 @@ def load_vita(cfg, ddp, root, vita) -> None:
 def train(cfg, ddp, root, out):
     """Sec. 4.2 recipe; returns the trained model (unwrapped)."""
     dataset = make_dataset(cfg, root, "train", train=True, seed=cfg.seed + ddp.rank)
-    vocab = build_vocab([s["expression"] for s in dataset.samples]) if cfg.data == "toy" else None
+    vocab = toy_vocab(cfg, dataset.samples, root)
     seed_everything(cfg.seed)  # identical initial weights on every process
-    model = build_model(cfg, vocab=vocab).to(ddp.device)
+    model = init_weights(cfg.init, build_model(cfg, vocab=vocab)).to(ddp.device)
     load_vita(cfg, ddp, root, model.vita)
     seed_everything(cfg.seed)  # the same DMVS stage whether VITA was trained now or reused
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay)  # VITA is not in them
@@ -504,14 +520,23 @@ def train(cfg, ddp, root, out):
     return unwrap(model)
 
 
+# ------------------------------------------------------------------------ Sec. 3.3 inference
+def predict_masks(model, frames, expression, orig_size, cfg, **protocol):
+    """Sec. 3.3: the union of the masks of the motion queries scoring > cfg.score_threshold
+    (sigma = 0.7), or with cfg.top1 the best query's (Ref-YouTube-VOS, Ref-DAVIS17), by the rule
+    DsHmp shares, common.run.video_query_masks; `protocol`: what a benchmark's scoring needs
+    (probabilities). frames (T, 3, H, W) -> (T, H0, W0)."""
+    return video_query_masks(model, frames, expression, orig_size, threshold=cfg.score_threshold,
+                             chunk=cfg.eval_chunk, top1=cfg.top1, **protocol)
+
+
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__)
     out, ddp = run_dir(cfg, "dmvs", ABLATIONS), setup_distributed()
     checkpoint = cfg.checkpoint or out / "last.pt"
 
-    def rule(frames, expression, orig_size):  # Sec. 3.3 with this command's test-time settings
-        return predict_masks(model, frames.to(ddp.device), expression, orig_size,
-                             chunk=cfg.eval_chunk, threshold=cfg.score_threshold, top1=cfg.top1,
+    def rule(frames, expression, orig_size):  # with this command's test-time settings
+        return predict_masks(model, frames.to(ddp.device), expression, orig_size, cfg,
                              probabilities=cfg.data == "davis" and not cfg.predict)
 
     with cli_errors("dmvs"):

@@ -43,11 +43,17 @@ Deviations from the paper (and from the official code, which the paper does not 
     swap). The frozen RoBERTa runs in eval mode (official: dropout on). Mixed precision on CUDA:
     bf16 autocast without a gradient scaler (official: fp16 AMP), the pixel decoder in fp32 (as
     official).
-  - Ref-YouTube-VOS trains from the COCO Mask2Former; the paper first pre-trains 300,000
-    iterations on RefCOCO/+/g (Sec. 4.2), which is not implemented here.
+  - RefCOCO/+/g pre-training before Ref-YouTube-VOS / A2D (Sec. 4.2, 300,000 iterations,
+    "following" ReferFormer and MTTR): --data refcoco|refcoco+|refcocog, one set a run, each image
+    a pseudo-video by VITA's recipe (ours, common.datasets.PseudoVideo; ReferFormer pre-trains on
+    single images of the three sets at once); the main stage starts from it with --init.
+  - A2D-Sentences / JHMDB-Sentences (Table 5): the image Swin-T backbone (the rows: Video-Swin-T/B);
+    ReferFormer's clips, losses on the one annotated frame; mask score: the best token's (ours).
 
 Run (every option: --help):
   python dshmp.py --data toy --train                     # toy data generated if missing; CPU
+  python dshmp.py --data toy-refcoco --train             # toy pre-training (pseudo-videos), then
+  python dshmp.py --data toy --train --init runs/dshmp-toy-refcoco/last.pt
   torchrun --nproc_per_node 8 dshmp.py --data mevis --train  # paper configuration, data/mevis
   python dshmp.py --data toy --predict FRAMES_DIR --text "the red circle moving to the left"
   ablations (paper Table 1): --no-ds, --no-hmp, --no-cl
@@ -67,7 +73,8 @@ from transformers import RobertaModel
 
 from common.backbones import (PixelLevel, TextEncoder, load_mask2former, parameter_report,
                               roberta_base_config, swin_tiny_coco_config)
-from common.datasets import MeViS, RefDAVIS17, RefYouTubeVOS, collate_video
+from common.datasets import (A2DSentences, JHMDBSentences, MeViS, RefDAVIS17, RefYouTubeVOS,
+                             collate_video)
 from common.engine import (Progress, all_gather_cat, autocast, cleanup_distributed, is_main,
                            reduce_dict, save_checkpoint, seed_everything,
                            setup_distributed, to_device, unwrap)
@@ -75,11 +82,13 @@ from common.lavt import LanguageAwareSwin
 from common.mask2former import (MLP, MaskedAttentionDecoder, PositionEmbedding, c2_xavier_fill_,
                                 decoder_kwargs_from_hf, load_decoder_weights, mask_position,
                                 xavier_init_)
-from common.matching import frame_targets, num_masks, set_losses, visible_objects
-from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_video,
-                        load_trained, param_groups, parse_config, predict_files, predict_masks,
-                        resume, run_dir, train_batches, wrap_ddp)
-from common.text import batch_static_motion_token_masks, build_vocab, word_tokenizer
+from common.matching import (annotated_frames, frame_targets, num_masks, set_losses,
+                             visible_objects)
+from common.run import (PSEUDO_VIDEO_SETS, RunConfig, check_finite, cli_errors, data_root,
+                        evaluate_video, init_weights, load_trained, param_groups, parse_config,
+                        predict_files, pseudo_videos, resume, run_dir, toy_vocab,
+                        train_batches, video_query_masks, wrap_ddp)
+from common.text import batch_static_motion_token_masks, word_tokenizer
 from common.vita import ObjectDecoder
 from data.toy import ensure_toy, toy_video_evaluation
 
@@ -93,7 +102,7 @@ from data.toy import ensure_toy, toy_video_evaluation
 # ------------------------------------------------------------------------------------ config
 @dataclass
 class Config(RunConfig):
-    data: str = "mevis"  # mevis | ytvos | davis (paper configuration) | toy (tiny model, CPU)
+    data: str = "mevis"  # mevis | ytvos | davis | a2d | jhmdb (paper configuration) | toy (CPU)
     eval_split: str = "valid_u"  # MeViS: valid_u (J&F) or valid (submission); toy: valid_u
     # ablations, paper Table 1
     ds: bool = True  # Sec. 3.1 decoupling; --no-ds feeds the whole sentence to both injections
@@ -160,7 +169,13 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
     "mevis": dict(),
     "ytvos": dict(eval_split="valid", top1=True),  # one target, always there: official codes' top-1
     "davis": dict(eval_split="valid", top1=True),
+    "a2d": dict(eval_split="test", top1=True),  # Table 5; the window: num_frames (ReferFormer: 5)
+    "jhmdb": dict(eval_split="test", top1=True),  # Table 5: zero-shot, --checkpoint of --data a2d
+    # pre-training (Sec. 4.2), pseudo-videos (ours), no evaluation; lr drop at 0.8 of it as the
+    # main stage's 40,000 / 50,000 (ours); toy-refcoco: the toy image set, toy's model and recipe
+    **{name: dict(steps=300_000, lr_drop=240_000) for name in ("refcoco", "refcoco+", "refcocog")},
 }
+PRESETS["toy-refcoco"] = PRESETS["toy"]
 ABLATIONS = ("ds", "hmp", "cl", "language_gate", "token_position")  # name the run folder
 
 
@@ -534,7 +549,10 @@ def compute_losses(cfg, outputs, targets, *, bank=None, bank_targets=None):
 
 # ---------------------------------------------------------------------------------- building
 def make_dataset(cfg, root, split, *, train, seed=None):
-    reader = {"toy": MeViS, "mevis": MeViS, "ytvos": RefYouTubeVOS, "davis": RefDAVIS17}[cfg.data]
+    if cfg.data in PSEUDO_VIDEO_SETS:  # RefCOCO/+/g pre-training, Sec. 4.2
+        return pseudo_videos(cfg, [cfg.data], root, seed=cfg.seed if seed is None else seed)
+    reader = {"toy": MeViS, "mevis": MeViS, "ytvos": RefYouTubeVOS, "davis": RefDAVIS17,
+              "a2d": A2DSentences, "jhmdb": JHMDBSentences}[cfg.data]
     return reader(root, split, train=train, num_frames=cfg.num_frames, frame_range=cfg.frame_range,
                   short_side=cfg.short_side, max_size=cfg.max_size,
                   seed=cfg.seed if seed is None else seed)
@@ -543,7 +561,7 @@ def make_dataset(cfg, root, split, *, train, seed=None):
 def build_model(cfg, *, vocab=None, pretrained=True) -> DsHmp:
     """The toy-size model (random init, word tokenizer over `vocab`) for --data toy; otherwise the
     paper configuration with COCO Mask2Former and RoBERTa weights (random when not pretrained)."""
-    if cfg.data == "toy":
+    if cfg.data.startswith("toy"):  # toy, toy-refcoco
         pixel_level = PixelLevel.tiny(hidden_dim=cfg.dim)
         text_encoder = TextEncoder.tiny(word_tokenizer(vocab), hidden=cfg.toy_text_dim)
         decoder = MaskedAttentionDecoder(
@@ -579,8 +597,8 @@ def train(cfg, ddp, root, out):
     state, saved in last.pt) attached as `model.memory_bank`."""
     seed_everything(cfg.seed)  # identical initial weights on every process
     dataset = make_dataset(cfg, root, "train", train=True, seed=cfg.seed + ddp.rank)
-    vocab = build_vocab([s["expression"] for s in dataset.samples]) if cfg.data == "toy" else None
-    model = build_model(cfg, vocab=vocab).to(ddp.device)
+    vocab = toy_vocab(cfg, dataset.samples, root)
+    model = init_weights(cfg.init, build_model(cfg, vocab=vocab)).to(ddp.device)
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           backbone_lr_mult=cfg.backbone_lr_mult, backbone=("pixel_level.backbone",))
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
@@ -603,6 +621,7 @@ def train(cfg, ddp, root, out):
             bank_targets = sample_target[batch["index"]]  # (B,)
             with autocast(ddp.device):
                 outputs = model(frames, batch["expression"])
+            outputs = annotated_frames(outputs, batch.get("annotated_frame"))  # A2D: losses there
             terms, anchors, matched = compute_losses(
                 cfg, outputs, targets, bank=bank if cfg.cl else None, bank_targets=bank_targets)
             w_cl = cfg.w_cl if step >= cfg.cl_start else 0.0  # Sec. 3.3: after cl_start iterations
@@ -633,15 +652,25 @@ def train(cfg, ddp, root, out):
     return model
 
 
+# ------------------------------------------------------------------------ Sec. 4.2 inference
+def predict_masks(model, frames, expression, orig_size, cfg, **protocol):
+    """Sec. 4.2: the union of the masks of the video tokens scoring > cfg.score_threshold (0.5),
+    or with cfg.top1 the best token's (Ref-YouTube-VOS, Ref-DAVIS17, A2D), by the rule DMVS shares,
+    common.run.video_query_masks; `protocol`: what a benchmark's scoring needs (probabilities,
+    with_score). frames (T, 3, H, W) -> (T, H0, W0)."""
+    return video_query_masks(model, frames, expression, orig_size, threshold=cfg.score_threshold,
+                             chunk=cfg.eval_chunk, top1=cfg.top1, **protocol)
+
+
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__)
     out, ddp = run_dir(cfg, "dshmp", ABLATIONS), setup_distributed()
     checkpoint = cfg.checkpoint or out / "last.pt"
 
-    def rule(frames, expression, orig_size):  # Sec. 4.2 with this command's test-time settings
-        return predict_masks(model, frames.to(ddp.device), expression, orig_size,
-                             chunk=cfg.eval_chunk, threshold=cfg.score_threshold, top1=cfg.top1,
-                             probabilities=cfg.data == "davis" and not cfg.predict)
+    def rule(frames, expression, orig_size):  # with this command's test-time settings
+        return predict_masks(model, frames.to(ddp.device), expression, orig_size, cfg,
+                             probabilities=cfg.data == "davis" and not cfg.predict,
+                             with_score=cfg.data in ("a2d", "jhmdb") and not cfg.predict)
 
     with cli_errors("dshmp"):
         if cfg.count_params:
@@ -654,6 +683,8 @@ def main(argv=None):
         if cfg.predict:
             predict_files(cfg.predict, cfg.text, rule, model=model, out=out / "vis" / "predict",
                           short_side=trained.short_side, max_size=trained.max_size)
+        elif cfg.data in PSEUDO_VIDEO_SETS:  # pre-training: scored through the main stage
+            print(f"pre-trained {checkpoint}; start the main stage with --init {checkpoint}")
         else:
             toy = toy_video_evaluation(root, cfg.eval_split) if cfg.data == "toy" else {}
             evaluate_video(make_dataset(cfg, root, cfg.eval_split, train=False),

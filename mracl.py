@@ -42,7 +42,8 @@ is no padding); ours leaves out the padding of a batch, a third of the canvas fo
 Deviations from LAVT (the base, reference code yz93/LAVT-RIS @ 1da0af9):
   - Images keep their aspect ratio (short side and long side <= 480; LAVT: squashed to 480 x 480);
     pixels padded in a batch are ignored by the loss; predictions are scored at the original
-    size (LAVT: at 480 x 480 against the ground truth resized to it).
+    size (LAVT: at 480 x 480 against the ground truth resized to it; Ref-ZOM: at 480 x 480 as
+    RIS-DMMI scores it, common.run).
   - An epoch draws every sentence (and, with --vp, every phrase) once, so a ref with more sentences
     is seen more often (LAVT: one random sentence per ref and epoch); the step count is LAVT's.
   - All of BERT is fine-tuned, as the LAVT paper says (reference code: only layers 1-10 are in the
@@ -55,6 +56,7 @@ Run (every option: --help):
   python mracl.py --data toy --train                       # toy images; CPU
   torchrun --nproc_per_node 8 mracl.py --data refcocog --train   # G-Ref (umd); data/refer
   python mracl.py --data refcocog --eval --eval-split test  # mIoU/oIoU on all, motion and static
+  python mracl.py --data refzom --eval                     # Ref-ZOM test (data/README.md)
   ablations (page Tables 3-4): --no-vp, --no-mracl, --no-fn-filter, --filter none, --loss infonce
 """
 
@@ -70,13 +72,13 @@ from transformers import BertConfig, BertModel
 
 from common.backbones import (TextEncoder, load_swin_backbone, official_swin_keys, param_keys,
                               parameter_report, swin_backbone, swin_base_22k_config)
-from common.datasets import RefCOCO, collate_image
+from common.datasets import RefCOCO, RefZOM, collate_image
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, reduce_dict,
                            save_checkpoint, seed_everything, setup_distributed, to_device, unwrap)
 from common.lavt import LanguageAwareSwin, official_fusion_keys
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_image,
-                        load_trained, param_groups, parse_config, predict_files, resume, run_dir,
-                        train_batches, wrap_ddp)
+                        init_weights, load_trained, param_groups, parse_config, predict_files,
+                        resume, run_dir, train_batches, wrap_ddp)
 from common.text import build_vocab, head_noun, tag_words, word_tokenizer
 from data.toy import ensure_toy, motion_sentence_keys
 
@@ -88,7 +90,7 @@ from data.toy import ensure_toy, motion_sentence_keys
 # ------------------------------------------------------------------------------------ config
 @dataclass
 class Config(RunConfig):
-    data: str = "refcocog"  # refcoco | refcoco+ | refcocog (paper configuration) | toy (CPU)
+    data: str = "refcocog"  # refcoco | refcoco+ | refcocog (paper configuration) | refzom | toy
     eval_split: str = "val"  # umd: val / test (the page's M-Ref: test); unc: val / testA / testB
     split_by: str = "umd"  # page: G-Ref (UMD)
     image_root: str = "data/coco/train2014"  # COCO train2014 images (data/README.md)
@@ -151,6 +153,8 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
     "refcoco": dict(split_by="unc"),
     "refcoco+": dict(split_by="unc"),
     "refcocog": dict(),
+    # RIS-DMMI's --splitBy final --split test; images: COCO train2014 + val2014 (data/README.md)
+    "refzom": dict(split_by="final", eval_split="test", image_root="data/coco/trainval2014"),
 }
 ABLATIONS = ("vp", "mracl", "fn_filter", "filter", "loss", "verbonly", "alpha", "phrase_subject")
 
@@ -173,11 +177,12 @@ class SimpleDecoding(nn.Module):
         self.classifier = nn.Conv2d(hidden, 2, 1)
 
     def forward(self, stages):
-        x = stages[3]
+        x = stages[3]  # (B, C_4, H/32, W/32)
         for block, skip in zip(self.blocks, stages[2::-1]):
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear",
+                              align_corners=True)  # (B, *, h_i, w_i)
             x = block(torch.cat([x, skip], 1))  # (B, hidden, h_i, w_i)
-        return self.classifier(x)
+        return self.classifier(x)  # (B, 2, H/4, W/4)
 
 
 class LAVT(nn.Module):
@@ -197,16 +202,19 @@ class LAVT(nn.Module):
         self.fuser = nn.Linear(backbone.channels[3], proj_dim) if proj_dim else None
 
     def forward(self, images, expressions, *, pad_mask=None, samples=None):
-        text = self.text_encoder(expressions)
-        stages = self.fusion(self.backbone, images, text["word_feats"], text["attn_mask"])
+        text = self.text_encoder(expressions)  # word_feats (N, L, C_t), attn_mask (N, L)
+        stages = self.fusion(self.backbone, images, text["word_feats"],
+                             text["attn_mask"])  # 4 maps (N, C_i, H/s_i, W/s_i), s_i = 4..32
         # Fig. 2: only the samples reach the mask decoder; the partners would also enter its
         # BatchNorm statistics in training and change the samples' predictions
         logits = self.decoder([x[:samples] for x in stages])  # (B, 2, H/4, W/4)
-        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
+                               align_corners=True)  # (B, 2, H, W)
         if self.fuser is None:
             return {"pred_masks": logits}
         # z, Fig. 2 "Fuser": the last fused map (N, C_4, H/32, W/32), pooled, projected
-        return {"pred_masks": logits, "embeds": self.fuser(valid_mean(stages[3], pad_mask))}
+        return {"pred_masks": logits,
+                "embeds": self.fuser(valid_mean(stages[3], pad_mask))}  # (N, D)
 
 
 def valid_mean(x, pad_mask=None):
@@ -274,7 +282,7 @@ def pair_masks(ann_ids, image_ids, categories, positives, fn_filter, phrase=None
     on a verb phrase's embedding, given for verbonly: the negatives are only an original and a
     phrase of two pairs (the B' x B' block of originals x phrases, its diagonal the positives)."""
     m = len(ann_ids)
-    positive = torch.zeros(m, m, dtype=torch.bool)
+    positive = torch.zeros(m, m, dtype=torch.bool)  # (N, N)
     positive[positives[:, 0], positives[:, 1]] = positive[positives[:, 1], positives[:, 0]] = True
     negative = ~positive & ~torch.eye(m, dtype=torch.bool)
     if phrase is not None:
@@ -295,10 +303,10 @@ def angular_contrastive_loss(embeds, positive, negative, *, margin, temperature,
     s_pos' = 1 - 2 (theta_pos + m) / pi. embeds (N, D); positive, negative (N, N) bool. The mean
     over the anchors; with phrase (N,) bool, alpha x the originals' mean + (1 - alpha) x the
     phrases' (equal to the plain mean at alpha 0.5: every pair gives one of each)."""
-    z = F.normalize(embeds.float(), dim=-1)
+    z = F.normalize(embeds.float(), dim=-1)  # (N, D)
     theta = torch.arccos((z @ z.T).clamp(-1 + eps, 1 - eps))  # (N, N)
     similarity = 1 - 2 * theta / math.pi  # angular similarity (page Fig. 2: Theta in [-1, 1])
-    margined = 1 - 2 * (theta + margin) / math.pi  # margin m on the positive's angle (page)
+    margined = 1 - 2 * (theta + margin) / math.pi  # (N, N): the page's margin m on the angle
     return _contrastive(similarity, margined, positive, negative, temperature, phrase, alpha)
 
 
@@ -328,7 +336,7 @@ def contrastive_terms(cfg, embeds, positive, negative, phrase=None):
         return angular_contrastive_loss(embeds, positive, negative, margin=cfg.margin,
                                         temperature=cfg.temperature, phrase=phrase,
                                         alpha=cfg.alpha)
-    z = F.normalize(embeds.float(), dim=-1)
+    z = F.normalize(embeds.float(), dim=-1)  # (N, D)
     cosine = z @ z.T  # (N, N)
     if cfg.loss == "l2":
         a, b = positive.nonzero(as_tuple=True)
@@ -353,26 +361,34 @@ def with_partners(cfg, batch):
         batch["partner"][i] for i in have]
 
 
-def compute_losses(cfg, outputs, batch, index):
-    """The unweighted terms: LAVT's cross-entropy on the B samples (not on the partners: the page's
-    figure sends only the original captions to the mask decoder) and the contrastive term over
-    the N fused embeddings (verbonly: their originals x phrases block), each partner the positive
-    of its sample. index: the sample of each."""
+def contrastive_pairs(cfg, batch, index):
+    """The pairs of the contrastive term over the N fused embeddings (index: the sample of each;
+    the B samples first, then their partners): each partner the positive of its sample (verbonly:
+    only the originals x phrases block). Returns positive, negative (N, N) bool and which of the
+    N embeddings are verb phrases (N,) bool."""
     b = len(batch["expression"])
-    terms = {"ce": segmentation_loss(cfg, outputs["pred_masks"][:b], batch["targets"],
-                                     batch["pad_mask"].to(outputs["pred_masks"].device))}
-    if cfg.mracl:
-        def pick(key):
-            return [batch[key][i] for i in index]
-        positives = torch.tensor([[i, k] for k, i in enumerate(index) if k >= b],
-                                 dtype=torch.long).reshape(-1, 2)
-        # a verb phrase's embedding: a phrase sample's, or the partner of a sentence sample
-        phrase = torch.tensor([p != (k >= b) for k, p in enumerate(pick("is_phrase"))])  # (N,)
-        positive, negative = pair_masks(pick("ann_id"), pick("image_id"), pick("category_id"),
-                                        positives, cfg.fn_filter, phrase if cfg.verbonly else None)
-        device = outputs["embeds"].device
-        terms["mracl"] = contrastive_terms(cfg, outputs["embeds"], positive.to(device),
-                                           negative.to(device), phrase.to(device))
+
+    def pick(key):
+        return [batch[key][i] for i in index]
+    positives = torch.tensor([[i, k] for k, i in enumerate(index) if k >= b],
+                             dtype=torch.long).reshape(-1, 2)  # (R, 2)
+    # a verb phrase's embedding: a phrase sample's, or the partner of a sentence sample
+    phrase = torch.tensor([p != (k >= b) for k, p in enumerate(pick("is_phrase"))])  # (N,)
+    positive, negative = pair_masks(pick("ann_id"), pick("image_id"), pick("category_id"),
+                                    positives, cfg.fn_filter, phrase if cfg.verbonly else None)
+    return positive, negative, phrase
+
+
+def compute_losses(cfg, outputs, targets, *, pad_mask, pairs=None):
+    """The unweighted terms: LAVT's cross-entropy on the B samples of `targets` (not on the
+    partners: the page's figure sends only the original captions to the mask decoder), padded
+    pixels (B, H, W) ignored, and with the `pairs` of contrastive_pairs the contrastive term over
+    the N fused embeddings."""
+    terms = {"ce": segmentation_loss(cfg, outputs["pred_masks"][:len(targets)], targets,
+                                     pad_mask)}
+    if pairs is not None:
+        positive, negative, phrase = (p.to(outputs["embeds"].device) for p in pairs)
+        terms["mracl"] = contrastive_terms(cfg, outputs["embeds"], positive, negative, phrase)
     return terms
 
 
@@ -393,7 +409,8 @@ class VerbPhraseSamples(torch.utils.data.Dataset):
         self.phrase = {}
         for i, s in enumerate(base.samples):
             phrase = phrases.get(str(s["sent_id"]), "")
-            if phrase and not (once and same_category[(s["image_id"], s["category_id"])] > 1):
+            count = same_category.get((s["image_id"], s["category_id"]), 0)  # Ref-ZOM: 0 if none
+            if phrase and not (once and count > 1):
                 self.phrase[i] = phrase
         self.extra = sorted(self.phrase) if vp else []  # the augmented samples
 
@@ -425,10 +442,11 @@ def load_phrases(cfg, samples) -> dict:
 
 def make_dataset(cfg, root, split, *, train, seed=None):
     toy = cfg.data == "toy"
-    base = RefCOCO(root, Path(root) / "images" if toy else cfg.image_root,
-                   dataset="refcoco" if toy else cfg.data, split_by=cfg.split_by, split=split,
-                   train=train, short_side=cfg.short_side, max_size=cfg.max_size, flip=False,
-                   seed=cfg.seed if seed is None else seed)  # LAVT: no flip
+    kwargs = dict(split_by=cfg.split_by, split=split, train=train, short_side=cfg.short_side,
+                  max_size=cfg.max_size, flip=False, seed=cfg.seed if seed is None else seed)
+    base = RefZOM(root, cfg.image_root, **kwargs) if cfg.data == "refzom" else RefCOCO(
+        root, Path(root) / "images" if toy else cfg.image_root,
+        dataset="refcoco" if toy else cfg.data, **kwargs)  # LAVT: no flip
     if not train:
         return base
     return VerbPhraseSamples(base, load_phrases(cfg, base.samples), vp=cfg.vp,
@@ -519,7 +537,7 @@ def train(cfg, ddp, root, out):
     if cfg.data == "toy":
         vocab = build_vocab([s["expression"] for s in dataset.samples]
                             + [dataset.phrase[i] for i in dataset.phrase])
-    model = build_model(cfg, vocab=vocab).to(ddp.device)
+    model = init_weights(cfg.init, build_model(cfg, vocab=vocab)).to(ddp.device)
     optimizer = torch.optim.AdamW(param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay),
                                   lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # LAVT: polynomial decay, power 0.9
@@ -540,7 +558,9 @@ def train(cfg, ddp, root, out):
             with autocast(ddp.device):  # the B samples, then their partners (not decoded)
                 outputs = model(images[index], texts, pad_mask=pad_mask,
                                 samples=len(batch["expression"]))
-            terms = compute_losses(cfg, outputs, batch, index)
+            pairs = contrastive_pairs(cfg, batch, index) if cfg.mracl else None
+            terms = compute_losses(cfg, outputs, batch["targets"],
+                                   pad_mask=pad_mask[:len(batch["targets"])], pairs=pairs)
             loss = terms["ce"] + cfg.w_mracl * terms.get("mracl", 0)  # L_CE + w * L_MRaCL
             check_finite(loss, terms, step)
             optimizer.zero_grad(set_to_none=True)

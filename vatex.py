@@ -14,6 +14,18 @@ Sec. 3.4 (masked-attention decoder on the CMD's levels 1-3, masks from level 4, 
 matching; Eq. 8's loss; top-1 query at inference) and the Oc-IoU of Sec. 4.3 (Eqs. 9-10, in
 common.run.evaluate_image).
 
+Video (Sec. 4.2, Table 2, supplementary Tables 5-6): `VideoVATEX`, torchvision's Video-Swin-B
+(Kinetics-400, ImageNet-22k init) with the official code's temporal adaptations; a test video is
+one clip with one top-1 query (common.run.video_query_masks; Ref-DAVIS17: ReferFormer's protocol).
+Recipe (Sec. 4.1): RefCOCO with this backbone, an image a clip of --num-frames copies (official
+configs/refcoco/swin/videoswinb_joint.yaml, in the first commit 9733c4f only; one frame at test),
+then Ref-YouTube-VOS --init from it, Ref-DAVIS17 zero-shot; no --init: the supplementary's start
+from ImageNet (--steps 200000 --lr-drop 140000). Ours: one RefCOCO dataset (official: the three),
+clips without repeated frames, short side 480 (official: 360 or 480), mask losses over the clip
+(official: per frame, summed), videos over --eval-chunk frames through the Video-Swin in pieces.
+Not done: the official joint training of RefCOCO/+/g and Ref-YouTube-VOS (9733c4f's
+configs/youtubevos/swin/VLFormer_VideoSwinB.yaml: 16 clips of 4 frames, 250k steps).
+
 Deviations from the paper (and from the official code, which the paper does not describe):
   - Eq. (1) as the paper: cosine similarities, the map L2-normalised (official: a plain dot
     product, no normalisation). Each caption meets its own image (official: caption k meets image
@@ -47,6 +59,8 @@ Run (every option: --help):
   torchrun --nproc_per_node 2 vatex.py --data refcoco --train    # paper configuration, data/refer
   python vatex.py --data refcoco --eval --eval-split testA --checkpoint runs/vatex-refcoco/last.pt
   python vatex.py --data toy --predict IMAGE --text "the red circle on the left"
+  Table 2: vatex.py --data refcoco --video --train --out runs/vatex-refcoco-video; --data ytvos
+    --train --init runs/vatex-refcoco-video/last.pt; --data davis --eval --checkpoint ...
   ablations, the rows of Table 4 (the supplementary's Table 8 has all 8 combinations):
     Baseline: --no-clip-prior --no-cmd --no-mcc    +CLIP Prior: --no-cmd --no-mcc
     +CMD: --no-clip-prior --no-mcc    +CMD +MCC: --no-clip-prior    all three: the defaults
@@ -62,37 +76,39 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import einsum, rearrange, repeat
+from einops import einsum, rearrange, reduce, repeat
 from transformers import CLIPModel, Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import \
     Mask2FormerPixelDecoderEncoderOnly
 
 from common.backbones import (CLIPEncoder, clip_b16_config, clip_view, load_swin_backbone,
-                              parameter_report, sine_position_embedding, swin_backbone,
-                              swin_base_22k_config)
-from common.datasets import (IMAGENET_MEAN, IMAGENET_STD, RefCOCO, collate_image, item_generator,
-                             resize_clip)
+                              load_video_swin_b, parameter_report, sine_position_embedding,
+                              sine_position_embedding_3d, swin_backbone, swin_base_22k_config,
+                              tiny_video_swin, video_swin_b)
+from common.datasets import (IMAGENET_MEAN, IMAGENET_STD, RefCOCO, RefDAVIS17, RefYouTubeVOS,
+                             collate_image, collate_video, item_generator, resize_clip)
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, reduce_dict,
                            save_checkpoint, seed_everything, setup_distributed, to_device, unwrap)
-from common.mask2former import (MaskedAttentionDecoder, MaskedAttentionLayer, c2_xavier_fill_,
-                                xavier_init_)
+from common.mask2former import (MaskedAttentionDecoder, c2_xavier_fill_, frame_masks,
+                                side_by_side, xavier_init_)
 from common.matching import set_losses
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_image,
-                        load_trained, param_groups, parse_config, predict_files, resume, run_dir,
-                        train_batches, wrap_ddp)
+                        evaluate_video, init_weights, load_trained, param_groups, parse_config,
+                        predict_files, resume, run_dir, train_batches, video_query_masks,
+                        wrap_ddp)
 from common.text import main_noun_phrase, word_tokenizer
 from data.toy import ensure_toy, motion_sentence_keys
 from data.toy_pretrain import pretrain_toy_clip, tiny_clip
 
 # Shapes: B images, N captions (3 per image in training: expression, positive, negative), Q the
 # N = 5 queries of the paper, L words, C channels, D CLIP's joint width, N_p CLIP patch tokens,
-# H W input size, h w mask features (H/4, W/4), H_c CLIP's input size.
+# H W input size, h w mask features (H/4, W/4), H_c CLIP's input size, T frames of a clip.
 
 
 # ------------------------------------------------------------------------------------ config
 @dataclass
 class Config(RunConfig):
-    data: str = "refcoco"  # refcoco | refcoco+ | refcocog (paper configuration) | toy (CPU)
+    data: str = "refcoco"  # refcoco | refcoco+ | refcocog | ytvos | davis (paper) | toy (CPU)
     eval_split: str = "val"  # unc: val / testA / testB; umd: val / test
     split_by: str = "unc"  # refer API split scheme (refcocog: umd, official; google also read)
     image_root: str = "data/coco/train2014"  # COCO train2014 images (data/README.md)
@@ -118,6 +134,9 @@ class Config(RunConfig):
     clip_image_size: int = 224  # official (CLIP processor: short side 224, centre crop)
     toy_swin_dim: int = 32  # toy only (ours): width of the tiny Swin's first stage
     toy_clip_steps: int = 400  # toy only (ours): the tiny CLIP's contrastive pre-training
+    video: bool = False  # Sec. 4.2 (ytvos, davis; on RefCOCO: what ytvos starts from): clips
+    num_frames: int = 4  # official (9733c4f: videoswinb_joint.yaml, VLFormer_VideoSwinB.yaml)
+    eval_chunk: int = 36  # (ours) frames per Video-Swin pass at test; official: the whole video
     # losses, Eq. (8) (paper Sec. 4.1; dice weight and no-object weight official)
     w_cls: float = 2.0
     w_bce: float = 5.0
@@ -148,6 +167,8 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
     "refcoco": dict(),
     "refcoco+": dict(),
     "refcocog": dict(split_by="umd"),
+    "ytvos": dict(video=True, eval_split="valid"),  # valid: the challenge server scores it
+    "davis": dict(video=True, eval_split="valid"),  # zero-shot with the ytvos model (Sec. 4.1)
 }
 ABLATIONS = ("clip_prior", "cmd", "mcc", "mcc_loss")
 
@@ -281,11 +302,12 @@ class ContextualMultimodalDecoder(nn.Module):
         return [rearrange(p, "n (h w) c -> n c h w", h=h, w=w) for p, (h, w) in zip(parts, shapes)]
 
     def bat(self, module, feature, words, word_pos, word_mask):
-        """A BAT on a map (N, C, h, w) -> (the map, the words)."""
+        """A BAT on maps (N*T, C, h, w), T >= 1 frames per caption, all met at once (official
+        cmd.py: "(b t) c h w -> (t h w) b c") -> (the maps, the words)."""
         h, w = feature.shape[-2:]
-        visual = rearrange(feature, "n c h w -> n (h w) c")  # (N, hw, C)
+        visual = rearrange(feature, "(n t) c h w -> n (t h w) c", n=len(words))  # (N, T*hw, C)
         visual, words = module(visual, words, word_pos, word_mask)
-        return rearrange(visual, "n (h w) c -> n c h w", h=h, w=w), words
+        return rearrange(visual, "n (t h w) c -> (n t) c h w", h=h, w=w), words
 
     def forward(self, stages, words, word_pos, word_mask):
         # official (cmd.py): the CMD in fp32 under mixed precision, `autocast(enabled=False)`
@@ -314,26 +336,6 @@ class ContextualMultimodalDecoder(nn.Module):
 
 
 # -------------------------------------------------------- Sec. 3.4 masked-attention decoder
-class VatexDecoderLayer(MaskedAttentionLayer):
-    """One decoder layer as the official code: visual and word cross-attention side by side,
-    summed, one LayerNorm; then self-attention and FFN (post-norm)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(word_attention=True, **kwargs)
-        del self.word_norm
-
-    def forward(self, queries, query_pos, pixels, pixel_pos, attn_mask, words, word_pos, word_mask):
-        visual = self.cross_attn(queries + query_pos, pixels + pixel_pos, pixels,
-                                 attn_mask=attn_mask, need_weights=False)[0]  # (N, Q, C)
-        text = self.word_attn(queries + query_pos, words + word_pos, words,
-                              key_padding_mask=~word_mask, need_weights=False)[0]  # (N, Q, C)
-        queries = self.cross_norm(queries + self.dropout(visual) + self.dropout(text))
-        q = queries + query_pos
-        queries = self.self_norm(queries + self.dropout(self.self_attn(q, q, queries,
-                                                                       need_weights=False)[0]))
-        return self.ffn_norm(queries + self.dropout(self.ffn(queries)))
-
-
 class VatexDecoder(MaskedAttentionDecoder):
     """Mask2Former's decoder with VATEX's queries: content = the vision-aware sentence feature
     repeated N times (f_o), the learnable embeddings only as positions; the first prediction is
@@ -343,13 +345,11 @@ class VatexDecoder(MaskedAttentionDecoder):
     tests/test_parity.py)."""
 
     def __init__(self, *, hidden_dim, num_queries, num_layers, num_heads, ffn_dim):
+        # official: no learnable query features; in every layer the word cross-attention beside
+        # the visual one, the two summed before one LayerNorm
         super().__init__(hidden_dim=hidden_dim, num_queries=num_queries, num_layers=num_layers,
-                         num_heads=num_heads, ffn_dim=ffn_dim, num_classes=1, mask_dim=hidden_dim)
-        del self.query_feat  # official: no learnable query features
-        self.layers = nn.ModuleList(VatexDecoderLayer(dim=hidden_dim, num_heads=num_heads,
-                                                      ffn_dim=ffn_dim, dropout=0.0)
-                                    for _ in range(num_layers))
-        self._reset_parameters()
+                         num_heads=num_heads, ffn_dim=ffn_dim, num_classes=1, mask_dim=hidden_dim,
+                         words_beside=True, query_features=False)
 
     def forward(self, features, pos, mask_features, sentence, prior, words, word_pos, word_mask):
         pixel_levels, pixel_pos, sizes = self.flatten_levels(features, pos)
@@ -362,7 +362,7 @@ class VatexDecoder(MaskedAttentionDecoder):
         for i, layer in enumerate(self.layers):
             level = i % self.num_levels  # round robin, coarse first
             queries = layer(queries, query_pos, pixel_levels[level], pixel_pos[level],
-                            None if i == 0 else attn_mask, words, word_pos, word_mask)
+                            None if i == 0 else attn_mask, words, word_mask, word_pos)
             logits, masks, _, attn_mask = self.predict(queries, mask_features,
                                                        sizes[(i + 1) % self.num_levels])
             predictions.append({"pred_logits": logits, "pred_masks": masks})  # Eq. (7), as logits
@@ -426,6 +426,47 @@ class VATEX(nn.Module):
         return self.prior_proj(heatmap)  # (N, C)
 
 
+class VideoVATEX(VATEX):
+    """Sec. 4.2's "minor adaptations", the official code's: a BAT's words meet all the frames
+    (cmd.py); the queries, shared by the frames, attend to all with a 3-D sine position and make a
+    mask on each (vatext_trans_decoder.py; here the frames side by side); the CLIP prior on every
+    frame, averaged in C (vatex_model.py). forward(frames (B, T, 3, H, W), .., clip_index (N,),
+    chunk: frames per Video-Swin pass) -> pred_masks (N, Q, T, H/4, W/4); images (B, 3, H, W):
+    one-frame clips, VATEX's outputs (official RefCOCO test)."""
+
+    def forward(self, frames, image_sizes, texts, clip_index, chunk=None):
+        clips = frames if frames.dim() == 5 else frames[:, None]  # (B, T, 3, H, W)
+        T = clips.shape[1]
+        encoded = self.clip.encode_words(texts)  # frozen CLIP text tower, last hidden state
+        word_mask = encoded["attn_mask"]  # (N, L)
+        words = self.text_proj(encoded["word_feats"])  # (N, L, C): f_w
+        word_pos = sine_positions_1d(word_mask, words.shape[-1])  # (N, L, C)
+        index = (clip_index[:, None] * T + torch.arange(T).to(clip_index)).flatten()  # (N*T,)
+        stages = [s[index] for s in self.backbone(clips, chunk=chunk)]  # (N*T, C_s, h_s, w_s)
+        pixels = self.pixel_decoder(stages, words, word_pos, word_mask)
+        words = pixels["words"]  # F_4^w (N, L, C)
+        w = word_mask.to(words.dtype)  # (N, L)
+        sentence = einsum(words, w, "n l c, n l -> n c") / w.sum(1, keepdim=True)  # Eq. (5) (N, C)
+        prior = self.clip_prior(clips.flatten(0, 1), [s for s in image_sizes for _ in range(T)],
+                                [x for x in texts for _ in range(T)], index)  # (N*T, C)
+        prior = None if prior is None else reduce(prior, "(n t) c -> n c", "mean", t=T)  # (N, C)
+        pos = [sine_position_embedding_3d(f, f.shape[1], T) for f in pixels["features"]]
+        out = self.decoder([side_by_side(f, T) for f in pixels["features"]],
+                           [side_by_side(p, T) for p in pos],
+                           side_by_side(pixels["mask_features"], T), sentence, prior, words,
+                           word_pos, word_mask)  # (N, Q, h, T*w) masks
+        return {**(out if frames.dim() == 4 else frame_masks(out, T)), "sentence": sentence}
+
+    @torch.no_grad()
+    def infer(self, frames, expression, *, chunk):
+        """A video as one clip (official test): (T, 3, H, W) -> (Q, 2), (Q, T, Hp/4, Wp/4)."""
+        H, W = frames.shape[-2:]
+        clip = F.pad(frames, (0, -W % 32, 0, -H % 32))[None]  # (1, T, 3, Hp, Wp)
+        out = self(clip, [(H, W)], [expression], torch.zeros(1, dtype=torch.long,
+                                                              device=frames.device), chunk=chunk)
+        return out["pred_logits"][0], out["pred_masks"][0]
+
+
 # ---------------------------------------------------------------- Sec. 3.3 MCC and the losses
 
 
@@ -454,7 +495,7 @@ def infonce_loss(sentence, triplets, temperature):
     return one_way(q, p) + one_way(p, q)
 
 
-def compute_losses(cfg, outputs, targets, triplets):
+def compute_losses(cfg, outputs, targets, *, triplets):
     """The unweighted terms of Eq. (8): class CE, mask BCE and dice with deep supervision (one
     target per caption, normalised by the captions of this process, official) and the MCC."""
     terms, _ = set_losses(outputs, targets, w_cls=cfg.w_cls, w_bce=cfg.w_bce, w_dice=cfg.w_dice,
@@ -500,10 +541,35 @@ class Triplets(torch.utils.data.Dataset):
         return item
 
 
+class VideoTriplets(Triplets):
+    """Ref-YouTube-VOS clips with Sec. 3.3's triplet, as the official video mapper: the positive as
+    `Triplets`; the negative of a random object seen in the clip, the target's included."""
+
+    def __getitem__(self, index):
+        item, sample, g = self.base[index], self.samples[index], item_generator(self.seed)
+        def pick(options):
+            return options[int(torch.randint(len(options), (), generator=g))]
+        idx, video = item["frame_idx"].tolist(), [s for s in self.samples
+                                                  if s["video"] == sample["video"]]
+        def sentences(obj_ids):
+            return [s["expression"] for s in video if s["obj_ids"] == obj_ids]
+        positive = pick(sentences(sample["obj_ids"]))
+        item["positive"] = positive + "." if positive == item["expression"] else positive
+        other = pick(sorted({s["obj_ids"][0] for s in video if self.base._visible(s)[idx].any()}))
+        item["negative"] = item["negative_mask"] = None
+        if [other] != sample["obj_ids"]:
+            item["negative"] = pick(sentences([other]))
+            masks = self.base._load_masks({**sample, "obj_ids": [other]}, idx, item["orig_size"])
+            item["negative_mask"] = F.interpolate(  # (T, H, W), resized as the reader's masks
+                torch.from_numpy(masks).view(torch.uint8), size=item["masks"].shape[-2:],
+                mode="nearest-exact")[0].bool()
+        return item
+
+
 def captions_of(batch):
     """The 3B captions of a batch and their targets: per image its expression, positive and (when
-    there is one) negative. Returns texts, image_index (N,), targets [{"masks": (1, Hp, Wp)}] and
-    the triplets (T, 3) caption indices [p1, p2, n], n = -1 without a negative."""
+    there is one) negative. Returns texts, image_index (N,), targets [{"masks": (1, [T,] Hp, Wp)}]
+    (clips: T frames) and the triplets (N_t, 3) caption indices [p1, p2, n], n = -1 without one."""
     texts, index, targets, triplets = [], [], [], []
     for b, target in enumerate(batch["targets"]):
         first = len(texts)
@@ -512,9 +578,9 @@ def captions_of(batch):
         negative = -1
         if batch["negative"][b] is not None:
             negative = len(texts)
-            mask = torch.zeros_like(target["masks"])  # (1, Hp, Wp): padded like the batch
-            h, w = batch["negative_mask"][b].shape
-            mask[0, :h, :w] = batch["negative_mask"][b]
+            mask = torch.zeros_like(target["masks"])  # (1, [T,] Hp, Wp): padded like the batch
+            h, w = batch["negative_mask"][b].shape[-2:]
+            mask[0, ..., :h, :w] = batch["negative_mask"][b]
             texts.append(batch["negative"][b])
             targets.append({"masks": mask, "labels": target["labels"]})
         index += [b] * (len(texts) - first)
@@ -523,6 +589,12 @@ def captions_of(batch):
 
 
 def make_dataset(cfg, root, split, *, train, seed=None):
+    if cfg.data in ("ytvos", "davis"):  # official: no flip
+        base = (RefYouTubeVOS if cfg.data == "ytvos" else RefDAVIS17)(
+            root, split, train=train, num_frames=cfg.num_frames, short_side=cfg.short_side,
+            max_size=cfg.max_size, flip=False, seed=cfg.seed if seed is None else seed,
+            frame_range=10**9)  # official: a clip's frames drawn from the whole video
+        return VideoTriplets(base, base.seed) if train else base
     toy = cfg.data == "toy"
     base = RefCOCO(root, Path(root) / "images" if toy else cfg.image_root,
                    dataset="refcoco" if toy else cfg.data, split_by=cfg.split_by, split=split,
@@ -533,25 +605,25 @@ def make_dataset(cfg, root, split, *, train, seed=None):
 
 def build_model(cfg, *, vocab=None, pretrained=True, clip=None) -> VATEX:
     """The toy-size model (tiny Swin, the toy CLIP `clip` or a random one over `vocab`) for --data
-    toy; otherwise the paper configuration: Swin-B 22k and CLIP ViT-B/16 (random if not
-    pretrained)."""
+    toy; otherwise the paper configuration: Swin-B 22k (--video: Video-Swin-B, a VideoVATEX) and
+    CLIP ViT-B/16 (random if not pretrained)."""
     if cfg.data == "toy":
-        backbone = swin_backbone(swin_base_22k_config(
-            image_size=96, embed_dim=cfg.toy_swin_dim, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
-            window_size=4, drop_path_rate=0.0))
+        backbone = tiny_video_swin(embed_dim=cfg.toy_swin_dim) if cfg.video else swin_backbone(
+            swin_base_22k_config(image_size=96, embed_dim=cfg.toy_swin_dim, depths=[1, 1, 1, 1],
+                                 num_heads=[1, 2, 2, 4], window_size=4, drop_path_rate=0.0))
         clip = clip or tiny_clip(vocab, cfg.clip_image_size)
     elif pretrained:
-        backbone = load_swin_backbone(cfg.weights)
+        backbone = load_video_swin_b() if cfg.video else load_swin_backbone(cfg.weights)
         clip = CLIPEncoder.from_pretrained(cfg.clip_weights, freeze=True)
     else:  # --count-params: the same modules with random weights, nothing downloaded
-        backbone = swin_backbone(swin_base_22k_config())
+        backbone = video_swin_b() if cfg.video else swin_backbone(swin_base_22k_config())
         clip = CLIPEncoder(CLIPModel(clip_b16_config()), word_tokenizer([]), freeze=True)
     clip._freeze(True)  # Sec. 4.1: both CLIP towers frozen
-    return VATEX(backbone=backbone, clip=clip, dim=cfg.dim, heads=cfg.heads, ffn_dim=cfg.ffn_dim,
-                 encoder_layers=cfg.encoder_layers, encoder_ffn_dim=cfg.encoder_ffn_dim,
-                 decoder_layers=cfg.decoder_layers, num_queries=cfg.num_queries,
-                 clip_image_size=cfg.clip_image_size, clip_prior=cfg.clip_prior,
-                 vision_aware_text=cfg.cmd)
+    return (VideoVATEX if cfg.video else VATEX)(
+        backbone=backbone, clip=clip, dim=cfg.dim, heads=cfg.heads, ffn_dim=cfg.ffn_dim,
+        encoder_layers=cfg.encoder_layers, encoder_ffn_dim=cfg.encoder_ffn_dim,
+        decoder_layers=cfg.decoder_layers, num_queries=cfg.num_queries,
+        clip_image_size=cfg.clip_image_size, clip_prior=cfg.clip_prior, vision_aware_text=cfg.cmd)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -561,7 +633,9 @@ def train(cfg, ddp, root, out):
     dataset = make_dataset(cfg, root, "train", train=True, seed=cfg.seed + ddp.rank)
     clip, vocab = (pretrain_toy_clip(cfg, dataset, out.parent / "clip-toy" / f"seed{cfg.seed}.pt")
                    if cfg.data == "toy" else (None, None))
-    model = build_model(cfg, vocab=vocab, clip=clip).to(ddp.device)
+    seed_everything(cfg.seed)  # the same model whether the toy CLIP was trained now or reused
+    # --init: Sec. 4.1, Ref-YouTube-VOS starts from the RefCOCO(+/g) model (a --video run)
+    model = init_weights(cfg.init, build_model(cfg, vocab=vocab, clip=clip)).to(ddp.device)
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           backbone_lr_mult=cfg.backbone_lr_mult, backbone=("backbone",))
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
@@ -570,17 +644,23 @@ def train(cfg, ddp, root, out):
     if cfg.resume:
         step, _ = resume(out / "last.pt", model=model, optimizer=optimizer, scheduler=scheduler,
                          config=asdict(cfg))
-    batches = train_batches(dataset, batch_size=cfg.batch_size, collate=collate_image, ddp=ddp,
-                            seed=cfg.seed, workers=cfg.workers, start_step=step)
+    batches = train_batches(dataset, batch_size=cfg.batch_size, ddp=ddp, seed=cfg.seed,
+                            collate=collate_video if cfg.data == "ytvos" else collate_image,
+                            workers=cfg.workers, start_step=step)
     model = wrap_ddp(model, ddp)  # in train mode since built (the frozen CLIP stays in eval)
     with Progress(total=cfg.steps, initial=step, log_path=out / "log.jsonl") as progress:
         while step < cfg.steps:
             batch = next(batches)
             texts, image_index, targets, triplets = captions_of(batch)
-            images, targets = to_device((batch["images"], targets), ddp.device)
+            images = batch["frames"] if "frames" in batch else batch["images"]  # (B, [T,] 3, H, W)
+            if cfg.video and images.dim() == 4:  # clips of copies (official videoswinb_joint.yaml)
+                images = repeat(images, "b c h w -> b t c h w", t=cfg.num_frames)
+                targets = [{**t, "masks": repeat(t["masks"], "n h w -> n t h w", t=cfg.num_frames)}
+                           for t in targets]
+            images, targets = to_device((images, targets), ddp.device)
             with autocast(ddp.device):
                 outputs = model(images, batch["image_sizes"], texts, image_index.to(ddp.device))
-            terms = compute_losses(cfg, outputs, targets, triplets.to(ddp.device))
+            terms = compute_losses(cfg, outputs, targets, triplets=triplets.to(ddp.device))
             loss = (cfg.w_cls * terms["ce"] + cfg.w_bce * terms["bce"] + cfg.w_dice * terms["dice"]
                     + cfg.w_mcc * terms.get("mcc", 0))  # Eq. (8), dice weighted as the mask BCE
             check_finite(loss, terms, step)
@@ -623,9 +703,14 @@ def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__)
     out, ddp = run_dir(cfg, "vatex", ABLATIONS), setup_distributed()
     checkpoint = cfg.checkpoint or out / "last.pt"
+    video = cfg.data in ("ytvos", "davis")
 
-    def rule(images, expression, orig_size):
-        return predict_masks(model, images.to(ddp.device), expression, orig_size)
+    def rule(frames, expression, orig_size):  # (T, H0, W0); a video: one top-1 query for all
+        if video:  # Ref-DAVIS17's protocol scores mask probabilities
+            return video_query_masks(model, frames.to(ddp.device), expression, orig_size,
+                                     threshold=None, chunk=cfg.eval_chunk, top1=True,
+                                     probabilities=cfg.data == "davis" and not cfg.predict)
+        return predict_masks(model, frames.to(ddp.device), expression, orig_size)[None]
 
     if cfg.mcc_loss not in ("paper", "infonce"):
         raise SystemExit(f"vatex: --mcc-loss must be paper or infonce, got {cfg.mcc_loss!r}")
@@ -638,14 +723,18 @@ def main(argv=None):
         else:
             model, trained = load_trained(checkpoint, Config, build_model, ddp.device)
         if cfg.predict:
-            predict_files(cfg.predict, cfg.text, lambda f, e, s: rule(f, e, s)[None], model=model,
-                          out=out / "vis" / "predict", short_side=trained.short_side,
-                          max_size=trained.max_size)
+            predict_files(cfg.predict, cfg.text, rule, model=model, out=out / "vis" / "predict",
+                          short_side=trained.short_side, max_size=trained.max_size)
+        elif video:
+            evaluate_video(make_dataset(cfg, root, cfg.eval_split, train=False),
+                           lambda item: rule(item["frames"], item["expression"], item["orig_size"]),
+                           model=model, out=out, data=cfg.data, split=cfg.eval_split,
+                           checkpoint=checkpoint)
         else:
             subsets = motion_sentence_keys(root) if cfg.data == "toy" else None
             evaluate_image(make_dataset(cfg, root, cfg.eval_split, train=False),
                            lambda item: rule(item["image"][None], item["expression"],
-                                             item["orig_size"]),
+                                             item["orig_size"])[0],
                            model=model, out=out, split=cfg.eval_split, checkpoint=checkpoint,
                            strict_pr=True, subsets=subsets)
     cleanup_distributed()

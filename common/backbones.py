@@ -5,18 +5,22 @@
   hands back the transformer-decoder weights for `common.mask2former.MaskedAttentionDecoder`.
 - `TextEncoder`: RoBERTa word features and a sentence feature.
 - `CLIPEncoder`: CLIP text embeddings and patch tokens projected into the joint space.
+- `VideoSwinBackbone`: torchvision's Video Swin as a per-frame feature extractor (its weights via
+  torchvision: `load_video_swin_b`).
 - `count_parameters` / `parameter_report`: trainable and frozen parameters per module.
 
 Every encoder has `from_pretrained` (real weights through transformers' own loaders; raises
 `WeightsNotFoundError` when they cannot be found, never falls back to random weights) and `tiny`
 (a random CPU-sized model with the same code path, for the toy configurations and tests).
 """
+import math
 import os
 
 import einops
 import torch
 from huggingface_hub import constants as hub_constants
 from torch import nn
+from torchvision.models.video import Swin3D_B_Weights, SwinTransformer3d
 from transformers import (
     AutoTokenizer,
     CLIPConfig,
@@ -102,6 +106,22 @@ def sine_position_embedding(feature: torch.Tensor, num_channels: int) -> torch.T
     embed = Mask2FormerSinePositionEmbedding(num_position_features=num_channels // 2,
                                              normalize=True)
     return embed(feature.shape, feature.device, feature.dtype)  # (B, num_channels, H, W)
+
+
+def sine_position_embedding_3d(feature: torch.Tensor, num_channels: int,
+                               num_frames: int) -> torch.Tensor:
+    """Video Mask2Former's normalised 3-D sine position embedding (its PositionEmbeddingSine3D,
+    which VITA-style video decoders add to their keys) of the maps (B*T, C_any, H, W) of clips of
+    `num_frames` frames, the frames of a clip consecutive -> (B*T, num_channels, H, W): each
+    frame's 2-D sine (`sine_position_embedding`) plus a sine of its normalised index t / T * 2 pi
+    (t = 1..T) over all num_channels."""
+    t = torch.arange(1, num_frames + 1, device=feature.device) / (num_frames + 1e-6) * 2 * math.pi
+    freq = 10_000 ** (2 * (torch.arange(num_channels, device=feature.device) // 2) / num_channels)
+    angles = t[:, None] / freq  # (T, num_channels)
+    temporal = torch.stack([angles[:, 0::2].sin(), angles[:, 1::2].cos()], -1).flatten(1)
+    temporal = einops.repeat(temporal.to(feature.dtype), "t c -> (b t) c 1 1",
+                             b=len(feature) // num_frames)  # (B*T, num_channels, 1, 1)
+    return sine_position_embedding(feature, num_channels) + temporal
 
 
 def swin_tiny_coco_config(**overrides) -> Mask2FormerConfig:
@@ -248,6 +268,92 @@ def load_swin_backbone(name_or_path: str = SWIN_BASE_22K, *, drop_path_rate: flo
                            drop_path_rate=drop_path_rate, **hub_kwargs)
     backbone.swin.layernorm.requires_grad_(False)
     return backbone
+
+
+# -------------------------------------------------------- a Video Swin backbone (torchvision)
+class VideoSwinBackbone(nn.Module):
+    """A Video Swin Transformer (Liu et al., CVPR 2022; torchvision's SwinTransformer3d) as a
+    per-frame feature extractor, adapted as MTTR and ReferFormer adapt it (wjn922/ReferFormer @
+    06fc218, models/video_swin_transformer.py, VideoSwinTransformerBackbone): a temporal patch size
+    of 1, so no stage downsamples time and every frame keeps its maps; the four stage outputs
+    before patch merging, without a norm; the classifier's final norm and head are not kept.
+
+    forward(frames (B, T, 3, H, W) ImageNet-normalised, H W multiples of 32, chunk=None) -> four
+    maps [(B*T, C_s, H/s, W/s)], s = 4, 8, 16, 32, the frames of a clip consecutive ((b t)
+    order), the layout of an image backbone's feature_maps over B*T images. `chunk` runs a clip
+    through in pieces of that many frames (attention stays within a piece; one pass when T <=
+    chunk). `channels`: [C_s]."""
+
+    def __init__(self, swin: SwinTransformer3d):
+        super().__init__()
+        if swin.patch_embed.tuple_patch_size[0] != 1:
+            raise ValueError(f"VideoSwinBackbone needs a temporal patch size of 1 (per-frame "
+                             f"maps), got patch size {swin.patch_embed.tuple_patch_size}")
+        self.patch_embed, self.pos_drop = swin.patch_embed, swin.pos_drop
+        self.features = swin.features  # stage 1, patch merging, stage 2, ..., stage 4
+        width = swin.patch_embed.proj.out_channels
+        self.channels = [width * 2 ** i for i in range((len(swin.features) + 1) // 2)]
+
+    def forward(self, frames, chunk=None):
+        pieces = [self._stages(p) for p in frames.split(chunk or frames.shape[1], dim=1)]
+        return [einops.rearrange(torch.cat(maps, 1), "b t h w c -> (b t) c h w")
+                for maps in zip(*pieces)]  # 4 x (B*T, C_s, H/s, W/s)
+
+    def _stages(self, frames):
+        x = self.patch_embed(einops.rearrange(frames, "b t c h w -> b c t h w"))
+        x = self.pos_drop(x)  # (B, T, H/4, W/4, C)
+        maps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i % 2 == 0:  # a stage's output, before its patch merging
+                maps.append(x)  # (B, T, H/s, W/s, C_s)
+        return maps
+
+
+def _swin3d_b(**overrides) -> SwinTransformer3d:
+    return SwinTransformer3d(**{"patch_size": [1, 4, 4], "embed_dim": 128, "depths": [2, 2, 18, 2],
+                                "num_heads": [4, 8, 16, 32], "window_size": [8, 7, 7],
+                                "stochastic_depth_prob": 0.2, **overrides})
+
+
+def video_swin_b(**overrides) -> VideoSwinBackbone:
+    """torchvision's swin3d_b architecture (embed 128, depths 2-2-18-2, heads 4-8-16-32, window
+    8x7x7) with a temporal patch size of 1 and ReferFormer's drop path 0.2 (its
+    video_swin_b_p4w7), random weights, for building it without downloading; `overrides` go to
+    SwinTransformer3d."""
+    return VideoSwinBackbone(_swin3d_b(**overrides))
+
+
+def tiny_video_swin(*, embed_dim: int = 16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                    window_size=(2, 4, 4)) -> VideoSwinBackbone:
+    """A random CPU-sized VideoSwinBackbone (the same code path), for tests and toy models."""
+    return video_swin_b(embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
+                        window_size=list(window_size), stochastic_depth_prob=0.0)
+
+
+def load_video_swin_b(weights=Swin3D_B_Weights.KINETICS400_IMAGENET22K_V1,
+                      **overrides) -> VideoSwinBackbone:
+    """`video_swin_b` with torchvision's pretrained weights (default: Kinetics-400, initialised
+    from ImageNet-22k), loaded by torchvision (`weights.get_state_dict`: torch hub's cache, else a
+    download); the 2-frame patch kernel is summed into a 1-frame one, as MTTR and ReferFormer do.
+    WeightsNotFoundError when the weights cannot be loaded."""
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as err:  # no network (URLError), a bad file (hash)
+        name = f"torchvision.models.video.{type(weights).__name__}.{weights.name}"
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        raise WeightsNotFoundError(
+            f"Could not load the pretrained weights {name}.\n"
+            f"Looked for: {path} (torch hub's cache, set with TORCH_HOME), then {weights.url}.\n"
+            f"Fix: on a machine with internet run `python -c \"import torchvision; {name}"
+            f".get_state_dict()\"` and copy the file it writes to {path} here. Random weights are "
+            f"never used instead.\n"
+            f"Cause: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    kernel = state["patch_embed.proj.weight"]  # (C, 3, 2, 4, 4)
+    state["patch_embed.proj.weight"] = kernel.sum(2, keepdim=True)  # (C, 3, 1, 4, 4)
+    swin = _swin3d_b(**overrides)
+    swin.load_state_dict(state)
+    return VideoSwinBackbone(swin)
 
 
 def clip_b16_config() -> CLIPConfig:

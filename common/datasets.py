@@ -1,11 +1,14 @@
-"""Dataset readers for referring segmentation: MeViS, Ref-YouTube-VOS, Ref-DAVIS17 (video) and
-RefCOCO / RefCOCO+ / RefCOCOg (images); for video instance segmentation (VITA): YouTube-VIS and
-OVIS; clip sampling; transforms; collate. Masks are decoded by common/coco_mask.py.
+"""Dataset readers for referring segmentation: MeViS, Ref-YouTube-VOS, Ref-DAVIS17,
+A2D-Sentences and JHMDB-Sentences (video) and RefCOCO / RefCOCO+ / RefCOCOg and Ref-ZOM
+(images); for video instance segmentation (VITA): YouTube-VIS and OVIS; clip sampling;
+transforms; referred images as pseudo-videos and mixes of datasets (VITA's recipe); collate.
+Masks are decoded by common/coco_mask.py.
 
 The exact on-disk layout each reader expects, and where to get the data, is in data/README.md.
 Items are plain dicts of tensors; `collate_video` / `collate_image` / `collate_vis` pad a batch
 to a multiple of 32.
 """
+import csv
 import json
 import math
 import pickle
@@ -14,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import scipy.io
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -625,6 +629,385 @@ class RefDAVIS17(_PaletteVideo):
                          short_side=short_side, max_size=max_size, flip=flip, seed=seed)
 
 
+# ---------------------------------------------------------------- A2D-Sentences / JHMDB-Sentences
+
+def annotated_window(num_video_frames: int, frame: int, *, num_frames: int) -> tuple:
+    """The evaluation clip of MTTR and ReferFormer (datasets/a2d.py, jhmdb.py, subset 'val'):
+    num_frames consecutive frames with the annotated `frame` (0-based) at position
+    num_frames // 2, indices outside the video clamped to its ends (edge frames repeated).
+    Returns (the frame indices, the position of `frame` among them: its first occurrence, as
+    ReferFormer's `sample_indx.index(frame_id)`, the frame it scores)."""
+    start = frame - num_frames // 2
+    frame_idx = [min(max(i, 0), num_video_frames - 1) for i in range(start, start + num_frames)]
+    return frame_idx, frame_idx.index(frame)
+
+
+def sample_annotated_clip(num_video_frames: int, frame: int, *, num_frames: int,
+                          generator: torch.Generator) -> tuple:
+    """ReferFormer's A2D-Sentences training clip (wjn922/ReferFormer @ 06fc218, datasets/a2d.py):
+    the annotated `frame` (0-based), one frame 1-3 before and one 1-3 after it (clamped to the
+    video), and num_frames - 3 frames drawn without replacement from outside the span of those
+    three (its two ends included, as there), else from the whole video, else every frame and the
+    rest drawn with replacement (ReferFormer: without, which fails for clips over twice the video
+    length). Returns (the sorted indices, the position of `frame` among them: its first
+    occurrence, as `sample_indx.index(frame_id)`)."""
+    if num_frames < 3:
+        raise ValueError(f"an annotated-frame clip has at least 3 frames (the annotated one and "
+                         f"one on each side), got num_frames={num_frames}")
+    before, after = (int(torch.randint(1, 4, (), generator=generator)) for _ in range(2))
+    picked = [frame, max(0, frame - before), min(num_video_frames - 1, frame + after)]
+    need, every = num_frames - 3, list(range(num_video_frames))
+    outside = every[:min(picked)] + every[max(picked):]
+    if len(outside) > need:
+        chosen = torch.randperm(len(outside), generator=generator)[:need].tolist()
+        picked += [outside[i] for i in chosen]
+    elif num_video_frames >= need:
+        picked += torch.randperm(num_video_frames, generator=generator)[:need].tolist()
+    else:
+        picked += every + torch.randint(num_video_frames, (need - num_video_frames,),
+                                        generator=generator).tolist()
+    frame_idx = sorted(int(i) for i in picked)
+    return frame_idx, frame_idx.index(frame)
+
+
+def _read_text(path: Path, dataset: str, what: str) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset}: expected {what} at {path} (see data/README.md)")
+    return path.read_text(encoding="utf-8")
+
+
+def read_a2d_videoset(path: Path) -> dict:
+    """Release/videoset.csv -> {video: split}: no header, 9 columns (vid, label, start_time,
+    end_time, height, width, total_frames, annotated_frames, subset; MTTR's names), the split
+    in the last (0 train, 1 test)."""
+    splits = {}
+    for line, row in enumerate(csv.reader(_read_text(path, "A2D-Sentences",
+                                                     "the video list").splitlines()), 1):
+        if not row:
+            continue
+        if len(row) != 9 or not row[8].strip().isdigit():
+            raise ValueError(f"A2D-Sentences: {path} line {line} should have 9 comma-separated "
+                             f"columns, the last the split (0 or 1), got {row}")
+        splits[row[0]] = int(row[8])
+    return splits
+
+
+def read_a2d_sentences(path: Path) -> list:
+    """text_annotations/a2d_annotation.txt (header video_id,instance_id,query) -> one dict per
+    row {"row", "video", "instance", "query"}, instance as written (the release has one
+    '1 (copy)')."""
+    reader = csv.DictReader(_read_text(path, "A2D-Sentences", "the sentence file").splitlines())
+    if not {"video_id", "instance_id", "query"} <= set(reader.fieldnames or ()):
+        raise ValueError(f"A2D-Sentences: {path} should start with the header "
+                         f"'video_id,instance_id,query', got {reader.fieldnames}")
+    return [{"row": i, "video": r["video_id"], "instance": r["instance_id"].strip(),
+             "query": r["query"]} for i, r in enumerate(reader)]
+
+
+def a2d_instance_masks(arrays, where: str) -> tuple:
+    """One annotated A2D frame (the arrays of its .h5 file, kept as they are in the converted
+    .npz) -> (instance ids (N,) int64, masks (N, H, W) bool). `reMask` is stored transposed,
+    (N, W, H), or (W, H) when the frame has one instance, as MTTR reads it
+    (a2d_sentences_dataset.py: `[np.newaxis]` when one instance, then `.transpose(1, 2)`)."""
+    for key in ("instance", "reMask"):
+        if key not in arrays:
+            raise KeyError(f"A2D-Sentences: {where} has no array {key!r} (see data/README.md)")
+    ids = np.asarray(arrays["instance"]).reshape(-1).astype(np.int64)  # (N,)
+    masks = np.asarray(arrays["reMask"])
+    if len(ids) == 1 and masks.ndim == 2:
+        masks = masks[None]  # (1, W, H)
+    if masks.ndim != 3 or len(masks) != len(ids):
+        raise ValueError(f"A2D-Sentences: {where} has reMask of shape {masks.shape} for "
+                         f"{len(ids)} instances; expected (N, W, H), or (W, H) for one")
+    return ids, rearrange(masks != 0, "n w h -> n h w")
+
+
+class _AnnotatedFrames(torch.utils.data.Dataset):
+    """Shared item logic of A2D-Sentences and JHMDB-Sentences: a sample is one sentence with one
+    annotated frame of its video.
+
+    A subclass fills `self.samples` (dicts: video, exp_id, expression, obj_ids, frame (0-based),
+    length (the frames a clip may use), image_id (the COCO image id of MTTR's ground truth)) and
+    implements `_frame_path(sample, t)` and `_mask(sample) -> (H0, W0) bool numpy`.
+
+    Training items: `sample_annotated_clip` frames and masks (1, 1, H, W), the target at the
+    annotated frame only, whose position in the clip is "annotated_frame"; when no target pixel
+    is left after the resize, a random other sample is drawn, as ReferFormer does (its
+    `instance_check`). Evaluation items: the `annotated_window` frames, "gt" (H0, W0) bool the
+    target at the annotated frame, "frame" its position in the window, "image_id".
+    """
+
+    name = "annotated-frame dataset"
+    max_tries = 100  # samples drawn before giving up on a training item
+
+    def __init__(self, *, train, num_frames, short_side, max_size, flip, seed):
+        self.train, self.num_frames, self.short_side, self.max_size = train, num_frames, \
+            short_side, max_size
+        self.flip, self.seed, self.samples = flip, seed, []
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _load_frames(self, sample, frame_idx) -> torch.Tensor:
+        frames = [_read_rgb(self._frame_path(sample, t)) for t in frame_idx]
+        if len({f.shape for f in frames}) > 1:
+            raise ValueError(f"{self.name}: frames of video {sample['video']!r} differ in size: "
+                             f"{sorted({f.shape[:2] for f in frames})}; expected one size")
+        return rearrange(torch.from_numpy(np.stack(frames)), "t h w c -> t c h w")  # (T, 3, H0, W0)
+
+    def _sized(self, sample, mask, size) -> np.ndarray:
+        if mask.shape != tuple(size):
+            raise ValueError(f"{self.name}: the mask of frame {sample['frame'] + 1} of video "
+                             f"{sample['video']!r} is {list(mask.shape)}, its frame {list(size)}")
+        return mask
+
+    def __getitem__(self, index):
+        return self._train_item(index) if self.train else self._eval_item(index)
+
+    def _train_item(self, index):
+        generator = item_generator(self.seed)
+        for _ in range(self.max_tries):
+            sample = self.samples[index]
+            mask = self._mask(sample)  # (H0, W0)
+            if mask.any():
+                frame_idx, position = sample_annotated_clip(
+                    sample["length"], sample["frame"], num_frames=self.num_frames,
+                    generator=generator)
+                frames = self._load_frames(sample, frame_idx)  # (T, 3, H0, W0)
+                orig_size = tuple(frames.shape[-2:])
+                # (1, 1, H0, W0)
+                masks = torch.from_numpy(self._sized(sample, mask, orig_size))[None, None]
+                frames, masks = resize_clip(frames, masks, short_side=self.short_side,
+                                            max_size=self.max_size)
+                if masks.any():
+                    break
+            index = int(torch.randint(len(self.samples), (), generator=generator))
+        else:
+            raise RuntimeError(f"{self.name}: no target pixel in {self.max_tries} drawn samples "
+                               f"(after resizing)")
+        expression = sample["expression"]
+        if self.flip and _coin(generator):
+            frames, masks, expression = hflip_clip(frames, masks, expression)
+        return {
+            "frames": normalize(frames),  # (T, 3, H, W)
+            "masks": masks,  # (1, 1, H, W): the annotated frame only
+            "annotated_frame": position,
+            "expression": expression,
+            "video": sample["video"],
+            "exp_id": sample["exp_id"],
+            "frame_idx": torch.tensor(frame_idx, dtype=torch.long),  # (T,)
+            "obj_ids": list(sample["obj_ids"]),
+            "index": index,
+            "orig_size": orig_size,
+        }
+
+    def _eval_item(self, index):
+        sample = self.samples[index]
+        frame_idx, position = annotated_window(sample["length"], sample["frame"],
+                                               num_frames=self.num_frames)
+        resized = {}
+        for t in dict.fromkeys(frame_idx):  # each frame once, at full resolution one at a time
+            frame = self._load_frames(sample, [t])  # (1, 3, H0, W0)
+            orig_size = tuple(frame.shape[-2:])
+            resized[t] = resize_clip(frame, short_side=self.short_side, max_size=self.max_size)[0]
+        return {
+            "frames": normalize(torch.cat([resized[t] for t in frame_idx])),  # (T, 3, H, W)
+            "gt": torch.from_numpy(self._sized(sample, self._mask(sample), orig_size)),  # (H0, W0)
+            "frame": position,
+            "frame_idx": torch.tensor(frame_idx, dtype=torch.long),  # (T,)
+            "orig_size": orig_size,
+            "expression": sample["expression"],
+            "video": sample["video"],
+            "exp_id": sample["exp_id"],
+            "image_id": sample["image_id"],
+            "index": index,
+        }
+
+
+class A2DSentences(_AnnotatedFrames):
+    """A2D-Sentences (Gavrilyuk et al., CVPR'18) after data/convert_a2d.py, which decodes the
+    release's videos to JPEG frames and copies each annotation .h5 to a .npz with the same
+    arrays: <root>/Release/videoset.csv, <root>/text_annotations/{a2d_annotation.txt,
+    a2d_missed_videos.txt, a2d_annotation_with_instances/<video>/<frame:05d>.npz} and
+    <root>/JPEGImages/<video>/<frame:05d>.jpg (numbered from 1, as the annotations); see
+    data/README.md. Splits `train` and `test` (videoset.csv's last column, 0 and 1).
+
+    Samples as MTTR builds them (mttr2021/MTTR @ 2cc35ab, datasets/a2d_sentences/
+    a2d_sentences_dataset.py `get_text_annotations`; ReferFormer reads its output): the sentence
+    rows of the split's videos, except the videos a2d_missed_videos.txt lists and the row whose
+    instance_id is '1 (copy)'; for each, every annotated frame (in name order) whose `instance`
+    array lists the row's instance id gives one sample; its mask is the first listed one's
+    (`a2d_instance_masks`). The expression is lower-cased with its whitespace collapsed. Checked
+    at init: the three text files, each video's annotation folder and frames (00001.jpg
+    onwards, no gap; every annotated frame among them); masks are checked when read.
+    frame_range is not used (ReferFormer's clip: `sample_annotated_clip`). Defaults: DsHmp's
+    short side 360 / long side 640 (ReferFormer's test size too), ReferFormer's 5 frames.
+    """
+
+    name = "A2D-Sentences"
+    splits = {"train": 0, "test": 1}  # videoset.csv's last column (MTTR)
+    dropped_instance = "1 (copy)"  # MTTR: "a single dataset annotation mistake in T6bNPuKV-wY"
+
+    def __init__(self, root, split, *, train: bool, num_frames=5, frame_range=None,
+                 short_side=360, max_size=640, flip=True, seed=0):
+        super().__init__(train=train, num_frames=num_frames, short_side=short_side,
+                         max_size=max_size, flip=flip, seed=seed)
+        if split not in self.splits:
+            raise ValueError(f"A2D-Sentences: no split {split!r}; the splits are "
+                             f"{sorted(self.splits)}")
+        root = _require_dir(Path(root), self.name, "dataset root")
+        text_dir = root / "text_annotations"
+        videoset = read_a2d_videoset(root / "Release" / "videoset.csv")
+        missed = set(_read_text(text_dir / "a2d_missed_videos.txt", self.name,
+                                "the list of missed videos").splitlines())
+        used = {v for v, s in videoset.items() if s == self.splits[split] and v not in missed}
+        self.annotation_dir = text_dir / "a2d_annotation_with_instances"
+        self.image_dir = _require_dir(root / "JPEGImages", self.name, "frame")
+        lengths, frame_ids = {}, {}  # per video; per annotation file: its instance ids
+        for row in read_a2d_sentences(text_dir / "a2d_annotation.txt"):
+            video = row["video"]
+            if video not in used or row["instance"] == self.dropped_instance:
+                continue
+            if not row["instance"].isdigit():
+                raise ValueError(f"A2D-Sentences: {text_dir / 'a2d_annotation.txt'} row "
+                                 f"{row['row'] + 1} has instance_id {row['instance']!r}; "
+                                 f"expected an integer")
+            if video not in lengths:
+                lengths[video] = self._video_frames(video)
+            instance = int(row["instance"])
+            for path in sorted(_require_dir(self.annotation_dir / video, self.name,
+                                            f"annotation of video {video!r}").glob("*.npz")):
+                if path not in frame_ids:
+                    frame_ids[path] = self._instance_ids(path)
+                if instance not in frame_ids[path]:
+                    continue  # not annotated in this frame: no sample (MTTR, after CMPC-V)
+                frame = int(path.stem)
+                if not 1 <= frame <= lengths[video]:
+                    raise FileNotFoundError(f"A2D-Sentences: {path} annotates frame {frame}, "
+                                            f"but {self.image_dir / video} holds frames 1 to "
+                                            f"{lengths[video]} (see data/README.md)")
+                self.samples.append({
+                    "video": video, "exp_id": str(row["row"]),
+                    "expression": " ".join(row["query"].lower().split()),
+                    "obj_ids": [instance], "frame": frame - 1, "length": lengths[video],
+                    "image_id": f"v_{video}_f_{frame}_i_{instance}", "file": path})
+
+    def _video_frames(self, video) -> int:
+        folder = _require_dir(self.image_dir / video, self.name, f"video {video!r}")
+        names = sorted(p.stem for p in folder.iterdir() if p.suffix == ".jpg")
+        expected = [f"{i:05d}" for i in range(1, len(names) + 1)]
+        if names != expected:
+            gap = next(e for n, e in zip(names + [""], expected) if n != e)
+            raise FileNotFoundError(f"A2D-Sentences: {folder} should hold frames 00001.jpg to "
+                                    f"{len(names):05d}.jpg, but {gap}.jpg is missing (see "
+                                    f"data/README.md)")
+        return len(names)
+
+    def _instance_ids(self, path: Path) -> list:
+        with np.load(path) as arrays:  # reads the one array only
+            if "instance" not in arrays:
+                raise KeyError(f"A2D-Sentences: {path} has no array 'instance' (see "
+                               f"data/README.md)")
+            return np.asarray(arrays["instance"]).reshape(-1).astype(np.int64).tolist()
+
+    def _frame_path(self, sample, t) -> Path:
+        return self.image_dir / sample["video"] / f"{t + 1:05d}.jpg"
+
+    def _mask(self, sample) -> np.ndarray:
+        with np.load(sample["file"]) as arrays:
+            ids, masks = a2d_instance_masks(arrays, str(sample["file"]))  # (N,), (N, H0, W0)
+        return masks[list(ids).index(sample["obj_ids"][0])]  # the first listed, as MTTR
+
+
+def _from_part(listed: str, folder: str, path: Path, k: int) -> Path:
+    """The part of a path that JHMDB-Sentences' samples file lists from `folder` on (it lists
+    './jhmdb_sentences/<folder>/...')."""
+    parts = Path(listed).parts
+    if folder not in parts:
+        raise ValueError(f"JHMDB-Sentences: {path} entry {k} lists {listed!r}, which has no "
+                         f"{folder}/ part")
+    return Path(*parts[parts.index(folder):])
+
+
+class JHMDBSentences(_AnnotatedFrames):
+    """JHMDB-Sentences (Gavrilyuk et al., CVPR'18), evaluation only, in its release layout plus
+    MTTR's samples file, read as they are: <root>/Rename_Images/<class>/<video>/<frame:05d>.png,
+    <root>/puppet_mask/<class>/<video>/puppet_mask.mat (`part_mask`, uint8 (H, W, T), not
+    transposed; T may be less than the PNGs) and <root>/jhmdb_sentences_samples_metadata.json;
+    see data/README.md.
+
+    The scored frames are 3 per video that MTTR drew once without a seed (@ 2cc35ab,
+    datasets/jhmdb_sentences/jhmdb_sentences_dataset.py `get_samples_metadata`: random.sample
+    among the frames that have a mask) and ships as that json, which its config
+    (generate_new_samples_metadata: false) and ReferFormer read; the draw cannot be redone, so
+    this reader reads the json: [video, frame path, mask path, usable frames (min of the PNGs and
+    T), sentence] per sample. The paths are taken from their Rename_Images/ and puppet_mask/
+    parts, under <root>; the usable frames bound the window. Checked at init: the json, each
+    video's frames 00001.png onwards and its mask file; masks are checked when read.
+    """
+
+    name = "JHMDB-Sentences"
+    metadata_file = "jhmdb_sentences_samples_metadata.json"
+
+    def __init__(self, root, split="test", *, train: bool = False, num_frames=5, frame_range=None,
+                 short_side=360, max_size=640, flip=False, seed=0):
+        super().__init__(train=train, num_frames=num_frames, short_side=short_side,
+                         max_size=max_size, flip=flip, seed=seed)
+        if train or split != "test":
+            raise ValueError(f"JHMDB-Sentences is evaluation only (split 'test', train=False), "
+                             f"got split {split!r}, train={train}")
+        self.root = root = _require_dir(Path(root), self.name, "dataset root")
+        path = root / self.metadata_file
+        metadata = _read_json(path, self.name, "MTTR's samples file")
+        if not isinstance(metadata, list):
+            raise ValueError(f"JHMDB-Sentences: {path} should be a list of samples")
+        checked = set()
+        for k, entry in enumerate(metadata):
+            if not isinstance(entry, list) or len(entry) != 5:
+                raise ValueError(f"JHMDB-Sentences: {path} should be a list of [video, frame "
+                                 f"path, mask path, frames, sentence], entry {k} is {entry!r}")
+            video, frame_path, mask_path, length, text = entry
+            frames_dir = root / _from_part(frame_path, "Rename_Images", path, k).parent
+            mask_file = root / _from_part(mask_path, "puppet_mask", path, k)
+            frame = int(Path(frame_path).stem)
+            if video not in checked:
+                self._check_video(frames_dir, mask_file, int(length))
+                checked.add(video)
+            self.samples.append({
+                "video": video, "exp_id": video,
+                "expression": " ".join(str(text).lower().split()),
+                "obj_ids": [0], "frame": frame - 1, "length": int(length),
+                "image_id": f"v_{video}_f_{frame}", "frames_dir": frames_dir,
+                "mask_file": mask_file})
+
+    def _check_video(self, frames_dir: Path, mask_file: Path, length: int) -> None:
+        folder = _require_dir(frames_dir, self.name, "frame")
+        present = {p.name for p in folder.iterdir()}
+        missing = [f"{i:05d}.png" for i in range(1, length + 1) if f"{i:05d}.png" not in present]
+        if missing:
+            raise FileNotFoundError(f"JHMDB-Sentences: {folder} should hold frames 00001.png to "
+                                    f"{length:05d}.png, but {missing[0]} is missing (see "
+                                    f"data/README.md)")
+        if not mask_file.is_file():
+            raise FileNotFoundError(f"JHMDB-Sentences: expected the masks at {mask_file} (see "
+                                    f"data/README.md)")
+
+    def _frame_path(self, sample, t) -> Path:
+        return sample["frames_dir"] / f"{t + 1:05d}.png"
+
+    def _mask(self, sample) -> np.ndarray:
+        path = sample["mask_file"]
+        try:
+            masks = scipy.io.loadmat(path)["part_mask"]  # (H0, W0, T)
+        except (KeyError, ValueError, OSError) as err:
+            raise ValueError(f"JHMDB-Sentences: {path} is not a MATLAB file with a 'part_mask' "
+                             f"array: {type(err).__name__}: {err}") from None
+        if masks.ndim != 3 or sample["frame"] >= masks.shape[2]:
+            raise ValueError(f"JHMDB-Sentences: {path} has part_mask of shape {masks.shape}; "
+                             f"expected (H, W, T) with T >= {sample['frame'] + 1}")
+        return masks[:, :, sample["frame"]] != 0  # (H0, W0)
+
+
 # ---------------------------------------------------------------- video instance segmentation
 
 def _listed_files(image_root: Path, file_names: list, dataset: str, where: str) -> None:
@@ -899,15 +1282,20 @@ class RefCOCO(torch.utils.data.Dataset):
         where = f"{self.instances_path}, annotation {sample['ann_id']}"
         return decode_segmentation(segmentation, *sample["size"], dataset="RefCOCO", where=where)
 
-    def __getitem__(self, index):
+    def load(self, index) -> tuple:
+        """Sample `index`'s image (3, H0, W0) uint8 and referred mask (H0, W0) bool, as stored."""
         sample = self.samples[index]
         path = self.image_root / sample["file_name"]
         image = load_rgb(path)  # (3, H0, W0) uint8
         if tuple(image.shape[-2:]) != sample["size"]:
-            raise ValueError(f"RefCOCO: {path} is {list(image.shape[-2:])}, but "
+            raise ValueError(f"{self.name}: {path} is {list(image.shape[-2:])}, but "
                              f"{self.instances_path} says "
                              f"{list(sample['size'])}")
-        mask = torch.from_numpy(self._mask(sample))  # (H0, W0)
+        return image, torch.from_numpy(self._mask(sample))  # (3, H0, W0), (H0, W0)
+
+    def __getitem__(self, index):
+        sample = self.samples[index]
+        image, mask = self.load(index)  # (3, H0, W0), (H0, W0)
         expression = sample["expression"]
         frames, masks = resize_clip(image[None], mask[None, None], short_side=self.short_side,
                                     max_size=self.max_size)
@@ -929,6 +1317,271 @@ class RefCOCO(torch.utils.data.Dataset):
             "flipped": flipped,
         })
         return item
+
+
+# ---------------------------------------------------------------- Ref-ZOM
+
+class RefZOM(RefCOCO):
+    """Ref-ZOM (Hu et al., "Beyond One-to-One: Rethinking the Referring Image Segmentation", ICCV
+    2023) in its release layout, as RIS-DMMI reads it (toggle1995/RIS-DMMI @ 753cd60: README.md,
+    refer/refer.py, data/dataset_zom.py): <root>/refs(<split_by>).p, the downloaded
+    `Ref-ZOM(final).p` renamed (split_by "final"; a pickle: only load files you trust), and
+    <root>/instances.json; images at <image_root>/<file_name>, COCO train2014 and val2014 merged
+    into one folder (trainval2014).
+
+    Refs are refer API dicts with a "source". Source "zero": the sentence refers to nothing and its
+    mask is all zero (refer.py getMask); any other: "ann_id" is one annotation id or a list, the
+    target the union of their masks (getMask: every polygon of every annotation). One sample per
+    sentence of the refs in `split` (train / test, the refer API's rule), as dataset_zom.py
+    (all_sent_id_list) and test.py score them. Items are RefCOCO's; samples add "ann_ids" (the
+    target's annotations, [] for none) and "no_target". A sample's "ann_id" is its first target
+    annotation, or for no target -1 - ref_id (no annotation's: the ref's sentences share it, no
+    other ref does); "category_id" is the first target annotation's category, 0 (no COCO
+    category) for no target. Every listed annotation must be in instances.json (refer.py's index
+    looks each one up); a no-target ref's ann_id is not read.
+    """
+
+    name = "Ref-ZOM"
+
+    def __init__(self, root, image_root, *, split_by="final", split="train", train: bool,
+                 short_side=480, max_size=1333, flip=True, seed=0):
+        self.train, self.short_side, self.max_size, self.flip, self.seed = train, short_side, \
+            max_size, flip, seed
+        name, root = self.name, _require_dir(Path(root), self.name, "dataset root")
+        self.image_root = _require_dir(Path(image_root), name,
+                                       "image (COCO train2014 + val2014 merged, trainval2014)")
+        refs_path = root / f"refs({split_by}).p"
+        refs = _read_pickle(refs_path, name, "the refs pickle (the release's Ref-ZOM(final).p, "
+                                             "renamed)")
+        self.instances_path = root / "instances.json"
+        instances = _read_json(self.instances_path, name, "the COCO instances file")
+        images = {img["id"]: img for img in _key(instances, "images", self.instances_path, name,
+                                                 "the top level")}
+        self.annotations = {a["id"]: a for a in _key(instances, "annotations",
+                                                     self.instances_path, name, "the top level")}
+        selected = [r for r in refs if _in_split(_key(r, "split", refs_path, name, "a ref"), split)]
+        if not selected:
+            raise ValueError(f"{name}: no refs with split {split!r} in {refs_path}; it has splits "
+                             f"{sorted({r['split'] for r in refs})}")
+        self.sentences, self.ref_ann, self.image_refs, self.samples = {}, {}, {}, []
+        for ref in selected:
+            for k in ("ref_id", "ann_id", "image_id", "split", "sentences", "source"):
+                _key(ref, k, refs_path, name, f"ref {ref.get('ref_id')}")
+            where = f"ref {ref['ref_id']}"
+            no_target = ref["source"] == "zero"
+            ann_ids = [] if no_target else _as_list(ref["ann_id"])
+            if not no_target and not ann_ids:
+                raise ValueError(f"{name}: {refs_path} {where} has source {ref['source']!r} but "
+                                 f"an empty ann_id (see data/README.md)")
+            anns = [_key(self.annotations, a, self.instances_path, name, "annotations (ids)")
+                    for a in ann_ids]
+            image = _key(images, ref["image_id"], self.instances_path, name, "images (ids)")
+            self.sentences[ref["ref_id"]] = [_expression(s, refs_path, name, f"{where} sentences",
+                                                         key="sent") for s in ref["sentences"]]
+            self.ref_ann[ref["ref_id"]] = ann_ids[0] if ann_ids else -1 - ref["ref_id"]
+            self.image_refs.setdefault(ref["image_id"], []).append(ref["ref_id"])
+            for position, sent in enumerate(ref["sentences"]):
+                self.samples.append({
+                    "sent_id": sent["sent_id"], "ref_id": ref["ref_id"],
+                    "ann_id": self.ref_ann[ref["ref_id"]], "image_id": ref["image_id"],
+                    "category_id": int(anns[0]["category_id"]) if anns else 0,
+                    "expression": self.sentences[ref["ref_id"]][position], "position": position,
+                    "file_name": _key(image, "file_name", self.instances_path, name,
+                                      f"image {image['id']}"),
+                    "size": (int(image["height"]), int(image["width"])),
+                    "ann_ids": ann_ids, "no_target": no_target,
+                })
+
+    def _mask(self, sample) -> np.ndarray:
+        mask = np.zeros(sample["size"], dtype=bool)  # (H0, W0); no target: all zero
+        for ann_id in sample["ann_ids"]:  # the union of the targets' masks
+            mask |= decode_segmentation(self.annotations[ann_id].get("segmentation"),
+                                        *sample["size"], dataset=self.name,
+                                        where=f"{self.instances_path}, annotation {ann_id}")
+        return mask
+
+
+# ---------------------------------------------------------------- pseudo-videos from images
+# VITA's recipe for COCO (sukjunhwang/VITA @ 59c24ad, vita/data/augmentation.py
+# build_pseudo_augmentation, INPUT.PSEUDO of configs/youtubevis_2019/vita_*_bs8.yaml)
+PSEUDO_CROP_SHORT_SIDES = (400, 500, 600)  # ResizeShortestEdgeClip([400, 500, 600], 1333)
+PSEUDO_CROP_MAX_SIZE = 1333
+PSEUDO_CROP_SIZE = (384, 600)  # RandomCropClip("absolute_range", INPUT.PSEUDO.CROP.SIZE)
+PSEUDO_ANGLE = 15.0  # RandomRotationClip([-15, 15], expand=False, center=[(0.4, 0.4), (0.6, 0.6)])
+PSEUDO_CENTRE = (0.4, 0.6)
+
+
+def rotate_clip(frames: torch.Tensor, masks: torch.Tensor, angles: torch.Tensor, centre) -> tuple:
+    """Rotate frame t of (T, C, H, W) float frames and (N, T, H, W) bool masks by angles[t] degrees
+    counter-clockwise about `centre` (x, y in pixels; the top-left corner of the image is (0, 0)),
+    as detectron2's RotationTransform with expand=False (cv2.warpAffine: bilinear, 0 outside).
+    Masks are sampled nearest, so they stay on the frames' pixels."""
+    _, _, H, W = frames.shape
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5,
+                            indexing="ij")  # (H, W) pixel centres
+    theta = torch.deg2rad(angles.double())[:, None, None]  # (T, 1, 1)
+    dx, dy = xs - centre[0], ys - centre[1]  # (H, W)
+    # cv2.getRotationMatrix2D maps a source point p to c + [[cos, sin], [-sin, cos]] (p - c); an
+    # output pixel reads the source point of the inverse map
+    src_x = theta.cos() * dx - theta.sin() * dy + centre[0]  # (T, H, W)
+    src_y = theta.sin() * dx + theta.cos() * dy + centre[1]
+    grid = torch.stack([src_x * 2 / W - 1, src_y * 2 / H - 1], dim=-1).float()  # (T, H, W, 2)
+    frames = F.grid_sample(frames, grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)  # (T, C, H, W)
+    masks = F.grid_sample(rearrange(masks, "n t h w -> t n h w").float(), grid, mode="nearest",
+                          padding_mode="zeros", align_corners=False)  # (T, N, H, W)
+    return frames, rearrange(masks, "t n h w -> n t h w") > 0.5  # (N, T, H, W)
+
+
+class PseudoVideo(torch.utils.data.Dataset):
+    """Referred images as training clips ("pseudo-videos"), by VITA's recipe for COCO:
+    CocoClipDatasetMapper with build_pseudo_augmentation (sukjunhwang/VITA @ 59c24ad,
+    vita/data/dataset_mapper.py, vita/data/augmentation.py). The image is repeated num_frames
+    times, each copy transformed by, in VITA's order:
+      - with p 0.5, a moving crop (RandomApplyClip of ResizeShortestEdgeClip([400, 500, 600], 1333)
+        and RandomCropClip("absolute_range", (384, 600))): one crop size per clip, its corner on a
+        line between two random positions (the second right of and below the first) at sorted
+        random fractions, reversed with p 0.5: a camera pan;
+      - the resize to short_side / max_size and, with p 0.5, a horizontal flip (both per clip; the
+        flip swaps "left"/"right" in the expression, as the other readers);
+      - RandomRotationClip: num_frames angles from [-15, 15] degrees, sorted, reversed with p 0.5,
+        about one centre at 0.4-0.6 of the width and height, black outside.
+    The referred object's mask takes every transform (resized nearest-exact, rotated nearest). A
+    clip whose mask is empty in every frame is drawn again. `readers` are RefCOCO readers (their
+    samples one after the other; `load(i)` gives an image and its mask). Items are the video
+    readers' training items (`_ReferringVideo`): one mask track (N = 1), video = the image file's
+    stem, exp_id = the sentence id, obj_ids = [ann_id]; `samples` carry these keys too.
+    Deviations from VITA: one resize (VITA draws the short side per clip, 288-512); the crop box
+    is drawn at VITA's size and cut from the image at its own size (one resize, not two); frame_idx
+    is 0..T-1 (VITA's nominal video_len of 16-48 frames is bookkeeping only); one referred object
+    with its expression (VITA: every COCO instance).
+    """
+
+    name = "pseudo-video"
+    max_tries = 100  # clip draws before giving up on an object that never stays in view
+
+    def __init__(self, readers, *, num_frames=8, short_side=360, max_size=640, flip=True, seed=0):
+        self.readers, self.num_frames, self.flip, self.seed = list(readers), num_frames, flip, seed
+        self.short_side, self.max_size = short_side, max_size
+        self._source = [(r, i) for r, reader in enumerate(self.readers) for i in range(len(reader))]
+        self.samples = [{"video": Path(s["file_name"]).stem, "exp_id": str(s["sent_id"]),
+                         "expression": s["expression"], "obj_ids": [s["ann_id"]]}
+                        for reader in self.readers for s in reader.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        r, i = self._source[index]
+        image, mask = self.readers[r].load(i)  # (3, H0, W0) uint8, (H0, W0) bool
+        sample, generator = self.samples[index], item_generator(self.seed)
+        for _ in range(self.max_tries):
+            frames, masks, expression = self._clip(image, mask, sample["expression"], generator)
+            if masks.any():
+                break
+        else:
+            raise RuntimeError(f"{self.name}: no pixel of object {sample['obj_ids'][0]} in any "
+                               f"frame of {self.max_tries} clips of {sample['video']!r} "
+                               f"({int(mask.sum())} pixels at full size)")
+        return {
+            "frames": normalize(frames),  # (T, 3, H, W)
+            "masks": masks,  # (1, T, H, W)
+            "expression": expression,
+            "video": sample["video"],
+            "exp_id": sample["exp_id"],
+            "frame_idx": torch.arange(self.num_frames),  # (T,)
+            "obj_ids": list(sample["obj_ids"]),
+            "index": index,
+            "orig_size": tuple(image.shape[-2:]),
+        }
+
+    def _clip(self, image, mask, expression, generator) -> tuple:
+        """One draw of the augmentation: (T, 3, H, W) float frames, (1, T, H, W) bool masks."""
+        T = self.num_frames
+        if _coin(generator):  # VITA's RandomApplyClip, p 0.5
+            frames, masks = self._moving_crop(image, mask, generator)  # (T, 3, h, w), (1, T, h, w)
+        else:
+            frames, masks = image[None], mask[None, None]  # (1, 3, H0, W0), (1, 1, H0, W0)
+        frames, masks = resize_clip(frames, masks, short_side=self.short_side,
+                                    max_size=self.max_size)
+        frames, masks = frames.expand(T, -1, -1, -1), masks.expand(-1, T, -1, -1)  # T frames
+        if self.flip and _coin(generator):
+            frames, masks, expression = hflip_clip(frames, masks, expression)
+        low, high = PSEUDO_CENTRE
+        angles = (torch.rand(T, generator=generator) * 2 - 1) * PSEUDO_ANGLE  # (T,)
+        centre = low + torch.rand(2, generator=generator) * (high - low)  # (2,) x, y fractions
+        angles = angles.sort().values
+        if _coin(generator):
+            angles = angles.flip(0)
+        H, W = frames.shape[-2:]
+        frames, masks = rotate_clip(frames.float(), masks, angles,
+                                    (float(centre[0]) * W, float(centre[1]) * H))
+        return frames, masks, expression
+
+    def _moving_crop(self, image, mask, generator) -> tuple:
+        """VITA's RandomCropClip after ResizeShortestEdgeClip: boxes drawn in the image resized to
+        a short side of 400, 500 or 600 (long side <= 1333), cut from the image at its own size.
+        Returns (T, 3, h, w) uint8 frames and (1, T, h, w) bool masks."""
+        T, (H0, W0) = self.num_frames, image.shape[-2:]
+
+        def randint(low, high):  # numpy's randint(low, high): low <= x < high
+            return int(torch.randint(low, high, (), generator=generator))
+
+        short = PSEUDO_CROP_SHORT_SIDES[randint(0, len(PSEUDO_CROP_SHORT_SIDES))]
+        scale = min(short / min(H0, W0), PSEUDO_CROP_MAX_SIZE / max(H0, W0))
+        h, w = int(H0 * scale + 0.5), int(W0 * scale + 0.5)  # detectron2's ResizeShortestEdge
+        low, high = PSEUDO_CROP_SIZE
+        crop_h, crop_w = randint(min(h, low), min(h, high) + 1), randint(min(w, low),
+                                                                         min(w, high) + 1)
+        y0, x0 = randint(0, h - crop_h + 1), randint(0, w - crop_w + 1)
+        y1, x1 = randint(y0, h - crop_h + 1), randint(x0, w - crop_w + 1)
+        x = torch.rand(T, generator=generator, dtype=torch.float64).sort().values  # (T,)
+        ys, xs = (y0 * x + y1 * (1 - x)).round(), (x0 * x + x1 * (1 - x)).round()  # (T,) corners
+        if _coin(generator):
+            ys, xs = ys.flip(0), xs.flip(0)
+        box_h = min(H0, max(1, round(crop_h * H0 / h)))  # the crop at the image's own size
+        box_w = min(W0, max(1, round(crop_w * W0 / w)))
+        tops = [min(H0 - box_h, round(float(y) * H0 / h)) for y in ys]
+        lefts = [min(W0 - box_w, round(float(v) * W0 / w)) for v in xs]
+        frames = torch.stack([image[:, t:t + box_h, v:v + box_w]
+                              for t, v in zip(tops, lefts)])  # (T, 3, h, w)
+        masks = torch.stack([mask[t:t + box_h, v:v + box_w]
+                             for t, v in zip(tops, lefts)])[None]  # (1, T, h, w)
+        return frames, masks
+
+
+class MixedClips(torch.utils.data.Dataset):
+    """Training items of several datasets at fixed ratios, as VITA joins COCO pseudo-videos to
+    YouTube-VIS or OVIS (sukjunhwang/VITA @ 59c24ad, vita/data/combined_loader.py with
+    DATASETS.DATASET_RATIO: each item of a batch comes from dataset k with probability
+    ratio_k / sum(ratios)). Here an epoch holds the first dataset once (in the sampler's order) and
+    round(len(first) * ratio_k / ratio_0) items of each other dataset k, each drawn uniformly from
+    it with the item's generator: every epoch has the ratios exactly (VITA: in expectation).
+    `samples` are the datasets' samples one after the other; an item's "index" is its sample's
+    position there."""
+
+    def __init__(self, datasets, ratios, *, seed=0):
+        if len(datasets) != len(ratios) or not datasets or ratios[0] <= 0 or min(ratios) < 0:
+            raise ValueError(f"MixedClips: one ratio per dataset, the first > 0, none < 0; got "
+                             f"{list(ratios)} for {len(datasets)} datasets")
+        if not all(len(d) for d in datasets):
+            raise ValueError(f"MixedClips: empty dataset among {[len(d) for d in datasets]}")
+        self.datasets, self.seed = list(datasets), seed
+        first = len(datasets[0])
+        self.counts = [first] + [round(first * r / ratios[0]) for r in ratios[1:]]  # per epoch
+        self.ends = np.cumsum(self.counts).tolist()
+        self.offsets = np.cumsum([0] + [len(d) for d in datasets]).tolist()  # into samples
+        self.samples = [s for d in self.datasets for s in d.samples]
+
+    def __len__(self):
+        return self.ends[-1]
+
+    def __getitem__(self, index):
+        k = next(k for k, end in enumerate(self.ends) if index < end)  # the source dataset
+        if k == 0:
+            return self.datasets[0][index]
+        j = int(torch.randint(len(self.datasets[k]), (), generator=item_generator(self.seed)))
+        return {**self.datasets[k][j], "index": self.offsets[k] + j}
 
 
 # ---------------------------------------------------------------- collate

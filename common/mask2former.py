@@ -73,16 +73,20 @@ class MaskedAttentionLayer(nn.Module):
 
     word_attention=True adds a cross-attention from the queries to word features after the masked
     cross-attention, as referring Mask2Formers do (official DsHmp and MeViS/LMPM decoders,
-    `cross_test`); it is not part of Mask2Former and has no transformers weights."""
+    `cross_test`); it is not part of Mask2Former and has no transformers weights. With
+    words_beside=True the word cross-attention runs beside the masked one instead, from the same
+    queries, and the two are summed before the one cross_norm (official VATEX decoder)."""
 
     def __init__(self, *, dim: int, num_heads: int, ffn_dim: int, dropout: float,
-                 word_attention: bool = False):
+                 word_attention: bool = False, words_beside: bool = False):
         super().__init__()
         self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.cross_norm = nn.LayerNorm(dim)
-        if word_attention:
+        self.words_beside = words_beside
+        if word_attention or words_beside:
             self.word_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout,
                                                    batch_first=True)
+        if word_attention and not words_beside:
             self.word_norm = nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.self_norm = nn.LayerNorm(dim)
@@ -91,22 +95,27 @@ class MaskedAttentionLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, queries, query_pos, pixels, pixel_pos, attn_mask, words=None, word_mask=None):
+    def forward(self, queries, query_pos, pixels, pixel_pos, attn_mask, words=None, word_mask=None,
+                word_pos=None):
         """queries, query_pos (B, Q, C); pixels, pixel_pos (B, H_l*W_l, C); attn_mask
-        (B*heads, Q, H_l*W_l) bool, True where a query may not look; words (B, L, C) and word_mask
-        (B, L) True on the words
-        to attend, for a layer with word attention. Returns the updated queries (B, Q, C)."""
+        (B*heads, Q, H_l*W_l) bool, True where a query may not look (None: everywhere); words
+        (B, L, C), word_mask (B, L) True on the words to attend and optional word_pos (B, L, C)
+        added to the word keys, for a layer with word attention. Returns the queries (B, Q, C)."""
+        if hasattr(self, "word_attn") and words is None:
+            raise ValueError("this layer was built with word attention: pass words and word_mask")
+        word_keys = words if word_pos is None else words + word_pos  # (B, L, C)
         # Eq. (2): X_l = softmax(M_{l-1} + Q_l K_l^T) V_l + X_{l-1}; positions go into queries and
         # keys only
-        attended = self.cross_attn(
+        attended = self.dropout(self.cross_attn(
             queries + query_pos, pixels + pixel_pos, pixels, attn_mask=attn_mask, need_weights=False
-        )[0]  # (B, Q, C)
-        queries = self.cross_norm(queries + self.dropout(attended))
-        if hasattr(self, "word_attn"):
-            if words is None:
-                raise ValueError("this decoder was built with word_attention=True: pass words and "
-                                 "word_mask")
-            attended = self.word_attn(queries + query_pos, words, words,
+        )[0])  # (B, Q, C)
+        if self.words_beside:  # from the same queries, summed with the visual attention
+            attended = attended + self.dropout(self.word_attn(
+                queries + query_pos, word_keys, words, key_padding_mask=~word_mask,
+                need_weights=False)[0])  # (B, Q, C)
+        queries = self.cross_norm(queries + attended)
+        if hasattr(self, "word_norm"):
+            attended = self.word_attn(queries + query_pos, word_keys, words,
                                       key_padding_mask=~word_mask,
                                       need_weights=False)[0]  # (B, Q, C)
             queries = self.word_norm(queries + self.dropout(attended))
@@ -128,7 +137,9 @@ class MaskedAttentionDecoder(nn.Module):
       words, word_mask: (B, L, hidden_dim) word features and (B, L) bool, True on the words to
         attend, for a decoder built with word_attention=True (see MaskedAttentionLayer).
       queries: optional (B, Q, hidden_dim) query features replacing the learnable ones (X_0); the
-        learnable query positions are still added.
+        learnable query positions are still added. A decoder built with query_features=False has
+        no learnable X_0: the caller always passes them.
+      words_beside: the word cross-attention beside the masked one (see MaskedAttentionLayer).
     Returns a dict:
       pred_logits (B, Q, K+1) and pred_masks (B, Q, h, w) of the last layer;
       aux_outputs: L dicts with the same keys for the earlier predictions (the one made from the
@@ -151,6 +162,8 @@ class MaskedAttentionDecoder(nn.Module):
         in_channels=None,
         input_proj: bool = False,
         word_attention: bool = False,
+        words_beside: bool = False,
+        query_features: bool = True,
     ):
         super().__init__()
         in_channels = hidden_dim if in_channels is None else in_channels
@@ -160,7 +173,8 @@ class MaskedAttentionDecoder(nn.Module):
         self.num_queries = num_queries
         # Learnable query features, supervised before the first layer (Sec. 3.2.3), and query
         # positions.
-        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # X_0 in the paper
+        if query_features:
+            self.query_feat = nn.Embedding(num_queries, hidden_dim)  # X_0 in the paper
         self.query_pos = nn.Embedding(num_queries, hidden_dim)
         # learnable scale-level embedding (Sec. 3.2.2)
         self.level_embed = nn.Embedding(num_levels, hidden_dim)
@@ -173,8 +187,8 @@ class MaskedAttentionDecoder(nn.Module):
         )
         self.layers = nn.ModuleList(
             MaskedAttentionLayer(dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim,
-                                 dropout=dropout,
-                                 word_attention=word_attention)
+                                 dropout=dropout, word_attention=word_attention,
+                                 words_beside=words_beside)
             for _ in range(num_layers)
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
@@ -242,6 +256,8 @@ class MaskedAttentionDecoder(nn.Module):
         pixel_levels, pixel_pos, sizes = self.flatten_levels(features, pos)
         query_pos = repeat(self.query_pos.weight, "q c -> b q c", b=batch)  # (B, Q, C)
         if queries is None:
+            if not hasattr(self, "query_feat"):
+                raise ValueError("this decoder has no learnable query features: pass queries")
             queries = repeat(self.query_feat.weight, "q c -> b q c", b=batch)  # (B, Q, C)
         elif queries.shape != query_pos.shape:
             raise ValueError(f"queries must have shape {tuple(query_pos.shape)} (B, Q, C), got "
@@ -259,6 +275,26 @@ class MaskedAttentionDecoder(nn.Module):
             predictions.append({"pred_logits": logits, "pred_masks": masks})
             query_embeds.append(embeds)
         return {**predictions[-1], "aux_outputs": predictions[:-1], "query_embeds": query_embeds}
+
+
+# ------------------------------------------------ clip-level queries with this decoder (ours)
+def side_by_side(maps: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B*T, C, h, w) maps of clips of `num_frames` frames, the frames of a clip consecutive ->
+    (B, C, h, T*w), the frames of each clip side by side. Given its levels, positions and mask
+    features so laid out, the decoder above runs Video Mask2Former's clip-level queries (the
+    queries of a clip attend to the keys of all its frames and make a mask on every frame):
+    attention does not depend on where a key sits, the heads are per pixel, and the bilinear
+    resize of the masks to a level, by a whole factor (H, W multiples of 32), never mixes two
+    frames. `frame_masks` cuts the masks apart again."""
+    return rearrange(maps, "(b t) c h w -> b c h (t w)", t=num_frames)
+
+
+def frame_masks(outputs: dict, num_frames: int) -> dict:
+    """Outputs made on `side_by_side` maps -> pred_masks (B, Q, T, h, w), in aux_outputs too."""
+    def cut(out):
+        return {**out, "pred_masks": rearrange(out["pred_masks"], "b q h (t w) -> b q t h w",
+                                               t=num_frames)}
+    return {**cut(outputs), "aux_outputs": [cut(a) for a in outputs.get("aux_outputs", [])]}
 
 
 # --------------------------------------------- where a query's mask lies (a diagnostic, ours)

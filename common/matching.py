@@ -380,6 +380,38 @@ def visible_objects(targets):
     return [{"masks": t["masks"][k], "labels": t["labels"][k]} for t, k in zip(targets, keep)]
 
 
+def annotated_frames(outputs, frames=None):
+    """The outputs of clips of which only one frame is annotated (A2D-Sentences) at that frame,
+    `frames` (B,) its position in each clip, so that every loss reads only it, as ReferFormer's
+    A2D training (wjn922/ReferFormer @ 06fc218, models/referformer.py: `valid_indices` keeps
+    that frame's features): the video masks (B, M, T, h, w) -> (B, M, 1, h, w) of the final
+    prediction and each aux_outputs, and every tensor of "frame_outputs" (per frame, (b t)
+    order) -> its B annotated rows. None: `outputs` unchanged."""
+    if frames is None:
+        return outputs
+    B, _, T = outputs["pred_masks"].shape[:3]
+    frames = torch.as_tensor(frames, device=outputs["pred_masks"].device)  # (B,)
+    batch = torch.arange(B, device=frames.device)  # (B,)
+
+    def video(out):
+        return {**out, "pred_masks": out["pred_masks"][batch, :, frames][:, :, None]}
+
+    def per_frame(value):
+        if isinstance(value, dict):
+            return {k: per_frame(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [per_frame(v) for v in value]
+        if value.shape[0] != B * T:
+            raise ValueError(f"annotated_frames: expected frame outputs of {B} x {T} frames, got "
+                             f"{tuple(value.shape)}")
+        return value[batch * T + frames]  # (B, ...)
+
+    selected = {**video(outputs), "aux_outputs": [video(a) for a in outputs["aux_outputs"]]}
+    if "frame_outputs" in outputs:
+        selected["frame_outputs"] = per_frame(outputs["frame_outputs"])
+    return selected
+
+
 def num_masks(targets, device) -> float:
     """Mask2Former's normaliser of the mask losses: the target masks of this process, averaged
     over the processes when a process group is up (all-reduced on `device`, the predictions'

@@ -7,7 +7,9 @@ as MeViS tools/eval_mevis.py: the mean over all frames of an expression, then th
 expressions, J&F = (J + F) / 2.
 
 Images (RefCOCO/+/g): IoU per sample, mIoU, oIoU and Pr@X as LAVT test.py (yz93/LAVT-RIS,
-`evaluate` and `computeIoU`); Oc-IoU as the VATEX paper, Sec. 4.3, Eqs. (9)-(10).
+`evaluate` and `computeIoU`); Oc-IoU as the VATEX paper, Sec. 4.3, Eqs. (9)-(10). Ref-ZOM: the
+same at 480 x 480 over the sentences with a target, and the accuracy on those without, as
+RIS-DMMI test.py (`RefZOMMetrics`).
 
 A2D-Sentences and JHMDB-Sentences: mAP@0.5:0.95 (and AP@0.5, AP@0.75, AP S/M/L) equal to
 pycocotools' COCOeval(iouType="segm") as the ReferFormer / MTTR protocol runs it, and its overall
@@ -29,6 +31,8 @@ video functions run batched over frames on the masks' device, without OpenCV: th
     video.summary()  # {"J", "F", "J&F", "n"}
     image = ImageMetrics(); image.add(pred, gt); image.summary()  # {"mIoU", "oIoU", "Pr@0.5", ...}
     oc_iou([(gt, preds), ...])       # float, preds (K, H, W) for the K expressions of one object
+    zom = RefZOMMetrics(); zom.add(pred, gt, no_target=False)
+    zom.summary()                    # Ref-ZOM {"oIoU", "mIoU", "Pr@0.5", ..., "acc_zero", ...}
     davis_unsupervised(gt_labels,
                        pred_labels)  # Ref-DAVIS17: J and F of each GT object, Hungarian-matched
     a2d_map(gts, preds, scores)      # A2D / JHMDB {"mAP", "AP@0.5", ...}; per sample a gt (H, W),
@@ -391,6 +395,91 @@ def oc_iou(groups) -> float:
         union = (gt | preds.any(0)).sum().item()  # Eq. (9) denominator
         scores.append(inter / union if union else 0.0)
     return float(np.mean(scores)) if scores else math.nan  # Eq. (10)
+
+
+# ------------------------------------------------------------- Ref-ZOM (RIS-DMMI's test.py)
+# toggle1995/RIS-DMMI @ 753cd60, test.sh: --img_size 480; test.py get_transform: Resize(480, 480)
+REFZOM_SIZE = (480, 480)
+
+
+def pil_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """The source row (or column) of each of n_out output rows of PIL's Image.resize(NEAREST)
+    from n_in rows (Pillow src/_imaging.c `_resize`, src/libImaging/Geometry.c
+    `ImagingScaleAffine`): the position starts at half a step, step = n_in / n_out, grows by one
+    step per output row, summed in double precision, and is truncated. The running sum is not
+    always (i + 0.5) * step (640 -> 480: row 4 reads row 5, not 6). Returns (n_out,) int64."""
+    step = n_in / n_out
+    positions = np.cumsum(np.r_[step * 0.5, np.full(n_out - 1, step)])  # sequential, as C's +=
+    return np.minimum(positions.astype(np.int64), n_in - 1)
+
+
+def resize_nearest(mask, size) -> np.ndarray:
+    """(H, W) array -> size (h, w), the pixels PIL's Image.resize((w, h), NEAREST) picks: what
+    torchvision's F.resize(..., interpolation=NEAREST) does to RIS-DMMI's target
+    (transforms.py Resize)."""
+    mask = np.asarray(mask)
+    rows, cols = pil_nearest_index(mask.shape[0], size[0]), pil_nearest_index(mask.shape[1],
+                                                                              size[1])
+    return mask[rows[:, None], cols]  # (h, w)
+
+
+def _numpy_mask(mask) -> np.ndarray:
+    mask = mask.detach().cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask)
+    return mask != 0
+
+
+class RefZOMMetrics(_Records):
+    """Ref-ZOM's scores as RIS-DMMI test.py `evaluate` computes them (toggle1995/RIS-DMMI @
+    753cd60), every sentence its own sample, at 480 x 480:
+    - the target is the original mask resized to 480 x 480 with PIL's nearest neighbour
+      (transforms.py Resize: `F.resize(target, (h, w), interpolation=Image.NEAREST)`);
+    - the prediction is made at 480 x 480: the model's logits upsampled bilinearly
+      (align_corners=True, lib/_utils.py) to its 480 x 480 input, then the argmax of the two
+      classes (test.py). That is the rule's job (common.run asks it for a mask of that size); a
+      mask of another size given here is resized as the target is;
+    - a sentence with a target: I = |P ∩ G|, U = |P ∪ G|, IoU = I / U and 0 when U = 0; oIoU =
+      sum I / sum U, mIoU = mean IoU, Pr@X = share of them with IoU >= X (seg_correct, over
+      seg_total: the sentences with a target only);
+    - a sentence with no target (source "zero"): correct iff the prediction has no foreground
+      pixel (`np.sum(output_mask) == 0`); acc_zero = share correct ("Mean accuracy for
+      one-to-zero sample").
+    Values are fractions (test.py prints x100); NaN where a mean has no sample.
+    """
+
+    def __init__(self, *, size=REFZOM_SIZE):
+        super().__init__()
+        self.size = tuple(size)
+
+    def add(self, pred, gt, *, no_target: bool, key=None) -> dict:
+        """Score one sentence: pred and gt (H, W) masks (torch or numpy, nonzero = foreground),
+        each at any size; no_target: the sentence refers to nothing. Returns its record."""
+        pred, gt = _numpy_mask(pred), _numpy_mask(gt)
+        if pred.ndim != 2 or gt.ndim != 2:
+            raise ValueError(f"expected pred and gt (H, W), got {pred.shape} and {gt.shape}")
+        pred = pred if pred.shape == self.size else resize_nearest(pred, self.size)  # (480, 480)
+        if no_target:
+            record = {"key": key, "no_target": True, "correct": int(not pred.any())}
+        else:
+            gt = resize_nearest(gt, self.size)  # (480, 480)
+            inter, union = int((pred & gt).sum()), int((pred | gt).sum())
+            record = {"key": key, "no_target": False, "I": inter, "U": union,
+                      "IoU": inter / union if union else 0.0}
+        self.extend([record])
+        return record
+
+    def summary(self) -> dict:
+        """{"oIoU", "mIoU", "Pr@0.5", ..., "Pr@0.9", "acc_zero", "cum_I", "cum_U", "n", "n_zero"}:
+        n sentences with a target, n_zero without."""
+        scored = [r for r in self.records if not r["no_target"]]
+        zero = [r["correct"] for r in self.records if r["no_target"]]
+        ious = [r["IoU"] for r in scored]
+        cum_i, cum_u, n = sum(r["I"] for r in scored), sum(r["U"] for r in scored), len(scored)
+        out = {"oIoU": cum_i / cum_u if cum_u else math.nan,
+               "mIoU": float(np.mean(ious)) if n else math.nan}
+        for x in PR_THRESHOLDS:  # test.py eval_seg_iou_list, this_iou >= eval_seg_iou
+            out[f"Pr@{x}"] = sum(iou >= x for iou in ious) / n if n else math.nan
+        return {**out, "acc_zero": float(np.mean(zero)) if zero else math.nan, "cum_I": cum_i,
+                "cum_U": cum_u, "n": n, "n_zero": len(zero)}
 
 
 # ----------------------------------------------------- DAVIS-2017 unsupervised task (Ref-DAVIS17)

@@ -4,15 +4,20 @@
                PRESETS + argv; --help lists every field with its source comment); config_from_dict
   folders      run_dir (runs/<method>-<data>[-no-<ablation>]), data_root (and the one-line
                "no dataset at ..." exit)
+  stages       pseudo_videos (RefCOCO/+/g as training clips), init_weights (--init: start from an
+               earlier stage's model), toy_vocab (the toy tokenizer's words, kept across stages)
   optimiser    param_groups (backbone lr multiplier; no weight decay on norms, embeddings, position
                tables)
   training     resume, wrap_ddp, train_batches (endless, a data seed per process), check_finite
   checkpoints  load_trained: the model rebuilt from the config (and toy vocabulary) it was saved
                with
-  evaluation   evaluate_video (J, F, J&F or a submission tree + zip), evaluate_image (mIoU, oIoU,
-               Pr@X, Oc-IoU); each takes the method's own inference rule as `predict(item)` and
-               the model it runs, which it puts in eval mode first (as DETR's `evaluate`);
-               predict_masks: the video-query methods' rule (scores > threshold, union; or top-1)
+  evaluation   evaluate_video (J, F, J&F or a submission tree + zip; A2D-Sentences and
+               JHMDB-Sentences: mAP, oIoU, mIoU), evaluate_image (mIoU, oIoU,
+               Pr@X, Oc-IoU; Ref-ZOM: at 480 x 480, with the no-target accuracy); each takes
+               the method's own inference rule as `predict(item)` and the model it runs,
+               which it puts in eval mode first (as DETR's `evaluate`);
+               video_query_masks: the video-query methods' rule (scores > threshold, union, or
+               top-1)
   prediction   predict_files: a folder of frames or one image -> overlays and a GIF
   errors       cli_errors: a missing file or bad checkpoint ends the command with one line
 
@@ -58,11 +63,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common.backbones import WeightsNotFoundError
-from common.datasets import IMAGENET_MEAN, IMAGENET_STD, load_rgb, normalize, resize_clip
+from common.datasets import (IMAGENET_MEAN, IMAGENET_STD, MeViS, PseudoVideo, RefCOCO, RefZOM,
+                             load_rgb, normalize, resize_clip)
 from common.engine import (CheckpointError, all_gather_object, autocast, barrier, denormalize,
                            is_main, load_checkpoint, read_checkpoint, reduce_mean, save_overlays)
-from common.metrics import ImageMetrics, VideoMetrics, davis_unsupervised, oc_iou
-from common.text import normalize_expression
+from common.metrics import (REFZOM_SIZE, ImageMetrics, RefZOMMetrics, VideoMetrics, a2d_iou,
+                            a2d_map, davis_unsupervised, oc_iou, resize_nearest)
+from common.text import build_vocab, normalize_expression
 
 # Shapes: T frames, H W resized frame size, H0 W0 original size, K expressions of one object.
 
@@ -75,9 +82,11 @@ class RunConfig:
 
     data: str = "toy"  # dataset: one of the method's PRESETS (toy needs no download)
     data_root: str = ""  # default: data/<dataset> as data/README.md lays it out (toy: data/toy/...)
+    image_root: str = "data/coco/train2014"  # RefCOCO/+/g's images, COCO train2014 (data/README.md)
     out: str = ""  # run folder; default runs/<method>-<data>[-no-<ablation>...]
     train: bool = False  # train, then evaluate on eval_split
     resume: bool = False  # continue training from <out>/last.pt
+    init: str = ""  # --train starts from this checkpoint's model weights (not its optimizer, step)
     eval: bool = False  # evaluate --checkpoint on eval_split
     eval_split: str = ""  # the split that --train / --eval score
     checkpoint: str = ""  # the model --eval and --predict use; default <out>/last.pt
@@ -153,6 +162,9 @@ def parse_config(config_cls, presets: dict, argv=None, *, description: str = "")
         parser.error(f"--data {cfg.data} is evaluation only: train with --data "
                      f"{EVAL_ONLY[cfg.data]}, then "
                      f"--data {cfg.data} --eval --checkpoint <that run>/last.pt")
+    if cfg.init and not cfg.train:
+        parser.error("--init starts a --train run from a checkpoint's weights; --eval and "
+                     "--predict take --checkpoint")
     if cfg.predict and (cfg.train or cfg.eval):
         parser.error("--predict runs a trained model (--checkpoint); it does not go with --train "
                      "or --eval")
@@ -173,10 +185,14 @@ def config_from_dict(config_cls, values: dict):
 # ---------------------------------------------------------------------------------- folders
 DATA_ROOTS = {  # default --data-root of each dataset: data/README.md
     "mevis": "data/mevis", "ytvos": "data/ref-youtube-vos", "davis": "data/ref-davis",
+    "a2d": "data/a2d-sentences", "jhmdb": "data/jhmdb-sentences",
     "refcoco": "data/refer", "refcoco+": "data/refer", "refcocog": "data/refer",
+    "refzom": "data/ref-zom",
+    "toy-refcoco": "data/toy/refcoco",  # the toy image set as pseudo-videos (pseudo_videos)
 }
 TOY_ROOTS = {"video": "data/toy/mevis", "image": "data/toy/refcoco"}  # data/toy.py writes both
-EVAL_ONLY = {"davis": "ytvos"}  # Ref-DAVIS17 is scored zero-shot with a Ref-YouTube-VOS model
+EVAL_ONLY = {"davis": "ytvos",  # Ref-DAVIS17 is scored zero-shot with a Ref-YouTube-VOS model
+             "jhmdb": "a2d"}  # and JHMDB-Sentences with an A2D-Sentences one
 
 
 def run_dir(cfg, method: str, ablations=()) -> Path:
@@ -198,7 +214,7 @@ def data_root(cfg, kind: str, *, make_toy=None) -> Path:
     written on first use by `make_toy()` (on the main process; the others wait). Ends the command
     with one message when the folder is missing."""
     root = Path(cfg.data_root or (TOY_ROOTS[kind] if cfg.data == "toy" else DATA_ROOTS[cfg.data]))
-    if cfg.data == "toy" and not cfg.data_root and make_toy is not None:
+    if cfg.data.startswith("toy") and not cfg.data_root and make_toy is not None:
         if is_main():
             make_toy()
         barrier()
@@ -207,6 +223,84 @@ def data_root(cfg, kind: str, *, make_toy=None) -> Path:
                          f"describes, "
                          f"or pass --data-root DIR")
     return root
+
+
+# ---------------------------------------------------------------------------------- stages
+# refer sets read as pseudo-videos -> their split scheme (ReferFormer @ 06fc218,
+# tools/data/convert_refexp_to_coco.py)
+PSEUDO_VIDEO_SETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "toy-refcoco": "unc"}
+
+
+def pseudo_videos(cfg, names, root="", *, seed: int) -> PseudoVideo:
+    """The training sentences of the refer sets `names` (refcoco, refcoco+, refcocog in the RefCOCO
+    tree at `root`, default data/refer, images at cfg.image_root; toy-refcoco: the toy image set,
+    default data/toy/refcoco) as one PseudoVideo set of cfg.num_frames-frame training clips at
+    cfg.short_side / cfg.max_size. A missing tree raises one FileNotFoundError naming it."""
+    unknown = [name for name in names if name not in PSEUDO_VIDEO_SETS]
+    if unknown or not names:
+        raise SystemExit(f"pseudo-videos: unknown refer set(s) {unknown}; choose from "
+                         f"{', '.join(PSEUDO_VIDEO_SETS)}")
+    root, readers = Path(root or DATA_ROOTS[names[0]]), []
+    for name in names:
+        toy = name.startswith("toy")
+        try:
+            readers.append(RefCOCO(root, root / "images" if toy else cfg.image_root,
+                                   dataset="refcoco" if toy else name,
+                                   split_by=PSEUDO_VIDEO_SETS[name], split="train", train=True))
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"pseudo-videos of {name} need its RefCOCO tree and the COCO "
+                                    f"images (--refer-root or --data-root, --image-root): "
+                                    f"{error}") from None
+    return PseudoVideo(readers, num_frames=cfg.num_frames, short_side=cfg.short_side,
+                       max_size=cfg.max_size, seed=seed)
+
+
+def toy_vocab(cfg, samples, root):
+    """The words of a toy model's tokenizer; None off toy (a pretrained tokenizer there). With
+    --init, the checkpoint's own, so the weights keep their word ids (a warning names the words of
+    `samples` it lacks); else the words of `samples`, and for toy-refcoco also those of the toy
+    videos' train split beside `root` (data/toy/mevis), so the video stage can start from it."""
+    if not cfg.data.startswith("toy"):
+        return None
+    texts = [s["expression"] for s in samples]
+    if cfg.init:
+        vocab = read_checkpoint(cfg.init)["extra"].get("vocab")
+        if not vocab:
+            raise CheckpointError(f"--init {cfg.init} holds no toy vocabulary (extra['vocab']): "
+                                  f"it is not a toy run's checkpoint")
+        missing = sorted(set(build_vocab(texts)) - set(vocab))
+        if missing:
+            warnings.warn(f"{len(missing)} words of the training expressions are not in the "
+                          f"vocabulary of --init {cfg.init} and read as <unk>: {missing[:5]}")
+        return vocab
+    if cfg.data == "toy-refcoco":
+        texts += [s["expression"] for s in MeViS(Path(root).parent / "mevis", "train",
+                                                 train=False).samples]
+    return build_vocab(texts)
+
+
+def init_weights(path, model: nn.Module) -> nn.Module:
+    """--init: `model` with the model weights of the checkpoint at `path` (save_checkpoint's file;
+    its optimizer, scheduler, step and RNG states are not used), for a stage that starts from an
+    earlier one (DsHmp: RefCOCO pre-training, then Ref-YouTube-VOS). `model` as it is for an empty
+    path. The weights must match key for key and shape for shape, else one CheckpointError names
+    the differences."""
+    if not path:
+        return model
+    state, own = read_checkpoint(path)["model"], model.state_dict()
+    differences = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in (
+        ("missing", [k for k in own if k not in state]),
+        ("unexpected", [k for k in state if k not in own]),
+        ("of another shape", [f"{k} {list(state[k].shape)} for {list(v.shape)}"
+                              for k, v in own.items() if k in state and state[k].shape != v.shape]),
+    ) if keys]
+    if differences:
+        raise CheckpointError(f"--init {path} does not fit this model: {'; '.join(differences)} "
+                              f"weights; was it trained with other model settings?")
+    model.load_state_dict(state)
+    if is_main():
+        print(f"initialised the model from {path} (its weights only)")
+    return model
 
 
 # ---------------------------------------------------------------------------------- optimiser
@@ -314,13 +408,16 @@ def load_trained(path, config_cls, build_model, device) -> tuple:
 
 # ---------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict_masks(model, frames, expression, orig_size, *, threshold, chunk, top1=False,
-                  probabilities=False):
+def video_query_masks(model, frames, expression, orig_size, *, threshold, chunk, top1=False,
+                      probabilities=False, with_score=False):
     """The inference rule of the video-query methods (DsHmp Sec. 4.2, DMVS Sec. 3.3): frames
     (T, 3, H, W) normalised -> (T, H0, W0): the union of the masks of every video query whose
     target score (softmax over target / no object) exceeds `threshold` (empty if none), or with
     `top1` the best query's mask. Bool, or with `probabilities` float16 mask probabilities (for
-    Ref-DAVIS17's protocol). `model.infer(frames, expression, chunk=...)` gives the logits (M, 2)
+    Ref-DAVIS17's protocol). With `with_score`, (masks, score): the highest target score, which
+    is the selected token's with top1 and the best kept one's in the union (the score a mask
+    carries into A2D-Sentences' mAP; ours, the official DsHmp and DMVS codes have no A2D
+    evaluation). `model.infer(frames, expression, chunk=...)` gives the logits (M, 2)
     and masks (M, T, Hp/4, Wp/4) of the whole video, padded to multiples of 32. Upsampled 5 frames
     at a time (official DsHmp and VITA): memory does not grow beyond the output. Puts `model` in
     eval mode (dropout and drop path off, VITA's test-time windows)."""
@@ -337,7 +434,7 @@ def predict_masks(model, frames, expression, orig_size, *, threshold, chunk, top
         part = F.interpolate(masks[keep, t:t + 5].float(), size=padded_size, mode="bilinear")
         part = F.interpolate(part[..., :H, :W], size=tuple(orig_size), mode="bilinear").amax(0)
         out[t:t + 5] = part.sigmoid() if probabilities else part > 0  # the union: any logit > 0
-    return out  # (T, H0, W0)
+    return (out, scores.max()) if with_score else out  # (T, H0, W0)
 
 
 # Ref-YouTube-VOS's server wants Annotations/<video>/<exp_id>/
@@ -382,12 +479,16 @@ def evaluate_video(dataset, predict, *, model: nn.Module, out: Path, data: str, 
     submission tree <out>/submission-<split>/[Annotations/]<video>/<exp_id>/<frame>.png and its zip.
     The first `show` expressions are drawn (prediction filled red, ground truth outlined green, the
     expression written on) in <out>/vis/. Ref-DAVIS17 (data "davis") is scored by its own
-    protocol, where `predict` returns mask probabilities: see `_evaluate_davis`. Returns the eval
-    dict on the main process, else None.
+    protocol, where `predict` returns mask probabilities: see `_evaluate_davis`; A2D-Sentences and
+    JHMDB-Sentences ("a2d", "jhmdb") by theirs, where it returns masks and scores: see
+    `_evaluate_annotated_frames`. Returns the eval dict on the main process, else None.
     """
     model.eval()
     if data == "davis":
         return _evaluate_davis(dataset, predict, out=Path(out), split=split, checkpoint=checkpoint)
+    if data in ANNOTATED_FRAME_DATA:
+        return _evaluate_annotated_frames(dataset, predict, out=Path(out), split=split,
+                                          checkpoint=checkpoint, show=show)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     submission = Path(out) / f"submission-{split}"
     metrics, shown = VideoMetrics(), 0
@@ -423,6 +524,7 @@ def evaluate_video(dataset, predict, *, model: nn.Module, out: Path, data: str, 
 
 
 DAVIS_ANNOTATORS = 4  # Ref-DAVIS17 expressions per object: 2 annotators x (first frame, full video)
+ANNOTATED_FRAME_DATA = ("a2d", "jhmdb")  # scored on one annotated frame per sentence
 
 
 @torch.no_grad()
@@ -506,6 +608,62 @@ def _evaluate_davis(dataset, predict, *, out: Path, split: str, checkpoint: str 
 
 
 @torch.no_grad()
+def _evaluate_annotated_frames(dataset, predict, *, out: Path, split: str, checkpoint: str = "",
+                               show: int = 4):
+    """A2D-Sentences and JHMDB-Sentences by ReferFormer's protocol (wjn922/ReferFormer @ 06fc218,
+    engine.py `evaluate_a2d`; MTTR's trainer.py is the same): each sample is one sentence and one
+    annotated frame, its item a window of frames ("frames"), "frame" the annotated one's position
+    in it, "gt" (H0, W0) its target and "image_id" the COCO image id of MTTR's ground truth.
+    `predict(item) -> (masks (T, H0, W0) bool, score ())`, or (masks (K, T, H0, W0), scores (K,))
+    for K predictions: their masks at "frame", with their scores, are the sample's predictions
+    (ReferFormer submits every query's). Scored by common.metrics: a2d_iou (oIoU, mIoU, P@X by
+    each sample's highest-scoring prediction) and a2d_map (COCOeval segm stats[0:6]: mAP, AP@0.5,
+    AP@0.75, AP small / medium / large) into <out>/eval.json with the IoU per sample; the first
+    `show` samples' annotated frames are drawn in <out>/vis/."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    records, shown = [], 0
+    for i in tqdm(range(rank, len(dataset), world), desc=f"eval {split}", disable=not is_main()):
+        item = dataset[i]
+        masks, scores = predict(item)
+        masks = masks if masks.ndim == 4 else masks[None]  # (K, T, H0, W0)
+        scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)  # (K,)
+        preds = masks[:, item["frame"]].cpu().numpy()  # (K, H0, W0)
+        gt = item["gt"].numpy()  # (H0, W0)
+        # bits, not bools: every mask of the split waits in memory for the mAP
+        records.append({"index": i, "image_id": item["image_id"], "size": gt.shape,
+                        "gt": np.packbits(gt), "preds": np.packbits(preds),
+                        "scores": scores.tolist()})
+        if shown < show and is_main():
+            frame = item["frames"][item["frame"]][None]  # (1, 3, H, W)
+            frame = F.interpolate(frame, size=tuple(item["orig_size"]), mode="bilinear")
+            rgb = denormalize(frame, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # (1, H0, W0, 3)
+            best = preds[int(np.argmax(records[-1]["scores"]))]  # (H0, W0)
+            save_overlays(rgb, best[None], Path(out) / "vis", name=item["image_id"], gt=gt[None],
+                          caption=item["expression"], scale=_overlay_scale(item["orig_size"]))
+            shown += 1
+    records = sorted((r for part in all_gather_object(records) for r in part),
+                     key=lambda r: r["index"])
+    if not is_main():
+        return None
+
+    def unpack(bits, size, k=None):  # -> (H0, W0) or (K, H0, W0) bool
+        shape = tuple(size) if k is None else (k, *size)
+        return np.unpackbits(bits, count=math.prod(shape)).reshape(shape).astype(bool)
+
+    gts = [unpack(r["gt"], r["size"]) for r in records]
+    preds = [unpack(r["preds"], r["size"], len(r["scores"])) for r in records]
+    scores = [np.array(r["scores"]) for r in records]
+    iou = a2d_iou(gts, preds, scores)
+    result = {"split": split, "checkpoint": str(checkpoint),
+              "protocol": "ReferFormer (A2D-Sentences / JHMDB-Sentences)",
+              **a2d_map(gts, preds, scores, image_ids=[r["image_id"] for r in records]),
+              **{k: v for k, v in iou.items() if k != "IoU"},
+              "per_expression": [{"key": r["image_id"], "IoU": v}
+                                 for r, v in zip(records, iou["IoU"])]}
+    return _write_eval(result, out)
+
+
+@torch.no_grad()
 def evaluate_image(dataset, predict, *, model: nn.Module, out: Path, split: str,
                    checkpoint: str = "",
                    strict_pr: bool = False, subsets=None, show: int = 8):
@@ -513,8 +671,12 @@ def evaluate_image(dataset, predict, *, model: nn.Module, out: Path, split: str,
     IoU >= X, or VATEX's IoU > X with strict_pr) and Oc-IoU (VATEX Eqs. 9-10) into <out>/eval.json,
     also for each named subset of sent_id keys (`subsets`). `predict(item) -> (H0, W0) bool`;
     `model`, the model it runs, is put in eval mode first. The expressions of one object (ann_id)
-    are scored together, on one process, for Oc-IoU."""
+    are scored together, on one process, for Oc-IoU. Ref-ZOM (a RefZOM dataset) is scored by its
+    own protocol: see `_evaluate_refzom`."""
     model.eval()
+    if isinstance(dataset, RefZOM):
+        return _evaluate_refzom(dataset, predict, out=Path(out), split=split,
+                                checkpoint=checkpoint, subsets=subsets, show=show)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     by_object = {}
     for i, sample in enumerate(dataset.samples):
@@ -548,6 +710,41 @@ def evaluate_image(dataset, predict, *, model: nn.Module, out: Path, split: str,
               "Oc-IoU": float(np.mean([o["Oc-IoU"] for o in per_object])) if per_object
                         else math.nan,
               "per_expression": records, "per_object": per_object}
+    return _write_eval(result, Path(out))
+
+
+@torch.no_grad()
+def _evaluate_refzom(dataset, predict, *, out: Path, split: str, checkpoint: str = "",
+                     subsets=None, show: int = 8):
+    """Ref-ZOM by RIS-DMMI's test.py (toggle1995/RIS-DMMI @ 753cd60, `evaluate`): every sentence
+    on its own, scored at 480 x 480 by common.metrics.RefZOMMetrics (oIoU, mIoU, Pr@X over the
+    sentences with a target; acc_zero, the share of no-target sentences predicted empty), also
+    for each named subset of sent_id keys. RIS-DMMI predicts at 480 x 480 (its logits upsampled
+    bilinearly to its 480 x 480 input, then the argmax), so `predict` gets each item with
+    "orig_size" set to 480 x 480 and returns its (480, 480) mask there; the target ("gt", at the
+    original size) is resized by the metric with PIL's nearest neighbour, as RIS-DMMI's
+    transforms.Resize. The overlays in <out>/vis/ show that 480 x 480 view."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    metrics, shown = RefZOMMetrics(), 0
+    for i in tqdm(range(rank, len(dataset), world), desc=f"eval {split}", disable=not is_main()):
+        item = dataset[i]
+        mask = predict({**item, "orig_size": REFZOM_SIZE})  # (480, 480)
+        metrics.add(mask, item["gt"], no_target=dataset.samples[i]["no_target"],
+                    key=str(item["sent_id"]))
+        if shown < show and is_main():
+            frame = F.interpolate(item["image"][None], size=REFZOM_SIZE,
+                                  mode="bilinear")  # (1, 3, 480, 480)
+            gt = torch.from_numpy(resize_nearest(item["gt"].numpy(), REFZOM_SIZE))  # (480, 480)
+            save_overlays(denormalize(frame, mean=IMAGENET_MEAN, std=IMAGENET_STD), mask[None],
+                          Path(out) / "vis", name=f"sent{item['sent_id']}", gt=gt[None],
+                          caption=item["expression"], scale=1)
+            shown += 1
+    records = [r for part in all_gather_object(metrics.records) for r in part]
+    if not is_main():
+        return None
+    result = {"split": split, "checkpoint": str(checkpoint),
+              "protocol": "RIS-DMMI (Ref-ZOM), scored at 480 x 480",
+              **_summaries(RefZOMMetrics, records, subsets), "per_expression": records}
     return _write_eval(result, Path(out))
 
 

@@ -10,7 +10,8 @@
   A method with another rule passes its own word sets (`cues=`).
 - `main_noun_phrase`: the object phrase of VATEX's CLIP prior prompt "a photo of {}"
   (vatex/utils/noun_phrase.py: the spaCy noun chunk that holds the dependency root).
-- `head_noun`: the last noun of the main noun phrase.
+- `head_noun`: the last noun of the main noun phrase, the subject MRaCL's verb phrases may carry;
+  so two methods use the noun-phrase rule, which is why it lives here.
 
 spaCy and its models are not dependencies of this repository, so a small rule-based tagger stands
 in for `en_core_web_sm`: word lists plus -ing/-ed/-s/-ly morphology and a few context rules, tuned

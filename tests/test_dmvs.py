@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import dmvs
 from common.datasets import collate_video
 from common.engine import read_checkpoint, setup_distributed
-from common.run import parse_config, predict_masks
+from common.run import parse_config, video_query_masks
 from common.text import build_vocab
 from data import toy_pretrain
 from data.toy import make_toy_video
@@ -228,10 +228,10 @@ def test_sigma_rule_keeps_the_union_of_queries_above_0_7():
     masks[2, :, :, :4] = 5.0  # query 2: the left columns, score 0.9
     p = torch.tensor([0.75, 0.69, 0.9])
     model = FixedQueries(torch.stack([p.log(), (1 - p).log()], 1), masks)
-    out = predict_masks(model, torch.zeros(2, 3, 64, 64), "x", (64, 64), threshold=0.7, chunk=8)
+    out = video_query_masks(model, torch.zeros(2, 3, 64, 64), "x", (64, 64), threshold=0.7, chunk=8)
     expected = (F.interpolate(masks[[0, 2]], size=(64, 64), mode="bilinear") > 0).any(0)
     assert torch.equal(out, expected) and out[:, :8].all() and not out[:, 40:, 20:].any()
-    top1 = predict_masks(model, torch.zeros(2, 3, 64, 64), "x", (64, 64), threshold=0.7, chunk=8, top1=True)
+    top1 = video_query_masks(model, torch.zeros(2, 3, 64, 64), "x", (64, 64), threshold=0.7, chunk=8, top1=True)
     assert torch.equal(top1, F.interpolate(masks[2:], size=(64, 64), mode="bilinear")[0] > 0)
 
 

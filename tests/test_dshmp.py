@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dshmp
+from common.run import video_query_masks
 from common.datasets import collate_video
 from common.engine import read_checkpoint
 from common.run import load_trained, parse_config
@@ -522,7 +523,7 @@ def test_predict_masks_is_the_union_of_kept_tokens_cropped_and_resized():
     logits = torch.tensor([[3.0, 0.0], [1.0, 0.0], [-2.0, 0.0]])  # target scores 0.95, 0.73, 0.12
     model = FixedVideoTokens(logits, masks).train()
     frames = torch.zeros(T, 3, H, W)
-    out = dshmp.predict_masks(model, frames, "x", (80, 120), threshold=0.5, chunk=8)
+    out = video_query_masks(model, frames, "x", (80, 120), threshold=0.5, chunk=8)
     assert model.inferred_in_training_mode is False  # the rule puts the model in eval mode
     # by hand: upsample the kept tokens to the padded 64x64, crop to 40x60, resize to 80x120, logit > 0, union
     kept = F.interpolate(masks[:2], size=(64, 64), mode="bilinear")[..., :40, :60]
@@ -532,19 +533,19 @@ def test_predict_masks_is_the_union_of_kept_tokens_cropped_and_resized():
     assert out[0, 20:44, 20:44].all() and not out[0, :, 60:].any() and not out[0, 60:].any()
     assert out[1, 66:78, 98:110].all() and not out[0, 66:78, 98:110].any()  # token 1, frame 1 only
     # no token above the threshold: an empty mask
-    assert not dshmp.predict_masks(model, frames, "x", (80, 120), threshold=0.99, chunk=8).any()
+    assert not video_query_masks(model, frames, "x", (80, 120), threshold=0.99, chunk=8).any()
     # single-object sets: the best token alone, whatever the threshold
-    top1 = dshmp.predict_masks(model, frames, "x", (80, 120), threshold=0.99, chunk=8, top1=True)
+    top1 = video_query_masks(model, frames, "x", (80, 120), threshold=0.99, chunk=8, top1=True)
     only_token_0 = F.interpolate(masks[:1], size=(64, 64), mode="bilinear")[..., :40, :60]
     assert torch.equal(top1, (F.interpolate(only_token_0, size=(80, 120), mode="bilinear") > 0)[0])
     # Ref-DAVIS17's protocol takes probabilities: the sigmoid of the best kept token's mask logits
-    probs = dshmp.predict_masks(model, frames, "x", (80, 120), threshold=0.5, chunk=8, probabilities=True)
+    probs = video_query_masks(model, frames, "x", (80, 120), threshold=0.5, chunk=8, probabilities=True)
     expected = F.interpolate(kept, size=(80, 120), mode="bilinear").amax(0).sigmoid()
     assert probs.dtype == torch.float16 and torch.allclose(probs.float(), expected, atol=1e-3)
     assert torch.equal(probs > 0.5, out)
     # 300 frames: upsampled 5 at a time, the same as all at once
     long = FixedVideoTokens(logits, masks.repeat(1, 150, 1, 1))
-    assert torch.equal(dshmp.predict_masks(long, torch.zeros(300, 3, H, W), "x", (80, 120), threshold=0.5, chunk=8),
+    assert torch.equal(video_query_masks(long, torch.zeros(300, 3, H, W), "x", (80, 120), threshold=0.5, chunk=8),
                        out.repeat(150, 1, 1))
 
 

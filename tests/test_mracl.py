@@ -69,7 +69,9 @@ def batch_loss(*flags):
     assert index == [0, 1, 2, 3, 0, 1, 3]
     embeds = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
     outputs = {"pred_masks": torch.zeros(4, 2, 8, 8), "embeds": embeds}
-    return mracl.compute_losses(cfg, outputs, batch, index)["mracl"], embeds
+    pairs = mracl.contrastive_pairs(cfg, batch, index)
+    terms = mracl.compute_losses(cfg, outputs, batch["targets"], pad_mask=batch["pad_mask"], pairs=pairs)
+    return terms["mracl"], embeds
 
 
 # ------------------------------------------------------------------------------ the MRaCL loss
@@ -291,7 +293,8 @@ def test_one_step_reaches_every_parameter_and_the_partners_get_no_segmentation_l
     assert index == [0, 1, 2, 3, 0, 1] and texts[4:] == [dataset.phrase[i] for i in with_phrase]
     outputs = model(batch["images"][index], texts, pad_mask=batch["pad_mask"][index], samples=4)
     assert outputs["pred_masks"].shape[0] == 4 and outputs["embeds"].shape[0] == 6
-    terms = mracl.compute_losses(cfg, outputs, batch, index)
+    terms = mracl.compute_losses(cfg, outputs, batch["targets"], pad_mask=batch["pad_mask"],
+                                 pairs=mracl.contrastive_pairs(cfg, batch, index) if cfg.mracl else None)
     model.zero_grad()
     (terms["ce"] + terms["mracl"]).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
@@ -400,7 +403,8 @@ def test_without_mracl_every_parameter_is_used(toy_root, tmp_path):
     batch = collate_image([dataset[0], dataset[1]])
     index, texts = mracl.with_partners(cfg, batch)
     assert index == [0, 1]  # no partner passes without the loss
-    terms = mracl.compute_losses(cfg, model(batch["images"][index], texts), batch, index)
+    terms = mracl.compute_losses(cfg, model(batch["images"][index], texts), batch["targets"],
+                                 pad_mask=batch["pad_mask"])
     assert set(terms) == {"ce"}
     terms["ce"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -127,7 +127,7 @@ def test_no_cmd_keeps_text_guided_pixels_and_drops_only_the_word_update(toy, toy
     plain.train()
     texts, index, targets, triplets = vatex.captions_of(batch)
     outputs = plain(batch["images"], batch["image_sizes"], texts, index)
-    sum(vatex.compute_losses(plain_cfg, outputs, targets, triplets).values()).backward()
+    sum(vatex.compute_losses(plain_cfg, outputs, targets, triplets=triplets).values()).backward()
     assert_gradients_reach_every_trainable_parameter(plain)
 
 
@@ -363,7 +363,7 @@ def test_gradients_reach_every_trainable_parameter_and_not_clip(toy):
     cfg, _, model, batch = toy
     model.train()
     texts, index, targets, triplets = vatex.captions_of(batch)
-    terms = vatex.compute_losses(cfg, model(batch["images"], batch["image_sizes"], texts, index), targets, triplets)
+    terms = vatex.compute_losses(cfg, model(batch["images"], batch["image_sizes"], texts, index), targets, triplets=triplets)
     model.zero_grad()
     sum(terms.values()).backward()
     assert_gradients_reach_every_trainable_parameter(model)
@@ -381,7 +381,7 @@ def test_overfitting_one_batch_makes_the_loss_fall(toy_root, tmp_path):
     losses = []
     for _ in range(25):
         terms = vatex.compute_losses(cfg, model(batch["images"], batch["image_sizes"], texts, index), targets,
-                                     triplets)
+                                     triplets=triplets)
         loss = sum(terms.values())
         optimizer.zero_grad()
         loss.backward()
@@ -399,6 +399,12 @@ def test_train_resume_and_eval_with_oc_iou(toy_root, tmp_path, capsys, monkeypat
     vatex.main([*args, "--steps", "2"])
     assert modes and not any(modes)  # --train scores the model it trained in eval mode
     assert (tmp_path / "clip-toy" / "seed0.pt").is_file()  # the toy CLIP stage, beside the run
+    # a run that reuses the toy CLIP trains as the one that trained it (the same losses)
+    vatex.main([*common[:-1], str(tmp_path / "again"), *SMALL, "--log-every", "1", "--train", "--steps", "2"])
+    def losses(run):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "s/it")}
+                for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+    assert losses("again") == losses("run")
     vatex.main([*args, "--steps", "3", "--resume"])
     out = capsys.readouterr().out
     assert "resumed from" in out and "reusing the toy CLIP" in out

@@ -1,4 +1,4 @@
-"""Peak memory of DsHmp's inference rule (`common.run.predict_masks`, 5 frames upsampled at a time)
+"""Peak memory of DsHmp's inference rule (`common.run.video_query_masks`, 5 frames upsampled at a time)
 on a long video at real resolution, against the same rule upsampling all frames at once in float32.
 
 The model is replaced by fixed outputs of the right shapes (the rule's own memory is what is
@@ -24,7 +24,7 @@ import json, resource, sys
 import torch
 import torch.nn.functional as F
 sys.path.insert(0, sys.argv[1])
-import dshmp
+from common.run import video_query_masks
 
 frames, kept, variant = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 H0, W0, H, W = 720, 1280, 360, 640
@@ -55,7 +55,7 @@ def all_at_once(model, frames, expression, orig_size, *, threshold, chunk):  # e
 model, video = Fixed(), torch.zeros(frames, 3, H, W)
 torch.set_num_threads(2)
 start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-rule = dshmp.predict_masks if variant == "chunked" else all_at_once
+rule = video_query_masks if variant == "chunked" else all_at_once
 out = rule(model, video, "x", (H0, W0), threshold=0.5, chunk=18)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"added_mib": (peak - start) / 1024, "output_mib": out.numel() * out.element_size() / 2**20,

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from common.engine import autocast, seed_everything  # noqa: E402
-from common.run import parse_config, predict_masks  # noqa: E402
+from common.run import parse_config, video_query_masks  # noqa: E402
 METHODS = ("dshmp", "dmvs", "vatex", "mracl")
 DATA = {"dshmp": "mevis", "dmvs": "mevis", "vatex": "refcoco", "mracl": "refcocog"}
 PER_GPU = {"dshmp": 1, "dmvs": 1, "vatex": 4, "mracl": 4}  # clips or images per GPU, see above
@@ -97,14 +97,15 @@ def training_step(module, method, model, cfg, inputs, device):
                  "negative_mask": [t["masks"][0] for t in batch["targets"]]}
         texts, image_index, targets, triplets = module.captions_of(batch)
         outputs = model(batch["images"], batch["image_sizes"], texts, image_index.to(device))
-        terms = module.compute_losses(cfg, outputs, targets, triplets.to(device))
+        terms = module.compute_losses(cfg, outputs, targets, triplets=triplets.to(device))
         return sum(terms.values()), outputs["pred_masks"].dtype
     n = len(batch["expression"])  # mracl: every sample with its verb phrase as partner
     batch = {**batch, "partner": ["man walking to the left"] * n, "is_phrase": [False] * n,
              "ann_id": list(range(n)), "image_id": list(range(n)), "category_id": [1] * n}
     index, texts = module.with_partners(cfg, batch)
     outputs = model(batch["images"][index], texts, pad_mask=batch["pad_mask"].to(device)[index], samples=n)
-    terms = module.compute_losses(cfg, outputs, batch, index)
+    terms = module.compute_losses(cfg, outputs, batch["targets"], pad_mask=batch["pad_mask"].to(device),
+                                  pairs=module.contrastive_pairs(cfg, batch, index))
     return sum(terms.values()), outputs["pred_masks"].dtype
 
 
@@ -158,7 +159,7 @@ def measure(method: str, *, device: str, toy: bool, cpu_autocast: bool, steps: i
     with precision():  # the inference rule (its own autocast is CUDA's; this adds CPU's for the check)
         if method in ("dshmp", "dmvs"):
             frames = inputs[0][0]  # (T, 3, Hp, Wp)
-            pred = predict_masks(model, frames, EXPRESSION, size, threshold=cfg.score_threshold,
+            pred = video_query_masks(model, frames, EXPRESSION, size, threshold=cfg.score_threshold,
                                  chunk=cfg.eval_chunk)
         else:
             image = inputs["images"][:1, :, :size[0], :size[1]]

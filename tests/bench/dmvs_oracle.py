@@ -18,12 +18,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import dmvs  # noqa: E402
 from common.metrics import VideoMetrics  # noqa: E402
-from common.run import load_trained, predict_masks  # noqa: E402
+from common.run import load_trained, video_query_masks  # noqa: E402
 from data.toy import motion_only_keys  # noqa: E402
 
 
 class Selected(torch.nn.Module):
-    """`predict_masks`'s model: the given video queries' masks, the chosen ones scored 1."""
+    """`video_query_masks`'s model: the given video queries' masks, the chosen ones scored 1."""
 
     def __init__(self, masks, chosen):
         super().__init__()
@@ -62,7 +62,7 @@ def main():
             out = model.vita.decode_video(torch.cat(fq)[None], torch.cat(mf)[None])
             found = model.instances(torch.cat(fq)[None], torch.cat(fm)[None], out)
             masks = out["pred_masks"][0]  # (V, T, h, w)
-            tubes = [predict_masks(Selected(masks, torch.arange(len(masks)) == q), frames, "", size, threshold=0.5,
+            tubes = [video_query_masks(Selected(masks, torch.arange(len(masks)) == q), frames, "", size, threshold=0.5,
                                    chunk=cfg.eval_chunk) for q in range(len(masks))]  # V x (T, H0, W0)
             topk = found.scores[0].topk(cfg.num_motion_queries).indices
             cache = {item["video"]: (masks, tubes, torch.isin(torch.arange(len(masks)), topk))}
@@ -73,11 +73,10 @@ def main():
         predictions = {"all V queries": on_target, names[1]: on_target & in_topk}
         for name, chosen in predictions.items():
             reachable[name] += bool(chosen.any())
-            pred = predict_masks(Selected(masks, chosen), frames, "", size, threshold=0.5, chunk=cfg.eval_chunk)
+            pred = video_query_masks(Selected(masks, chosen), frames, "", size, threshold=0.5, chunk=cfg.eval_chunk)
             for subset in ("all", "motion_only") if key in motion_only else ("all",):
                 metrics[name][subset].add(pred, gt, key)
-        pred = dmvs.predict_masks(model, frames, item["expression"], size, threshold=cfg.score_threshold,
-                                  chunk=cfg.eval_chunk, top1=cfg.top1)
+        pred = dmvs.predict_masks(model, frames, item["expression"], size, cfg)
         for subset in ("all", "motion_only") if key in motion_only else ("all",):
             metrics["DMVS"][subset].add(pred, gt, key)
     result = {name: {subset: m.summary() for subset, m in per.items()} for name, per in metrics.items()}

@@ -49,7 +49,8 @@ def main(argv=None):
         index, texts = mracl.with_partners(cfg, batch)
         outputs = model(batch["images"][index], texts, pad_mask=batch["pad_mask"][index],
                         samples=len(batch["expression"]))
-        terms = mracl.compute_losses(cfg, outputs, batch, index)
+        terms = mracl.compute_losses(cfg, outputs, batch["targets"], pad_mask=batch["pad_mask"],
+                                 pairs=mracl.contrastive_pairs(cfg, batch, index) if cfg.mracl else None)
         row = {"pairs": len(index) - cfg.batch_size}
         for name, value in terms.items():
             model.zero_grad()

@@ -90,7 +90,7 @@ def probe_split(method, model, cfg, root, split, *, features=False, limit=None):
         for exp_id in exp_ids:
             item = dataset[index[video, exp_id]]
             pred = method.predict_masks(model, item["frames"], item["expression"], item["orig_size"],
-                                        threshold=cfg.score_threshold, chunk=cfg.eval_chunk).numpy()
+                                        cfg).numpy()
             targets = set(meta[video]["expressions"][exp_id]["obj_id"])
             wrong = [o["obj_id"] for o in look_alikes(objects[video], targets) if o["obj_id"] not in targets]
             target_mask = np.any([obj_masks[t] for t in targets], axis=0)  # (T, H0, W0)
