@@ -48,7 +48,8 @@ Deviations from the paper (and from the official code, which the paper does not 
     a pseudo-video by VITA's recipe (ours, common.datasets.PseudoVideo; ReferFormer pre-trains on
     single images of the three sets at once); the main stage starts from it with --init.
   - A2D-Sentences / JHMDB-Sentences (Table 5): the image Swin-T backbone (the rows: Video-Swin-T/B);
-    ReferFormer's clips, losses on the one annotated frame; mask score: the best token's (ours).
+    ReferFormer's clips, losses on the one annotated frame; scored as ReferFormer scores its
+    queries, each token's mask with its target score (the official code has no A2D evaluation).
 
 Run (every option: --help):
   python dshmp.py --data toy --train                     # toy data generated if missing; CPU
@@ -656,8 +657,8 @@ def train(cfg, ddp, root, out):
 def predict_masks(model, frames, expression, orig_size, cfg, **protocol):
     """Sec. 4.2: the union of the masks of the video tokens scoring > cfg.score_threshold (0.5),
     or with cfg.top1 the best token's (Ref-YouTube-VOS, Ref-DAVIS17, A2D), by the rule DMVS shares,
-    common.run.video_query_masks; `protocol`: what a benchmark's scoring needs (probabilities,
-    with_score). frames (T, 3, H, W) -> (T, H0, W0)."""
+    common.run.video_query_masks; `protocol`: what a benchmark's scoring needs (probabilities;
+    every: each token's mask and score). frames (T, 3, H, W) -> (T, H0, W0)."""
     return video_query_masks(model, frames, expression, orig_size, threshold=cfg.score_threshold,
                              chunk=cfg.eval_chunk, top1=cfg.top1, **protocol)
 
@@ -670,7 +671,7 @@ def main(argv=None):
     def rule(frames, expression, orig_size):  # with this command's test-time settings
         return predict_masks(model, frames.to(ddp.device), expression, orig_size, cfg,
                              probabilities=cfg.data == "davis" and not cfg.predict,
-                             with_score=cfg.data in ("a2d", "jhmdb") and not cfg.predict)
+                             every=cfg.data in ("a2d", "jhmdb") and not cfg.predict)
 
     with cli_errors("dshmp"):
         if cfg.count_params:

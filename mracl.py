@@ -62,7 +62,7 @@ Run (every option: --help):
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -135,6 +135,7 @@ class Config(RunConfig):
     # LAVT: 40 epochs of batch 32, an epoch one random sentence per ref of G-Ref umd's 42,226
     # training refs (its dataset_refer_bert.py), 1,319 batches (DistributedSampler, drop_last)
     steps: int = 52_760
+    epochs: int = 0  # used when steps is 0: steps = epochs x the training set's batches
     lr: float = 5e-5  # LAVT
     weight_decay: float = 0.01  # LAVT
     grad_clip: float = 0.0  # LAVT: none
@@ -153,8 +154,10 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
     "refcoco": dict(split_by="unc"),
     "refcoco+": dict(split_by="unc"),
     "refcocog": dict(),
-    # RIS-DMMI's --splitBy final --split test; images: COCO train2014 + val2014 (data/README.md)
-    "refzom": dict(split_by="final", eval_split="test", image_root="data/coco/trainval2014"),
+    # RIS-DMMI's --splitBy final --split test; images: COCO train2014 + val2014 (data/README.md);
+    # 40 epochs, each every training sentence once (RIS-DMMI's train.sh and dataset_zom.py)
+    "refzom": dict(split_by="final", eval_split="test", image_root="data/coco/trainval2014",
+                   steps=0, epochs=40),
 }
 ABLATIONS = ("vp", "mracl", "fn_filter", "filter", "loss", "verbonly", "alpha", "phrase_subject")
 
@@ -533,6 +536,13 @@ def train(cfg, ddp, root, out):
     """LAVT's recipe with the MRaCL terms; returns the trained model (unwrapped)."""
     seed_everything(cfg.seed)  # identical initial weights on every process
     dataset = make_dataset(cfg, root, "train", train=True, seed=cfg.seed + ddp.rank)
+    if not cfg.steps:  # a schedule in epochs (Ref-ZOM): train_batches' batches per epoch
+        per_epoch = len(dataset) // ddp.world_size // max(1, cfg.batch_size // ddp.world_size)
+        cfg = replace(cfg, steps=cfg.epochs * per_epoch)
+        if not cfg.steps:
+            raise SystemExit(f"--steps 0 trains --epochs {cfg.epochs} of {per_epoch} batches: "
+                             f"no step; give --steps or --epochs")
+        print(f"{cfg.epochs} epochs of {per_epoch} batches: {cfg.steps} steps")
     vocab = None
     if cfg.data == "toy":
         vocab = build_vocab([s["expression"] for s in dataset.samples]

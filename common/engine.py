@@ -423,7 +423,8 @@ class Progress:
             self.sec_per_it = measured if self.sec_per_it is None else (
                 self.smoothing * measured + (1 - self.smoothing) * self.sec_per_it)
         self._last_step, self._last_time = step, now
-        values = {name: float(v) for name, v in scalars.items()}
+        values = {name: float(v.detach() if torch.is_tensor(v) else v)  # no autograd warning
+                  for name, v in scalars.items()}
         shown = [f"{name}={v:.4g}" for name, v in values.items()]
         shown += [f"lr={lr:.3g}",
                   f"s/it={self.sec_per_it:.3g}" if self.sec_per_it is not None else "s/it=?"]

@@ -390,7 +390,7 @@ def check_finite(loss: torch.Tensor, terms: dict, step: int) -> None:
     if dist.is_initialized():
         finite = reduce_mean(finite)
     if finite < 1:
-        values = {k: float(v) for k, v in terms.items()}
+        values = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}
         raise RuntimeError(f"non-finite loss at step {step} (on this process or another): {values}")
 
 
@@ -409,15 +409,15 @@ def load_trained(path, config_cls, build_model, device) -> tuple:
 # ---------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def video_query_masks(model, frames, expression, orig_size, *, threshold, chunk, top1=False,
-                      probabilities=False, with_score=False):
+                      probabilities=False, every=False):
     """The inference rule of the video-query methods (DsHmp Sec. 4.2, DMVS Sec. 3.3): frames
     (T, 3, H, W) normalised -> (T, H0, W0): the union of the masks of every video query whose
     target score (softmax over target / no object) exceeds `threshold` (empty if none), or with
     `top1` the best query's mask. Bool, or with `probabilities` float16 mask probabilities (for
-    Ref-DAVIS17's protocol). With `with_score`, (masks, score): the highest target score, which
-    is the selected token's with top1 and the best kept one's in the union (the score a mask
-    carries into A2D-Sentences' mAP; ours, the official DsHmp and DMVS codes have no A2D
-    evaluation). `model.infer(frames, expression, chunk=...)` gives the logits (M, 2)
+    Ref-DAVIS17's protocol). With `every`, (masks (M, T, H0, W0), scores (M,)): each query's mask
+    and target score, as ReferFormer submits each of its queries to A2D-Sentences' mAP (its oIoU
+    and mIoU take the highest-scoring one, the top-1 mask; the official DsHmp and DMVS codes have
+    no A2D evaluation). `model.infer(frames, expression, chunk=...)` gives the logits (M, 2)
     and masks (M, T, Hp/4, Wp/4) of the whole video, padded to multiples of 32. Upsampled 5 frames
     at a time (official DsHmp and VITA): memory does not grow beyond the output. Puts `model` in
     eval mode (dropout and drop path off, VITA's test-time windows)."""
@@ -428,13 +428,15 @@ def video_query_masks(model, frames, expression, orig_size, *, threshold, chunk,
         logits, masks = model.infer(frames, expression, chunk=chunk)  # (M, 2), (M, T, Hp/4, Wp/4)
     scores = logits.float().softmax(-1)[:, 0]  # (M,)
     keep = F.one_hot(scores.argmax(), len(scores)).bool() if top1 else scores > threshold  # (M,)
-    out = torch.zeros(T, *orig_size, dtype=torch.float16 if probabilities else torch.bool,
-                      device=frames.device)
+    keep = torch.ones_like(keep) if every else keep
+    out = torch.zeros(len(scores) if every else 1, T, *orig_size, device=frames.device,
+                      dtype=torch.float16 if probabilities else torch.bool)  # (M or 1, T, H0, W0)
     for t in range(0, T if keep.any() else 0, 5):
         part = F.interpolate(masks[keep, t:t + 5].float(), size=padded_size, mode="bilinear")
-        part = F.interpolate(part[..., :H, :W], size=tuple(orig_size), mode="bilinear").amax(0)
-        out[t:t + 5] = part.sigmoid() if probabilities else part > 0  # the union: any logit > 0
-    return (out, scores.max()) if with_score else out  # (T, H0, W0)
+        part = F.interpolate(part[..., :H, :W], size=tuple(orig_size), mode="bilinear")
+        part = part if every else part.amax(0, keepdim=True)  # the union: any logit > 0
+        out[:, t:t + 5] = part.sigmoid() if probabilities else part > 0
+    return (out, scores) if every else out[0]  # (T, H0, W0)
 
 
 # Ref-YouTube-VOS's server wants Annotations/<video>/<exp_id>/

@@ -339,17 +339,21 @@ class FixedTokens(torch.nn.Module):
         return self.logits, self.masks
 
 
-def test_predict_masks_with_score_gives_the_selected_tokens_score():
+def test_video_query_masks_every_gives_each_tokens_mask_and_score():
     masks = torch.full((3, 2, 8, 8), -5.0)
     masks[1, :, :4, :4] = 5.0
+    masks[2, :, 4:, 4:] = 5.0
     logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])  # target scores 0.5, 0.88, 0.27
     frames = torch.zeros(2, 3, 32, 32)
-    mask, score = video_query_masks(FixedTokens(logits, masks), frames, "x", (32, 32), threshold=0.5,
-                                chunk=8, top1=True, with_score=True)
-    assert torch.isclose(score, torch.sigmoid(torch.tensor(2.0)))
-    assert torch.equal(mask, video_query_masks(FixedTokens(logits, masks), frames, "x", (32, 32),
-                                           threshold=0.5, chunk=8, top1=True))
-    assert mask[:, :14, :14].all() and not mask[:, 18:].any() and not mask[:, :, 18:].any()
+    every, scores = video_query_masks(FixedTokens(logits, masks), frames, "x", (32, 32),
+                                      threshold=0.5, chunk=8, top1=True, every=True)
+    assert every.shape == (3, 2, 32, 32) and not every[0].any()
+    assert torch.allclose(scores, torch.sigmoid(torch.tensor([0.0, 2.0, -1.0])))
+    top1 = video_query_masks(FixedTokens(logits, masks), frames, "x", (32, 32), threshold=0.5,
+                             chunk=8, top1=True)
+    assert torch.equal(every[scores.argmax()], top1)  # oIoU / mIoU's mask: the top-1 one
+    assert top1[:, :14, :14].all() and not top1[:, 18:].any() and not top1[:, :, 18:].any()
+    assert every[2][:, 18:, 18:].all() and not every[2][:, :14].any()
 
 
 def test_annotated_frames_selects_each_clips_frame():

@@ -281,6 +281,32 @@ def test_mracl_trains_and_evaluates_on_refzom_with_the_toy_model(tree, tmp_path,
     assert by_hand.records == result["per_expression"]
 
 
+def test_mracl_refzom_trains_in_epochs(tree, tmp_path, monkeypatch):
+    """The refzom preset's schedule is 40 epochs (RIS-DMMI), not a step count: --steps 0 trains
+    --epochs x the training set's batches of --batch-size."""
+    root, images = tree
+    preset = parse_config(mracl.Config, mracl.PRESETS, ["--data", "refzom", "--eval"])
+    assert (preset.steps, preset.epochs) == (0, 40)
+    toy_cfg = parse_config(mracl.Config, mracl.PRESETS, ["--data", "toy", "--decoder-dim", "16",
+                                                         "--toy-text-dim", "16", "--count-params"])
+    words = build_vocab(["the dog on the left all things every object a cat jumping over fence"])
+    build = mracl.build_model
+    monkeypatch.setattr(mracl, "build_model",
+                        lambda cfg, vocab=None, pretrained=True: build(toy_cfg, vocab=words))
+    args = ["--data", "refzom", "--data-root", str(root), "--image-root", str(images),
+            "--short-side", "48", "--max-size", "64", "--workers", "0", "--decoder-dim", "16",
+            "--batch-size", "2", "--log-every", "1"]
+    cfg = parse_config(mracl.Config, mracl.PRESETS, [*args, "--eval"])
+    items = len(mracl.make_dataset(cfg, root, "train", train=True))
+    assert items >= 4
+    out = tmp_path / "run"
+    mracl.main([*args, "--out", str(out), "--train", "--epochs", "2"])
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 2 * (items // 2) == len(steps)
+    with pytest.raises(SystemExit, match="no step"):
+        mracl.main([*args, "--out", str(tmp_path / "none"), "--train", "--epochs", "0"])
+
+
 def test_mracl_refzom_without_data_ends_with_one_message(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/ here
     with pytest.raises(SystemExit) as excinfo:
