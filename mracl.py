@@ -70,12 +70,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
-from common.backbones import (TextEncoder, load_swin_backbone, official_swin_keys, param_keys,
-                              parameter_report, swin_backbone, swin_base_22k_config)
+from common.backbones import (TextEncoder, load_swin_backbone, parameter_report, swin_backbone,
+                              swin_base_22k_config)
 from common.datasets import RefCOCO, RefZOM, collate_image
 from common.engine import (Progress, autocast, cleanup_distributed, is_main, reduce_dict,
                            save_checkpoint, seed_everything, setup_distributed, to_device, unwrap)
-from common.lavt import LanguageAwareSwin, official_fusion_keys
+from common.lavt import LanguageAwareSwin
 from common.run import (RunConfig, check_finite, cli_errors, data_root, evaluate_image,
                         init_weights, load_trained, param_groups, parse_config, predict_files,
                         resume, run_dir, train_batches, wrap_ddp)
@@ -475,60 +475,6 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> LAVT:
                                    word_tokenizer([]), max_length=cfg.max_tokens, freeze=False)
     return LAVT(backbone=backbone, text_encoder=text_encoder, decoder_dim=cfg.decoder_dim,
                 proj_dim=cfg.proj_dim if cfg.mracl else 0)
-
-
-# The official LAVT's visual encoder and decoder (yz93/LAVT-RIS lib/backbone.py and
-# lib/mask_predictor.py) under its model's names (`backbone.`, `classifier.`); its BERT is not
-# mapped (train.py saves it as 'bert_model', or inside 'model' as `text_encoder.` for LAVTOne).
-# LAVT builds a gate on the last stage too and never uses it: not loaded.
-OFFICIAL_LAVT_KEYS_NOT_LOADED = ("backbone.layers.3.res_gate.0.weight",
-                                 "backbone.layers.3.res_gate.2.weight")
-
-
-def official_lavt_key_map(model: LAVT) -> dict:
-    """Official LAVT key -> our key(s) of `model.state_dict()` (as common.vita's map: several keys
-    of ours cut the official tensor along dim 0): the Swin (common.backbones.official_swin_keys),
-    PWAM and the gates (common.lavt.official_fusion_keys), and the decoder (SimpleDecoding)."""
-    pairs = [(f"backbone.{t}", [f"backbone.{o}" for o in ours])
-             for t, ours in official_swin_keys(model.backbone)]
-    pairs += [(t, [f"fusion.{o}" for o in ours]) for t, ours in official_fusion_keys(model.fusion)]
-    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    for k, level in enumerate((4, 3, 2)):  # conv1_4 ... bn2_2: our blocks 0, 1, 2
-        for j, (conv, norm) in enumerate(((f"conv1_{level}", f"bn1_{level}"),
-                                          (f"conv2_{level}", f"bn2_{level}"))):
-            pairs += param_keys(f"classifier.{conv}", f"decoder.blocks.{k}.{3 * j}", ("weight",))
-            pairs += param_keys(f"classifier.{norm}", f"decoder.blocks.{k}.{3 * j + 1}", bn)
-    pairs += param_keys("classifier.conv1_1", "decoder.classifier")
-    return dict(pairs)
-
-
-def load_official_lavt(model: LAVT, official_state: dict) -> None:
-    """Load the official LAVT's `backbone.` and `classifier.` tensors (of a checkpoint's 'model';
-    leave LAVTOne's `text_encoder.` ones out) into `model`; its BERT and MRaCL's projection are
-    left as they are. Raises ValueError listing every official key with no place, every key of
-    ours left without a tensor and every size that differs."""
-    key_map, own = official_lavt_key_map(model), model.state_dict()
-    buffers = dict(model.named_buffers())  # Swin's relative_position_index: compared, not loaded
-    problems = [f"no place for {k}" for k in official_state
-                if k not in key_map and k not in OFFICIAL_LAVT_KEYS_NOT_LOADED]
-    problems += [f"nothing for {ours}" for theirs, targets in key_map.items()
-                 if theirs not in official_state for ours in targets]
-    converted = {}
-    for theirs, targets in key_map.items():
-        if theirs not in official_state:
-            continue
-        value = torch.as_tensor(official_state[theirs])
-        for ours, part in zip(targets, value.chunk(len(targets)) if len(targets) > 1 else [value]):
-            if ours in own and part.numel() != own[ours].numel():
-                problems.append(f"{ours} {tuple(own[ours].shape)} <- {theirs} {tuple(part.shape)}")
-            elif ours in own:
-                converted[ours] = part.reshape(own[ours].shape)
-            elif not torch.equal(part.flatten(), buffers[ours].flatten()):
-                problems.append(f"{theirs} differs from our {ours} (another window size?)")
-    if problems:
-        raise ValueError("the official LAVT weights do not match this model:\n  "
-                         + "\n  ".join(problems))
-    model.load_state_dict(converted, strict=False)
 
 
 # ---------------------------------------------------------------------------------- training

@@ -77,11 +77,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import einsum, rearrange, reduce, repeat
-from transformers import CLIPModel, Mask2FormerConfig
-from transformers.models.mask2former.modeling_mask2former import \
-    Mask2FormerPixelDecoderEncoderOnly
+from transformers import CLIPModel
 
-from common.backbones import (CLIPEncoder, clip_b16_config, clip_view, load_swin_backbone,
+from common.backbones import (CLIPEncoder, clip_b16_config, clip_view, deformable_encode,
+                              deformable_encoder, deformable_encoder_init_, load_swin_backbone,
                               load_video_swin_b, parameter_report, sine_position_embedding,
                               sine_position_embedding_3d, swin_backbone, swin_base_22k_config,
                               tiny_video_swin, video_swin_b)
@@ -225,27 +224,6 @@ def conv_gn(in_channels, out_channels, kernel_size, *, bias=True, relu=False):
     return nn.Sequential(*layers, *[nn.ReLU()] * relu)
 
 
-def init_deformable_encoder(encoder):
-    """Deformable DETR's initialisation as the official code runs it (modeling/pixel_decoder/:
-    msdeformattn.py, MSDeformAttnTransformerEncoderOnly, and ops/, MSDeformAttn); built alone,
-    transformers' encoder never meets transformers' _init_weights."""
-    xavier_init_(encoder)
-    for attn in (layer.self_attn for layer in encoder.layers):
-        angle = torch.arange(attn.n_heads) * (2 * math.pi / attn.n_heads)  # (heads,)
-        direction = torch.stack([angle.cos(), angle.sin()], -1)  # (heads, 2): x, y
-        direction = direction / direction.abs().amax(-1, keepdim=True)  # largest coordinate 1
-        # point k of each head starts k + 1 cells out along the head's direction, on every level
-        grid = einsum(direction, torch.arange(1.0, attn.n_points + 1), "h xy, p -> h p xy")
-        nn.init.zeros_(attn.sampling_offsets.weight)
-        with torch.no_grad():
-            attn.sampling_offsets.bias.copy_(repeat(grid, "h p xy -> (h l p xy)", l=attn.n_levels))
-        nn.init.zeros_(attn.attention_weights.weight)  # zero logits: uniform over the points
-        nn.init.zeros_(attn.attention_weights.bias)
-        for linear in (attn.value_proj, attn.output_proj):
-            nn.init.xavier_uniform_(linear.weight)
-            nn.init.zeros_(linear.bias)
-
-
 class ContextualMultimodalDecoder(nn.Module):
     """Sec. 3.2 and the supplementary's figure: the pixel decoder of VATEX, with the official
     code's early BATs and deformable encoder before its four levels; fp32 under autocast.
@@ -264,10 +242,8 @@ class ContextualMultimodalDecoder(nn.Module):
         self.early_bats = nn.ModuleList(BAT(dim=dim, heads=heads, update_words=update_words)
                                         for _ in range(3))
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
-        config = Mask2FormerConfig(feature_size=dim, encoder_layers=encoder_layers, dropout=0.0,
-                                   encoder_feedforward_dim=encoder_ffn_dim,
-                                   num_attention_heads=heads)
-        self.encoder = Mask2FormerPixelDecoderEncoderOnly(config)  # transformers' MSDeformAttn
+        self.encoder = deformable_encoder(dim=dim, heads=heads, layers=encoder_layers,
+                                          ffn_dim=encoder_ffn_dim)  # Mask2Former's (official)
         # Eq. (4): level 1 reads the encoder's 1/32 map; levels 2-4 a lateral 1x1 conv of the
         # encoder's 1/16 and 1/8 maps and of the backbone's 1/4 map (FPN)
         self.lateral = nn.ModuleList(conv_gn(c, dim, 1, bias=False)
@@ -283,23 +259,8 @@ class ContextualMultimodalDecoder(nn.Module):
             nn.init.zeros_(proj[0].bias)
         for conv in [m[0] for m in (*self.lateral, *self.fuse)] + [self.mask_proj]:
             c2_xavier_fill_(conv)
-        init_deformable_encoder(self.encoder)
+        deformable_encoder_init_(self.encoder)
         nn.init.normal_(self.level_embed)
-
-    def deformable_encoder(self, maps):
-        """Mask2Former's deformable encoder over three maps (N, C, h_l, w_l), coarse first."""
-        pos = [sine_position_embedding(m, m.shape[1]) for m in maps]  # same shapes
-        shapes = [tuple(m.shape[-2:]) for m in maps]
-        tokens = torch.cat([rearrange(m, "n c h w -> n (h w) c") for m in maps], 1)  # (N, hw.., C)
-        pos = torch.cat([rearrange(p, "n c h w -> n (h w) c") + e
-                         for p, e in zip(pos, self.level_embed)], 1)  # (N, hw.., C)
-        starts = torch.tensor([0] + [h * w for h, w in shapes[:-1]], device=tokens.device).cumsum(0)
-        padding = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # none
-        out = self.encoder(inputs_embeds=tokens, position_embeddings=pos, attention_mask=padding,
-                           spatial_shapes_list=shapes, level_start_index=starts,
-                           valid_ratios=tokens.new_ones(len(tokens), 3, 2))
-        parts = out.last_hidden_state.split([h * w for h, w in shapes], 1)
-        return [rearrange(p, "n (h w) c -> n c h w", h=h, w=w) for p, (h, w) in zip(parts, shapes)]
 
     def bat(self, module, feature, words, word_pos, word_mask):
         """A BAT on maps (N*T, C, h, w), T >= 1 frames per caption, all met at once (official
@@ -318,7 +279,7 @@ class ContextualMultimodalDecoder(nn.Module):
             for i, stage in enumerate(stages[:0:-1]):  # res5, res4, res3: early BATs, pixels only
                 feature = self.input_proj[i](stage)  # (N, C, h_l, w_l)
                 maps.append(self.bat(self.early_bats[i], feature, words, word_pos, word_mask)[0])
-            encoded = self.deformable_encoder(maps)  # [1/32, 1/16, 1/8]
+            encoded = deformable_encode(self.encoder, maps, self.level_embed)  # [1/32, 1/16, 1/8]
             levels, previous = [], None
             for i, feature in enumerate([encoded[0], encoded[1], encoded[2], stages[0]]):
                 if i > 0:
@@ -370,6 +331,13 @@ class VatexDecoder(MaskedAttentionDecoder):
 
 
 # ------------------------------------------------------------------------------------ model
+def sentence_feature(words, word_mask):
+    """Eq. (5): F_s, the mean of the vision-aware words F_4^w (N, L, C) over the real tokens
+    (N, L) -> (N, C)."""
+    weights = word_mask.to(words.dtype)  # (N, L)
+    return einsum(words, weights, "n l c, n l -> n c") / weights.sum(1, keepdim=True)
+
+
 class VATEX(nn.Module):
     """forward(images (B, 3, H, W) ImageNet-normalised, H W multiples of 32, image_sizes [(h, w)]
     unpadded, texts [N expressions], image_index (N,) the image of each caption) -> dict(
@@ -398,20 +366,33 @@ class VATEX(nn.Module):
                                     num_layers=decoder_layers, num_heads=heads, ffn_dim=ffn_dim)
 
     def forward(self, images, image_sizes, texts, image_index):
-        encoded = self.clip.encode_words(texts)  # frozen CLIP text tower, last hidden state
-        word_mask = encoded["attn_mask"]  # (N, L)
-        words = self.text_proj(encoded["word_feats"])  # (N, L, C): f_w
-        word_pos = sine_positions_1d(word_mask, words.shape[-1])  # (N, L, C)
+        words, word_pos, word_mask = self.encode_text(texts)
         stages = [s[image_index] for s in self.backbone(images).feature_maps]  # (N, C_s, h_s, w_s)
         pixels = self.pixel_decoder(stages, words, word_pos, word_mask)
         words = pixels["words"]  # F_4^w (N, L, C); f_w as it came with --no-cmd
-        weights = word_mask.to(words.dtype)  # (N, L)
-        sentence = einsum(words, weights, "n l c, n l -> n c") / weights.sum(1, keepdim=True)
-        # ^ Eq. (5): F_s, (N, C)
+        sentence = sentence_feature(words, word_mask)  # Eq. (5): F_s (N, C)
         prior = self.clip_prior(images, image_sizes, texts, image_index)  # (N, C) or None
         out = self.decoder(pixels["features"], pixels["pos"], pixels["mask_features"], sentence,
                            prior, words, word_pos, word_mask)
         return {**out, "sentence": sentence}
+
+    def encode_text(self, texts):
+        """The frozen CLIP text tower's last hidden state, resized to C: f_w (N, L, C), its sine
+        positions (N, L, C) and the real tokens (N, L)."""
+        encoded = self.clip.encode_words(texts)
+        words = self.text_proj(encoded["word_feats"])  # (N, L, C)
+        word_pos = sine_positions_1d(encoded["attn_mask"], words.shape[-1])  # (N, L, C)
+        return words, word_pos, encoded["attn_mask"]
+
+    @torch.no_grad()
+    def infer(self, frames, expression, *, chunk=None):
+        """An image (1, 3, H, W), padded to multiples of 32 -> (Q, 2), (Q, 1, Hp/4, Wp/4), for
+        common.run.video_query_masks (`chunk`: unused)."""
+        H, W = frames.shape[-2:]
+        padded = F.pad(frames, (0, -W % 32, 0, -H % 32))  # (1, 3, Hp, Wp)
+        out = self(padded, [(H, W)], [expression], torch.zeros(1, dtype=torch.long,
+                                                               device=frames.device))
+        return out["pred_logits"][0], out["pred_masks"][0][:, None]
 
     def clip_prior(self, images, image_sizes, texts, image_index):
         """Sec. 3.1: the heatmap of each caption's main noun phrase on its own image, in C."""
@@ -437,16 +418,12 @@ class VideoVATEX(VATEX):
     def forward(self, frames, image_sizes, texts, clip_index, chunk=None):
         clips = frames if frames.dim() == 5 else frames[:, None]  # (B, T, 3, H, W)
         T = clips.shape[1]
-        encoded = self.clip.encode_words(texts)  # frozen CLIP text tower, last hidden state
-        word_mask = encoded["attn_mask"]  # (N, L)
-        words = self.text_proj(encoded["word_feats"])  # (N, L, C): f_w
-        word_pos = sine_positions_1d(word_mask, words.shape[-1])  # (N, L, C)
+        words, word_pos, word_mask = self.encode_text(texts)
         index = (clip_index[:, None] * T + torch.arange(T).to(clip_index)).flatten()  # (N*T,)
         stages = [s[index] for s in self.backbone(clips, chunk=chunk)]  # (N*T, C_s, h_s, w_s)
         pixels = self.pixel_decoder(stages, words, word_pos, word_mask)
         words = pixels["words"]  # F_4^w (N, L, C)
-        w = word_mask.to(words.dtype)  # (N, L)
-        sentence = einsum(words, w, "n l c, n l -> n c") / w.sum(1, keepdim=True)  # Eq. (5) (N, C)
+        sentence = sentence_feature(words, word_mask)  # Eq. (5): F_s (N, C)
         prior = self.clip_prior(clips.flatten(0, 1), [s for s in image_sizes for _ in range(T)],
                                 [x for x in texts for _ in range(T)], index)  # (N*T, C)
         prior = None if prior is None else reduce(prior, "(n t) c -> n c", "mean", t=T)  # (N, C)
@@ -681,22 +658,13 @@ def train(cfg, ddp, root, out):
 
 
 # ------------------------------------------------------------------------ Sec. 3.4 inference
-@torch.no_grad()
-def predict_masks(model, images, expression, orig_size):
-    """Sec. 3.4: the query with the highest target probability, its mask logits upsampled to the
-    padded input, cropped, resized to the original size, > 0 (official). images (1, 3, H, W)
-    -> (H0, W0) bool."""
-    H, W = images.shape[-2:]
-    padded = F.pad(images, (0, -W % 32, 0, -H % 32))  # (1, 3, Hp, Wp)
-    with autocast(images.device):
-        out = model(padded, [(H, W)], [expression], torch.zeros(1, dtype=torch.long,
-                                                                 device=images.device))
-    scores = out["pred_logits"][0].float().softmax(-1)[:, 0]  # (Q,) target probability
-    mask = out["pred_masks"][0, scores.argmax()][None, None].float()  # (1, 1, h, w)
-    mask = F.interpolate(mask, size=padded.shape[-2:], mode="bilinear", align_corners=False)
-    mask = F.interpolate(mask[..., :H, :W], size=tuple(orig_size), mode="bilinear",
-                         align_corners=False)  # (1, 1, H0, W0)
-    return mask[0, 0] > 0  # (H0, W0)
+def predict_masks(model, frames, expression, orig_size, cfg, **protocol):
+    """Sec. 3.4: the mask of the query with the highest target probability (official: the raw
+    logit), upsampled to the padded input, cropped, resized to the original size, > 0 (official),
+    by common.run.video_query_masks; a video (Sec. 4.2) is one clip, one query for all its frames.
+    `protocol`: probabilities (Ref-DAVIS17). frames (T, 3, H, W), an image T = 1 -> (T, H0, W0)."""
+    return video_query_masks(model, frames, expression, orig_size, threshold=None,
+                             chunk=cfg.eval_chunk, top1=True, **protocol)
 
 
 def main(argv=None):
@@ -705,12 +673,9 @@ def main(argv=None):
     checkpoint = cfg.checkpoint or out / "last.pt"
     video = cfg.data in ("ytvos", "davis")
 
-    def rule(frames, expression, orig_size):  # (T, H0, W0); a video: one top-1 query for all
-        if video:  # Ref-DAVIS17's protocol scores mask probabilities
-            return video_query_masks(model, frames.to(ddp.device), expression, orig_size,
-                                     threshold=None, chunk=cfg.eval_chunk, top1=True,
-                                     probabilities=cfg.data == "davis" and not cfg.predict)
-        return predict_masks(model, frames.to(ddp.device), expression, orig_size)[None]
+    def rule(frames, expression, orig_size):  # with this command's test-time settings
+        return predict_masks(model, frames.to(ddp.device), expression, orig_size, cfg,
+                             probabilities=cfg.data == "davis" and not cfg.predict)
 
     if cfg.mcc_loss not in ("paper", "infonce"):
         raise SystemExit(f"vatex: --mcc-loss must be paper or infonce, got {cfg.mcc_loss!r}")

@@ -33,9 +33,12 @@ from transformers import (
     SwinBackbone,
     SwinConfig,
 )
-from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerPixelDecoderEncoderOnly,
+    Mask2FormerSinePositionEmbedding,
+)
 
-from common.mask2former import HF_DECODER_PREFIXES
+from common.mask2former import HF_DECODER_PREFIXES, xavier_init_
 
 # Shapes: B images or sentences, L tokens, C channels, H W input image, N patch tokens, D joint
 # CLIP space.
@@ -197,6 +200,58 @@ class PixelLevel(nn.Module):
                         **hub_kwargs) -> "PixelLevel":
         """The pixel-level module of a Mask2Former checkpoint (see `load_mask2former`)."""
         return load_mask2former(name_or_path, **hub_kwargs)[0]
+
+
+def deformable_encoder(*, dim, heads, layers, ffn_dim) -> Mask2FormerPixelDecoderEncoderOnly:
+    """A fresh multi-scale deformable-attention encoder over three levels (transformers' module
+    of Mask2Former's pixel decoder, dropout 0), for a pixel decoder built around it. Initialise it
+    with `deformable_encoder_init_` and run it with `deformable_encode`."""
+    return Mask2FormerPixelDecoderEncoderOnly(Mask2FormerConfig(
+        feature_size=dim, encoder_layers=layers, dropout=0.0, encoder_feedforward_dim=ffn_dim,
+        num_attention_heads=heads))
+
+
+def deformable_encoder_init_(encoder) -> None:
+    """The official Mask2Former initialisation of its deformable encoder (facebookresearch/
+    Mask2Former @ 9b0651c, msdeformattn.py MSDeformAttnTransformerEncoderOnly._reset_parameters
+    and ops/modules/ms_deform_attn.py MSDeformAttn._reset_parameters, Deformable DETR's); built
+    alone, transformers' module never meets transformers' _init_weights."""
+    xavier_init_(encoder)
+    for attn in (layer.self_attn for layer in encoder.layers):
+        angle = torch.arange(attn.n_heads) * (2 * math.pi / attn.n_heads)  # (heads,)
+        direction = torch.stack([angle.cos(), angle.sin()], -1)  # (heads, 2): x, y
+        direction = direction / direction.abs().amax(-1, keepdim=True)  # largest coordinate 1
+        # point k of each head starts k + 1 cells out along the head's direction, on every level
+        grid = einops.einsum(direction, torch.arange(1.0, attn.n_points + 1), "h xy, p -> h p xy")
+        nn.init.zeros_(attn.sampling_offsets.weight)
+        with torch.no_grad():
+            attn.sampling_offsets.bias.copy_(
+                einops.repeat(grid, "h p xy -> (h l p xy)", l=attn.n_levels))
+        nn.init.zeros_(attn.attention_weights.weight)  # zero logits: uniform over the points
+        nn.init.zeros_(attn.attention_weights.bias)
+        for linear in (attn.value_proj, attn.output_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+
+def deformable_encode(encoder, maps, level_embed) -> list:
+    """The deformable encoder over maps [(N, C, h_l, w_l)], coarse first, unpadded, each with its
+    2-D sine position plus its level's row of level_embed (levels, C) -> the encoded maps, same
+    shapes."""
+    pos = [sine_position_embedding(m, m.shape[1]) for m in maps]  # same shapes
+    shapes = [tuple(m.shape[-2:]) for m in maps]
+    tokens = torch.cat([einops.rearrange(m, "n c h w -> n (h w) c") for m in maps],
+                       1)  # (N, hw.., C)
+    pos = torch.cat([einops.rearrange(p, "n c h w -> n (h w) c") + e
+                     for p, e in zip(pos, level_embed)], 1)  # (N, hw.., C)
+    starts = torch.tensor([0] + [h * w for h, w in shapes[:-1]], device=tokens.device).cumsum(0)
+    padding = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # none
+    out = encoder(inputs_embeds=tokens, position_embeddings=pos, attention_mask=padding,
+                  spatial_shapes_list=shapes, level_start_index=starts,
+                  valid_ratios=tokens.new_ones(len(tokens), len(maps), 2))
+    parts = out.last_hidden_state.split([h * w for h, w in shapes], 1)
+    return [einops.rearrange(p, "n (h w) c -> n c h w", h=h, w=w)
+            for p, (h, w) in zip(parts, shapes)]
 
 
 # ------------------------------------------------------------------------ a Swin backbone alone

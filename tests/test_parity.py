@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.backbones import param_keys
+from common.backbones import official_swin_keys, param_keys
+from common.lavt import official_fusion_keys
 from common.vita import build_vita, official_vita_key_map
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "parity"
@@ -208,9 +209,63 @@ def test_vita_whole_model_parity_fails_on_a_broken_port():
 LAVT = load("lavt")
 
 
+# The official LAVT's visual encoder and decoder (yz93/LAVT-RIS lib/backbone.py and
+# lib/mask_predictor.py) under its model's names (`backbone.`, `classifier.`); its BERT is not
+# mapped (train.py saves it as 'bert_model', or inside 'model' as `text_encoder.` for LAVTOne).
+# LAVT builds a gate on the last stage too and never uses it: not loaded.
+OFFICIAL_LAVT_KEYS_NOT_LOADED = ("backbone.layers.3.res_gate.0.weight",
+                                 "backbone.layers.3.res_gate.2.weight")
+
+
+def official_lavt_key_map(model) -> dict:
+    """Official LAVT key -> our key(s) of `model.state_dict()` (as common.vita's map: several keys
+    of ours cut the official tensor along dim 0): the Swin (common.backbones.official_swin_keys),
+    PWAM and the gates (common.lavt.official_fusion_keys), and the decoder (SimpleDecoding)."""
+    pairs = [(f"backbone.{t}", [f"backbone.{o}" for o in ours])
+             for t, ours in official_swin_keys(model.backbone)]
+    pairs += [(t, [f"fusion.{o}" for o in ours]) for t, ours in official_fusion_keys(model.fusion)]
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    for k, level in enumerate((4, 3, 2)):  # conv1_4 ... bn2_2: our blocks 0, 1, 2
+        for j, (conv, norm) in enumerate(((f"conv1_{level}", f"bn1_{level}"),
+                                          (f"conv2_{level}", f"bn2_{level}"))):
+            pairs += param_keys(f"classifier.{conv}", f"decoder.blocks.{k}.{3 * j}", ("weight",))
+            pairs += param_keys(f"classifier.{norm}", f"decoder.blocks.{k}.{3 * j + 1}", bn)
+    pairs += param_keys("classifier.conv1_1", "decoder.classifier")
+    return dict(pairs)
+
+
+def load_official_lavt(model, official_state: dict) -> None:
+    """Load the official LAVT's `backbone.` and `classifier.` tensors (of a checkpoint's 'model';
+    leave LAVTOne's `text_encoder.` ones out) into `model`; its BERT and MRaCL's projection are
+    left as they are. Raises ValueError listing every official key with no place, every key of
+    ours left without a tensor and every size that differs."""
+    key_map, own = official_lavt_key_map(model), model.state_dict()
+    buffers = dict(model.named_buffers())  # Swin's relative_position_index: compared, not loaded
+    problems = [f"no place for {k}" for k in official_state
+                if k not in key_map and k not in OFFICIAL_LAVT_KEYS_NOT_LOADED]
+    problems += [f"nothing for {ours}" for theirs, targets in key_map.items()
+                 if theirs not in official_state for ours in targets]
+    converted = {}
+    for theirs, targets in key_map.items():
+        if theirs not in official_state:
+            continue
+        value = torch.as_tensor(official_state[theirs])
+        for ours, part in zip(targets, value.chunk(len(targets)) if len(targets) > 1 else [value]):
+            if ours in own and part.numel() != own[ours].numel():
+                problems.append(f"{ours} {tuple(own[ours].shape)} <- {theirs} {tuple(part.shape)}")
+            elif ours in own:
+                converted[ours] = part.reshape(own[ours].shape)
+            elif not torch.equal(part.flatten(), buffers[ours].flatten()):
+                problems.append(f"{theirs} differs from our {ours} (another window size?)")
+    if problems:
+        raise ValueError("the official LAVT weights do not match this model:\n  "
+                         + "\n  ".join(problems))
+    model.load_state_dict(converted, strict=False)
+
+
 def our_lavt(rename=None):
     """MRaCL's LAVT at the fixture's sizes (no text encoder: the words are given), loaded from the
-    official state dict by mracl.load_official_lavt (mracl.official_lavt_key_map); `rename` maps
+    official state dict by load_official_lavt (official_lavt_key_map); `rename` maps
     official keys to other official keys first (the broken variants)."""
     import types
 
@@ -225,7 +280,7 @@ def our_lavt(rename=None):
     state = LAVT["state_dict"]
     if rename is not None:  # the same loader, on a state dict with some tensors swapped
         state = {rename.get(k, k): v for k, v in state.items()}
-    mracl.load_official_lavt(model, state)
+    load_official_lavt(model, state)
     return model.eval()
 
 
@@ -271,13 +326,12 @@ def test_lavt_parity_fails_on_a_broken_port():
 
 
 def test_load_official_lavt_lists_what_does_not_match():
-    import mracl
     state = dict(LAVT["state_dict"])
     del state["classifier.conv1_1.bias"]
     state["backbone.layers.0.extra.weight"] = torch.zeros(1)
     state["backbone.norm0.weight"] = torch.zeros(3)
     with pytest.raises(ValueError) as error:
-        mracl.load_official_lavt(our_lavt().train(), state)
+        load_official_lavt(our_lavt().train(), state)
     message = str(error.value)
     assert "no place for backbone.layers.0.extra.weight" in message
     assert "nothing for decoder.classifier.bias" in message

@@ -330,13 +330,15 @@ def test_top1_picks_the_most_probable_query_and_crops_the_padding(monkeypatch):
     masks[0, 1, :4, :4] = 1.0  # a 16x16 block at the top left of the padded 64x64 input
 
     class Fake(torch.nn.Module):
+        infer = vatex.VATEX.infer  # the image path of VATEX, around this forward
+
         def forward(self, images, sizes, texts, index):
             assert images.shape[-2:] == (64, 64) and sizes == [(40, 64)]
             return {"pred_logits": logits, "pred_masks": masks}
 
-    out = vatex.predict_masks(Fake(), torch.zeros(1, 3, 40, 64), "x", (20, 32))
-    assert out.shape == (20, 32) and out.dtype == torch.bool
-    assert out[:7, :7].all() and not out[10:].any() and not out[:, 10:].any()
+    out = vatex.predict_masks(Fake(), torch.zeros(1, 3, 40, 64), "x", (20, 32), vatex.Config())
+    assert out.shape == (1, 20, 32) and out.dtype == torch.bool
+    assert out[0, :7, :7].all() and not out[0, 10:].any() and not out[0, :, 10:].any()
 
 
 def test_predict_and_shapes(toy):
@@ -395,7 +397,7 @@ def test_train_resume_and_eval_with_oc_iou(toy_root, tmp_path, capsys, monkeypat
     args = [*common, *SMALL, "--log-every", "1", "--save-every", "2", "--train"]
     modes = []  # the model's mode each time the inference rule is called
     rule = vatex.predict_masks
-    monkeypatch.setattr(vatex, "predict_masks", lambda model, *a: modes.append(model.training) or rule(model, *a))
+    monkeypatch.setattr(vatex, "predict_masks", lambda model, *a, **k: modes.append(model.training) or rule(model, *a, **k))
     vatex.main([*args, "--steps", "2"])
     assert modes and not any(modes)  # --train scores the model it trained in eval mode
     assert (tmp_path / "clip-toy" / "seed0.pt").is_file()  # the toy CLIP stage, beside the run
@@ -419,7 +421,7 @@ def test_train_resume_and_eval_with_oc_iou(toy_root, tmp_path, capsys, monkeypat
     groups = {}
     for i in range(len(dataset)):
         item = dataset[i]
-        pred = vatex.predict_masks(model, item["image"][None], item["expression"], item["orig_size"])
+        pred = vatex.predict_masks(model, item["image"][None], item["expression"], item["orig_size"], cfg)[0]
         groups.setdefault(item["ann_id"], (item["gt"], []))[1].append(pred)
     expected = oc_iou([(gt, torch.stack(preds)) for gt, preds in groups.values()])
     assert math.isclose(result["Oc-IoU"], expected, abs_tol=1e-9)

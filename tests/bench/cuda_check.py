@@ -39,7 +39,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from common.engine import autocast, seed_everything  # noqa: E402
-from common.run import parse_config, video_query_masks  # noqa: E402
+from common.run import parse_config  # noqa: E402
 METHODS = ("dshmp", "dmvs", "vatex", "mracl")
 DATA = {"dshmp": "mevis", "dmvs": "mevis", "vatex": "refcoco", "mracl": "refcocog"}
 PER_GPU = {"dshmp": 1, "dmvs": 1, "vatex": 4, "mracl": 4}  # clips or images per GPU, see above
@@ -158,12 +158,13 @@ def measure(method: str, *, device: str, toy: bool, cpu_autocast: bool, steps: i
     start = time.perf_counter()
     with precision():  # the inference rule (its own autocast is CUDA's; this adds CPU's for the check)
         if method in ("dshmp", "dmvs"):
-            frames = inputs[0][0]  # (T, 3, Hp, Wp)
-            pred = video_query_masks(model, frames, EXPRESSION, size, threshold=cfg.score_threshold,
-                                 chunk=cfg.eval_chunk)
+            pred = module.predict_masks(model, inputs[0][0], EXPRESSION, size, cfg)  # (T, H, W)
+        elif method == "vatex":
+            image = inputs["images"][:1, :, :size[0], :size[1]]
+            pred = module.predict_masks(model, image, EXPRESSION, size, cfg)[0]  # (H, W)
         else:
             image = inputs["images"][:1, :, :size[0], :size[1]]
-            pred = module.predict_masks(model, image, EXPRESSION, size)
+            pred = module.predict_masks(model, image, EXPRESSION, size)  # (H, W)
     sync()
     eval_seconds = time.perf_counter() - start
     eval_memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
