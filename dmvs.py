@@ -50,6 +50,9 @@ Deviations from the paper:
   - Static and motion cues (Sec. 3.2, `decoupled_cues`): the paper's word classes read off the
     rule-based tagger of common.text (the paper names a scene-graph parser [37]); where its rule
     and its example disagree (a preposition after a verb), the example is followed.
+  - Pseudo-videos, where VITA's recipe differs: one referred object and its expression per clip
+    (VITA: every COCO instance), the run's one resize (VITA: a short side drawn per clip), the
+    ratio exact in every epoch (VITA: drawn per item); common.datasets.PseudoVideo, MixedClips.
   - Toy (ours): a tiny VITA is first trained on the toy videos (YouTube-VIS format, classes =
     shapes) with VITA's losses, then frozen (data/toy_pretrain.py); the tiny text encoder is
     trained (nothing is pretrained on toy).

@@ -31,10 +31,9 @@ Deviations from the paper (and from the official code, which the paper does not 
     after every Swin stage's blocks, its output the stage's feature map (common.lavt). The
     official code also builds LAVT's tanh gate that would feed it into the next stage, but
     zero-initialises both of its layers (mask2former/modeling/backbone/swin.py, MMBasicLayer), so
-    the gate's gradient is zero and it stays shut: we build no gate (--language-gate: LAVT's
-    live one). Word cross-attention in every Mask2Former layer (static cues) and Motion-Decoder
-    layer (motion cues, query positions added to the queries; official: all words, no positions)
-    and no BiAttention block.
+    the gate's gradient is zero and it stays shut: we build no gate. Word cross-attention in
+    every Mask2Former layer (static cues) and Motion-Decoder layer (motion cues, query positions
+    added to the queries; official: all words, no positions) and no BiAttention block.
   - No VITA similarity loss (official, weight 1.0); object tokens from the last Mask2Former layer
     only (official: the last 3 as extra batch entries in training); the same non-shifted windows
     in training and test (official: odd blocks shifted at test, from VITA).
@@ -109,10 +108,6 @@ class Config(RunConfig):
     ds: bool = True  # Sec. 3.1 decoupling; --no-ds feeds the whole sentence to both injections
     hmp: bool = True  # Sec. 3.2; --no-hmp keeps the temporal self-attention only
     cl: bool = True  # Sec. 3.3; --no-cl drops the contrastive loss
-    # official in effect: PWAM on every Swin stage's output, nothing fed back into the next stage
-    # (the official gate is zero-initialised in both its layers, so it never opens; common.lavt);
-    # --language-gate: LAVT's live gate feeding stages 1-3 back (ours, for comparison)
-    language_gate: bool = False
     token_position: bool = False  # (ours) a diagnostic: frame_tokens, O + where its mask lies
     # model
     weights: str = "facebook/mask2former-swin-tiny-coco-instance"  # Sec. 4.4 Swin-T; COCO: official
@@ -177,7 +172,7 @@ PRESETS = {  # per-dataset deltas from the paper configuration above
     **{name: dict(steps=300_000, lr_drop=240_000) for name in ("refcoco", "refcoco+", "refcocog")},
 }
 PRESETS["toy-refcoco"] = PRESETS["toy"]
-ABLATIONS = ("ds", "hmp", "cl", "language_gate", "token_position")  # name the run folder
+ABLATIONS = ("ds", "hmp", "cl", "token_position")  # name the run folder
 
 
 # ------------------------------------------------------------------------ Sec. 3.1 decoupling
@@ -353,7 +348,7 @@ class DsHmp(nn.Module):
 
     def __init__(self, *, pixel_level, decoder, text_encoder, dim, heads, ffn_dim,
                  num_motion_queries, hmp_blocks, hmp_stages, window, decoder_layers, inject_scale,
-                 cl_dim, decouple=True, hierarchical=True, contrastive=True, language_gate=False,
+                 cl_dim, decouple=True, hierarchical=True, contrastive=True,
                  token_position=False):
         super().__init__()
         self.decouple = decouple
@@ -363,8 +358,8 @@ class DsHmp(nn.Module):
         width = text_encoder.hidden_size
         self.text_proj = nn.Sequential(  # official FeatureResizer: words and sentence share it
             nn.Linear(width, dim), nn.LayerNorm(dim, eps=1e-12), nn.Dropout(0.1))
-        self.fusion = LanguageAwareSwin(channels=pixel_level.backbone.channels, word_dim=width,
-                                        feedback=language_gate)
+        self.fusion = LanguageAwareSwin(  # PWAM, no gate: the official one never opens
+            channels=pixel_level.backbone.channels, word_dim=width, feedback=False)
         self.static_injection = CueInjection(dim=dim, heads=heads, scale=inject_scale)  # Eq. (1)
         self.motion_injection = CueInjection(dim=dim, heads=heads, scale=inject_scale)  # Eq. (2)
         self.motion_perception = HierarchicalMotionPerception(
@@ -589,7 +584,7 @@ def build_model(cfg, *, vocab=None, pretrained=True) -> DsHmp:
                  hmp_blocks=cfg.hmp_blocks, hmp_stages=cfg.hmp_stages, window=cfg.window,
                  decoder_layers=cfg.decoder_layers, inject_scale=cfg.inject_scale,
                  cl_dim=cfg.cl_dim, decouple=cfg.ds, hierarchical=cfg.hmp, contrastive=cfg.cl,
-                 language_gate=cfg.language_gate, token_position=cfg.token_position)
+                 token_position=cfg.token_position)
 
 
 # ---------------------------------------------------------------------------------- training

@@ -93,7 +93,6 @@ class Config(RunConfig):
     data: str = "refcocog"  # refcoco | refcoco+ | refcocog (paper configuration) | refzom | toy
     eval_split: str = "val"  # umd: val / test (the page's M-Ref: test); unc: val / testA / testB
     split_by: str = "umd"  # page: G-Ref (UMD)
-    image_root: str = "data/coco/train2014"  # COCO train2014 images (data/README.md)
     # MRaCL, page Tables 3-4
     vp: bool = True  # verb phrases as extra samples of their target (page)
     mracl: bool = True  # the MRaCL loss (page)

@@ -110,7 +110,6 @@ class Config(RunConfig):
     data: str = "refcoco"  # refcoco | refcoco+ | refcocog | ytvos | davis (paper) | toy (CPU)
     eval_split: str = "val"  # unc: val / testA / testB; umd: val / test
     split_by: str = "unc"  # refer API split scheme (refcocog: umd, official; google also read)
-    image_root: str = "data/coco/train2014"  # COCO train2014 images (data/README.md)
     # ablations, the rows of paper Table 4: Baseline --no-clip-prior --no-cmd --no-mcc;
     # +CLIP Prior --no-cmd --no-mcc; +CMD --no-clip-prior --no-mcc; +CMD +MCC --no-clip-prior;
     # all three: the defaults
@@ -445,8 +444,6 @@ class VideoVATEX(VATEX):
 
 
 # ---------------------------------------------------------------- Sec. 3.3 MCC and the losses
-
-
 def mcc_loss(sentence, triplets):
     """Eq. (6): -log(sim(p1, p2) / (sim(p1, n) + sim(p2, n))), sim = exp(cosine), averaged over
     the triplets that have a negative. sentence (N, C), triplets (T, 3)."""

@@ -106,6 +106,15 @@ def _read_rgb(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))  # (H0, W0, 3)
 
 
+def _stack_frames(paths, dataset: str, video) -> torch.Tensor:
+    """The frames at `paths` -> (T, 3, H0, W0) uint8, a channels-last view; one size per video."""
+    frames = [_read_rgb(path) for path in paths]
+    if len({f.shape for f in frames}) > 1:
+        raise ValueError(f"{dataset}: frames of video {video} differ in size: "
+                         f"{sorted({f.shape[:2] for f in frames})}; expected one size per video")
+    return rearrange(torch.from_numpy(np.stack(frames)), "t h w c -> t c h w")
+
+
 def load_rgb(path: Path) -> torch.Tensor:
     """JPEG/PNG file -> (3, H0, W0) uint8 RGB tensor; a clear FileNotFoundError when it is missing.
 
@@ -277,14 +286,9 @@ class _ReferringVideo(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _load_frames(self, sample, frame_idx) -> torch.Tensor:
-        frames = [_read_rgb(self.image_dir / sample["video"] / f"{sample['frames'][t]}.jpg")
-                  for t in frame_idx]
-        if len({f.shape for f in frames}) > 1:
-            raise ValueError(f"{self.name}: frames of video {self.image_dir / sample['video']} "
-                             f"differ in size: {sorted({f.shape[:2] for f in frames})}; expected "
-                             f"one size per video")
-        frames = torch.from_numpy(np.stack(frames))  # (T, H0, W0, 3) uint8
-        return rearrange(frames, "t h w c -> t c h w")  # (T, 3, H0, W0), a channels-last view
+        folder = self.image_dir / sample["video"]
+        return _stack_frames([folder / f"{sample['frames'][t]}.jpg" for t in frame_idx],
+                             self.name, folder)  # (T, 3, H0, W0)
 
     def __getitem__(self, index):
         sample = self.samples[index]
@@ -647,10 +651,10 @@ def sample_annotated_clip(num_video_frames: int, frame: int, *, num_frames: int,
     """ReferFormer's A2D-Sentences training clip (wjn922/ReferFormer @ 06fc218, datasets/a2d.py):
     the annotated `frame` (0-based), one frame 1-3 before and one 1-3 after it (clamped to the
     video), and num_frames - 3 frames drawn without replacement from outside the span of those
-    three (its two ends included, as there), else from the whole video, else every frame and the
-    rest drawn with replacement (ReferFormer: without, which fails for clips over twice the video
-    length). Returns (the sorted indices, the position of `frame` among them: its first
-    occurrence, as `sample_indx.index(frame_id)`)."""
+    three (its last frame counted as outside, as ReferFormer's `all_inds[max(sample_indx):]`),
+    else from the whole video, else every frame and the rest drawn with replacement (ReferFormer:
+    without, which fails for clips over twice the video length). Returns (the sorted indices,
+    the position of `frame` among them: its first occurrence, as `sample_indx.index(frame_id)`)."""
     if num_frames < 3:
         raise ValueError(f"an annotated-frame clip has at least 3 frames (the annotated one and "
                          f"one on each side), got num_frames={num_frames}")
@@ -749,11 +753,8 @@ class _AnnotatedFrames(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _load_frames(self, sample, frame_idx) -> torch.Tensor:
-        frames = [_read_rgb(self._frame_path(sample, t)) for t in frame_idx]
-        if len({f.shape for f in frames}) > 1:
-            raise ValueError(f"{self.name}: frames of video {sample['video']!r} differ in size: "
-                             f"{sorted({f.shape[:2] for f in frames})}; expected one size")
-        return rearrange(torch.from_numpy(np.stack(frames)), "t h w c -> t c h w")  # (T, 3, H0, W0)
+        return _stack_frames([self._frame_path(sample, t) for t in frame_idx], self.name,
+                             repr(sample["video"]))  # (T, 3, H0, W0)
 
     def _sized(self, sample, mask, size) -> np.ndarray:
         if mask.shape != tuple(size):
@@ -1220,6 +1221,8 @@ class RefCOCO(torch.utils.data.Dataset):
     """
 
     name = "RefCOCO"
+    ref_keys = ("ref_id", "ann_id", "image_id", "split", "sentences", "category_id")  # required
+    refs_what = "the refs pickle"
 
     def __init__(self, root, image_root, *, dataset="refcoco", split_by="unc", split="train",
                  train: bool,
@@ -1230,49 +1233,58 @@ class RefCOCO(torch.utils.data.Dataset):
                              f"valid pairs: {pairs}")
         self.train, self.short_side, self.max_size, self.flip, self.seed = train, short_side, \
             max_size, flip, seed
-        data_dir = _require_dir(Path(root), "RefCOCO", "dataset root") / dataset
-        self.image_root = _require_dir(Path(image_root), "RefCOCO", "image (COCO train2014)")
+        data_dir = _require_dir(Path(root), self.name, "dataset root") / dataset
+        self._read_refs(data_dir, image_root, split_by, split, "image (COCO train2014)")
+
+    def _read_refs(self, data_dir, image_root, split_by, split, image_what):
+        """The refs of `split` in <data_dir>/refs(<split_by>).p, the COCO <data_dir>/instances.json
+        and the images -> sentences, ref_ann, image_refs and one sample per sentence."""
+        name = self.name
+        self.image_root = _require_dir(Path(image_root), name, image_what)
         refs_path = data_dir / f"refs({split_by}).p"
-        refs = _read_pickle(refs_path, "RefCOCO", "the refs pickle")
+        refs = _read_pickle(refs_path, name, self.refs_what)
         self.instances_path = data_dir / "instances.json"
-        instances = _read_json(self.instances_path, "RefCOCO", "the COCO instances file")
-        images = {img["id"]: img for img in _key(instances, "images", self.instances_path,
-                                                 "RefCOCO", "the top level")}
-        self.annotations = {a["id"]: a for a in _key(instances, "annotations", self.instances_path,
-                                                     "RefCOCO",
-                                                     "the top level")}
-        ref_keys = ("ref_id", "ann_id", "image_id", "split", "sentences", "category_id")
-        selected = [r for r in refs
-                    if _in_split(_key(r, "split", refs_path, "RefCOCO", "a ref"), split)]
+        instances = _read_json(self.instances_path, name, "the COCO instances file")
+        images = {img["id"]: img for img in _key(instances, "images", self.instances_path, name,
+                                                 "the top level")}
+        self.annotations = {a["id"]: a for a in _key(instances, "annotations",
+                                                     self.instances_path, name, "the top level")}
+        selected = [r for r in refs if _in_split(_key(r, "split", refs_path, name, "a ref"), split)]
         if not selected:
-            raise ValueError(f"RefCOCO: no refs with split {split!r} in {refs_path}; it has splits "
+            raise ValueError(f"{name}: no refs with split {split!r} in {refs_path}; it has splits "
                              f"{sorted({r['split'] for r in refs})}")
         self.sentences, self.ref_ann, self.image_refs, self.samples = {}, {}, {}, []
         no_sentences = [r.get("ref_id") for r in selected if not r.get("sentences")]
         if no_sentences:
-            warnings.warn(f"RefCOCO: skipped {len(no_sentences)} refs of split {split!r} with no "
-                          f"sentences in "
-                          f"{refs_path} (e.g. ref_id {no_sentences[0]})", stacklevel=2)
+            warnings.warn(f"{name}: skipped {len(no_sentences)} refs of split {split!r} with no "
+                          f"sentences in {refs_path} (e.g. ref_id {no_sentences[0]})",
+                          stacklevel=3)
         for ref in (r for r in selected if r.get("sentences")):
-            for k in ref_keys:
-                _key(ref, k, refs_path, "RefCOCO", f"ref {ref.get('ref_id')}")
-            ann = _key(self.annotations, ref["ann_id"], self.instances_path, "RefCOCO",
-                       "annotations (ids)")
-            image = _key(images, ref["image_id"], self.instances_path, "RefCOCO", "images (ids)")
-            self.sentences[ref["ref_id"]] = [_expression(s, refs_path, "RefCOCO",
-                                                         f"ref {ref['ref_id']} sentences",
+            where = f"ref {ref.get('ref_id')}"
+            for k in self.ref_keys:
+                _key(ref, k, refs_path, name, where)
+            ann_ids, category, extra = self._target(ref, f"{refs_path} {where}")
+            image = _key(images, ref["image_id"], self.instances_path, name, "images (ids)")
+            self.sentences[ref["ref_id"]] = [_expression(s, refs_path, name, f"{where} sentences",
                                                          key="sent") for s in ref["sentences"]]
-            self.ref_ann[ref["ref_id"]] = ann["id"]
+            self.ref_ann[ref["ref_id"]] = ann_ids[0] if ann_ids else -1 - ref["ref_id"]
             self.image_refs.setdefault(ref["image_id"], []).append(ref["ref_id"])
             for position, sent in enumerate(ref["sentences"]):
                 self.samples.append({
-                    "sent_id": sent["sent_id"], "ref_id": ref["ref_id"], "ann_id": ann["id"],
-                    "image_id": ref["image_id"], "category_id": int(ref["category_id"]),
+                    "sent_id": sent["sent_id"], "ref_id": ref["ref_id"],
+                    "ann_id": self.ref_ann[ref["ref_id"]], "image_id": ref["image_id"],
+                    "category_id": category,
                     "expression": self.sentences[ref["ref_id"]][position], "position": position,
-                    "file_name": _key(image, "file_name", self.instances_path, "RefCOCO",
+                    "file_name": _key(image, "file_name", self.instances_path, name,
                                       f"image {image['id']}"),
-                    "size": (int(image["height"]), int(image["width"])),
+                    "size": (int(image["height"]), int(image["width"])), **extra,
                 })
+
+    def _target(self, ref, where) -> tuple:
+        """A ref's target: (its annotation ids, its category, the sample's extra keys)."""
+        ann = _key(self.annotations, ref["ann_id"], self.instances_path, self.name,
+                   "annotations (ids)")
+        return [ann["id"]], int(ref["category_id"]), {}
 
     def __len__(self):
         return len(self.samples)
@@ -1342,55 +1354,26 @@ class RefZOM(RefCOCO):
     """
 
     name = "Ref-ZOM"
+    ref_keys = ("ref_id", "ann_id", "image_id", "split", "sentences", "source")
+    refs_what = "the refs pickle (the release's Ref-ZOM(final).p, renamed)"
 
     def __init__(self, root, image_root, *, split_by="final", split="train", train: bool,
                  short_side=480, max_size=1333, flip=True, seed=0):
         self.train, self.short_side, self.max_size, self.flip, self.seed = train, short_side, \
             max_size, flip, seed
-        name, root = self.name, _require_dir(Path(root), self.name, "dataset root")
-        self.image_root = _require_dir(Path(image_root), name,
-                                       "image (COCO train2014 + val2014 merged, trainval2014)")
-        refs_path = root / f"refs({split_by}).p"
-        refs = _read_pickle(refs_path, name, "the refs pickle (the release's Ref-ZOM(final).p, "
-                                             "renamed)")
-        self.instances_path = root / "instances.json"
-        instances = _read_json(self.instances_path, name, "the COCO instances file")
-        images = {img["id"]: img for img in _key(instances, "images", self.instances_path, name,
-                                                 "the top level")}
-        self.annotations = {a["id"]: a for a in _key(instances, "annotations",
-                                                     self.instances_path, name, "the top level")}
-        selected = [r for r in refs if _in_split(_key(r, "split", refs_path, name, "a ref"), split)]
-        if not selected:
-            raise ValueError(f"{name}: no refs with split {split!r} in {refs_path}; it has splits "
-                             f"{sorted({r['split'] for r in refs})}")
-        self.sentences, self.ref_ann, self.image_refs, self.samples = {}, {}, {}, []
-        for ref in selected:
-            for k in ("ref_id", "ann_id", "image_id", "split", "sentences", "source"):
-                _key(ref, k, refs_path, name, f"ref {ref.get('ref_id')}")
-            where = f"ref {ref['ref_id']}"
-            no_target = ref["source"] == "zero"
-            ann_ids = [] if no_target else _as_list(ref["ann_id"])
-            if not no_target and not ann_ids:
-                raise ValueError(f"{name}: {refs_path} {where} has source {ref['source']!r} but "
-                                 f"an empty ann_id (see data/README.md)")
-            anns = [_key(self.annotations, a, self.instances_path, name, "annotations (ids)")
-                    for a in ann_ids]
-            image = _key(images, ref["image_id"], self.instances_path, name, "images (ids)")
-            self.sentences[ref["ref_id"]] = [_expression(s, refs_path, name, f"{where} sentences",
-                                                         key="sent") for s in ref["sentences"]]
-            self.ref_ann[ref["ref_id"]] = ann_ids[0] if ann_ids else -1 - ref["ref_id"]
-            self.image_refs.setdefault(ref["image_id"], []).append(ref["ref_id"])
-            for position, sent in enumerate(ref["sentences"]):
-                self.samples.append({
-                    "sent_id": sent["sent_id"], "ref_id": ref["ref_id"],
-                    "ann_id": self.ref_ann[ref["ref_id"]], "image_id": ref["image_id"],
-                    "category_id": int(anns[0]["category_id"]) if anns else 0,
-                    "expression": self.sentences[ref["ref_id"]][position], "position": position,
-                    "file_name": _key(image, "file_name", self.instances_path, name,
-                                      f"image {image['id']}"),
-                    "size": (int(image["height"]), int(image["width"])),
-                    "ann_ids": ann_ids, "no_target": no_target,
-                })
+        self._read_refs(_require_dir(Path(root), self.name, "dataset root"), image_root, split_by,
+                        split, "image (COCO train2014 + val2014 merged, trainval2014)")
+
+    def _target(self, ref, where) -> tuple:
+        no_target = ref["source"] == "zero"
+        ann_ids = [] if no_target else _as_list(ref["ann_id"])
+        if not no_target and not ann_ids:
+            raise ValueError(f"{self.name}: {where} has source {ref['source']!r} but an empty "
+                             f"ann_id (see data/README.md)")
+        anns = [_key(self.annotations, a, self.instances_path, self.name, "annotations (ids)")
+                for a in ann_ids]
+        category = int(anns[0]["category_id"]) if anns else 0
+        return ann_ids, category, {"ann_ids": ann_ids, "no_target": no_target}
 
     def _mask(self, sample) -> np.ndarray:
         mask = np.zeros(sample["size"], dtype=bool)  # (H0, W0); no target: all zero

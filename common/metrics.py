@@ -423,11 +423,6 @@ def resize_nearest(mask, size) -> np.ndarray:
     return mask[rows[:, None], cols]  # (h, w)
 
 
-def _numpy_mask(mask) -> np.ndarray:
-    mask = mask.detach().cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask)
-    return mask != 0
-
-
 class RefZOMMetrics(_Records):
     """Ref-ZOM's scores as RIS-DMMI test.py `evaluate` computes them (toggle1995/RIS-DMMI @
     753cd60), every sentence its own sample, at 480 x 480:
@@ -453,7 +448,7 @@ class RefZOMMetrics(_Records):
     def add(self, pred, gt, *, no_target: bool, key=None) -> dict:
         """Score one sentence: pred and gt (H, W) masks (torch or numpy, nonzero = foreground),
         each at any size; no_target: the sentence refers to nothing. Returns its record."""
-        pred, gt = _numpy_mask(pred), _numpy_mask(gt)
+        pred, gt = (_as_masks(m).detach().cpu().numpy() for m in (pred, gt))
         if pred.ndim != 2 or gt.ndim != 2:
             raise ValueError(f"expected pred and gt (H, W), got {pred.shape} and {gt.shape}")
         pred = pred if pred.shape == self.size else resize_nearest(pred, self.size)  # (480, 480)
@@ -468,18 +463,14 @@ class RefZOMMetrics(_Records):
         return record
 
     def summary(self) -> dict:
-        """{"oIoU", "mIoU", "Pr@0.5", ..., "Pr@0.9", "acc_zero", "cum_I", "cum_U", "n", "n_zero"}:
-        n sentences with a target, n_zero without."""
-        scored = [r for r in self.records if not r["no_target"]]
+        """ImageMetrics' summary of the n sentences with a target (its mIoU, oIoU, Pr@X with
+        IoU >= X as test.py's `this_iou >= eval_seg_iou`, cum_I, cum_U, n), and acc_zero over
+        the n_zero sentences without one."""
+        scored = ImageMetrics()
+        scored.extend([{**r, "key": None} for r in self.records if not r["no_target"]])
         zero = [r["correct"] for r in self.records if r["no_target"]]
-        ious = [r["IoU"] for r in scored]
-        cum_i, cum_u, n = sum(r["I"] for r in scored), sum(r["U"] for r in scored), len(scored)
-        out = {"oIoU": cum_i / cum_u if cum_u else math.nan,
-               "mIoU": float(np.mean(ious)) if n else math.nan}
-        for x in PR_THRESHOLDS:  # test.py eval_seg_iou_list, this_iou >= eval_seg_iou
-            out[f"Pr@{x}"] = sum(iou >= x for iou in ious) / n if n else math.nan
-        return {**out, "acc_zero": float(np.mean(zero)) if zero else math.nan, "cum_I": cum_i,
-                "cum_U": cum_u, "n": n, "n_zero": len(zero)}
+        return {**scored.summary(), "acc_zero": float(np.mean(zero)) if zero else math.nan,
+                "n_zero": len(zero)}
 
 
 # ----------------------------------------------------- DAVIS-2017 unsupervised task (Ref-DAVIS17)
@@ -667,6 +658,13 @@ def a2d_map(gt_masks, pred_masks, pred_scores, image_ids=None) -> dict:
             "AP_large": _coco_average(precision["large"])}
 
 
+def a2d_best(scores) -> int:
+    """The prediction A2D's IoU metrics score a sample by: the highest-scoring one, the last
+    listed among equal scores (ReferFormer's `sorted(preds, key=score)[-1]`)."""
+    scores = np.asarray(scores)
+    return len(scores) - 1 - int(np.argmax(scores[::-1]))
+
+
 def a2d_iou(gt_masks, pred_masks, pred_scores) -> dict:
     """Overall IoU, mean IoU and P@0.5-0.9 of A2D-Sentences and JHMDB-Sentences, as ReferFormer
     @ 06fc218 datasets/a2d_eval.py `calculate_precision_at_k_and_iou_metrics` (a copy of MTTR
@@ -689,7 +687,7 @@ def a2d_iou(gt_masks, pred_masks, pred_scores) -> dict:
         if len(scores) == 0:
             raise ValueError(f"sample {i} has no prediction; the A2D IoU metrics score each "
                              f"sample by its highest-scoring one")
-        best = len(scores) - 1 - int(np.argmax(scores[::-1]))  # the last of the highest scores
+        best = a2d_best(scores)
         inter, union = int((preds[best] & gt).sum()), int((preds[best] | gt).sum())
         ious.append(float((np.float32(inter) + eps) / (np.float32(union) + eps)))
         cum_i, cum_u = cum_i + inter, cum_u + union

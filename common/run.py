@@ -67,8 +67,8 @@ from common.datasets import (IMAGENET_MEAN, IMAGENET_STD, MeViS, PseudoVideo, Re
                              load_rgb, normalize, resize_clip)
 from common.engine import (CheckpointError, all_gather_object, autocast, barrier, denormalize,
                            is_main, load_checkpoint, read_checkpoint, reduce_mean, save_overlays)
-from common.metrics import (REFZOM_SIZE, ImageMetrics, RefZOMMetrics, VideoMetrics, a2d_iou,
-                            a2d_map, davis_unsupervised, oc_iou, resize_nearest)
+from common.metrics import (REFZOM_SIZE, ImageMetrics, RefZOMMetrics, VideoMetrics, a2d_best,
+                            a2d_iou, a2d_map, davis_unsupervised, oc_iou, resize_nearest)
 from common.text import build_vocab, normalize_expression
 
 # Shapes: T frames, H W resized frame size, H0 W0 original size, K expressions of one object.
@@ -82,7 +82,7 @@ class RunConfig:
 
     data: str = "toy"  # dataset: one of the method's PRESETS (toy needs no download)
     data_root: str = ""  # default: data/<dataset> as data/README.md lays it out (toy: data/toy/...)
-    image_root: str = "data/coco/train2014"  # RefCOCO/+/g's images, COCO train2014 (data/README.md)
+    image_root: str = "data/coco/train2014"  # COCO images of the refer sets (data/README.md)
     out: str = ""  # run folder; default runs/<method>-<data>[-no-<ablation>...]
     train: bool = False  # train, then evaluate on eval_split
     resume: bool = False  # continue training from <out>/last.pt
@@ -639,7 +639,7 @@ def _evaluate_annotated_frames(dataset, predict, *, out: Path, split: str, check
             frame = item["frames"][item["frame"]][None]  # (1, 3, H, W)
             frame = F.interpolate(frame, size=tuple(item["orig_size"]), mode="bilinear")
             rgb = denormalize(frame, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # (1, H0, W0, 3)
-            best = preds[int(np.argmax(records[-1]["scores"]))]  # (H0, W0)
+            best = preds[a2d_best(records[-1]["scores"])]  # (H0, W0), as the IoUs score it
             save_overlays(rgb, best[None], Path(out) / "vis", name=item["image_id"], gt=gt[None],
                           caption=item["expression"], scale=_overlay_scale(item["orig_size"]))
             shown += 1

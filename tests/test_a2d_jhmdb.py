@@ -390,10 +390,25 @@ def test_dshmp_a2d_training_losses_read_the_annotated_frame(a2d_root, toy_checkp
     cfg, model, _ = toy_checkpoint
     dataset = a2d(a2d_root, "train", num_frames=4)
     batch = collate_video([dataset[0], dataset[0]])
-    outputs = annotated_frames(model(batch["frames"], batch["expression"]),
-                               batch["annotated_frame"])
-    terms, _, _ = dshmp.compute_losses(cfg, outputs, batch["targets"])
-    assert all(torch.isfinite(torch.as_tensor(v)) for v in terms.values())
+    raw = model(batch["frames"], batch["expression"])
+    frames, T = batch["annotated_frame"], batch["frames"].shape[1]
+
+    def terms_with_frame_changed(positions):  # the final and per-frame masks there changed
+        video, per_frame = raw["pred_masks"].clone(), raw["frame_outputs"]["pred_masks"].clone()
+        for b, t in enumerate(positions):
+            video[b, :, t] = video[b, :, t].flip(-1) * 10
+            per_frame[b * T + t] = per_frame[b * T + t].flip(-1) * 10
+        changed = {**raw, "pred_masks": video,
+                   "frame_outputs": {**raw["frame_outputs"], "pred_masks": per_frame}}
+        torch.manual_seed(0)  # the same sampled points (Mask2Former's point losses)
+        return dshmp.compute_losses(cfg, annotated_frames(changed, frames), batch["targets"])[0]
+
+    torch.manual_seed(0)
+    terms, _, _ = dshmp.compute_losses(cfg, annotated_frames(raw, frames), batch["targets"])
+    other = terms_with_frame_changed([(int(f) + 1) % T for f in frames])  # not annotated
+    annotated = terms_with_frame_changed([int(f) for f in frames])
+    for name in ("video_bce", "video_dice", "frame_bce", "frame_dice"):
+        assert torch.equal(other[name], terms[name]) and not torch.equal(annotated[name], terms[name])
     sum(terms.values()).backward()
     assert model.mask_embed.layers[0].weight.grad.abs().sum() > 0
 

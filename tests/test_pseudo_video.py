@@ -12,10 +12,10 @@ from torch import nn
 import dmvs
 import dshmp
 from common.datasets import (IMAGENET_MEAN, IMAGENET_STD, MeViS, MixedClips, PseudoVideo,
-                             collate_video)
+                             collate_video, swap_left_right)
 from common.engine import CheckpointError, denormalize, read_checkpoint, save_checkpoint, \
     setup_distributed
-from common.run import init_weights, parse_config, pseudo_videos, train_batches
+from common.run import init_weights, parse_config, pseudo_videos, toy_vocab, train_batches
 from common.text import build_vocab
 from data.toy import make_toy_image, make_toy_video
 
@@ -99,9 +99,10 @@ def test_items_are_video_reader_items_and_reproducible(toy):
     assert item["frames"].shape == (T, 3, H, W) and item["frames"].dtype == torch.float32
     assert item["masks"].shape == (1, T, H, W) and item["masks"].dtype == torch.bool
     assert item["frame_idx"].tolist() == list(range(T)) and item["index"] == 3
-    assert {k: images.samples[3][k] for k in ("video", "exp_id", "expression", "obj_ids")} == \
-        {"video": item["video"], "exp_id": item["exp_id"], "obj_ids": item["obj_ids"],
-         "expression": images.samples[3]["expression"]}
+    sample = images.samples[3]
+    assert {k: sample[k] for k in ("video", "exp_id", "obj_ids")} == \
+        {k: item[k] for k in ("video", "exp_id", "obj_ids")}
+    assert item["expression"] in (sample["expression"], swap_left_right(sample["expression"]))
     batch = collate_video([item, video_item])
     assert batch["frames"].shape[:3] == (2, T, 3) and len(batch["targets"]) == 2
     torch.manual_seed(0)
@@ -150,9 +151,11 @@ def test_dmvs_mixes_videos_and_pseudo_videos_at_the_ratio(toy):
         assert from_videos == list(range(n)), epoch  # every video expression once
         assert len(indices) - len(from_videos) == 2 * n  # 1.0 : 0.5
         assert all(n <= i < len(dataset.samples) for i in indices if i >= n)
-    # the vocabulary of a toy run covers both sets' words
-    assert set(build_vocab([s["expression"] for s in images.samples])) <= \
-        set(build_vocab([s["expression"] for s in dataset.samples]))
+    # the vocabulary of a toy run (dmvs.train's toy_vocab) covers the image set's own words too
+    image_words = set(build_vocab([s["expression"] for s in images.samples]))
+    video_words = set(build_vocab([s["expression"] for s in videos.samples]))
+    assert image_words - video_words
+    assert image_words <= set(toy_vocab(cfg, dataset.samples, toy / "mevis"))
 
 
 def test_mixed_clips_checks_its_ratios():
