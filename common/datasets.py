@@ -248,6 +248,22 @@ def _coin(generator: torch.Generator) -> bool:
 
 # ---------------------------------------------------------------- referring video datasets
 
+def clip_item(frames, masks, expression, sample, frame_idx, index, orig_size) -> dict:
+    """A referring-video training item, as collate_video takes it: frames (T, 3, H, W) (0-255)
+    normalised, masks (N, T, H, W) bool, the expression as augmented, and the sample's ids."""
+    return {
+        "frames": normalize(frames),  # (T, 3, H, W)
+        "masks": masks,  # (N, T, H, W)
+        "expression": expression,
+        "video": sample["video"],
+        "exp_id": sample["exp_id"],
+        "frame_idx": torch.as_tensor(frame_idx, dtype=torch.long),  # (T,)
+        "obj_ids": list(sample["obj_ids"]),
+        "index": index,
+        "orig_size": orig_size,
+    }
+
+
 class _ReferringVideo(torch.utils.data.Dataset):
     """Shared item logic of MeViS, Ref-YouTube-VOS and Ref-DAVIS17.
 
@@ -321,17 +337,7 @@ class _ReferringVideo(torch.utils.data.Dataset):
         expression = sample["expression"]
         if self.flip and _coin(generator):  # flipping after the resize touches fewer pixels
             frames, masks, expression = hflip_clip(frames, masks, expression)
-        return {
-            "frames": normalize(frames),  # (T, 3, H, W)
-            "masks": masks,  # (N, T, H, W)
-            "expression": expression,
-            "video": sample["video"],
-            "exp_id": sample["exp_id"],
-            "frame_idx": torch.tensor(frame_idx, dtype=torch.long),  # (T,)
-            "obj_ids": list(sample["obj_ids"]),
-            "index": index,
-            "orig_size": orig_size,
-        }
+        return clip_item(frames, masks, expression, sample, frame_idx, index, orig_size)
 
     def _eval_item(self, index, sample):
         frame_idx = list(range(len(sample["frames"])))
@@ -789,18 +795,8 @@ class _AnnotatedFrames(torch.utils.data.Dataset):
         expression = sample["expression"]
         if self.flip and _coin(generator):
             frames, masks, expression = hflip_clip(frames, masks, expression)
-        return {
-            "frames": normalize(frames),  # (T, 3, H, W)
-            "masks": masks,  # (1, 1, H, W): the annotated frame only
-            "annotated_frame": position,
-            "expression": expression,
-            "video": sample["video"],
-            "exp_id": sample["exp_id"],
-            "frame_idx": torch.tensor(frame_idx, dtype=torch.long),  # (T,)
-            "obj_ids": list(sample["obj_ids"]),
-            "index": index,
-            "orig_size": orig_size,
-        }
+        return {**clip_item(frames, masks, expression, sample, frame_idx, index, orig_size),
+                "annotated_frame": position}  # masks (1, 1, H, W): the annotated frame only
 
     def _eval_item(self, index):
         sample = self.samples[index]
@@ -1466,17 +1462,8 @@ class PseudoVideo(torch.utils.data.Dataset):
             raise RuntimeError(f"{self.name}: no pixel of object {sample['obj_ids'][0]} in any "
                                f"frame of {self.max_tries} clips of {sample['video']!r} "
                                f"({int(mask.sum())} pixels at full size)")
-        return {
-            "frames": normalize(frames),  # (T, 3, H, W)
-            "masks": masks,  # (1, T, H, W)
-            "expression": expression,
-            "video": sample["video"],
-            "exp_id": sample["exp_id"],
-            "frame_idx": torch.arange(self.num_frames),  # (T,)
-            "obj_ids": list(sample["obj_ids"]),
-            "index": index,
-            "orig_size": tuple(image.shape[-2:]),
-        }
+        return clip_item(frames, masks, expression, sample, range(self.num_frames), index,
+                         tuple(image.shape[-2:]))  # masks (1, T, H, W)
 
     def _clip(self, image, mask, expression, generator) -> tuple:
         """One draw of the augmentation: (T, 3, H, W) float frames, (1, T, H, W) bool masks."""

@@ -21,6 +21,7 @@ from common.engine import save_checkpoint
 from common.matching import annotated_frames
 from common.run import evaluate_video, parse_config, video_query_masks
 from data import convert_a2d
+from test_dshmp import FixedVideoTokens  # a stand-in for DsHmp.infer
 
 H, W = 48, 64  # frame size of the synthetic videos (the toy backbone needs 2 x 2 at stride 32)
 
@@ -330,26 +331,17 @@ def test_evaluation_scores_the_annotated_frame(a2d_root, tmp_path):
     assert result["mIoU"] < 1 and 0 < result["mAP"] < 1  # IoU from the best-scored one
 
 
-class FixedTokens(torch.nn.Module):
-    def __init__(self, logits, masks):
-        super().__init__()
-        self.logits, self.masks = logits, masks
-
-    def infer(self, frames, expression, *, chunk):
-        return self.logits, self.masks
-
-
 def test_video_query_masks_every_gives_each_tokens_mask_and_score():
     masks = torch.full((3, 2, 8, 8), -5.0)
     masks[1, :, :4, :4] = 5.0
     masks[2, :, 4:, 4:] = 5.0
     logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])  # target scores 0.5, 0.88, 0.27
     frames = torch.zeros(2, 3, 32, 32)
-    every, scores = video_query_masks(FixedTokens(logits, masks), frames, "x", (32, 32),
+    every, scores = video_query_masks(FixedVideoTokens(logits, masks), frames, "x", (32, 32),
                                       threshold=0.5, chunk=8, top1=True, every=True)
     assert every.shape == (3, 2, 32, 32) and not every[0].any()
     assert torch.allclose(scores, torch.sigmoid(torch.tensor([0.0, 2.0, -1.0])))
-    top1 = video_query_masks(FixedTokens(logits, masks), frames, "x", (32, 32), threshold=0.5,
+    top1 = video_query_masks(FixedVideoTokens(logits, masks), frames, "x", (32, 32), threshold=0.5,
                              chunk=8, top1=True)
     assert torch.equal(every[scores.argmax()], top1)  # oIoU / mIoU's mask: the top-1 one
     assert top1[:, :14, :14].all() and not top1[:, 18:].any() and not top1[:, :, 18:].any()

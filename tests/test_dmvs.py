@@ -19,6 +19,7 @@ from common.text import build_vocab
 from data import toy_pretrain
 from data.toy import make_toy_video
 from ddp_launch import run_two_ranks
+from test_dshmp import FixedVideoTokens  # a stand-in for a model's infer
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--num-frames", "4", "--batch-size", "2", "--workers", "0", "--decoder-layers", "2",
@@ -211,15 +212,6 @@ def test_s_v_is_the_best_foreground_probability(toy):
     assert decoded["pred_logits"].shape == (2, model.num_motion_queries, 2)
 
 
-class FixedQueries(torch.nn.Module):
-    def __init__(self, logits, masks):
-        super().__init__()
-        self.logits, self.masks = logits, masks
-
-    def infer(self, frames, expression, *, chunk):
-        return self.logits, self.masks
-
-
 def test_sigma_rule_keeps_the_union_of_queries_above_0_7():
     assert dmvs.Config().score_threshold == 0.7 and dmvs.PRESETS["ytvos"]["top1"]
     masks = torch.full((3, 2, 16, 16), -5.0)
@@ -227,7 +219,7 @@ def test_sigma_rule_keeps_the_union_of_queries_above_0_7():
     masks[1, :, 8:] = 5.0  # query 1: the bottom half, score 0.69
     masks[2, :, :, :4] = 5.0  # query 2: the left columns, score 0.9
     p = torch.tensor([0.75, 0.69, 0.9])
-    model = FixedQueries(torch.stack([p.log(), (1 - p).log()], 1), masks)
+    model = FixedVideoTokens(torch.stack([p.log(), (1 - p).log()], 1), masks)
     out = video_query_masks(model, torch.zeros(2, 3, 64, 64), "x", (64, 64), threshold=0.7, chunk=8)
     expected = (F.interpolate(masks[[0, 2]], size=(64, 64), mode="bilinear") > 0).any(0)
     assert torch.equal(out, expected) and out[:, :8].all() and not out[:, 40:, 20:].any()
