@@ -146,7 +146,7 @@ class Config(RunConfig):
     grad_clip: float = 0.01  # official (full-model L2 norm)
     batch_size: int = 8  # clips per step over all processes; official: 8 GPUs x 1
     num_frames: int = 8  # official (SAMPLING_FRAME_NUM); paper silent
-    frame_range: int = 10  # official (SAMPLING_FRAME_RANGE)
+    frame_range: int = 10  # official (SAMPLING_FRAME_RANGE); a2d: ReferFormer's clips, not this
     short_side: int = 360  # paper Sec. 4.2
     max_size: int = 640  # paper Sec. 4.2
     score_threshold: float = 0.5  # paper Sec. 4.2 (official TEST_OUTPUT_THRESHOLD)
